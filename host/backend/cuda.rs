@@ -1,0 +1,256 @@
+//! The CUDA device: cudarc's driver API, loaded at run time, and the kernels of `kernels/`.
+//!
+//! Start-up checks, in order, each with an error that says what to do: the driver library is
+//! there (`is_culib_present`, since cudarc panics otherwise), the kernels were built, the
+//! driver is new enough for the toolkit that built them, the device exists, its compute
+//! capability is covered by the fatbin's SASS or PTX, and the modules load.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+
+use crate::backend::{check_len, Backend, Elem};
+use crate::error::{Error, Result};
+use crate::kernels::{AllKernels, MANIFEST};
+
+/// One GPU, or one logical device on a GPU (its own stream on a shared context).
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    logical: usize,
+}
+
+/// What every logical device on one GPU shares.
+struct Gpu {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    kernels: AllKernels,
+    info: GpuInfo,
+}
+
+/// What the driver says about a GPU.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Total memory, bytes.
+    pub total_mem: usize,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
+    pub sms: i32,
+    /// Driver version as `cuDriverGetVersion` reports it (e.g. 13000 for 13.0).
+    pub driver_version: i32,
+    /// How this build's kernels run there (`sm_90 SASS`, `JIT from compute_80 PTX`), or why not.
+    pub runs_kernels: std::result::Result<String, String>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice").field("ordinal", &self.inner.ordinal).field("logical", &self.logical).finish()
+    }
+}
+
+/// Whether the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library; no driver call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The driver's version (e.g. 13000), or `NoDriver`.
+pub fn driver_version() -> Result<i32> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let mut v = 0i32;
+    // SAFETY: the library is present (checked above); cuDriverGetVersion only writes `v`.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(Error::driver("cuDriverGetVersion"))?;
+    Ok(v)
+}
+
+/// Number of GPUs the driver sees (0 where there is no driver).
+pub fn gpu_count() -> Result<usize> {
+    if !driver_present() {
+        return Ok(0);
+    }
+    cudarc::driver::result::init().map_err(Error::driver("cuInit"))?;
+    let n = cudarc::driver::result::device::get_count().map_err(Error::driver("cuDeviceGetCount"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Describes GPU `ordinal` without loading kernels.
+pub fn describe(ordinal: usize) -> Result<GpuInfo> {
+    let driver_version = driver_version()?;
+    let count = gpu_count()?;
+    if ordinal >= count {
+        return Err(Error::Device {
+            spec: format!("cuda:{ordinal}"),
+            reason: format!("the driver sees {count} GPU(s); ordinals run 0..{count}"),
+        });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
+    info_of(&ctx, ordinal, driver_version)
+}
+
+fn info_of(ctx: &Arc<CudaContext>, ordinal: usize, driver_version: i32) -> Result<GpuInfo> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let d = Error::driver("querying the device");
+    let name = ctx.name().map_err(Error::driver("querying the device name"))?;
+    let total_mem = ctx.total_mem().map_err(Error::driver("querying the device memory"))?;
+    let compute_capability = ctx.compute_capability().map_err(d)?;
+    let sms = ctx
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::driver("querying the SM count"))?;
+    let runs_kernels = if MANIFEST.built {
+        MANIFEST.supports(compute_capability.0, compute_capability.1)
+    } else {
+        Err("the kernels were not built (no nvcc at build time)".to_string())
+    };
+    Ok(GpuInfo { ordinal, name, total_mem, compute_capability, sms, driver_version, runs_kernels })
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`, checks that it can run this build's kernels and loads them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        if !MANIFEST.built {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let driver = driver_version()?;
+        if let Some(need) = MANIFEST.min_driver() {
+            if driver < need {
+                return Err(Error::Incompatible {
+                    ordinal,
+                    reason: format!(
+                        "the driver supports CUDA {}.{}, but the kernels were built by CUDA {} (PTX ISA {}), which needs a driver for CUDA {}.{} or newer. Update the NVIDIA driver, or rebuild tessera with an nvcc no newer than the driver (NVCC=/path/to/nvcc cargo build --release)",
+                        driver / 1000,
+                        (driver % 1000) / 10,
+                        MANIFEST.toolkit,
+                        MANIFEST.ptx_isa,
+                        need / 1000,
+                        (need % 1000) / 10
+                    ),
+                });
+            }
+        }
+        let info = describe(ordinal)?;
+        if let Err(reason) = &info.runs_kernels {
+            return Err(Error::Incompatible { ordinal, reason: reason.clone() });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
+        let kernels = AllKernels::load(&ctx).map_err(|e| Error::Incompatible {
+            ordinal,
+            reason: format!("{e}. The fatbin targets {}; rebuild with TESSERA_CUDA_ARCHS naming this GPU's sm_XX", MANIFEST.archs.join(", ")),
+        })?;
+        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        Ok(CudaDevice { inner: Arc::new(Gpu { ordinal, ctx, kernels, info }), stream, logical: 0 })
+    }
+
+    /// Another logical device on the same GPU: same context and kernels, its own stream.
+    pub fn logical(&self, index: usize) -> Result<Self> {
+        let stream = self.inner.ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        Ok(CudaDevice { inner: self.inner.clone(), stream, logical: index })
+    }
+
+    /// The GPU's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+    /// What the driver says about this GPU.
+    pub fn info(&self) -> &GpuInfo {
+        &self.inner.info
+    }
+    /// The stream this device queues work on (for cuBLAS baselines and custom kernels).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+    /// The loaded kernels.
+    pub fn kernels(&self) -> &AllKernels {
+        &self.inner.kernels
+    }
+    /// Number of streaming multiprocessors, for sizing grids.
+    pub fn sms(&self) -> usize {
+        self.inner.info.sms.max(1) as usize
+    }
+    /// Device pointers of views, for kernels that take a table of buffers.
+    pub(crate) fn ptr_table(&self, views: &[&CudaView<'_, f32>]) -> Result<CudaSlice<u64>> {
+        let ptrs: Vec<u64> = views
+            .iter()
+            .map(|v| {
+                let (p, _sync) = v.device_ptr(&self.stream);
+                p
+            })
+            .collect();
+        self.stream.clone_htod(&ptrs).map_err(Error::driver("uploading a pointer table"))
+    }
+}
+
+impl Backend for CudaDevice {
+    type Buf<T: Elem> = CudaSlice<T>;
+    type Ref<'a, T: Elem> = CudaView<'a, T>;
+    type Mut<'a, T: Elem> = CudaViewMut<'a, T>;
+
+    fn name(&self) -> String {
+        if self.logical == 0 {
+            format!("cuda:{}", self.inner.ordinal)
+        } else {
+            format!("cuda:{}.{}", self.inner.ordinal, self.logical)
+        }
+    }
+    fn alloc<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len)
+            .map_err(Error::driver(format!("allocating {len} elements on {}", self.name())))
+    }
+    fn upload<T: Elem>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(data).map_err(Error::driver(format!("uploading to {}", self.name())))
+    }
+    fn write<T: Elem>(&self, dst: &mut CudaViewMut<'_, T>, data: &[T]) -> Result<()> {
+        check_len("write", "destination", dst.len(), data.len())?;
+        self.stream.memcpy_htod(data, dst).map_err(Error::driver(format!("uploading to {}", self.name())))
+    }
+    fn download<T: Elem>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(src).map_err(Error::driver(format!("downloading from {}", self.name())))
+    }
+    fn copy<T: Elem>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        check_len("copy", "destination", dst.len(), src.len())?;
+        // Same context: an async device copy; another GPU: a peer copy (cudarc stages it).
+        self.stream.memcpy_dtod(src, dst).map_err(Error::driver(format!("copying to {}", self.name())))
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(Error::driver(format!("synchronizing {}", self.name())))
+    }
+    fn buf_len<T: Elem>(buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+    fn view<T: Elem>(buf: &CudaSlice<T>) -> CudaView<'_, T> {
+        buf.as_view()
+    }
+    fn view_mut<T: Elem>(buf: &mut CudaSlice<T>) -> CudaViewMut<'_, T> {
+        buf.as_view_mut()
+    }
+    fn sub<'a, T: Elem>(v: &'a CudaView<'_, T>, range: Range<usize>) -> CudaView<'a, T> {
+        v.slice(range)
+    }
+    fn sub_mut<'a, T: Elem>(v: &'a mut CudaViewMut<'_, T>, range: Range<usize>) -> CudaViewMut<'a, T> {
+        v.slice_mut(range)
+    }
+    fn split_mut<T: Elem>(buf: &mut CudaSlice<T>, mid: usize) -> (CudaViewMut<'_, T>, CudaViewMut<'_, T>) {
+        buf.split_at_mut(mid)
+    }
+    fn reborrow<'a, T: Elem>(v: &'a CudaViewMut<'_, T>) -> CudaView<'a, T> {
+        v.as_view()
+    }
+}

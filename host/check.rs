@@ -1,0 +1,122 @@
+//! The comparison harness every op test goes through: worst absolute and relative error,
+//! the first mismatches, seeded awkward inputs and output poisoning.
+
+use std::fmt;
+
+use crate::rng::Rng;
+
+/// The value outputs are filled with before an op runs, so an element it forgets to write
+/// shows up as a mismatch instead of a lucky zero.
+pub const POISON: f32 = f32::NAN;
+
+/// The outcome of comparing a result with the reference.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// What was compared.
+    pub name: String,
+    /// Elements compared.
+    pub len: usize,
+    /// Worst `|got - want|`.
+    pub max_abs: f64,
+    /// Worst `|got - want| / max(|want|, tiny)`.
+    pub max_rel: f64,
+    /// Elements outside `atol + rtol*|want|`.
+    pub mismatches: usize,
+    /// The first few mismatches: (index, got, want).
+    pub first: Vec<(usize, f32, f64)>,
+}
+
+impl Report {
+    /// Whether every element was within tolerance.
+    pub fn ok(&self) -> bool {
+        self.mismatches == 0
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} elements, max abs err {:.3e}, max rel err {:.3e}, {} mismatches",
+            self.name, self.len, self.max_abs, self.max_rel, self.mismatches
+        )?;
+        for (i, g, w) in &self.first {
+            write!(f, "\n    [{i}] got {g} want {w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares `got` with `want`: element `i` passes when `|got - want| <= atol + rtol*|want|`.
+/// A NaN (a poisoned, unwritten element) or a length difference always fails.
+pub fn compare(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Report {
+    let mut r = Report { name: name.to_string(), len: want.len(), max_abs: 0.0, max_rel: 0.0, mismatches: 0, first: vec![] };
+    if got.len() != want.len() {
+        r.mismatches = got.len().abs_diff(want.len()).max(1);
+        r.first.push((got.len().min(want.len()), f32::NAN, f64::NAN));
+        r.name = format!("{name} (length {} vs reference {})", got.len(), want.len());
+        return r;
+    }
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let abs = (g as f64 - w).abs();
+        let rel = abs / w.abs().max(1e-30);
+        let bad = !(abs <= atol + rtol * w.abs());
+        if abs.is_nan() {
+            r.max_abs = f64::NAN;
+            r.max_rel = f64::NAN;
+        } else if !r.max_abs.is_nan() {
+            r.max_abs = r.max_abs.max(abs);
+            r.max_rel = r.max_rel.max(if w.abs() > atol { rel } else { 0.0 });
+        }
+        if bad {
+            r.mismatches += 1;
+            if r.first.len() < 5 {
+                r.first.push((i, g, w));
+            }
+        }
+    }
+    r
+}
+
+/// Panics with the report when it failed; prints it when it passed.
+pub fn assert_close(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Report {
+    let r = compare(name, got, want, atol, rtol);
+    assert!(r.ok(), "{r}");
+    r
+}
+
+/// Seeded inputs in `[-scale, scale)`, never all zeros.
+pub fn inputs(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    Rng::new(seed).vec(n, -scale, scale)
+}
+
+/// Central finite difference of `f` at `x` along coordinate `i`.
+pub fn finite_diff(f: impl Fn(&[f64]) -> f64, x: &[f64], i: usize, h: f64) -> f64 {
+    let mut xp = x.to_vec();
+    let mut xm = x.to_vec();
+    xp[i] += h;
+    xm[i] -= h;
+    (f(&xp) - f(&xm)) / (2.0 * h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_flags_nan_and_far_values() {
+        let r = compare("x", &[1.0, f32::NAN, 3.5], &[1.0, 2.0, 3.0], 1e-6, 1e-6);
+        assert_eq!(r.mismatches, 2);
+        assert_eq!(r.first[0].0, 1);
+        assert!(r.to_string().contains("[2] got 3.5 want 3"), "{r}");
+        let r = compare("y", &[1.0, 2.0], &[1.0, 2.0 + 1e-9], 1e-6, 1e-6);
+        assert!(r.ok());
+        assert!(!compare("z", &[1.0], &[1.0, 2.0], 1.0, 1.0).ok());
+    }
+
+    #[test]
+    fn finite_diff_of_a_square() {
+        let d = finite_diff(|x| x[0] * x[0], &[3.0], 0, 1e-4);
+        assert!((d - 6.0).abs() < 1e-6);
+    }
+}

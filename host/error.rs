@@ -1,0 +1,93 @@
+//! The one error type of the library: each variant says what was wrong and what to do.
+
+use thiserror::Error;
+
+/// A tessera error.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Operands whose sizes do not fit the operation.
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape {
+        /// The operation that refused its operands.
+        op: &'static str,
+        /// What was expected and what was given.
+        detail: String,
+    },
+    /// A class label outside `0..classes`.
+    #[error("label {label} at row {row} is out of range: the model has {classes} classes (labels 0..{classes})")]
+    Label {
+        /// Row of the batch.
+        row: usize,
+        /// The label found there.
+        label: i64,
+        /// Number of classes (columns of the logits).
+        classes: usize,
+    },
+    /// A device string that does not parse, or names a device that is not there.
+    #[error("device `{spec}`: {reason}")]
+    Device {
+        /// What the user asked for.
+        spec: String,
+        /// Why it cannot be had.
+        reason: String,
+    },
+    /// No CUDA driver library on this machine.
+    #[error("no CUDA driver found (libcuda.so could not be loaded): install the NVIDIA driver, or put the directory holding libcuda.so.1 on LD_LIBRARY_PATH, or run on the CPU with --device cpu")]
+    NoDriver,
+    /// The CUDA kernels were not compiled because nvcc was missing at build time.
+    #[error("the CUDA kernels were not built: nvcc was not found when tessera was compiled. Run scripts/setup.sh (it installs the pinned CUDA compiler into .toolchain/cuda), then rebuild; or set NVCC=/path/to/nvcc and rebuild")]
+    KernelsNotBuilt,
+    /// The driver or the device cannot run the kernels this build holds.
+    #[error("CUDA device {ordinal} cannot run this build: {reason}")]
+    Incompatible {
+        /// Device ordinal.
+        ordinal: usize,
+        /// What does not match, and what to do.
+        reason: String,
+    },
+    /// An error reported by the CUDA driver.
+    #[error("CUDA driver error during {during}: {source}")]
+    Driver {
+        /// What tessera was doing.
+        during: String,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// An error reported by a kernel through its error flag.
+    #[error("kernel {kernel}: {detail}")]
+    Kernel {
+        /// Kernel name.
+        kernel: &'static str,
+        /// What it reported.
+        detail: String,
+    },
+    /// An invalid argument (a learning rate, a hyper-parameter, a size).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// A file that could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A shape error for `op`.
+    pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::Shape { op, detail: detail.into() }
+    }
+
+    /// Wraps a driver error with what was being done.
+    pub fn driver(during: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+        let during = during.into();
+        move |source| Error::Driver { during, source }
+    }
+}

@@ -1,0 +1,240 @@
+//! Matrix multiply with a fused epilogue: `C = alpha*op(A)*op(B) + beta*C + bias`, then an
+//! optional activation, all row-major f32, any M, N, K. A Linear layer's forward is one call
+//! (one launch on a GPU): the pre-activation goes to `c`, the activation to `act_out`.
+//!
+//! CPU: `matrixmultiply` (measured fastest here, see `bench/gemm.rs`) with a rayon epilogue.
+//! CUDA: `kernels/gemm.cu`, a 128x128 register-blocked tile, or 64x64 where the big tile
+//! would leave SMs idle.
+
+use cudarc::driver::LaunchConfig;
+use rayon::prelude::*;
+
+use crate::backend::cpu::CpuDevice;
+use crate::backend::cuda::CudaDevice;
+use crate::backend::{check_len, Backend, ViewLen};
+use crate::error::{Error, Result};
+use crate::kernels::consts;
+use crate::ops::activation::Activation;
+use crate::ops::{as_i32, as_u32};
+
+/// The shape and scalars of one GEMM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemm {
+    /// Rows of `op(A)` and `C`.
+    pub m: usize,
+    /// Columns of `op(B)` and `C`.
+    pub n: usize,
+    /// Columns of `op(A)`, rows of `op(B)`.
+    pub k: usize,
+    /// `A` is stored `k x m` and used transposed.
+    pub trans_a: bool,
+    /// `B` is stored `n x k` and used transposed.
+    pub trans_b: bool,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the old `C` (0: `C` is not read, it may hold anything).
+    pub beta: f32,
+    /// Activation applied after the bias.
+    pub act: Activation,
+}
+
+impl Gemm {
+    /// `C = A*B` for `A` m x k, `B` k x n.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Gemm { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, act: Activation::None }
+    }
+    /// Sets whether `A` is used transposed.
+    pub fn trans_a(mut self, t: bool) -> Self {
+        self.trans_a = t;
+        self
+    }
+    /// Sets whether `B` is used transposed.
+    pub fn trans_b(mut self, t: bool) -> Self {
+        self.trans_b = t;
+        self
+    }
+    /// Sets `alpha`.
+    pub fn alpha(mut self, a: f32) -> Self {
+        self.alpha = a;
+        self
+    }
+    /// Sets `beta`.
+    pub fn beta(mut self, b: f32) -> Self {
+        self.beta = b;
+        self
+    }
+    /// Sets the epilogue's activation.
+    pub fn activation(mut self, act: Activation) -> Self {
+        self.act = act;
+        self
+    }
+    /// Floating-point operations of the product, `2*m*n*k`.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+    /// Checks operand lengths: `a` m*k, `b` k*n, `bias` n, `c` and `act_out` m*n.
+    pub fn check(&self, a: usize, b: usize, bias: Option<usize>, c: usize, act_out: Option<usize>) -> Result<()> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let sa = if self.trans_a { format!("A ({k}x{m}, transposed)") } else { format!("A ({m}x{k})") };
+        let sb = if self.trans_b { format!("B ({n}x{k}, transposed)") } else { format!("B ({k}x{n})") };
+        check_len("gemm", &sa, a, m * k)?;
+        check_len("gemm", &sb, b, k * n)?;
+        check_len("gemm", &format!("C ({m}x{n})"), c, m * n)?;
+        if let Some(l) = bias {
+            check_len("gemm", &format!("bias (one per column of C, {n})"), l, n)?;
+        }
+        if let Some(l) = act_out {
+            check_len("gemm", &format!("act_out ({m}x{n})"), l, m * n)?;
+        }
+        if !self.alpha.is_finite() || !self.beta.is_finite() {
+            return Err(Error::Invalid(format!("gemm: alpha {} and beta {} must be finite", self.alpha, self.beta)));
+        }
+        Ok(())
+    }
+}
+
+/// Matrix multiply with the fused bias and activation epilogue.
+pub trait GemmOps: Backend {
+    /// `c = alpha*op(a)*op(b) + beta*c + bias`; then, if `act_out` is given,
+    /// `act_out = act(c)` (`c` keeps the pre-activation, as backward needs), else `c = act(c)`.
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &Self::Ref<'_, f32>,
+        b: &Self::Ref<'_, f32>,
+        bias: Option<&Self::Ref<'_, f32>>,
+        c: &mut Self::Mut<'_, f32>,
+        act_out: Option<&mut Self::Mut<'_, f32>>,
+    ) -> Result<()>;
+}
+
+impl GemmOps for CpuDevice {
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &&[f32],
+        b: &&[f32],
+        bias: Option<&&[f32]>,
+        c: &mut &mut [f32],
+        act_out: Option<&mut &mut [f32]>,
+    ) -> Result<()> {
+        g.check(a.len(), b.len(), bias.map(|x| x.len()), c.len(), act_out.as_ref().map(|x| x.view_len()))?;
+        let (m, n, k) = (g.m, g.n, g.k);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            let beta = g.beta;
+            c.par_iter_mut().for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+        } else {
+            let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
+            let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
+            // SAFETY: lengths checked above: a holds m*k, b k*n, c m*n elements, and the strides
+            // address exactly those elements; matrixmultiply does not read c when beta == 0.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    g.alpha,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    g.beta,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        }
+        let act = g.act;
+        let rows_per_task = (crate::backend::cpu::CHUNK / n).max(1);
+        match act_out {
+            Some(out) => {
+                c.par_chunks_mut(rows_per_task * n).zip(out.par_chunks_mut(rows_per_task * n)).for_each(|(cc, oo)| {
+                    for (crow, orow) in cc.chunks_mut(n).zip(oo.chunks_mut(n)) {
+                        if let Some(bias) = bias {
+                            crow.iter_mut().zip(bias.iter()).for_each(|(x, b)| *x += b);
+                        }
+                        orow.iter_mut().zip(crow.iter()).for_each(|(o, z)| *o = act.apply(*z));
+                    }
+                });
+            }
+            None if bias.is_some() || act != Activation::None => {
+                c.par_chunks_mut(rows_per_task * n).for_each(|cc| {
+                    for crow in cc.chunks_mut(n) {
+                        if let Some(bias) = bias {
+                            crow.iter_mut().zip(bias.iter()).for_each(|(x, b)| *x += b);
+                        }
+                        if act != Activation::None {
+                            crow.iter_mut().for_each(|x| *x = act.apply(*x));
+                        }
+                    }
+                });
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl GemmOps for CudaDevice {
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &cudarc::driver::CudaView<'_, f32>,
+        b: &cudarc::driver::CudaView<'_, f32>,
+        bias: Option<&cudarc::driver::CudaView<'_, f32>>,
+        c: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        act_out: Option<&mut cudarc::driver::CudaViewMut<'_, f32>>,
+    ) -> Result<()> {
+        g.check(a.len(), b.len(), bias.map(|x| x.len()), c.len(), act_out.as_ref().map(|x| x.len()))?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
+        let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
+        // The 128x128 tile needs about one block per SM to fill the GPU; below that the 64x64
+        // tile gives four times the blocks.
+        let small = big_tiles < self.sms();
+        let (bm, bn, threads) = if small {
+            (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
+        } else {
+            (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                as_u32("gemm", "column tiles", g.n.div_ceil(bn as usize))?,
+                as_u32("gemm", "row tiles", g.m.div_ceil(bm as usize))?,
+                1,
+            ),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if cfg.grid_dim.1 > 65535 {
+            return Err(Error::shape("gemm", format!("m = {} needs more than 65535 row tiles", g.m)));
+        }
+        let kk = &self.kernels().gemm;
+        let s = self.stream();
+        let act = g.act.code();
+        // SAFETY: lengths checked by `g.check` (a m*k, b k*n, c and act_out m*n, bias n);
+        // m, n, k fit in int; the grid covers C with the tile size the kernel was written for,
+        // and the kernel guards every edge tile, so no access leaves the checked ranges.
+        let r = unsafe {
+            match (g.trans_a, g.trans_b, small) {
+                (false, false, false) => kk.gemm_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (false, true, false) => kk.gemm_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (true, false, false) => kk.gemm_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (true, true, false) => kk.gemm_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (false, false, true) => kk.gemm_small_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (false, true, true) => kk.gemm_small_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (true, false, true) => kk.gemm_small_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+                (true, true, true) => kk.gemm_small_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+            }
+        };
+        r.map_err(Error::driver("launching gemm"))
+    }
+}

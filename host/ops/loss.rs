@@ -1,0 +1,193 @@
+//! Losses: softmax cross-entropy (mean over the batch, stable for large logits) with its fused
+//! backward, and mean squared error. A label outside `0..classes` is an error, never a read
+//! out of bounds. CUDA: `kernels/loss.cu`, one warp per row.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+use rayon::prelude::*;
+
+use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cuda::CudaDevice;
+use crate::backend::{check_len, Backend};
+use crate::error::{Error, Result};
+use crate::kernels::consts;
+use crate::ops::reduce::ReduceOps;
+use crate::ops::{as_i32, as_i64, as_u32, elementwise_cfg};
+
+/// Loss functions. Each returns the mean loss.
+pub trait LossOps: Backend {
+    /// Mean softmax cross-entropy of `logits` (rows x cols) against class `labels` (rows).
+    fn xent(&self, rows: usize, cols: usize, logits: &Self::Ref<'_, f32>, labels: &Self::Ref<'_, i32>) -> Result<f32>;
+    /// The same, and `dlogits = (softmax(logits) - onehot(labels)) / rows` in the same pass.
+    fn xent_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &Self::Ref<'_, f32>,
+        labels: &Self::Ref<'_, i32>,
+        dlogits: &mut Self::Mut<'_, f32>,
+    ) -> Result<f32>;
+    /// Mean squared error `mean((pred - target)^2)` over all elements.
+    fn mse(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>) -> Result<f32>;
+    /// The same, and `dpred = 2 (pred - target) / n`.
+    fn mse_backward(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>, dpred: &mut Self::Mut<'_, f32>) -> Result<f32>;
+}
+
+fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<()> {
+    if cols == 0 {
+        return Err(Error::shape("cross-entropy", "logits have 0 classes"));
+    }
+    check_len("cross-entropy", &format!("logits ({rows}x{cols})"), logits, rows * cols)?;
+    check_len("cross-entropy", "labels (one per row)", labels, rows)
+}
+
+/// Loss of one row; writes the scaled gradient when `grad` is given.
+fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    if let Some((g, scale)) = grad {
+        let inv = 1.0 / sum;
+        for (c, (g, &x)) in g.iter_mut().zip(row).enumerate() {
+            let p = (x - max).exp() * inv;
+            *g = scale * (p - if c as i32 == label { 1.0 } else { 0.0 });
+        }
+    }
+    // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
+    (max - row[label as usize]) + sum.ln()
+}
+
+fn first_bad_label(labels: &[i32], cols: usize) -> Option<(usize, i32)> {
+    labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= cols).map(|(r, &l)| (r, l))
+}
+
+impl LossOps for CpuDevice {
+    fn xent(&self, rows: usize, cols: usize, logits: &&[f32], labels: &&[i32]) -> Result<f32> {
+        check_xent(rows, cols, logits.len(), labels.len())?;
+        if let Some((row, label)) = first_bad_label(labels, cols) {
+            return Err(Error::Label { row, label: label as i64, classes: cols });
+        }
+        let losses: Vec<f32> = logits.par_chunks(cols).zip(labels.par_iter()).map(|(r, &l)| xent_row(r, l, None)).collect();
+        Ok(self.sum(&losses.as_slice(), false)? / rows.max(1) as f32)
+    }
+
+    fn xent_backward(&self, rows: usize, cols: usize, logits: &&[f32], labels: &&[i32], dlogits: &mut &mut [f32]) -> Result<f32> {
+        check_xent(rows, cols, logits.len(), labels.len())?;
+        check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+        if let Some((row, label)) = first_bad_label(labels, cols) {
+            return Err(Error::Label { row, label: label as i64, classes: cols });
+        }
+        let scale = 1.0 / rows.max(1) as f32;
+        let losses: Vec<f32> = logits
+            .par_chunks(cols)
+            .zip(labels.par_iter())
+            .zip(dlogits.par_chunks_mut(cols))
+            .map(|((r, &l), g)| xent_row(r, l, Some((g, scale))))
+            .collect();
+        Ok(self.sum(&losses.as_slice(), false)? * scale)
+    }
+
+    fn mse(&self, pred: &&[f32], target: &&[f32]) -> Result<f32> {
+        check_len("mse", "target", target.len(), pred.len())?;
+        let parts: Vec<f64> = pred
+            .par_chunks(CHUNK)
+            .zip(target.par_chunks(CHUNK))
+            .map(|(p, t)| p.iter().zip(t).map(|(p, t)| ((p - t) as f64).powi(2)).sum())
+            .collect();
+        Ok((parts.iter().sum::<f64>() / pred.len().max(1) as f64) as f32)
+    }
+
+    fn mse_backward(&self, pred: &&[f32], target: &&[f32], dpred: &mut &mut [f32]) -> Result<f32> {
+        check_len("mse", "dpred", dpred.len(), pred.len())?;
+        let loss = self.mse(pred, target)?;
+        let scale = 2.0 / pred.len().max(1) as f32;
+        dpred.par_chunks_mut(CHUNK).zip(pred.par_chunks(CHUNK).zip(target.par_chunks(CHUNK))).for_each(|(d, (p, t))| {
+            for ((d, p), t) in d.iter_mut().zip(p).zip(t) {
+                *d = scale * (p - t);
+            }
+        });
+        Ok(loss)
+    }
+}
+
+impl CudaDevice {
+    fn xent_launch(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &CudaView<'_, f32>,
+        labels: &CudaView<'_, i32>,
+        dlogits: Option<&mut CudaViewMut<'_, f32>>,
+    ) -> Result<f32> {
+        check_xent(rows, cols, logits.len(), labels.len())?;
+        if rows == 0 {
+            return Ok(0.0);
+        }
+        let mut row_loss = self.alloc::<f32>(rows)?;
+        let mut err = self.alloc::<i32>(1)?;
+        let warps = (consts::XENT_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (as_u32("cross-entropy", "row blocks", rows.div_ceil(warps))?, 1, 1),
+            block_dim: (consts::XENT_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
+        let scale = 1.0 / rows as f32;
+        let k = &self.kernels().loss;
+        let s = self.stream();
+        // SAFETY: logits (and dlogits) hold rows*cols, labels and row_loss rows elements, err one
+        // (checked or allocated here); one warp per row; labels are range-checked in the kernel.
+        let launched = unsafe {
+            match dlogits {
+                Some(d) => k.xent_fwd_bwd(s, cfg, r, c, logits, labels, scale, &mut row_loss.as_view_mut(), d, &mut err.as_view_mut()),
+                None => k.xent_fwd(s, cfg, r, c, logits, labels, &mut row_loss.as_view_mut(), &mut err.as_view_mut()),
+            }
+        };
+        launched.map_err(Error::driver("launching cross-entropy"))?;
+        let bad = self.download(&err.as_view())?[0];
+        if bad != 0 {
+            let row = (bad - 1) as usize;
+            let label = self.download(&labels.slice(row..row + 1))?[0];
+            return Err(Error::Label { row, label: label as i64, classes: cols });
+        }
+        self.finish_sum(&row_loss.as_view(), scale)
+    }
+}
+
+impl LossOps for CudaDevice {
+    fn xent(&self, rows: usize, cols: usize, logits: &CudaView<'_, f32>, labels: &CudaView<'_, i32>) -> Result<f32> {
+        self.xent_launch(rows, cols, logits, labels, None)
+    }
+
+    fn xent_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &CudaView<'_, f32>,
+        labels: &CudaView<'_, i32>,
+        dlogits: &mut CudaViewMut<'_, f32>,
+    ) -> Result<f32> {
+        check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+        self.xent_launch(rows, cols, logits, labels, Some(dlogits))
+    }
+
+    fn mse(&self, pred: &CudaView<'_, f32>, target: &CudaView<'_, f32>) -> Result<f32> {
+        check_len("mse", "target", target.len(), pred.len())?;
+        let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
+        let n = as_i64("mse", "n", pred.len())?;
+        // SAFETY: pred and target hold n elements; partials one per block of the fixed grid.
+        unsafe { self.kernels().reduce.mse_partial(self.stream(), Self::partial_cfg(), n, pred, target, &mut partials.as_view_mut()) }
+            .map_err(Error::driver("launching mse_partial"))?;
+        self.finish_sum(&partials.as_view(), 1.0 / pred.len().max(1) as f32)
+    }
+
+    fn mse_backward(&self, pred: &CudaView<'_, f32>, target: &CudaView<'_, f32>, dpred: &mut CudaViewMut<'_, f32>) -> Result<f32> {
+        check_len("mse", "dpred", dpred.len(), pred.len())?;
+        let loss = self.mse(pred, target)?;
+        let n = as_i64("mse", "n", pred.len())?;
+        let scale = 2.0 / pred.len().max(1) as f32;
+        let cfg = elementwise_cfg(pred.len(), self.sms());
+        // SAFETY: pred, target and dpred hold n elements; grid-stride kernel.
+        unsafe { self.kernels().reduce.mse_bwd(self.stream(), cfg, n, scale, pred, target, dpred) }
+            .map_err(Error::driver("launching mse_bwd"))?;
+        Ok(loss)
+    }
+}

@@ -1,0 +1,224 @@
+//! Optimizer updates, one pass over the parameters each: SGD with momentum and weight decay,
+//! and AdamW (decoupled decay, bias correction). `grad_scale` multiplies the gradient first,
+//! which is how global-norm clipping is applied without another pass.
+//! CUDA: `kernels/optim.cu`.
+
+use cudarc::driver::{CudaView, CudaViewMut};
+use rayon::prelude::*;
+
+use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cuda::CudaDevice;
+use crate::backend::{check_len, Backend};
+use crate::error::{Error, Result};
+use crate::ops::{as_i64, elementwise_cfg};
+
+/// SGD: `g' = s*g + wd*w; mom = momentum*mom + g'; w -= lr*mom`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum (0 for plain SGD).
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f32,
+}
+
+/// AdamW: `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+/// w = w (1 - lr wd) - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator guard.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+impl Sgd {
+    /// Checks the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Invalid(format!("SGD learning rate {} must be finite and >= 0", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::Invalid(format!("SGD momentum {} must be in [0, 1)", self.momentum)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::Invalid(format!("SGD weight decay {} must be >= 0", self.weight_decay)));
+        }
+        Ok(())
+    }
+}
+
+impl AdamW {
+    /// Checks the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Invalid(format!("AdamW learning rate {} must be finite and >= 0", self.lr)));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::Invalid(format!("AdamW {name} {b} must be in [0, 1)")));
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::Invalid(format!("AdamW eps {} must be > 0", self.eps)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::Invalid(format!("AdamW weight decay {} must be >= 0", self.weight_decay)));
+        }
+        Ok(())
+    }
+    /// Bias corrections `(1 - beta1^t, 1 - beta2^t)` for step `t` (1-based), in f64.
+    pub fn bias_corrections(&self, t: u64) -> Result<(f32, f32)> {
+        if t == 0 {
+            return Err(Error::Invalid("AdamW step numbers start at 1".into()));
+        }
+        let t = t.min(i32::MAX as u64) as i32;
+        Ok(((1.0 - (self.beta1 as f64).powi(t)) as f32, (1.0 - (self.beta2 as f64).powi(t)) as f32))
+    }
+}
+
+/// Optimizer updates in place.
+pub trait OptimOps: Backend {
+    /// One SGD step on `w` with gradient `grad_scale * g` and momentum buffer `mom`.
+    fn sgd_step(
+        &self,
+        opt: &Sgd,
+        grad_scale: f32,
+        w: &mut Self::Mut<'_, f32>,
+        g: &Self::Ref<'_, f32>,
+        mom: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// AdamW step number `t` (1-based) on `w` with gradient `grad_scale * g` and moments `m`, `v`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        grad_scale: f32,
+        w: &mut Self::Mut<'_, f32>,
+        g: &Self::Ref<'_, f32>,
+        m: &mut Self::Mut<'_, f32>,
+        v: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+}
+
+fn check_sizes(op: &'static str, n: usize, others: &[(&str, usize)]) -> Result<()> {
+    for (what, len) in others {
+        check_len(op, what, *len, n)?;
+    }
+    Ok(())
+}
+
+impl OptimOps for CpuDevice {
+    fn sgd_step(&self, opt: &Sgd, s: f32, w: &mut &mut [f32], g: &&[f32], mom: &mut &mut [f32]) -> Result<()> {
+        opt.validate()?;
+        check_sizes("sgd_step", w.len(), &[("gradient", g.len()), ("momentum", mom.len())])?;
+        let (lr, mu, wd) = (opt.lr, opt.momentum, opt.weight_decay);
+        w.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(mom.par_chunks_mut(CHUNK))).for_each(|(w, (g, m))| {
+            for ((w, g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+                let gg = s * g + wd * *w;
+                *m = mu * *m + gg;
+                *w -= lr * *m;
+            }
+        });
+        Ok(())
+    }
+
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        s: f32,
+        w: &mut &mut [f32],
+        g: &&[f32],
+        m: &mut &mut [f32],
+        v: &mut &mut [f32],
+    ) -> Result<()> {
+        opt.validate()?;
+        check_sizes("adamw_step", w.len(), &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())])?;
+        let (bc1, bc2) = opt.bias_corrections(t)?;
+        let o = *opt;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((w, g), (m, v))| {
+                for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let gg = s * g;
+                    *m = o.beta1 * *m + (1.0 - o.beta1) * gg;
+                    *v = o.beta2 * *v + (1.0 - o.beta2) * gg * gg;
+                    *w = *w * (1.0 - o.lr * o.weight_decay) - o.lr * (*m / bc1) / ((*v / bc2).sqrt() + o.eps);
+                }
+            });
+        Ok(())
+    }
+}
+
+impl OptimOps for CudaDevice {
+    fn sgd_step(
+        &self,
+        opt: &Sgd,
+        s: f32,
+        w: &mut CudaViewMut<'_, f32>,
+        g: &CudaView<'_, f32>,
+        mom: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        opt.validate()?;
+        check_sizes("sgd_step", w.len(), &[("gradient", g.len()), ("momentum", mom.len())])?;
+        let n = as_i64("sgd_step", "n", w.len())?;
+        let cfg = elementwise_cfg(w.len(), self.sms());
+        // SAFETY: w, g and mom hold n elements (checked); grid-stride kernel.
+        unsafe { self.kernels().optim.sgd_step(self.stream(), cfg, n, opt.lr, opt.momentum, opt.weight_decay, s, w, g, mom) }
+            .map_err(Error::driver("launching sgd_step"))
+    }
+
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        s: f32,
+        w: &mut CudaViewMut<'_, f32>,
+        g: &CudaView<'_, f32>,
+        m: &mut CudaViewMut<'_, f32>,
+        v: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        opt.validate()?;
+        check_sizes("adamw_step", w.len(), &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())])?;
+        let (bc1, bc2) = opt.bias_corrections(t)?;
+        let n = as_i64("adamw_step", "n", w.len())?;
+        let cfg = elementwise_cfg(w.len(), self.sms());
+        // SAFETY: w, g, m and v hold n elements (checked); grid-stride kernel.
+        unsafe {
+            self.kernels().optim.adamw_step(
+                self.stream(),
+                cfg,
+                n,
+                opt.lr,
+                opt.beta1,
+                opt.beta2,
+                opt.eps,
+                opt.weight_decay,
+                bc1,
+                bc2,
+                s,
+                w,
+                g,
+                m,
+                v,
+            )
+        }
+        .map_err(Error::driver("launching adamw_step"))
+    }
+}

@@ -1,0 +1,191 @@
+//! Reductions: column sums (the bias gradient), the scaled sum of K buffers (gradient
+//! reduction and averaging), axpy and scale, and sums and the L2 norm in a fixed order, so a
+//! result depends only on the data, never on the thread count or timing.
+//! CUDA: `kernels/reduce.cu` (512 fixed blocks of partial sums, then one block).
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+use rayon::prelude::*;
+
+use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cuda::CudaDevice;
+use crate::backend::{check_len, Backend};
+use crate::error::{Error, Result};
+use crate::kernels::consts;
+use crate::ops::{as_i32, as_i64, as_u32, elementwise_cfg};
+
+/// Reductions and BLAS-1 updates.
+pub trait ReduceOps: Backend {
+    /// `out[j] = beta*out[j] + sum_i x[i, j]` for `x` rows x cols (`beta = 0`: `out` not read).
+    fn col_sum(&self, rows: usize, cols: usize, x: &Self::Ref<'_, f32>, beta: f32, out: &mut Self::Mut<'_, f32>) -> Result<()>;
+    /// `out = scale * (srcs[0] + srcs[1] + ...)`, summed in that order.
+    fn sum_scaled(&self, srcs: &[&Self::Ref<'_, f32>], scale: f32, out: &mut Self::Mut<'_, f32>) -> Result<()>;
+    /// `y += a*x`.
+    fn axpy(&self, a: f32, x: &Self::Ref<'_, f32>, y: &mut Self::Mut<'_, f32>) -> Result<()>;
+    /// `x *= a`.
+    fn scale(&self, a: f32, x: &mut Self::Mut<'_, f32>) -> Result<()>;
+    /// The sum of `x` (of `x*x` when `squared`), in a fixed order.
+    fn sum(&self, x: &Self::Ref<'_, f32>, squared: bool) -> Result<f32>;
+    /// The L2 norm of `x`, deterministic.
+    fn l2_norm(&self, x: &Self::Ref<'_, f32>) -> Result<f32> {
+        Ok(self.sum(x, true)?.sqrt())
+    }
+}
+
+impl ReduceOps for CpuDevice {
+    fn col_sum(&self, rows: usize, cols: usize, x: &&[f32], beta: f32, out: &mut &mut [f32]) -> Result<()> {
+        check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
+        check_len("col_sum", "out", out.len(), cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        // Fixed row blocks, summed in order: the result does not depend on the thread count.
+        let rows_per = (CHUNK / cols).max(1);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(rows_per * cols)
+            .map(|blk| {
+                let mut acc = vec![0f32; cols];
+                for row in blk.chunks(cols) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .collect();
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut s = if beta == 0.0 { 0.0 } else { beta * *o };
+            for p in &partials {
+                s += p[j];
+            }
+            *o = s;
+        }
+        Ok(())
+    }
+
+    fn sum_scaled(&self, srcs: &[&&[f32]], scale: f32, out: &mut &mut [f32]) -> Result<()> {
+        if srcs.is_empty() {
+            return Err(Error::shape("sum_scaled", "no source buffer given"));
+        }
+        for (i, s) in srcs.iter().enumerate() {
+            check_len("sum_scaled", &format!("source {i}"), s.len(), out.len())?;
+        }
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            let range = c * CHUNK..c * CHUNK + o.len();
+            o.copy_from_slice(&srcs[0][range.clone()]);
+            for s in &srcs[1..] {
+                o.iter_mut().zip(&s[range.clone()]).for_each(|(o, v)| *o += v);
+            }
+            o.iter_mut().for_each(|o| *o *= scale);
+        });
+        Ok(())
+    }
+
+    fn axpy(&self, a: f32, x: &&[f32], y: &mut &mut [f32]) -> Result<()> {
+        check_len("axpy", "y", y.len(), x.len())?;
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+        });
+        Ok(())
+    }
+
+    fn scale(&self, a: f32, x: &mut &mut [f32]) -> Result<()> {
+        x.par_chunks_mut(CHUNK).for_each(|x| x.iter_mut().for_each(|v| *v *= a));
+        Ok(())
+    }
+
+    fn sum(&self, x: &&[f32], squared: bool) -> Result<f32> {
+        let parts: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .map(|c| if squared { c.iter().map(|v| (*v as f64) * (*v as f64)).sum() } else { c.iter().map(|v| *v as f64).sum() })
+            .collect();
+        Ok(parts.iter().sum::<f64>() as f32)
+    }
+}
+
+impl CudaDevice {
+    /// Runs `partial_sum`-shaped kernel output through `final_sum` and downloads the scalar.
+    pub(crate) fn finish_sum(&self, partials: &CudaView<'_, f32>, scale: f32) -> Result<f32> {
+        let mut out = self.alloc::<f32>(1)?;
+        let m = as_i32("sum", "partials", partials.len())?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: partials holds m elements, out one; final_sum runs as one block.
+        unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, m, partials, scale, &mut out.as_view_mut()) }
+            .map_err(Error::driver("launching final_sum"))?;
+        Ok(self.download(&out.as_view())?[0])
+    }
+
+    /// The launch shape `partial_sum` and `mse_partial` are written for.
+    pub(crate) fn partial_cfg() -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (consts::REDUCE_BLOCKS as u32, 1, 1),
+            block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+impl ReduceOps for CudaDevice {
+    fn col_sum(&self, rows: usize, cols: usize, x: &CudaView<'_, f32>, beta: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
+        check_len("col_sum", "out", out.len(), cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (as_u32("col_sum", "column blocks", cols.div_ceil(32))?, 1, 1),
+            block_dim: (32, consts::COLSUM_ROWS as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
+        // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
+        unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
+            .map_err(Error::driver("launching col_sum"))
+    }
+
+    fn sum_scaled(&self, srcs: &[&CudaView<'_, f32>], scale: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        if srcs.is_empty() {
+            return Err(Error::shape("sum_scaled", "no source buffer given"));
+        }
+        for (i, s) in srcs.iter().enumerate() {
+            check_len("sum_scaled", &format!("source {i}"), s.len(), out.len())?;
+        }
+        let table = self.ptr_table(srcs)?;
+        let k = as_i32("sum_scaled", "sources", srcs.len())?;
+        let n = as_i64("sum_scaled", "n", out.len())?;
+        let cfg = elementwise_cfg(out.len(), self.sms());
+        // SAFETY: the table holds k device pointers, each to n floats on this context (checked
+        // lengths; views keep the buffers alive until the stream passes this launch).
+        unsafe { self.kernels().reduce.sum_scaled(self.stream(), cfg, k, n, &table.as_view(), scale, out) }
+            .map_err(Error::driver("launching sum_scaled"))?;
+        // The table must outlive the launch: wait before it is freed.
+        self.synchronize()
+    }
+
+    fn axpy(&self, a: f32, x: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        check_len("axpy", "y", y.len(), x.len())?;
+        let n = as_i64("axpy", "n", x.len())?;
+        // SAFETY: x and y hold n elements; grid-stride kernel.
+        unsafe { self.kernels().reduce.axpy(self.stream(), elementwise_cfg(x.len(), self.sms()), n, a, x, y) }
+            .map_err(Error::driver("launching axpy"))
+    }
+
+    fn scale(&self, a: f32, x: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        let n = as_i64("scale", "n", x.len())?;
+        let cfg = elementwise_cfg(x.len(), self.sms());
+        // SAFETY: x holds n elements; grid-stride kernel.
+        unsafe { self.kernels().reduce.scale(self.stream(), cfg, n, a, x) }.map_err(Error::driver("launching scale"))
+    }
+
+    fn sum(&self, x: &CudaView<'_, f32>, squared: bool) -> Result<f32> {
+        let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
+        let n = as_i64("sum", "n", x.len())?;
+        // SAFETY: x holds n elements; partials one per block of the fixed grid.
+        unsafe {
+            self.kernels().reduce.partial_sum(self.stream(), Self::partial_cfg(), n, squared as i32, x, &mut partials.as_view_mut())
+        }
+        .map_err(Error::driver("launching partial_sum"))?;
+        self.finish_sum(&partials.as_view(), 1.0)
+    }
+}

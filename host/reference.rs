@@ -1,0 +1,148 @@
+//! Plain f64 reference implementations of every op, kept apart from the fast code and written
+//! for obviousness, not speed. Tests and `scripts/gpu-check.sh` compare each backend with these.
+
+use crate::ops::activation::Activation;
+use crate::ops::gemm::Gemm;
+use crate::ops::optim::{AdamW, Sgd};
+
+/// `act(z)` in f64.
+pub fn act(a: Activation, z: f64) -> f64 {
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+    match a {
+        Activation::None => z,
+        Activation::Relu => z.max(0.0),
+        Activation::GeluTanh => {
+            0.5 * z * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z * z * z)).tanh())
+        }
+        Activation::GeluErf => 0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2)),
+        Activation::Silu => z * sig(z),
+    }
+}
+
+/// `act'(z)` in f64, analytically (`relu'(0) = 0`).
+pub fn act_grad(a: Activation, z: f64) -> f64 {
+    match a {
+        Activation::None => 1.0,
+        Activation::Relu => (z > 0.0) as i32 as f64,
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let t = (c * (z + 0.044715 * z * z * z)).tanh();
+            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
+        }
+        Activation::GeluErf => {
+            0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2)) + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
+        }
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-z).exp());
+            s * (1.0 + z * (1.0 - s))
+        }
+    }
+}
+
+/// erf in f64 (libm's, correctly rounded to a few ulp).
+pub fn erf(x: f64) -> f64 {
+    libm::erf(x)
+}
+
+/// Reference GEMM with the epilogue: returns `(c, act_out)` where `c` is the pre-activation.
+pub fn gemm(g: &Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>, c_in: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    let av = |i: usize, p: usize| if g.trans_a { a[p * m + i] } else { a[i * k + p] } as f64;
+    let bv = |p: usize, j: usize| if g.trans_b { b[j * k + p] } else { b[p * n + j] } as f64;
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                s += av(i, p) * bv(p, j);
+            }
+            let mut v = g.alpha as f64 * s;
+            if g.beta != 0.0 {
+                v += g.beta as f64 * c_in[i * n + j] as f64;
+            }
+            if let Some(bias) = bias {
+                v += bias[j] as f64;
+            }
+            c[i * n + j] = v;
+        }
+    }
+    let out = c.iter().map(|&z| act(g.act, z)).collect();
+    (c, out)
+}
+
+/// Column sums `beta*out + sum_i x[i, :]`.
+pub fn col_sum(rows: usize, cols: usize, x: &[f32], beta: f32, out_in: &[f32]) -> Vec<f64> {
+    (0..cols)
+        .map(|j| {
+            let s: f64 = (0..rows).map(|i| x[i * cols + j] as f64).sum();
+            if beta != 0.0 {
+                s + beta as f64 * out_in[j] as f64
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
+/// `scale * sum of srcs`.
+pub fn sum_scaled(srcs: &[&[f32]], scale: f32) -> Vec<f64> {
+    (0..srcs[0].len()).map(|i| scale as f64 * srcs.iter().map(|s| s[i] as f64).sum::<f64>()).collect()
+}
+
+/// Sum of `x` or of its squares.
+pub fn sum(x: &[f32], squared: bool) -> f64 {
+    x.iter().map(|&v| if squared { v as f64 * v as f64 } else { v as f64 }).sum()
+}
+
+/// Per-row softmax cross-entropy losses and `(softmax - onehot) * scale`.
+pub fn xent(rows: usize, cols: usize, logits: &[f32], labels: &[i32], scale: f64) -> (Vec<f64>, Vec<f64>) {
+    let mut loss = Vec::with_capacity(rows);
+    let mut grad = vec![0f64; rows * cols];
+    for r in 0..rows {
+        let row: Vec<f64> = logits[r * cols..(r + 1) * cols].iter().map(|&x| x as f64).collect();
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|x| (x - max).exp()).sum();
+        let l = labels[r] as usize;
+        loss.push(max + sum.ln() - row[l]);
+        for c in 0..cols {
+            grad[r * cols + c] = scale * ((row[c] - max).exp() / sum - if c == l { 1.0 } else { 0.0 });
+        }
+    }
+    (loss, grad)
+}
+
+/// Mean squared error.
+pub fn mse(pred: &[f32], target: &[f32]) -> f64 {
+    pred.iter().zip(target).map(|(p, t)| (*p as f64 - *t as f64).powi(2)).sum::<f64>() / pred.len() as f64
+}
+
+/// One SGD step: returns `(w, mom)`.
+pub fn sgd(o: &Sgd, s: f32, w: &[f32], g: &[f32], mom: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let mut wo = Vec::new();
+    let mut mo = Vec::new();
+    for i in 0..w.len() {
+        let gg = s as f64 * g[i] as f64 + o.weight_decay as f64 * w[i] as f64;
+        let m = o.momentum as f64 * mom[i] as f64 + gg;
+        wo.push(w[i] as f64 - o.lr as f64 * m);
+        mo.push(m);
+    }
+    (wo, mo)
+}
+
+/// One AdamW step number `t`: returns `(w, m, v)`.
+pub fn adamw(o: &AdamW, t: u64, s: f32, w: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (b1, b2) = (o.beta1 as f64, o.beta2 as f64);
+    let bc1 = 1.0 - b1.powi(t as i32);
+    let bc2 = 1.0 - b2.powi(t as i32);
+    let (mut wo, mut mo, mut vo) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..w.len() {
+        let gg = s as f64 * g[i] as f64;
+        let mm = b1 * m[i] as f64 + (1.0 - b1) * gg;
+        let vv = b2 * v[i] as f64 + (1.0 - b2) * gg * gg;
+        let lr = o.lr as f64;
+        wo.push(w[i] as f64 * (1.0 - lr * o.weight_decay as f64) - lr * (mm / bc1) / ((vv / bc2).sqrt() + o.eps as f64));
+        mo.push(mm);
+        vo.push(vv);
+    }
+    (wo, mo, vo)
+}

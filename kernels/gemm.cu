@@ -1,0 +1,318 @@
+// gemm.cu -- single-precision GEMM with a fused epilogue (alpha, beta, bias, activation).
+//
+// Computes, for C of m x n:
+//   c[i,j] = alpha * sum_p opA[i,p] * opB[p,j] + (beta != 0 ? beta * c[i,j] : 0) + (bias_opt ? bias_opt[j] : 0)
+// then the activation:
+//   * act_out_opt != nullptr: act_out_opt[i,j] = tessera_act(act, c[i,j]); c keeps the pre-activation.
+//   * act_out_opt == nullptr and act != TESSERA_ACT_NONE: the activation is applied in place,
+//     c[i,j] = tessera_act(act, pre-activation).
+//   * act_out_opt == nullptr and act == TESSERA_ACT_NONE: c holds the pre-activation.
+// When beta == 0, C is never read (it may hold NaN poison).
+//
+// Layout: row-major, contiguous, f32. Suffix letters: first = A, second = B; 'n' = as stored,
+// 't' = transposed. A is stored m x k ('n', lda = k) or k x m ('t', lda = m); B is stored
+// k x n ('n', ldb = n) or n x k ('t', ldb = k); C (and act_out_opt) is m x n (ldc = n).
+// bias_opt, if given, has n entries. act_out_opt may equal c.
+//
+// Preconditions: m, n, k >= 1 (no divisibility assumed; k = 0 also works and gives
+// alpha*0 + beta*c + bias). A and B must not overlap C. Indices into A, B and C are 64-bit, so
+// matrices beyond 2^31 elements are fine; grid.y = ceil(m / BM) must stay <= 65535.
+//
+// Launch (no dynamic shared memory; static shared memory < 48 KiB). The 128 x 128 kernels carry
+// __launch_bounds__(256, 2): two blocks per SM need <= 128 registers per thread, which the
+// compiler otherwise exceeds by a few (133 at sm_90); at 128 there are no spills.
+//   gemm_{nn,nt,tn,tt}:        block (TESSERA_GEMM_THREADS,1,1) = 256,
+//                              grid (ceil(n / TESSERA_GEMM_BN), ceil(m / TESSERA_GEMM_BM), 1), 128 x 128 tiles
+//   gemm_small_{nn,nt,tn,tt}:  block (TESSERA_GEMM_SMALL_THREADS,1,1) = 256,
+//                              grid (ceil(n / TESSERA_GEMM_SMALL_BN), ceil(m / TESSERA_GEMM_SMALL_BM), 1), 64 x 64 tiles
+//
+// Versions inside (one template, gemm_body, instantiated eight times):
+//   * big:   128 x 128 block tile, BK = 8, 256 threads, 8 x 8 outputs per thread (two 4-row groups
+//            64 rows apart x two 4-column groups 64 columns apart), double-buffered shared memory
+//            with one __syncthreads per k-tile, the next k-tile's global loads in flight during the
+//            current tile's math.
+//   * small: 64 x 64 block tile, BK = 16, 256 threads, 4 x 4 outputs per thread; same pipeline.
+// Shared tiles are stored k-major (tile[p][row]) with 4 floats of padding per row, so that the
+// math reads float4 fragments and the transposing stores of k-contiguous operands do not
+// conflict. Each warp covers a 4 x 8 patch of threads, so a float4 fragment read is one
+// shared-memory wavefront per operand.
+// Global loads: a float4 per thread per operand per k-tile when the operand's contiguous
+// dimension is a multiple of 4 and its base pointer is 16-byte aligned (a run-time, launch-uniform
+// test); otherwise four guarded scalar loads. Out-of-range elements load as 0, so edge tiles need
+// no special math. The epilogue stores float4 when n % 4 == 0 and c/act_out/bias are 16-byte
+// aligned, else guarded scalars.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kPad = 4;  // floats of padding per shared-tile row (keeps float4 alignment)
+
+// One operand's R x BK slice (R along m or n, BK along k) of a k-tile, moved global -> registers
+// -> shared memory. KCONTIG: element (r, p) sits at src[(r0 + r) * kdim + (k0 + p)] (k contiguous);
+// otherwise at src[(k0 + p) * rdim + (r0 + r)] (r contiguous). Each thread moves L float4-shaped
+// groups of 4 elements, 4 consecutive along the contiguous dimension.
+template <int R, int BK, int THREADS, bool KCONTIG>
+struct TileIO {
+  static constexpr int L = R * BK / 4 / THREADS;
+  static_assert(L >= 1 && L * 4 * THREADS == R * BK, "tile must split evenly into float4 groups");
+  static_assert(R % 4 == 0 && BK % 4 == 0, "tile dims must be multiples of 4");
+
+  // Coordinates (r, p) inside the tile of this thread's s-th group.
+  __device__ __forceinline__ static void coords(int tid, int s, int& r, int& p) {
+    const int f = tid + s * THREADS;
+    if (KCONTIG) {
+      r = f / (BK / 4);
+      p = (f % (BK / 4)) * 4;
+    } else {
+      p = f / (R / 4);
+      r = (f % (R / 4)) * 4;
+    }
+  }
+
+  __device__ __forceinline__ static void load(const float* __restrict__ src, int rdim, int kdim,
+                                              int r0, int k0, bool vec, int tid,
+                                              float (&reg)[L][4]) {
+#pragma unroll
+    for (int s = 0; s < L; ++s) {
+      int r, p;
+      coords(tid, s, r, p);
+      const int gr = r0 + r;
+      const int gk = k0 + p;
+      if (KCONTIG) {
+        const float* ptr = src + (long long)gr * kdim + gk;
+        if (vec) {
+          // kdim % 4 == 0 and gk % 4 == 0: the group is either wholly inside or wholly outside.
+          if (gr < rdim && gk < kdim) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(ptr));
+            reg[s][0] = v.x; reg[s][1] = v.y; reg[s][2] = v.z; reg[s][3] = v.w;
+          } else {
+            reg[s][0] = 0.0f; reg[s][1] = 0.0f; reg[s][2] = 0.0f; reg[s][3] = 0.0f;
+          }
+        } else {
+          const bool rin = gr < rdim;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) reg[s][q] = (rin && gk + q < kdim) ? __ldg(ptr + q) : 0.0f;
+        }
+      } else {
+        const float* ptr = src + (long long)gk * rdim + gr;
+        if (vec) {
+          // rdim % 4 == 0 and gr % 4 == 0: wholly inside or wholly outside.
+          if (gk < kdim && gr < rdim) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(ptr));
+            reg[s][0] = v.x; reg[s][1] = v.y; reg[s][2] = v.z; reg[s][3] = v.w;
+          } else {
+            reg[s][0] = 0.0f; reg[s][1] = 0.0f; reg[s][2] = 0.0f; reg[s][3] = 0.0f;
+          }
+        } else {
+          const bool kin = gk < kdim;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) reg[s][q] = (kin && gr + q < rdim) ? __ldg(ptr + q) : 0.0f;
+        }
+      }
+    }
+  }
+
+  // Shared tile layout: tile[p][r], row length R + kPad.
+  __device__ __forceinline__ static void store(float (*tile)[R + kPad], int tid,
+                                               const float (&reg)[L][4]) {
+#pragma unroll
+    for (int s = 0; s < L; ++s) {
+      int r, p;
+      coords(tid, s, r, p);
+      if (KCONTIG) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) tile[p + q][r] = reg[s][q];
+      } else {
+        *reinterpret_cast<float4*>(&tile[p][r]) = make_float4(reg[s][0], reg[s][1], reg[s][2], reg[s][3]);
+      }
+    }
+  }
+};
+
+// Writes one output element group: v[0..cnt) are columns col..col+cnt of row `row`
+// (alpha already applied). VEC: cnt == 4 and the group is float4-aligned in c/act_out/bias.
+template <bool VEC>
+__device__ __forceinline__ void epilogue4(float (&v)[4], int cnt, long long off, int col, float beta,
+                                          float* c, const float* bias, int act, float* act_out) {
+  if (VEC) {
+    if (beta != 0.0f) {
+      const float4 o = *reinterpret_cast<const float4*>(c + off);
+      v[0] += beta * o.x; v[1] += beta * o.y; v[2] += beta * o.z; v[3] += beta * o.w;
+    }
+    if (bias != nullptr) {
+      const float4 bb = __ldg(reinterpret_cast<const float4*>(bias + col));
+      v[0] += bb.x; v[1] += bb.y; v[2] += bb.z; v[3] += bb.w;
+    }
+    if (act_out != nullptr) {
+      *reinterpret_cast<float4*>(c + off) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(act_out + off) =
+          make_float4(tessera_act(act, v[0]), tessera_act(act, v[1]), tessera_act(act, v[2]), tessera_act(act, v[3]));
+    } else {
+      if (act != TESSERA_ACT_NONE) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = tessera_act(act, v[j]);
+      }
+      *reinterpret_cast<float4*>(c + off) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < cnt) {
+        float x = v[j];
+        if (beta != 0.0f) x += beta * c[off + j];
+        if (bias != nullptr) x += __ldg(bias + col + j);
+        if (act_out != nullptr) {
+          c[off + j] = x;
+          act_out[off + j] = tessera_act(act, x);
+        } else {
+          c[off + j] = act != TESSERA_ACT_NONE ? tessera_act(act, x) : x;
+        }
+      }
+    }
+  }
+}
+
+// BM x BN block tile, BK deep; each thread owns TM x TN outputs: TM/4 groups of 4 rows spaced
+// BM/(TM/4) apart, TN/4 groups of 4 columns spaced BN/(TN/4) apart.
+template <int BM, int BN, int BK, int TM, int TN, bool TA, bool TB>
+__device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
+                                          const float* __restrict__ a, const float* __restrict__ b,
+                                          float beta, float* c, const float* bias, int act,
+                                          float* act_out) {
+  constexpr int TX = BN / TN;  // threads along n
+  constexpr int TY = BM / TM;  // threads along m
+  constexpr int THREADS = TX * TY;
+  constexpr int GM = TM / 4, GN = TN / 4;
+  constexpr int SM = BM / GM, SN = BN / GN;
+  constexpr int WX = TX / 8;  // warps along n; each warp is 4 (m) x 8 (n) threads
+  static_assert(TM % 4 == 0 && TN % 4 == 0, "thread tile must be groups of 4");
+  static_assert(TX % 8 == 0 && TY % 4 == 0 && THREADS % 32 == 0, "warp shape is 4 x 8 threads");
+
+  // A tile: r = row of C (i), contiguous along k when A is stored m x k ('n').
+  using IOA = TileIO<BM, BK, THREADS, !TA>;
+  // B tile: r = column of C (j), contiguous along k when B is stored n x k ('t').
+  using IOB = TileIO<BN, BK, THREADS, TB>;
+
+  __shared__ __align__(16) float As[2][BK][BM + kPad];
+  __shared__ __align__(16) float Bs[2][BK][BN + kPad];
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int ty = (warp / WX) * 4 + (lane >> 3);
+  const int tx = (warp % WX) * 8 + (lane & 7);
+  const int m0 = blockIdx.y * BM;
+  const int n0 = blockIdx.x * BN;
+
+  const bool veca = (TA ? (m % 4 == 0) : (k % 4 == 0)) && tessera_aligned16(a);
+  const bool vecb = (TB ? (k % 4 == 0) : (n % 4 == 0)) && tessera_aligned16(b);
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  float ra[IOA::L][4];
+  float rb[IOB::L][4];
+
+  const int ktiles = (k + BK - 1) / BK;
+  IOA::load(a, m, k, m0, 0, veca, tid, ra);
+  IOB::load(b, n, k, n0, 0, vecb, tid, rb);
+  IOA::store(As[0], tid, ra);
+  IOB::store(Bs[0], tid, rb);
+  __syncthreads();
+
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int cur = kt & 1;
+    const bool more = kt + 1 < ktiles;  // uniform across the block
+    if (more) {
+      IOA::load(a, m, k, m0, (kt + 1) * BK, veca, tid, ra);
+      IOB::load(b, n, k, n0, (kt + 1) * BK, vecb, tid, rb);
+    }
+#pragma unroll
+    for (int p = 0; p < BK; ++p) {
+      float af[TM], bf[TN];
+#pragma unroll
+      for (int g = 0; g < GM; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(&As[cur][p][g * SM + ty * 4]);
+        af[g * 4 + 0] = v.x; af[g * 4 + 1] = v.y; af[g * 4 + 2] = v.z; af[g * 4 + 3] = v.w;
+      }
+#pragma unroll
+      for (int h = 0; h < GN; ++h) {
+        const float4 v = *reinterpret_cast<const float4*>(&Bs[cur][p][h * SN + tx * 4]);
+        bf[h * 4 + 0] = v.x; bf[h * 4 + 1] = v.y; bf[h * 4 + 2] = v.z; bf[h * 4 + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
+    }
+    if (more) {
+      // The buffer cur^1 was last read in iteration kt-1, which every thread has finished
+      // (the __syncthreads below, or the prologue's), so it is free to overwrite.
+      IOA::store(As[cur ^ 1], tid, ra);
+      IOB::store(Bs[cur ^ 1], tid, rb);
+    }
+    __syncthreads();
+  }
+
+  // Epilogue.
+  const bool vecc = (n % 4 == 0) && tessera_aligned16(c) &&
+                    (act_out == nullptr || tessera_aligned16(act_out)) &&
+                    (bias == nullptr || tessera_aligned16(bias));
+#pragma unroll
+  for (int g = 0; g < GM; ++g) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = m0 + g * SM + ty * 4 + i;
+      if (row < m) {
+#pragma unroll
+        for (int h = 0; h < GN; ++h) {
+          const int col = n0 + h * SN + tx * 4;
+          if (col < n) {
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[j] = alpha * acc[g * 4 + i][h * 4 + j];
+            const long long off = (long long)row * n + col;
+            if (vecc) {
+              epilogue4<true>(v, 4, off, col, beta, c, bias, act, act_out);
+            } else {
+              const int cnt = n - col < 4 ? n - col : 4;
+              epilogue4<false>(v, cnt, off, col, beta, c, bias, act, act_out);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---- 128 x 128 tiles --------------------------------------------------------------------------
+extern "C" __global__ __launch_bounds__(256, 2) void gemm_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<128, 128, 8, 8, 8, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256, 2) void gemm_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<128, 128, 8, 8, 8, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256, 2) void gemm_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<128, 128, 8, 8, 8, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256, 2) void gemm_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<128, 128, 8, 8, 8, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+
+// ---- 64 x 64 tiles ----------------------------------------------------------------------------
+extern "C" __global__ __launch_bounds__(256) void gemm_small_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<64, 64, 16, 4, 4, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_small_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<64, 64, 16, 4, 4, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_small_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<64, 64, 16, 4, 4, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_small_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_body<64, 64, 16, 4, 4, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}

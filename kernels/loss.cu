@@ -1,0 +1,75 @@
+// loss.cu -- softmax cross-entropy over the rows of a logits matrix.
+//
+//   xent_fwd:     row_loss[r] = logsumexp(logits[r,:]) - logits[r, labels[r]]
+//   xent_fwd_bwd: the same, plus dlogits[r,c] = scale * (softmax(logits[r,:])[c] - (c == labels[r]))
+// logsumexp is computed stably as max + log(sum_c exp(x_c - max)); the loss is written as
+// (max - x_label) + log(sum), and softmax as exp(x_c - max) / sum.
+// (The MSE kernels, mse_partial and mse_bwd, live in reduce.cu next to partial_sum.)
+//
+// Layout: logits and dlogits are rows x cols row-major f32 (ld = cols); labels has rows int32
+// entries; row_loss has rows entries. dlogits may equal logits: each row's max, sum and
+// logits[r, label] are read before any element of that row is written, and each element is
+// then read and written by the same lane.
+//
+// Bad labels (< 0 or >= cols): nothing out of bounds is read; row_loss[r] = NaN, the whole row
+// of dlogits = NaN, and atomicCAS(err, 0, r + 1) records the row, so *err ends as 1 + one of the
+// bad rows (the first to get there), or stays 0. The host zeroes *err before the launch.
+//
+// Preconditions: rows >= 0, cols >= 1.
+// Launch: one warp per row; block (TESSERA_XENT_THREADS,1,1) = 256 (8 rows per block),
+//   grid (ceil(rows / (TESSERA_XENT_THREADS / 32)),1,1). Lanes stride over the columns by 32
+//   (coalesced); max and sum are reduced with xor shuffles, so every lane holds the same value.
+//   No __syncthreads, so warps past the last row simply return.
+#include "common.cuh"
+
+namespace {
+
+template <bool BWD>
+__device__ __forceinline__ void xent_row(int rows, int cols, const float* logits, const int* labels,
+                                         float scale, float* row_loss, float* dlogits, int* err) {
+  const int row = blockIdx.x * (TESSERA_XENT_THREADS / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warp
+  const long long base = (long long)row * cols;
+  const float* x = logits + base;
+  const int label = labels[row];
+  const float nan = __int_as_float(0x7fc00000);
+  if (label < 0 || label >= cols) {
+    if (lane == 0) {
+      row_loss[row] = nan;
+      atomicCAS(err, 0, row + 1);
+    }
+    if (BWD) {
+      float* d = dlogits + base;
+      for (int c = lane; c < cols; c += 32) d[c] = nan;
+    }
+    return;
+  }
+
+  float mx = -INFINITY;
+  for (int c = lane; c < cols; c += 32) mx = fmaxf(mx, x[c]);
+  mx = tessera_warp_max(mx);
+  float s = 0.0f;
+  for (int c = lane; c < cols; c += 32) s += expf(x[c] - mx);
+  s = tessera_warp_sum(s);
+  const float xl = x[label];  // read before dlogits (which may alias logits) is written
+  if (lane == 0) row_loss[row] = (mx - xl) + logf(s);
+
+  if (BWD) {
+    float* d = dlogits + base;
+    for (int c = lane; c < cols; c += 32) {
+      const float p = expf(x[c] - mx) / s;
+      d[c] = scale * (p - (c == label ? 1.0f : 0.0f));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ __launch_bounds__(256) void xent_fwd(int rows, int cols, const float* logits, const int* labels, float* row_loss, int* err) {
+  xent_row<false>(rows, cols, logits, labels, 0.0f, row_loss, nullptr, err);
+}
+
+extern "C" __global__ __launch_bounds__(256) void xent_fwd_bwd(int rows, int cols, const float* logits, const int* labels, float scale, float* row_loss, float* dlogits, int* err) {
+  xent_row<true>(rows, cols, logits, labels, scale, row_loss, dlogits, err);
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what tessera's build and tests need, into the project, idempotently:
+#   - the pinned CUDA compiler wheels from PyPI into .toolchain/cuda (git-ignored).
+#     nvidia-nvvm is pinned too: left free, pip takes 13.5, whose PTX (ISA 9.5) the
+#     13.0 ptxas rejects.
+# A second run with everything in place returns in well under a second.
+# TESSERA_SKIP_CUDA_TOOLCHAIN=1 skips the wheels (the crate then builds without kernels).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dest="$root/.toolchain/cuda"
+pins=(
+  nvidia-cuda-nvcc==13.0.88
+  nvidia-cuda-crt==13.0.88
+  nvidia-nvvm==13.0.88
+  nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-cccl==13.0.85
+)
+stamp="$dest/.installed"
+want="${pins[*]}"
+
+if [ "${TESSERA_SKIP_CUDA_TOOLCHAIN:-0}" = 1 ]; then
+  echo "setup: TESSERA_SKIP_CUDA_TOOLCHAIN=1, not installing nvcc"
+elif [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$dest/nvidia/cu13/bin/nvcc" ]; then
+  echo "setup: CUDA toolchain already in $dest"
+else
+  py="$(command -v python3 || command -v python || true)"
+  if [ -z "$py" ]; then
+    echo "setup: python3 with pip is needed to install the CUDA compiler wheels" >&2
+    exit 1
+  fi
+  echo "setup: installing ${pins[*]} into $dest"
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" "${pins[@]}"
+  echo "$want" > "$stamp"
+fi
+if [ -x "$dest/nvidia/cu13/bin/nvcc" ]; then
+  "$dest/nvidia/cu13/bin/nvcc" --version | tail -n 2 | head -n 1
+fi

@@ -1,0 +1,359 @@
+//! Every op against the f64 reference, on every backend, at awkward shapes (1, primes, sizes
+//! that are not multiples of a tile or of the vector width), with seeded inputs and poisoned
+//! outputs. Backward ops are also checked against finite differences. The CUDA variants run
+//! where a GPU is present and print "skipped: no CUDA device" where not.
+
+use tessera::check::{assert_close, finite_diff, inputs, POISON};
+use tessera::reference as r;
+use tessera::{Activation, AdamW, Backend, Error, Gemm, Ops, Sgd};
+
+fn up<B: Backend>(d: &B, x: &[f32]) -> B::Buf<f32> {
+    d.upload(x).unwrap()
+}
+fn poisoned<B: Backend>(d: &B, n: usize) -> B::Buf<f32> {
+    d.upload(&vec![POISON; n]).unwrap()
+}
+fn down<B: Backend>(d: &B, b: &B::Buf<f32>) -> Vec<f32> {
+    d.download(&B::view(b)).unwrap()
+}
+fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Lengths for elementwise ops: 1, primes, around the float4 and block widths, and one large.
+const LENS: [usize; 9] = [1, 2, 3, 5, 7, 255, 1024, 1031, 70_001];
+
+fn gemm_shapes_and_transposes<B: Ops>(d: &B) {
+    let shapes = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (13, 17, 1), (31, 37, 41), (64, 64, 64), (129, 130, 67), (3, 200, 5), (257, 19, 33)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
+            let a = inputs(i as u64 * 10 + 1, m * k, 1.0);
+            let b = inputs(i as u64 * 10 + 2, k * n, 1.0);
+            let (ab, bb) = (up(d, &a), up(d, &b));
+            let mut c = poisoned(d, m * n);
+            d.gemm(&g, &B::view(&ab), &B::view(&bb), None, &mut B::view_mut(&mut c), None).unwrap();
+            let (want, _) = r::gemm(&g, &a, &b, None, &[]);
+            assert_close(&format!("{} gemm {m}x{n}x{k} ta={ta} tb={tb}", d.name()), &down(d, &c), &want, 1e-4, 1e-4);
+        }
+    }
+}
+
+fn gemm_epilogue<B: Ops>(d: &B) {
+    let shapes = [(1, 1, 1), (7, 5, 3), (33, 65, 17), (130, 129, 31)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for act in Activation::ALL {
+            for (beta, with_bias, separate_out, ta, tb) in
+                [(0.0, true, true, false, false), (0.5, true, false, true, false), (-1.0, false, true, false, true), (0.0, true, false, true, true)]
+            {
+                let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.75).beta(beta).activation(act);
+                let seed = i as u64 * 100;
+                let a = inputs(seed + 1, m * k, 1.0);
+                let b = inputs(seed + 2, k * n, 1.0);
+                let bias = inputs(seed + 3, n, 2.0);
+                let c0 = inputs(seed + 4, m * n, 1.0);
+                let (ab, bb, biasb) = (up(d, &a), up(d, &b), up(d, &bias));
+                let mut c = if beta == 0.0 { poisoned(d, m * n) } else { up(d, &c0) };
+                let mut out = poisoned(d, m * n);
+                let bias_view = B::view(&biasb);
+                let bias_arg = if with_bias { Some(&bias_view) } else { None };
+                {
+                    let mut out_view = B::view_mut(&mut out);
+                    let out_arg = if separate_out { Some(&mut out_view) } else { None };
+                    d.gemm(&g, &B::view(&ab), &B::view(&bb), bias_arg, &mut B::view_mut(&mut c), out_arg).unwrap();
+                }
+                let (pre, post) = r::gemm(&g, &a, &b, if with_bias { Some(&bias) } else { None }, &c0);
+                let name = format!("{} gemm epilogue {m}x{n}x{k} {act} beta={beta} bias={with_bias}", d.name());
+                if separate_out {
+                    assert_close(&format!("{name} (pre-activation)"), &down(d, &c), &pre, 1e-4, 1e-4);
+                    assert_close(&format!("{name} (activation)"), &down(d, &out), &post, 1e-4, 1e-4);
+                } else {
+                    assert_close(&format!("{name} (in place)"), &down(d, &c), &post, 1e-4, 1e-4);
+                    assert!(down(d, &out).iter().all(|v| v.is_nan()), "{name}: act_out written though not given");
+                }
+            }
+        }
+    }
+}
+
+fn gemm_rejects_bad_shapes<B: Ops>(d: &B) {
+    let a = up(d, &inputs(1, 6, 1.0));
+    let b = up(d, &inputs(2, 6, 1.0));
+    let mut c = poisoned(d, 5);
+    let e = d.gemm(&Gemm::new(2, 2, 3), &B::view(&a), &B::view(&b), None, &mut B::view_mut(&mut c), None).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "gemm", .. }), "{e}");
+    assert!(e.to_string().contains("C (2x2) has 5 elements, expected 4"), "{e}");
+    let mut c = poisoned(d, 4);
+    let bias = up(d, &[1.0; 3]);
+    let e = d
+        .gemm(&Gemm::new(2, 2, 3), &B::view(&a), &B::view(&b), Some(&B::view(&bias)), &mut B::view_mut(&mut c), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("bias"), "{e}");
+    let e = d.gemm(&Gemm::new(3, 2, 3), &B::view(&a), &B::view(&b), None, &mut B::view_mut(&mut c), None).unwrap_err();
+    assert!(e.to_string().contains("A (3x3) has 6 elements, expected 9"), "{e}");
+}
+
+fn activations<B: Ops>(d: &B) {
+    for act in Activation::ALL {
+        for (i, &n) in LENS.iter().enumerate() {
+            let x = inputs(i as u64 + 7, n, 6.0);
+            let dy = inputs(i as u64 + 70, n, 1.0);
+            let (xb, dyb) = (up(d, &x), up(d, &dy));
+            let mut y = poisoned(d, n);
+            d.act_forward(act, &B::view(&xb), &mut B::view_mut(&mut y)).unwrap();
+            let want: Vec<f64> = x.iter().map(|&z| r::act(act, z as f64)).collect();
+            assert_close(&format!("{} {act} forward n={n}", d.name()), &down(d, &y), &want, 1e-6, 1e-5);
+            let mut dx = poisoned(d, n);
+            d.act_backward(act, &B::view(&xb), &B::view(&dyb), &mut B::view_mut(&mut dx)).unwrap();
+            let want: Vec<f64> = x.iter().zip(&dy).map(|(&z, &g)| g as f64 * r::act_grad(act, z as f64)).collect();
+            let got = down(d, &dx);
+            assert_close(&format!("{} {act} backward n={n}", d.name()), &got, &want, 1e-6, 1e-5);
+            // And against finite differences of the forward reference, away from ReLU's kink.
+            for j in (0..n).step_by(97) {
+                if x[j].abs() < 1e-3 {
+                    continue;
+                }
+                let fd = finite_diff(|z| r::act(act, z[0]), &[x[j] as f64], 0, 1e-5) * dy[j] as f64;
+                assert!((got[j] as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(), "{act} backward at {}: {} vs fd {fd}", x[j], got[j]);
+            }
+        }
+    }
+    let x = up(d, &[1.0; 4]);
+    let mut y = poisoned(d, 3);
+    let e = d.act_forward(Activation::Relu, &B::view(&x), &mut B::view_mut(&mut y)).unwrap_err();
+    assert!(e.to_string().contains("y has 3 elements, expected 4"), "{e}");
+}
+
+fn reductions<B: Ops>(d: &B) {
+    for (i, &(rows, cols)) in [(1, 1), (1, 33), (7, 1), (13, 31), (129, 65), (1000, 10), (3, 1031)].iter().enumerate() {
+        let x = inputs(i as u64 + 11, rows * cols, 1.0);
+        let o0 = inputs(i as u64 + 12, cols, 1.0);
+        let xb = up(d, &x);
+        for beta in [0.0, 1.0] {
+            let mut out = if beta == 0.0 { poisoned(d, cols) } else { up(d, &o0) };
+            d.col_sum(rows, cols, &B::view(&xb), beta, &mut B::view_mut(&mut out)).unwrap();
+            assert_close(&format!("{} col_sum {rows}x{cols} beta={beta}", d.name()), &down(d, &out), &r::col_sum(rows, cols, &x, beta, &o0), 1e-5, 1e-5);
+        }
+    }
+    for (i, &n) in LENS.iter().enumerate() {
+        let srcs: Vec<Vec<f32>> = (0..3).map(|j| inputs(i as u64 * 3 + j, n, 1.0)).collect();
+        let bufs: Vec<_> = srcs.iter().map(|s| up(d, s)).collect();
+        let views: Vec<_> = bufs.iter().map(|b| B::view(b)).collect();
+        for k in 1..=3 {
+            let refs: Vec<&B::Ref<'_, f32>> = views[..k].iter().collect();
+            let mut out = poisoned(d, n);
+            d.sum_scaled(&refs, 1.0 / k as f32, &mut B::view_mut(&mut out)).unwrap();
+            let want = r::sum_scaled(&srcs[..k].iter().map(|s| s.as_slice()).collect::<Vec<_>>(), 1.0 / k as f32);
+            assert_close(&format!("{} sum_scaled k={k} n={n}", d.name()), &down(d, &out), &want, 1e-6, 1e-5);
+        }
+        let mut y = up(d, &srcs[1]);
+        d.axpy(-0.5, &B::view(&bufs[0]), &mut B::view_mut(&mut y)).unwrap();
+        let want: Vec<f64> = srcs[0].iter().zip(&srcs[1]).map(|(&x, &y)| y as f64 - 0.5 * x as f64).collect();
+        assert_close(&format!("{} axpy n={n}", d.name()), &down(d, &y), &want, 1e-6, 1e-5);
+        d.scale(3.0, &mut B::view_mut(&mut y)).unwrap();
+        let want: Vec<f64> = want.iter().map(|v| 3.0 * v).collect();
+        assert_close(&format!("{} scale n={n}", d.name()), &down(d, &y), &want, 1e-5, 1e-5);
+        for squared in [false, true] {
+            let got = d.sum(&B::view(&bufs[2]), squared).unwrap();
+            let want = r::sum(&srcs[2], squared);
+            let tol = 1e-5 * (n as f64).sqrt() + 1e-5 * want.abs();
+            assert!((got as f64 - want).abs() <= tol, "{} sum squared={squared} n={n}: {got} vs {want}", d.name());
+            assert_eq!(got.to_bits(), d.sum(&B::view(&bufs[2]), squared).unwrap().to_bits(), "sum is not deterministic");
+        }
+        let norm = d.l2_norm(&B::view(&bufs[2])).unwrap();
+        let want = r::sum(&srcs[2], true).sqrt();
+        assert!((norm as f64 - want).abs() <= 1e-5 * want + 1e-6, "l2 n={n}: {norm} vs {want}");
+    }
+    // Sub-views: a reduction over part of a buffer touches only that part.
+    let x = inputs(5, 100, 1.0);
+    let xb = up(d, &x);
+    let whole = B::view(&xb);
+    let part = B::sub(&whole, 10..30);
+    let got = d.sum(&part, false).unwrap();
+    assert!((got as f64 - r::sum(&x[10..30], false)).abs() < 1e-5);
+    let one = up(d, &[1.0; 4]);
+    let mut out = poisoned(d, 5);
+    let e = d.sum_scaled(&[&B::view(&one)], 1.0, &mut B::view_mut(&mut out)).unwrap_err();
+    assert!(e.to_string().contains("source 0 has 4 elements, expected 5"), "{e}");
+    let e = d.col_sum(3, 2, &B::view(&one), 0.0, &mut B::view_mut(&mut out)).unwrap_err();
+    assert!(e.to_string().contains("x (3x2) has 4 elements, expected 6"), "{e}");
+}
+
+fn labels_for(seed: u64, rows: usize, cols: usize) -> Vec<i32> {
+    let mut rng = tessera::rng::Rng::new(seed);
+    (0..rows).map(|_| rng.below(cols) as i32).collect()
+}
+
+fn cross_entropy<B: Ops>(d: &B) {
+    for (i, &(rows, cols)) in [(1, 1), (1, 2), (3, 10), (17, 33), (128, 10), (5, 1031), (300, 7)].iter().enumerate() {
+        let logits = inputs(i as u64 + 21, rows * cols, 4.0);
+        let labels = labels_for(i as u64, rows, cols);
+        let (lb, yb) = (up(d, &logits), d.upload(&labels).unwrap());
+        let (row_loss, grad) = r::xent(rows, cols, &logits, &labels, 1.0 / rows as f64);
+        let want = row_loss.iter().sum::<f64>() / rows as f64;
+        let got = d.xent(rows, cols, &B::view(&lb), &B::view(&yb)).unwrap();
+        assert!((got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "{} xent {rows}x{cols}: {got} vs {want}", d.name());
+        let mut dl = poisoned(d, rows * cols);
+        let got2 = d.xent_backward(rows, cols, &B::view(&lb), &B::view(&yb), &mut B::view_mut(&mut dl)).unwrap();
+        assert!((got2 as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "fused loss {got2} vs {want}");
+        let g = down(d, &dl);
+        assert_close(&format!("{} xent backward {rows}x{cols}", d.name()), &g, &grad, 1e-6, 1e-4);
+        // Finite differences of the f64 mean loss, on a few logits.
+        let mean_loss = |z: &[f64]| {
+            let zf: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+            let _ = &zf;
+            (0..rows)
+                .map(|rr| {
+                    let row = &z[rr * cols..(rr + 1) * cols];
+                    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - row[labels[rr] as usize]
+                })
+                .sum::<f64>()
+                / rows as f64
+        };
+        let z = f64s(&logits);
+        for j in (0..rows * cols).step_by(37) {
+            let fd = finite_diff(mean_loss, &z, j, 1e-5);
+            assert!((g[j] as f64 - fd).abs() <= 1e-5 + 1e-3 * fd.abs(), "xent grad [{j}]: {} vs fd {fd}", g[j]);
+        }
+    }
+    // Large logits stay finite (the row max is subtracted).
+    let logits = [1000.0f32, 0.0, -1000.0, 3e4, 3e4 + 1.0, 0.0];
+    let lb = up(d, &logits);
+    let yb = d.upload(&[0i32, 1]).unwrap();
+    let got = d.xent(2, 3, &B::view(&lb), &B::view(&yb)).unwrap();
+    let want = r::xent(2, 3, &logits, &[0, 1], 0.5).0.iter().sum::<f64>() / 2.0;
+    assert!(got.is_finite() && (got as f64 - want).abs() < 1e-4, "large logits: {got} vs {want}");
+}
+
+fn cross_entropy_rejects_bad_labels<B: Ops>(d: &B) {
+    let lb = up(d, &inputs(1, 4 * 3, 1.0));
+    for bad in [3, -1, 1_000_000] {
+        let yb = d.upload(&[0i32, 2, bad, 1]).unwrap();
+        let e = d.xent(4, 3, &B::view(&lb), &B::view(&yb)).unwrap_err();
+        assert!(matches!(e, Error::Label { row: 2, classes: 3, .. }), "{e}");
+        assert!(e.to_string().contains(&format!("label {bad} at row 2 is out of range")), "{e}");
+        let mut dl = poisoned(d, 12);
+        let e = d.xent_backward(4, 3, &B::view(&lb), &B::view(&yb), &mut B::view_mut(&mut dl)).unwrap_err();
+        assert!(matches!(e, Error::Label { row: 2, .. }), "{e}");
+    }
+    let yb = d.upload(&[0i32, 1, 2]).unwrap();
+    let e = d.xent(4, 3, &B::view(&lb), &B::view(&yb)).unwrap_err();
+    assert!(e.to_string().contains("labels (one per row) has 3 elements, expected 4"), "{e}");
+}
+
+fn mean_squared_error<B: Ops>(d: &B) {
+    for (i, &n) in LENS.iter().enumerate() {
+        let p = inputs(i as u64 + 31, n, 2.0);
+        let t = inputs(i as u64 + 32, n, 2.0);
+        let (pb, tb) = (up(d, &p), up(d, &t));
+        let want = r::mse(&p, &t);
+        let got = d.mse(&B::view(&pb), &B::view(&tb)).unwrap();
+        assert!((got as f64 - want).abs() <= 1e-5 * want, "{} mse n={n}: {got} vs {want}", d.name());
+        let mut dp = poisoned(d, n);
+        let got2 = d.mse_backward(&B::view(&pb), &B::view(&tb), &mut B::view_mut(&mut dp)).unwrap();
+        assert!((got2 as f64 - want).abs() <= 1e-5 * want);
+        let g = down(d, &dp);
+        let want_g: Vec<f64> = p.iter().zip(&t).map(|(&p, &t)| 2.0 * (p as f64 - t as f64) / n as f64).collect();
+        assert_close(&format!("{} mse backward n={n}", d.name()), &g, &want_g, 1e-9, 1e-5);
+        if n <= 1031 {
+            let tt = f64s(&t);
+            let f = |z: &[f64]| z.iter().zip(&tt).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / n as f64;
+            for j in (0..n).step_by(53) {
+                let fd = finite_diff(f, &f64s(&p), j, 1e-5);
+                assert!((g[j] as f64 - fd).abs() <= 1e-7 + 1e-3 * fd.abs(), "mse grad [{j}]: {} vs {fd}", g[j]);
+            }
+        }
+    }
+}
+
+fn optimizers<B: Ops>(d: &B) {
+    let sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-2 };
+    let adam = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    for (i, &n) in LENS.iter().enumerate() {
+        let s = i as u64 * 5;
+        let (w, g, m) = (inputs(s + 1, n, 1.0), inputs(s + 2, n, 1.0), inputs(s + 3, n, 0.1));
+        let v: Vec<f32> = inputs(s + 4, n, 0.1).iter().map(|x| x * x).collect();
+        let (mut wb, gb, mut mb, mut vb) = (up(d, &w), up(d, &g), up(d, &m), up(d, &v));
+        d.sgd_step(&sgd, 0.5, &mut B::view_mut(&mut wb), &B::view(&gb), &mut B::view_mut(&mut mb)).unwrap();
+        let (ww, mm) = r::sgd(&sgd, 0.5, &w, &g, &m);
+        assert_close(&format!("{} sgd w n={n}", d.name()), &down(d, &wb), &ww, 1e-6, 1e-5);
+        assert_close(&format!("{} sgd momentum n={n}", d.name()), &down(d, &mb), &mm, 1e-6, 1e-5);
+        let (mut wb, mut mb) = (up(d, &w), up(d, &m));
+        for t in [1u64, 7] {
+            let (w0, m0, v0) = (down(d, &wb), down(d, &mb), down(d, &vb));
+            d.adamw_step(&adam, t, 0.8, &mut B::view_mut(&mut wb), &B::view(&gb), &mut B::view_mut(&mut mb), &mut B::view_mut(&mut vb))
+                .unwrap();
+            let (ww, mm, vv) = r::adamw(&adam, t, 0.8, &w0, &g, &m0, &v0);
+            assert_close(&format!("{} adamw w t={t} n={n}", d.name()), &down(d, &wb), &ww, 1e-6, 1e-5);
+            assert_close(&format!("{} adamw m t={t} n={n}", d.name()), &down(d, &mb), &mm, 1e-7, 1e-5);
+            assert_close(&format!("{} adamw v t={t} n={n}", d.name()), &down(d, &vb), &vv, 1e-9, 1e-5);
+        }
+    }
+    let mut w = up(d, &[1.0; 3]);
+    let g = up(d, &[1.0; 3]);
+    let mut m = up(d, &[1.0; 2]);
+    let e = d.sgd_step(&sgd, 1.0, &mut B::view_mut(&mut w), &B::view(&g), &mut B::view_mut(&mut m)).unwrap_err();
+    assert!(e.to_string().contains("momentum has 2 elements, expected 3"), "{e}");
+    let mut m = up(d, &[1.0; 3]);
+    let bad = Sgd { lr: f32::NAN, ..sgd };
+    let e = d.sgd_step(&bad, 1.0, &mut B::view_mut(&mut w), &B::view(&g), &mut B::view_mut(&mut m)).unwrap_err();
+    assert!(e.to_string().contains("learning rate"), "{e}");
+    let mut v = up(d, &[1.0; 3]);
+    let e = d
+        .adamw_step(&adam, 0, 1.0, &mut B::view_mut(&mut w), &B::view(&g), &mut B::view_mut(&mut m), &mut B::view_mut(&mut v))
+        .unwrap_err();
+    assert!(e.to_string().contains("start at 1"), "{e}");
+}
+
+fn copies_between_devices<B: Ops>(a: &B, b: &B) {
+    let x = inputs(3, 1031, 1.0);
+    let xa = up(a, &x);
+    let mut yb = poisoned(b, 1031);
+    b.copy(&B::view(&xa), &mut B::view_mut(&mut yb)).unwrap();
+    b.synchronize().unwrap();
+    assert_eq!(down(b, &yb), x);
+    let mut short = poisoned(b, 5);
+    assert!(b.copy(&B::view(&xa), &mut B::view_mut(&mut short)).is_err());
+}
+
+/// GPU 0 when there is one; `None` (and the test says it skipped) when not.
+fn gpu() -> Option<tessera::CudaDevice> {
+    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device");
+        return None;
+    }
+    Some(tessera::CudaDevice::new(0).expect("a GPU is present but tessera cannot use it"))
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod cpu {
+            $( #[test] fn $name() { super::$name(&tessera::CpuDevice::new(0)); } )*
+            #[test] fn copies_between_devices() {
+                super::copies_between_devices(&tessera::CpuDevice::new(0), &tessera::CpuDevice::new(1));
+            }
+        }
+        mod cuda {
+            $( #[test] fn $name() { if let Some(d) = super::gpu() { super::$name(&d); } } )*
+            #[test] fn copies_between_devices() {
+                if let Some(d) = super::gpu() {
+                    let other = d.logical(1).unwrap();
+                    super::copies_between_devices(&d, &other);
+                }
+            }
+        }
+    };
+}
+
+on_every_backend!(
+    gemm_shapes_and_transposes,
+    gemm_epilogue,
+    gemm_rejects_bad_shapes,
+    activations,
+    reductions,
+    cross_entropy,
+    cross_entropy_rejects_bad_labels,
+    mean_squared_error,
+    optimizers,
+);
