@@ -41,11 +41,8 @@ fn main() {
     for s in &sources {
         println!("cargo:rerun-if-changed={}", s.display());
     }
-    let cu_files: Vec<PathBuf> = sources
-        .iter()
-        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("cu"))
-        .cloned()
-        .collect();
+    let cu_files: Vec<PathBuf> =
+        sources.iter().filter(|p| p.extension().and_then(|e| e.to_str()) == Some("cu")).cloned().collect();
 
     let defines = parse_defines(&fs::read_to_string(kdir.join("common.cuh")).unwrap_or_default());
 
@@ -63,22 +60,14 @@ fn main() {
     }
 
     let archs_env = env::var("TESSERA_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
-    let archs: Vec<String> = archs_env
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let archs: Vec<String> = archs_env.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     for a in &archs {
         if !(a.starts_with("sm_") || a.starts_with("compute_")) {
             panic!("TESSERA_CUDA_ARCHS: `{a}` is neither sm_XX nor compute_XX (example: {DEFAULT_ARCHS})");
         }
     }
 
-    let nvcc = if env::var("TESSERA_NO_NVCC").is_ok() {
-        None
-    } else {
-        find_nvcc(&root)
-    };
+    let nvcc = if env::var("TESSERA_NO_NVCC").is_ok() { None } else { find_nvcc(&root) };
     let build = match &nvcc {
         Some(nvcc) => Some(compile_all(nvcc, &kdir, &out, &families, &archs)),
         None => {
@@ -162,9 +151,8 @@ fn parse_kernels(file: &str, src: &str) -> Vec<Kernel> {
         let open = void + l[void..].find('(').unwrap_or_else(|| panic!("{file}: cannot parse kernel line `{l}`"));
         let head = &l[void..open];
         let name = head.split_whitespace().last().unwrap().to_string();
-        let close = l.rfind(')').unwrap_or_else(|| {
-            panic!("{file}: kernel `{name}`: the parameter list must sit on one line")
-        });
+        let close =
+            l.rfind(')').unwrap_or_else(|| panic!("{file}: kernel `{name}`: the parameter list must sit on one line"));
         let args = &l[open + 1..close];
         let mut params = Vec::new();
         for a in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
@@ -225,10 +213,8 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 }
 
 fn compile_all(nvcc: &Path, kdir: &Path, out: &Path, families: &[Family], archs: &[String]) -> Build {
-    let version = Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    let version =
+        Command::new(nvcc).arg("--version").output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
     let vtext = String::from_utf8_lossy(&version.stdout).to_string();
     let toolkit = vtext
         .lines()
@@ -286,11 +272,7 @@ fn compile_all(nvcc: &Path, kdir: &Path, out: &Path, families: &[Family], archs:
                         .arg(&ptx);
                     let o = pcmd.output().unwrap_or_else(|e| panic!("cannot run nvcc: {e}"));
                     if !o.status.success() {
-                        panic!(
-                            "nvcc -ptx failed on kernels/{}:\n{}",
-                            f.file,
-                            String::from_utf8_lossy(&o.stderr)
-                        );
+                        panic!("nvcc -ptx failed on kernels/{}:\n{}", f.file, String::from_utf8_lossy(&o.stderr));
                     }
                     let ptx_text = fs::read_to_string(&ptx).unwrap();
                     (f.stem.clone(), report, ptx_text)
@@ -489,13 +471,7 @@ fn generate(families: &[Family], defines: &[(String, i64)], build: Option<&Build
             for p in &k.params {
                 let rt = rust_type(&p.ty, &p.name).unwrap();
                 let _ = write!(args, ", {}: {rt}", p.name);
-                if rt.starts_with("Option<&mut") {
-                    let _ = writeln!(
-                        pushes,
-                        "        match {0} {{ Some(x) => {{ __args.arg(x); }} None => {{ __args.arg(&NULL); }} }}",
-                        p.name
-                    );
-                } else if rt.starts_with("Option<") {
+                if rt.starts_with("Option<") {
                     let _ = writeln!(
                         pushes,
                         "        match {0} {{ Some(x) => {{ __args.arg(x); }} None => {{ __args.arg(&NULL); }} }}",

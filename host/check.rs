@@ -18,7 +18,8 @@ pub struct Report {
     pub len: usize,
     /// Worst `|got - want|`.
     pub max_abs: f64,
-    /// Worst `|got - want| / max(|want|, tiny)`.
+    /// Worst `|got - want| / |want|` over the elements whose `|want|` is at least 1e-3 of
+    /// the largest (near-zero references make relative errors meaningless).
     pub max_rel: f64,
     /// Elements outside `atol + rtol*|want|`.
     pub mismatches: usize,
@@ -50,23 +51,27 @@ impl fmt::Display for Report {
 /// Compares `got` with `want`: element `i` passes when `|got - want| <= atol + rtol*|want|`.
 /// A NaN (a poisoned, unwritten element) or a length difference always fails.
 pub fn compare(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Report {
-    let mut r = Report { name: name.to_string(), len: want.len(), max_abs: 0.0, max_rel: 0.0, mismatches: 0, first: vec![] };
+    let mut r =
+        Report { name: name.to_string(), len: want.len(), max_abs: 0.0, max_rel: 0.0, mismatches: 0, first: vec![] };
     if got.len() != want.len() {
         r.mismatches = got.len().abs_diff(want.len()).max(1);
         r.first.push((got.len().min(want.len()), f32::NAN, f64::NAN));
         r.name = format!("{name} (length {} vs reference {})", got.len(), want.len());
         return r;
     }
+    let floor = 1e-3 * want.iter().fold(0f64, |m, w| m.max(w.abs()));
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let abs = (g as f64 - w).abs();
         let rel = abs / w.abs().max(1e-30);
-        let bad = !(abs <= atol + rtol * w.abs());
+        // Written so that a NaN error counts as bad.
+        let within = abs <= atol + rtol * w.abs();
+        let bad = !within;
         if abs.is_nan() {
             r.max_abs = f64::NAN;
             r.max_rel = f64::NAN;
         } else if !r.max_abs.is_nan() {
             r.max_abs = r.max_abs.max(abs);
-            r.max_rel = r.max_rel.max(if w.abs() > atol { rel } else { 0.0 });
+            r.max_rel = r.max_rel.max(if w.abs() >= floor { rel } else { 0.0 });
         }
         if bad {
             r.mismatches += 1;

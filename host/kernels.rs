@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, CudaView, CudaViewMut, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, CudaView, CudaViewMut, DriverError, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 /// What the build produced.
@@ -146,7 +148,12 @@ mod tests {
 
     #[test]
     fn arch_support_follows_sass_then_ptx() {
-        let m = Manifest { built: true, toolkit: "13.0", ptx_isa: "9.0", archs: &["sm_80", "sm_86", "sm_89", "sm_90", "compute_80"] };
+        let m = Manifest {
+            built: true,
+            toolkit: "13.0",
+            ptx_isa: "9.0",
+            archs: &["sm_80", "sm_86", "sm_89", "sm_90", "compute_80"],
+        };
         assert_eq!(m.min_driver(), Some(13000));
         assert_eq!(m.supports(8, 0).unwrap(), "sm_80 SASS");
         assert_eq!(m.supports(8, 7).unwrap(), "sm_86 SASS");

@@ -30,7 +30,8 @@ pub fn act_grad(a: Activation, z: f64) -> f64 {
             0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
         }
         Activation::GeluErf => {
-            0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2)) + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2))
+                + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
         }
         Activation::Silu => {
             let s = 1.0 / (1.0 + (-z).exp());
@@ -140,7 +141,9 @@ pub fn adamw(o: &AdamW, t: u64, s: f32, w: &[f32], g: &[f32], m: &[f32], v: &[f3
         let mm = b1 * m[i] as f64 + (1.0 - b1) * gg;
         let vv = b2 * v[i] as f64 + (1.0 - b2) * gg * gg;
         let lr = o.lr as f64;
-        wo.push(w[i] as f64 * (1.0 - lr * o.weight_decay as f64) - lr * (mm / bc1) / ((vv / bc2).sqrt() + o.eps as f64));
+        wo.push(
+            w[i] as f64 * (1.0 - lr * o.weight_decay as f64) - lr * (mm / bc1) / ((vv / bc2).sqrt() + o.eps as f64),
+        );
         mo.push(mm);
         vo.push(vv);
     }

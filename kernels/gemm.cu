@@ -39,8 +39,9 @@
 // Global loads: a float4 per thread per operand per k-tile when the operand's contiguous
 // dimension is a multiple of 4 and its base pointer is 16-byte aligned (a run-time, launch-uniform
 // test); otherwise four guarded scalar loads. Out-of-range elements load as 0, so edge tiles need
-// no special math. The epilogue stores float4 when n % 4 == 0 and c/act_out/bias are 16-byte
-// aligned, else guarded scalars.
+// no special math. Epilogue: the block tile goes through shared memory one 64 x 64 quadrant at a
+// time and is written row by row (coalesced scalar accesses, per-element guards, one copy of the
+// activation code).
 #include "common.cuh"
 
 namespace {
@@ -129,49 +130,6 @@ struct TileIO {
   }
 };
 
-// Writes one output element group: v[0..cnt) are columns col..col+cnt of row `row`
-// (alpha already applied). VEC: cnt == 4 and the group is float4-aligned in c/act_out/bias.
-template <bool VEC>
-__device__ __forceinline__ void epilogue4(float (&v)[4], int cnt, long long off, int col, float beta,
-                                          float* c, const float* bias, int act, float* act_out) {
-  if (VEC) {
-    if (beta != 0.0f) {
-      const float4 o = *reinterpret_cast<const float4*>(c + off);
-      v[0] += beta * o.x; v[1] += beta * o.y; v[2] += beta * o.z; v[3] += beta * o.w;
-    }
-    if (bias != nullptr) {
-      const float4 bb = __ldg(reinterpret_cast<const float4*>(bias + col));
-      v[0] += bb.x; v[1] += bb.y; v[2] += bb.z; v[3] += bb.w;
-    }
-    if (act_out != nullptr) {
-      *reinterpret_cast<float4*>(c + off) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(act_out + off) =
-          make_float4(tessera_act(act, v[0]), tessera_act(act, v[1]), tessera_act(act, v[2]), tessera_act(act, v[3]));
-    } else {
-      if (act != TESSERA_ACT_NONE) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = tessera_act(act, v[j]);
-      }
-      *reinterpret_cast<float4*>(c + off) = make_float4(v[0], v[1], v[2], v[3]);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (j < cnt) {
-        float x = v[j];
-        if (beta != 0.0f) x += beta * c[off + j];
-        if (bias != nullptr) x += __ldg(bias + col + j);
-        if (act_out != nullptr) {
-          c[off + j] = x;
-          act_out[off + j] = tessera_act(act, x);
-        } else {
-          c[off + j] = act != TESSERA_ACT_NONE ? tessera_act(act, x) : x;
-        }
-      }
-    }
-  }
-}
-
 // BM x BN block tile, BK deep; each thread owns TM x TN outputs: TM/4 groups of 4 rows spaced
 // BM/(TM/4) apart, TN/4 groups of 4 columns spaced BN/(TN/4) apart.
 template <int BM, int BN, int BK, int TM, int TN, bool TA, bool TB>
@@ -193,8 +151,12 @@ __device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
   // B tile: r = column of C (j), contiguous along k when B is stored n x k ('t').
   using IOB = TileIO<BN, BK, THREADS, TB>;
 
-  __shared__ __align__(16) float As[2][BK][BM + kPad];
-  __shared__ __align__(16) float Bs[2][BK][BN + kPad];
+  // One buffer: the double-buffered A and B tiles during the k loop, the C staging area after.
+  constexpr int kAsFloats = 2 * BK * (BM + kPad);
+  constexpr int kSmemFloats = kAsFloats + 2 * BK * (BN + kPad);
+  __shared__ __align__(16) float smem[kSmemFloats];
+  float (*As)[BK][BM + kPad] = reinterpret_cast<float (*)[BK][BM + kPad]>(smem);
+  float (*Bs)[BK][BN + kPad] = reinterpret_cast<float (*)[BK][BN + kPad]>(smem + kAsFloats);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -215,19 +177,18 @@ __device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
   float ra[IOA::L][4];
   float rb[IOB::L][4];
 
-  const int ktiles = (k + BK - 1) / BK;
   IOA::load(a, m, k, m0, 0, veca, tid, ra);
   IOB::load(b, n, k, n0, 0, vecb, tid, rb);
   IOA::store(As[0], tid, ra);
   IOB::store(Bs[0], tid, rb);
   __syncthreads();
 
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int cur = kt & 1;
-    const bool more = kt + 1 < ktiles;  // uniform across the block
+  int cur = 0;
+  for (int k0 = 0; k0 < k; k0 += BK) {
+    const bool more = k0 + BK < k;  // uniform across the block
     if (more) {
-      IOA::load(a, m, k, m0, (kt + 1) * BK, veca, tid, ra);
-      IOB::load(b, n, k, n0, (kt + 1) * BK, vecb, tid, rb);
+      IOA::load(a, m, k, m0, k0 + BK, veca, tid, ra);
+      IOB::load(b, n, k, n0, k0 + BK, vecb, tid, rb);
     }
 #pragma unroll
     for (int p = 0; p < BK; ++p) {
@@ -254,36 +215,51 @@ __device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
       IOB::store(Bs[cur ^ 1], tid, rb);
     }
     __syncthreads();
+    cur ^= 1;
   }
 
-  // Epilogue.
-  const bool vecc = (n % 4 == 0) && tessera_aligned16(c) &&
-                    (act_out == nullptr || tessera_aligned16(act_out)) &&
-                    (bias == nullptr || tessera_aligned16(bias));
+  // Epilogue. The block tile is staged through shared memory (free now: the loop ended with a
+  // __syncthreads) one SM x SN quadrant at a time -- quadrant (g, h) holds every thread's
+  // output group (g, h) -- and then the block walks the quadrant row by row, so global reads of
+  // C and writes of C / act_out are coalesced and the activation code exists once instead of
+  // once per output register. Edges are plain per-element guards.
+  static_assert(SM * SN <= kSmemFloats, "epilogue quadrant must fit in the tile buffers");
+  static_assert(SM == TY * 4 && SN == TX * 4, "a quadrant is one 4 x 4 group per thread");
+  float* cs = smem;  // SM x SN, row length SN
+#pragma unroll 1
+  for (int q = 0; q < GM * GN; ++q) {
 #pragma unroll
-  for (int g = 0; g < GM; ++g) {
+    for (int g = 0; g < GM; ++g)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = m0 + g * SM + ty * 4 + i;
-      if (row < m) {
+      for (int h = 0; h < GN; ++h)
+        if (g * GN + h == q) {
 #pragma unroll
-        for (int h = 0; h < GN; ++h) {
-          const int col = n0 + h * SN + tx * 4;
-          if (col < n) {
-            float v[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) v[j] = alpha * acc[g * 4 + i][h * 4 + j];
-            const long long off = (long long)row * n + col;
-            if (vecc) {
-              epilogue4<true>(v, 4, off, col, beta, c, bias, act, act_out);
-            } else {
-              const int cnt = n - col < 4 ? n - col : 4;
-              epilogue4<false>(v, cnt, off, col, beta, c, bias, act, act_out);
-            }
-          }
+          for (int i = 0; i < 4; ++i)
+            *reinterpret_cast<float4*>(&cs[(ty * 4 + i) * SN + tx * 4]) =
+                make_float4(acc[g * 4 + i][h * 4 + 0], acc[g * 4 + i][h * 4 + 1],
+                            acc[g * 4 + i][h * 4 + 2], acc[g * 4 + i][h * 4 + 3]);
+        }
+    __syncthreads();
+    const int qr = m0 + (q / GN) * SM;
+    const int qc = n0 + (q % GN) * SN;
+#pragma unroll 4
+    for (int e = tid; e < SM * SN; e += THREADS) {
+      const int row = qr + e / SN;
+      const int col = qc + e % SN;
+      if (row < m && col < n) {
+        const long long off = (long long)row * n + col;
+        float x = alpha * cs[e];
+        if (beta != 0.0f) x += beta * c[off];
+        if (bias != nullptr) x += __ldg(bias + col);
+        if (act_out != nullptr) {
+          c[off] = x;
+          act_out[off] = tessera_act(act, x);
+        } else {
+          c[off] = act != TESSERA_ACT_NONE ? tessera_act(act, x) : x;
         }
       }
     }
+    __syncthreads();
   }
 }
 

@@ -7,9 +7,9 @@
 // (The MSE kernels, mse_partial and mse_bwd, live in reduce.cu next to partial_sum.)
 //
 // Layout: logits and dlogits are rows x cols row-major f32 (ld = cols); labels has rows int32
-// entries; row_loss has rows entries. dlogits may equal logits: each row's max, sum and
-// logits[r, label] are read before any element of that row is written, and each element is
-// then read and written by the same lane.
+// entries; row_loss has rows entries. dlogits may equal logits: each lane reads and writes only its own
+// columns (c == lane mod 32), and a row's max, sum and logits[r, label] reach every lane through
+// shuffles before any lane writes.
 //
 // Bad labels (< 0 or >= cols): nothing out of bounds is read; row_loss[r] = NaN, the whole row
 // of dlogits = NaN, and atomicCAS(err, 0, r + 1) records the row, so *err ends as 1 + one of the
@@ -46,13 +46,22 @@ __device__ __forceinline__ void xent_row(int rows, int cols, const float* logits
     return;
   }
 
+  // Each lane only ever touches columns c == lane (mod 32), in every pass; logits[r, label] is
+  // picked up by its owning lane in the first pass and handed to the others through the
+  // shuffle tree (the other lanes add exact zeros). So no lane reads a column another lane may
+  // already have overwritten when dlogits aliases logits (lanes are not lock-step).
   float mx = -INFINITY;
-  for (int c = lane; c < cols; c += 32) mx = fmaxf(mx, x[c]);
+  float xl = 0.0f;
+  for (int c = lane; c < cols; c += 32) {
+    const float v = x[c];
+    mx = fmaxf(mx, v);
+    if (c == label) xl = v;
+  }
   mx = tessera_warp_max(mx);
+  xl = tessera_warp_sum(xl);
   float s = 0.0f;
   for (int c = lane; c < cols; c += 32) s += expf(x[c] - mx);
   s = tessera_warp_sum(s);
-  const float xl = x[label];  // read before dlogits (which may alias logits) is written
   if (lane == 0) row_loss[row] = (mx - xl) + logf(s);
 
   if (BWD) {

@@ -24,7 +24,17 @@ fn f64s(x: &[f32]) -> Vec<f64> {
 const LENS: [usize; 9] = [1, 2, 3, 5, 7, 255, 1024, 1031, 70_001];
 
 fn gemm_shapes_and_transposes<B: Ops>(d: &B) {
-    let shapes = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (13, 17, 1), (31, 37, 41), (64, 64, 64), (129, 130, 67), (3, 200, 5), (257, 19, 33)];
+    let shapes = [
+        (1, 1, 1),
+        (1, 7, 3),
+        (5, 1, 9),
+        (13, 17, 1),
+        (31, 37, 41),
+        (64, 64, 64),
+        (129, 130, 67),
+        (3, 200, 5),
+        (257, 19, 33),
+    ];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
@@ -43,9 +53,12 @@ fn gemm_epilogue<B: Ops>(d: &B) {
     let shapes = [(1, 1, 1), (7, 5, 3), (33, 65, 17), (130, 129, 31)];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for act in Activation::ALL {
-            for (beta, with_bias, separate_out, ta, tb) in
-                [(0.0, true, true, false, false), (0.5, true, false, true, false), (-1.0, false, true, false, true), (0.0, true, false, true, true)]
-            {
+            for (beta, with_bias, separate_out, ta, tb) in [
+                (0.0, true, true, false, false),
+                (0.5, true, false, true, false),
+                (-1.0, false, true, false, true),
+                (0.0, true, false, true, true),
+            ] {
                 let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.75).beta(beta).activation(act);
                 let seed = i as u64 * 100;
                 let a = inputs(seed + 1, m * k, 1.0);
@@ -114,7 +127,12 @@ fn activations<B: Ops>(d: &B) {
                     continue;
                 }
                 let fd = finite_diff(|z| r::act(act, z[0]), &[x[j] as f64], 0, 1e-5) * dy[j] as f64;
-                assert!((got[j] as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(), "{act} backward at {}: {} vs fd {fd}", x[j], got[j]);
+                assert!(
+                    (got[j] as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(),
+                    "{act} backward at {}: {} vs fd {fd}",
+                    x[j],
+                    got[j]
+                );
             }
         }
     }
@@ -132,7 +150,13 @@ fn reductions<B: Ops>(d: &B) {
         for beta in [0.0, 1.0] {
             let mut out = if beta == 0.0 { poisoned(d, cols) } else { up(d, &o0) };
             d.col_sum(rows, cols, &B::view(&xb), beta, &mut B::view_mut(&mut out)).unwrap();
-            assert_close(&format!("{} col_sum {rows}x{cols} beta={beta}", d.name()), &down(d, &out), &r::col_sum(rows, cols, &x, beta, &o0), 1e-5, 1e-5);
+            assert_close(
+                &format!("{} col_sum {rows}x{cols} beta={beta}", d.name()),
+                &down(d, &out),
+                &r::col_sum(rows, cols, &x, beta, &o0),
+                1e-5,
+                1e-5,
+            );
         }
     }
     for (i, &n) in LENS.iter().enumerate() {
@@ -158,7 +182,11 @@ fn reductions<B: Ops>(d: &B) {
             let want = r::sum(&srcs[2], squared);
             let tol = 1e-5 * (n as f64).sqrt() + 1e-5 * want.abs();
             assert!((got as f64 - want).abs() <= tol, "{} sum squared={squared} n={n}: {got} vs {want}", d.name());
-            assert_eq!(got.to_bits(), d.sum(&B::view(&bufs[2]), squared).unwrap().to_bits(), "sum is not deterministic");
+            assert_eq!(
+                got.to_bits(),
+                d.sum(&B::view(&bufs[2]), squared).unwrap().to_bits(),
+                "sum is not deterministic"
+            );
         }
         let norm = d.l2_norm(&B::view(&bufs[2])).unwrap();
         let want = r::sum(&srcs[2], true).sqrt();
@@ -192,7 +220,11 @@ fn cross_entropy<B: Ops>(d: &B) {
         let (row_loss, grad) = r::xent(rows, cols, &logits, &labels, 1.0 / rows as f64);
         let want = row_loss.iter().sum::<f64>() / rows as f64;
         let got = d.xent(rows, cols, &B::view(&lb), &B::view(&yb)).unwrap();
-        assert!((got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "{} xent {rows}x{cols}: {got} vs {want}", d.name());
+        assert!(
+            (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{} xent {rows}x{cols}: {got} vs {want}",
+            d.name()
+        );
         let mut dl = poisoned(d, rows * cols);
         let got2 = d.xent_backward(rows, cols, &B::view(&lb), &B::view(&yb), &mut B::view_mut(&mut dl)).unwrap();
         assert!((got2 as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "fused loss {got2} vs {want}");
@@ -282,8 +314,16 @@ fn optimizers<B: Ops>(d: &B) {
         let (mut wb, mut mb) = (up(d, &w), up(d, &m));
         for t in [1u64, 7] {
             let (w0, m0, v0) = (down(d, &wb), down(d, &mb), down(d, &vb));
-            d.adamw_step(&adam, t, 0.8, &mut B::view_mut(&mut wb), &B::view(&gb), &mut B::view_mut(&mut mb), &mut B::view_mut(&mut vb))
-                .unwrap();
+            d.adamw_step(
+                &adam,
+                t,
+                0.8,
+                &mut B::view_mut(&mut wb),
+                &B::view(&gb),
+                &mut B::view_mut(&mut mb),
+                &mut B::view_mut(&mut vb),
+            )
+            .unwrap();
             let (ww, mm, vv) = r::adamw(&adam, t, 0.8, &w0, &g, &m0, &v0);
             assert_close(&format!("{} adamw w t={t} n={n}", d.name()), &down(d, &wb), &ww, 1e-6, 1e-5);
             assert_close(&format!("{} adamw m t={t} n={n}", d.name()), &down(d, &mb), &mm, 1e-7, 1e-5);
@@ -301,7 +341,15 @@ fn optimizers<B: Ops>(d: &B) {
     assert!(e.to_string().contains("learning rate"), "{e}");
     let mut v = up(d, &[1.0; 3]);
     let e = d
-        .adamw_step(&adam, 0, 1.0, &mut B::view_mut(&mut w), &B::view(&g), &mut B::view_mut(&mut m), &mut B::view_mut(&mut v))
+        .adamw_step(
+            &adam,
+            0,
+            1.0,
+            &mut B::view_mut(&mut w),
+            &B::view(&g),
+            &mut B::view_mut(&mut m),
+            &mut B::view_mut(&mut v),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("start at 1"), "{e}");
 }

@@ -68,9 +68,7 @@ pub fn driver_version() -> Result<i32> {
     }
     let mut v = 0i32;
     // SAFETY: the library is present (checked above); cuDriverGetVersion only writes `v`.
-    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
-        .result()
-        .map_err(Error::driver("cuDriverGetVersion"))?;
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }.result().map_err(Error::driver("cuDriverGetVersion"))?;
     Ok(v)
 }
 
@@ -104,9 +102,8 @@ fn info_of(ctx: &Arc<CudaContext>, ordinal: usize, driver_version: i32) -> Resul
     let name = ctx.name().map_err(Error::driver("querying the device name"))?;
     let total_mem = ctx.total_mem().map_err(Error::driver("querying the device memory"))?;
     let compute_capability = ctx.compute_capability().map_err(d)?;
-    let sms = ctx
-        .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(Error::driver("querying the SM count"))?;
+    let sms =
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(Error::driver("querying the SM count"))?;
     let runs_kernels = if MANIFEST.built {
         MANIFEST.supports(compute_capability.0, compute_capability.1)
     } else {
@@ -148,7 +145,10 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
         let kernels = AllKernels::load(&ctx).map_err(|e| Error::Incompatible {
             ordinal,
-            reason: format!("{e}. The fatbin targets {}; rebuild with TESSERA_CUDA_ARCHS naming this GPU's sm_XX", MANIFEST.archs.join(", ")),
+            reason: format!(
+                "{e}. The fatbin targets {}; rebuild with TESSERA_CUDA_ARCHS naming this GPU's sm_XX",
+                MANIFEST.archs.join(", ")
+            ),
         })?;
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
         Ok(CudaDevice { inner: Arc::new(Gpu { ordinal, ctx, kernels, info }), stream, logical: 0 })

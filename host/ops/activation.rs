@@ -111,7 +111,9 @@ impl FromStr for Activation {
             "gelu" | "gelu-tanh" | "gelu_tanh" => Activation::GeluTanh,
             "gelu-erf" | "gelu_erf" => Activation::GeluErf,
             "silu" | "swish" => Activation::Silu,
-            _ => return Err(Error::Invalid(format!("unknown activation `{s}`: use relu, gelu, gelu-erf, silu or none"))),
+            _ => {
+                return Err(Error::Invalid(format!("unknown activation `{s}`: use relu, gelu, gelu-erf, silu or none")))
+            }
         })
     }
 }

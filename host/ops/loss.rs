@@ -29,7 +29,12 @@ pub trait LossOps: Backend {
     /// Mean squared error `mean((pred - target)^2)` over all elements.
     fn mse(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>) -> Result<f32>;
     /// The same, and `dpred = 2 (pred - target) / n`.
-    fn mse_backward(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>, dpred: &mut Self::Mut<'_, f32>) -> Result<f32>;
+    fn mse_backward(
+        &self,
+        pred: &Self::Ref<'_, f32>,
+        target: &Self::Ref<'_, f32>,
+        dpred: &mut Self::Mut<'_, f32>,
+    ) -> Result<f32>;
 }
 
 fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<()> {
@@ -65,11 +70,19 @@ impl LossOps for CpuDevice {
         if let Some((row, label)) = first_bad_label(labels, cols) {
             return Err(Error::Label { row, label: label as i64, classes: cols });
         }
-        let losses: Vec<f32> = logits.par_chunks(cols).zip(labels.par_iter()).map(|(r, &l)| xent_row(r, l, None)).collect();
+        let losses: Vec<f32> =
+            logits.par_chunks(cols).zip(labels.par_iter()).map(|(r, &l)| xent_row(r, l, None)).collect();
         Ok(self.sum(&losses.as_slice(), false)? / rows.max(1) as f32)
     }
 
-    fn xent_backward(&self, rows: usize, cols: usize, logits: &&[f32], labels: &&[i32], dlogits: &mut &mut [f32]) -> Result<f32> {
+    fn xent_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &&[f32],
+        labels: &&[i32],
+        dlogits: &mut &mut [f32],
+    ) -> Result<f32> {
         check_xent(rows, cols, logits.len(), labels.len())?;
         check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
         if let Some((row, label)) = first_bad_label(labels, cols) {
@@ -99,11 +112,13 @@ impl LossOps for CpuDevice {
         check_len("mse", "dpred", dpred.len(), pred.len())?;
         let loss = self.mse(pred, target)?;
         let scale = 2.0 / pred.len().max(1) as f32;
-        dpred.par_chunks_mut(CHUNK).zip(pred.par_chunks(CHUNK).zip(target.par_chunks(CHUNK))).for_each(|(d, (p, t))| {
-            for ((d, p), t) in d.iter_mut().zip(p).zip(t) {
-                *d = scale * (p - t);
-            }
-        });
+        dpred.par_chunks_mut(CHUNK).zip(pred.par_chunks(CHUNK).zip(target.par_chunks(CHUNK))).for_each(
+            |(d, (p, t))| {
+                for ((d, p), t) in d.iter_mut().zip(p).zip(t) {
+                    *d = scale * (p - t);
+                }
+            },
+        );
         Ok(loss)
     }
 }
@@ -137,7 +152,18 @@ impl CudaDevice {
         // (checked or allocated here); one warp per row; labels are range-checked in the kernel.
         let launched = unsafe {
             match dlogits {
-                Some(d) => k.xent_fwd_bwd(s, cfg, r, c, logits, labels, scale, &mut row_loss.as_view_mut(), d, &mut err.as_view_mut()),
+                Some(d) => k.xent_fwd_bwd(
+                    s,
+                    cfg,
+                    r,
+                    c,
+                    logits,
+                    labels,
+                    scale,
+                    &mut row_loss.as_view_mut(),
+                    d,
+                    &mut err.as_view_mut(),
+                ),
                 None => k.xent_fwd(s, cfg, r, c, logits, labels, &mut row_loss.as_view_mut(), &mut err.as_view_mut()),
             }
         };
@@ -174,12 +200,26 @@ impl LossOps for CudaDevice {
         let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
         let n = as_i64("mse", "n", pred.len())?;
         // SAFETY: pred and target hold n elements; partials one per block of the fixed grid.
-        unsafe { self.kernels().reduce.mse_partial(self.stream(), Self::partial_cfg(), n, pred, target, &mut partials.as_view_mut()) }
-            .map_err(Error::driver("launching mse_partial"))?;
+        unsafe {
+            self.kernels().reduce.mse_partial(
+                self.stream(),
+                Self::partial_cfg(),
+                n,
+                pred,
+                target,
+                &mut partials.as_view_mut(),
+            )
+        }
+        .map_err(Error::driver("launching mse_partial"))?;
         self.finish_sum(&partials.as_view(), 1.0 / pred.len().max(1) as f32)
     }
 
-    fn mse_backward(&self, pred: &CudaView<'_, f32>, target: &CudaView<'_, f32>, dpred: &mut CudaViewMut<'_, f32>) -> Result<f32> {
+    fn mse_backward(
+        &self,
+        pred: &CudaView<'_, f32>,
+        target: &CudaView<'_, f32>,
+        dpred: &mut CudaViewMut<'_, f32>,
+    ) -> Result<f32> {
         check_len("mse", "dpred", dpred.len(), pred.len())?;
         let loss = self.mse(pred, target)?;
         let n = as_i64("mse", "n", pred.len())?;

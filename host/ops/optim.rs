@@ -148,7 +148,11 @@ impl OptimOps for CpuDevice {
         v: &mut &mut [f32],
     ) -> Result<()> {
         opt.validate()?;
-        check_sizes("adamw_step", w.len(), &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())])?;
+        check_sizes(
+            "adamw_step",
+            w.len(),
+            &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
+        )?;
         let (bc1, bc2) = opt.bias_corrections(t)?;
         let o = *opt;
         w.par_chunks_mut(CHUNK)
@@ -180,8 +184,10 @@ impl OptimOps for CudaDevice {
         let n = as_i64("sgd_step", "n", w.len())?;
         let cfg = elementwise_cfg(w.len(), self.sms());
         // SAFETY: w, g and mom hold n elements (checked); grid-stride kernel.
-        unsafe { self.kernels().optim.sgd_step(self.stream(), cfg, n, opt.lr, opt.momentum, opt.weight_decay, s, w, g, mom) }
-            .map_err(Error::driver("launching sgd_step"))
+        unsafe {
+            self.kernels().optim.sgd_step(self.stream(), cfg, n, opt.lr, opt.momentum, opt.weight_decay, s, w, g, mom)
+        }
+        .map_err(Error::driver("launching sgd_step"))
     }
 
     fn adamw_step(
@@ -195,7 +201,11 @@ impl OptimOps for CudaDevice {
         v: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         opt.validate()?;
-        check_sizes("adamw_step", w.len(), &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())])?;
+        check_sizes(
+            "adamw_step",
+            w.len(),
+            &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
+        )?;
         let (bc1, bc2) = opt.bias_corrections(t)?;
         let n = as_i64("adamw_step", "n", w.len())?;
         let cfg = elementwise_cfg(w.len(), self.sms());

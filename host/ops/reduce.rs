@@ -16,7 +16,14 @@ use crate::ops::{as_i32, as_i64, as_u32, elementwise_cfg};
 /// Reductions and BLAS-1 updates.
 pub trait ReduceOps: Backend {
     /// `out[j] = beta*out[j] + sum_i x[i, j]` for `x` rows x cols (`beta = 0`: `out` not read).
-    fn col_sum(&self, rows: usize, cols: usize, x: &Self::Ref<'_, f32>, beta: f32, out: &mut Self::Mut<'_, f32>) -> Result<()>;
+    fn col_sum(
+        &self,
+        rows: usize,
+        cols: usize,
+        x: &Self::Ref<'_, f32>,
+        beta: f32,
+        out: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
     /// `out = scale * (srcs[0] + srcs[1] + ...)`, summed in that order.
     fn sum_scaled(&self, srcs: &[&Self::Ref<'_, f32>], scale: f32, out: &mut Self::Mut<'_, f32>) -> Result<()>;
     /// `y += a*x`.
@@ -94,7 +101,13 @@ impl ReduceOps for CpuDevice {
     fn sum(&self, x: &&[f32], squared: bool) -> Result<f32> {
         let parts: Vec<f64> = x
             .par_chunks(CHUNK)
-            .map(|c| if squared { c.iter().map(|v| (*v as f64) * (*v as f64)).sum() } else { c.iter().map(|v| *v as f64).sum() })
+            .map(|c| {
+                if squared {
+                    c.iter().map(|v| (*v as f64) * (*v as f64)).sum()
+                } else {
+                    c.iter().map(|v| *v as f64).sum()
+                }
+            })
             .collect();
         Ok(parts.iter().sum::<f64>() as f32)
     }
@@ -105,11 +118,8 @@ impl CudaDevice {
     pub(crate) fn finish_sum(&self, partials: &CudaView<'_, f32>, scale: f32) -> Result<f32> {
         let mut out = self.alloc::<f32>(1)?;
         let m = as_i32("sum", "partials", partials.len())?;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (consts::REDUCE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: partials holds m elements, out one; final_sum runs as one block.
         unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, m, partials, scale, &mut out.as_view_mut()) }
             .map_err(Error::driver("launching final_sum"))?;
@@ -127,7 +137,14 @@ impl CudaDevice {
 }
 
 impl ReduceOps for CudaDevice {
-    fn col_sum(&self, rows: usize, cols: usize, x: &CudaView<'_, f32>, beta: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    fn col_sum(
+        &self,
+        rows: usize,
+        cols: usize,
+        x: &CudaView<'_, f32>,
+        beta: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
         check_len("col_sum", "out", out.len(), cols)?;
         if cols == 0 {
@@ -183,7 +200,14 @@ impl ReduceOps for CudaDevice {
         let n = as_i64("sum", "n", x.len())?;
         // SAFETY: x holds n elements; partials one per block of the fixed grid.
         unsafe {
-            self.kernels().reduce.partial_sum(self.stream(), Self::partial_cfg(), n, squared as i32, x, &mut partials.as_view_mut())
+            self.kernels().reduce.partial_sum(
+                self.stream(),
+                Self::partial_cfg(),
+                n,
+                squared as i32,
+                x,
+                &mut partials.as_view_mut(),
+            )
         }
         .map_err(Error::driver("launching partial_sum"))?;
         self.finish_sum(&partials.as_view(), 1.0)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (scripts/setup.sh), then runs formatting,
+# lints, every test, checks that the crate builds and explains itself without nvcc, and
+# builds the benches. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test -- --show-output
+echo "== without nvcc: the crate builds and says how to build the kernels"
+out="$(TESSERA_NO_NVCC=1 cargo run --quiet --target-dir target/no-nvcc -- devices 2>&1)"
+echo "$out"
+grep -q "NOT BUILT: nvcc was not found" <<<"$out"
+grep -q "scripts/setup.sh" <<<"$out"
+echo "== cargo bench --no-run"
+cargo bench --no-run
+echo "== all checks passed"
