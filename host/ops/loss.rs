@@ -45,17 +45,24 @@ fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<
     check_len("cross-entropy", "labels (one per row)", labels, rows)
 }
 
-/// Loss of one row; writes the scaled gradient when `grad` is given.
+/// Loss of one row; writes the scaled gradient when `grad` is given (one `exp` per element:
+/// the exponentials are kept in the gradient row, then normalised).
 fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    if let Some((g, scale)) = grad {
-        let inv = 1.0 / sum;
-        for (c, (g, &x)) in g.iter_mut().zip(row).enumerate() {
-            let p = (x - max).exp() * inv;
-            *g = scale * (p - if c as i32 == label { 1.0 } else { 0.0 });
+    let sum = match grad {
+        Some((g, scale)) => {
+            let mut sum = 0f32;
+            for (g, &x) in g.iter_mut().zip(row) {
+                *g = (x - max).exp();
+                sum += *g;
+            }
+            let k = scale / sum;
+            g.iter_mut().for_each(|g| *g *= k);
+            g[label as usize] -= scale;
+            sum
         }
-    }
+        None => row.iter().map(|&x| (x - max).exp()).sum(),
+    };
     // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
     (max - row[label as usize]) + sum.ln()
 }
