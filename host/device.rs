@@ -139,7 +139,7 @@ impl DeviceSpec {
                     },
                     Err(e) => e.to_string(),
                 };
-                Ok((Devices::Cpu(vec![CpuDevice::new(0)]), format!("device: auto chose cpu:1 ({why_not})")))
+                Ok((Devices::Cpu(vec![CpuDevice::new(0)]), format!("device: auto chose cpu ({why_not})")))
             }
         }
     }

@@ -62,6 +62,22 @@ pub enum Error {
         /// What it reported.
         detail: String,
     },
+    /// A data file that cannot be used.
+    #[error("{path}: {reason}")]
+    Data {
+        /// The file or directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint that cannot be read or does not fit the run.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// An invalid argument (a learning rate, a hyper-parameter, a size).
     #[error("invalid argument: {0}")]
     Invalid(String),

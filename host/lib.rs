@@ -29,13 +29,17 @@
 
 pub mod backend;
 pub mod check;
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod nn;
 pub mod ops;
 pub mod reference;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use backend::cpu::CpuDevice;
 pub use backend::cuda::CudaDevice;

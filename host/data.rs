@@ -1,0 +1,288 @@
+//! Data: the IDX format MNIST ships in (gzip or raw), the 10,000 vendored digits embedded in
+//! the binary (so the default job needs no download), a seeded per-epoch shuffle and batching,
+//! and a synthetic generator (a random teacher network) for any widths.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// A labelled classification data set held in host memory: `len` rows of `dim` features.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Row-major features, `len * dim`.
+    pub x: Vec<f32>,
+    /// One class label per row, in `0..classes`.
+    pub y: Vec<i32>,
+    /// Features per row.
+    pub dim: usize,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+const MNIST_IMAGES: &[u8] = include_bytes!("../data/mnist-10k/images-idx3-ubyte.gz");
+const MNIST_LABELS: &[u8] = include_bytes!("../data/mnist-10k/labels-idx1-ubyte.gz");
+
+fn bad(path: &str, what: impl Into<String>) -> Error {
+    Error::Data { path: path.to_string(), reason: what.into() }
+}
+
+/// Unpacks gzip (recognised by its magic bytes) or returns raw bytes unchanged.
+fn maybe_gunzip(path: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .map_err(|e| bad(path, format!("corrupt gzip stream: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(bytes.to_vec())
+    }
+}
+
+/// Parses an IDX file: returns its dimensions and the u8 payload. Only unsigned-byte data
+/// (type 0x08), as MNIST uses, is accepted.
+pub fn parse_idx(path: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>)> {
+    let raw = maybe_gunzip(path, bytes)?;
+    if raw.len() < 4 || raw[0] != 0 || raw[1] != 0 {
+        return Err(bad(path, "not an IDX file (the magic number must start with two zero bytes)"));
+    }
+    if raw[2] != 0x08 {
+        return Err(bad(
+            path,
+            format!("IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", raw[2]),
+        ));
+    }
+    let ndim = raw[3] as usize;
+    let header = 4 + 4 * ndim;
+    if raw.len() < header {
+        return Err(bad(path, "IDX header is truncated"));
+    }
+    let dims: Vec<usize> =
+        (0..ndim).map(|i| u32::from_be_bytes(raw[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let count: usize = dims.iter().product();
+    if raw.len() - header != count {
+        return Err(bad(
+            path,
+            format!("IDX dimensions {dims:?} need {count} bytes of data, the file has {}", raw.len() - header),
+        ));
+    }
+    Ok((dims, raw[header..].to_vec()))
+}
+
+impl Dataset {
+    /// Rows.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+    /// Whether it has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Builds a data set from IDX images (n x rows x cols, u8) and labels (n, u8), scaling
+    /// pixels to [0, 1].
+    pub fn from_idx(images_path: &str, images: &[u8], labels_path: &str, labels: &[u8]) -> Result<Self> {
+        let (idims, pixels) = parse_idx(images_path, images)?;
+        let (ldims, lab) = parse_idx(labels_path, labels)?;
+        if idims.len() < 2 {
+            return Err(bad(images_path, format!("expected images (n x rows x cols), found dimensions {idims:?}")));
+        }
+        if ldims.len() != 1 {
+            return Err(bad(labels_path, format!("expected a list of labels, found dimensions {ldims:?}")));
+        }
+        if idims[0] != ldims[0] {
+            return Err(bad(labels_path, format!("{} labels for {} images in {images_path}", ldims[0], idims[0])));
+        }
+        let dim = idims[1..].iter().product();
+        let classes = lab.iter().copied().max().map(|m| m as usize + 1).unwrap_or(0).max(10);
+        Ok(Dataset {
+            x: pixels.iter().map(|&p| p as f32 / 255.0).collect(),
+            y: lab.iter().map(|&l| l as i32).collect(),
+            dim,
+            classes,
+        })
+    }
+
+    /// The 10,000 vendored MNIST digits: the first 8,000 to train, the last 2,000 to test.
+    pub fn mnist_10k() -> Result<(Dataset, Dataset)> {
+        let all = Dataset::from_idx(
+            "<embedded mnist-10k images>",
+            MNIST_IMAGES,
+            "<embedded mnist-10k labels>",
+            MNIST_LABELS,
+        )?;
+        Ok(all.split(8000))
+    }
+
+    /// Full MNIST from a directory holding `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+    /// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte` (each optionally `.gz`).
+    pub fn mnist_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
+        let read = |stem: &str| -> Result<(String, Vec<u8>)> {
+            for name in [format!("{stem}.gz"), stem.to_string()] {
+                let p = dir.join(&name);
+                if p.is_file() {
+                    let bytes =
+                        std::fs::read(&p).map_err(|source| Error::Io { path: p.display().to_string(), source })?;
+                    return Ok((p.display().to_string(), bytes));
+                }
+            }
+            Err(bad(
+                &dir.display().to_string(),
+                format!("neither {stem} nor {stem}.gz is there; --data expects the four MNIST IDX files"),
+            ))
+        };
+        let load = |img: &str, lab: &str| -> Result<Dataset> {
+            let (ip, ib) = read(img)?;
+            let (lp, lb) = read(lab)?;
+            Dataset::from_idx(&ip, &ib, &lp, &lb)
+        };
+        Ok((
+            load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
+            load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+        ))
+    }
+
+    /// Rows `0..at` and `at..`.
+    pub fn split(&self, at: usize) -> (Dataset, Dataset) {
+        let at = at.min(self.len());
+        let head = Dataset {
+            x: self.x[..at * self.dim].to_vec(),
+            y: self.y[..at].to_vec(),
+            dim: self.dim,
+            classes: self.classes,
+        };
+        let tail = Dataset {
+            x: self.x[at * self.dim..].to_vec(),
+            y: self.y[at..].to_vec(),
+            dim: self.dim,
+            classes: self.classes,
+        };
+        (head, tail)
+    }
+
+    /// `n` rows of standard-normal inputs of `widths[0]` features, labelled by the argmax of a
+    /// random teacher MLP (ReLU) with these widths; the last width is the class count.
+    pub fn synthetic(n: usize, widths: &[usize], seed: u64) -> Result<Dataset> {
+        if widths.len() < 2 || widths.contains(&0) {
+            return Err(Error::Invalid(format!("synthetic data needs at least two non-zero widths, got {widths:?}")));
+        }
+        let mut rng = Rng::new(seed);
+        let layers: Vec<(Vec<f32>, usize, usize)> = widths
+            .windows(2)
+            .map(|w| {
+                let s = (2.0 / w[0] as f32).sqrt();
+                ((0..w[0] * w[1]).map(|_| rng.normal() * s).collect(), w[0], w[1])
+            })
+            .collect();
+        let dim = widths[0];
+        let mut x = Vec::with_capacity(n * dim);
+        let mut y = Vec::with_capacity(n);
+        for _ in 0..n {
+            let input: Vec<f32> = (0..dim).map(|_| rng.normal()).collect();
+            let mut h = input.clone();
+            for (li, (w, fi, fo)) in layers.iter().enumerate() {
+                let mut o = vec![0f32; *fo];
+                for i in 0..*fi {
+                    for j in 0..*fo {
+                        o[j] += h[i] * w[i * fo + j];
+                    }
+                }
+                if li + 1 < layers.len() {
+                    o.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                h = o;
+            }
+            let label = h.iter().enumerate().fold(0, |b, (i, v)| if *v > h[b] { i } else { b });
+            x.extend_from_slice(&input);
+            y.push(label as i32);
+        }
+        Ok(Dataset { x, y, dim, classes: *widths.last().unwrap() })
+    }
+
+    /// The rows of `idx`, gathered into a batch.
+    pub fn gather(&self, idx: &[usize]) -> (Vec<f32>, Vec<i32>) {
+        let mut x = Vec::with_capacity(idx.len() * self.dim);
+        let mut y = Vec::with_capacity(idx.len());
+        for &i in idx {
+            x.extend_from_slice(&self.x[i * self.dim..(i + 1) * self.dim]);
+            y.push(self.y[i]);
+        }
+        (x, y)
+    }
+}
+
+/// The order of one epoch: a seeded shuffle, the same for the same `(seed, epoch)` on every
+/// machine, so a resumed run sees the batches the uninterrupted one would have.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xE90C)).shuffle(&mut order);
+    order
+}
+
+/// Number of batches of at most `batch` rows in an epoch of `n` (the last may be short).
+pub fn batches_per_epoch(n: usize, batch: usize) -> usize {
+    n.div_ceil(batch.max(1))
+}
+
+/// The row indices of batch `b` of an epoch order.
+pub fn batch_indices(order: &[usize], batch: usize, b: usize) -> &[usize] {
+    let start = (b * batch).min(order.len());
+    &order[start..(start + batch).min(order.len())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendored_mnist_has_the_documented_counts() {
+        let (train, test) = Dataset::mnist_10k().unwrap();
+        assert_eq!((train.len(), test.len(), train.dim, train.classes), (8000, 2000, 784, 10));
+        let mut counts = [0usize; 10];
+        for &l in train.y.iter().chain(&test.y) {
+            counts[l as usize] += 1;
+        }
+        assert_eq!(counts, [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]);
+        assert!(train.x.iter().all(|&p| (0.0..=1.0).contains(&p)));
+        assert!(train.x.iter().any(|&p| p > 0.9));
+    }
+
+    #[test]
+    fn idx_errors_name_the_problem() {
+        let e = parse_idx("f", &[1, 2, 3, 4]).unwrap_err().to_string();
+        assert!(e.contains("f: not an IDX file"), "{e}");
+        let e = parse_idx("f", &[0, 0, 0x0d, 1, 0, 0, 0, 2, 1, 2]).unwrap_err().to_string();
+        assert!(e.contains("0x0d is not supported"), "{e}");
+        let e = parse_idx("f", &[0, 0, 8, 1, 0, 0, 0, 3, 1, 2]).unwrap_err().to_string();
+        assert!(e.contains("need 3 bytes of data, the file has 2"), "{e}");
+        let e = parse_idx("f", &[0x1f, 0x8b, 0, 0]).unwrap_err().to_string();
+        assert!(e.contains("corrupt gzip"), "{e}");
+        let (d, v) = parse_idx("f", &[0, 0, 8, 2, 0, 0, 0, 1, 0, 0, 0, 2, 7, 9]).unwrap();
+        assert_eq!((d, v), (vec![1, 2], vec![7, 9]));
+    }
+
+    #[test]
+    fn shuffles_are_seeded_and_batches_cover_the_epoch() {
+        assert_eq!(epoch_order(100, 1, 3), epoch_order(100, 1, 3));
+        assert_ne!(epoch_order(100, 1, 3), epoch_order(100, 1, 4));
+        let order = epoch_order(10, 0, 0);
+        assert_eq!(batches_per_epoch(10, 4), 3);
+        let all: Vec<usize> = (0..3).flat_map(|b| batch_indices(&order, 4, b).to_vec()).collect();
+        assert_eq!(all, order);
+        assert_eq!(batch_indices(&order, 4, 2).len(), 2);
+    }
+
+    #[test]
+    fn synthetic_data_is_seeded_and_uses_every_class() {
+        let a = Dataset::synthetic(500, &[8, 16, 4], 3).unwrap();
+        let b = Dataset::synthetic(500, &[8, 16, 4], 3).unwrap();
+        assert_eq!(a.y, b.y);
+        assert_eq!((a.dim, a.classes, a.x.len()), (8, 4, 4000));
+        for c in 0..4 {
+            assert!(a.y.contains(&c), "class {c} never drawn");
+        }
+        assert!(Dataset::synthetic(5, &[8], 0).is_err());
+    }
+}

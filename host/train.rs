@@ -1,0 +1,342 @@
+//! The single-device trainer: `step(batch) -> loss`, evaluation, optimizers with learning-rate
+//! schedules and global gradient-norm clipping, and the epoch loop with a seeded shuffle that
+//! a checkpoint can resume exactly.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::data::{batch_indices, batches_per_epoch, epoch_order, Dataset};
+use crate::error::{Error, Result};
+use crate::nn::{Mlp, MlpConfig};
+use crate::ops::optim::{AdamW, Sgd};
+use crate::ops::Ops;
+
+/// Which optimizer, with its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimizerConfig {
+    /// SGD with momentum and weight decay.
+    Sgd(Sgd),
+    /// AdamW.
+    AdamW(AdamW),
+}
+
+impl OptimizerConfig {
+    /// `sgd` or `adamw`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Sgd(_) => "sgd",
+            OptimizerConfig::AdamW(_) => "adamw",
+        }
+    }
+    /// Names of its state buffers (each the size of the parameters).
+    pub fn slots(&self) -> &'static [&'static str] {
+        match self {
+            OptimizerConfig::Sgd(_) => &["momentum"],
+            OptimizerConfig::AdamW(_) => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+    /// The base learning rate.
+    pub fn lr(&self) -> f32 {
+        match self {
+            OptimizerConfig::Sgd(o) => o.lr,
+            OptimizerConfig::AdamW(o) => o.lr,
+        }
+    }
+    fn validate(&self) -> Result<()> {
+        match self {
+            OptimizerConfig::Sgd(o) => o.validate(),
+            OptimizerConfig::AdamW(o) => o.validate(),
+        }
+    }
+}
+
+/// How the learning rate moves with the step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LrSchedule {
+    /// The base rate throughout.
+    Constant,
+    /// Linear warm-up over `warmup` steps, then a cosine decay to `min_factor` times the base
+    /// rate at step `total`.
+    Cosine {
+        /// Warm-up steps.
+        warmup: u64,
+        /// Step at which the decay ends.
+        total: u64,
+        /// Final rate as a fraction of the base rate.
+        min_factor: f32,
+    },
+}
+
+impl LrSchedule {
+    /// The factor on the base rate at step `t` (0-based).
+    pub fn factor(&self, t: u64) -> f32 {
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine { warmup, total, min_factor } => {
+                if t < warmup {
+                    return (t + 1) as f32 / warmup as f32;
+                }
+                let span = total.saturating_sub(warmup).max(1);
+                let p = ((t - warmup) as f64 / span as f64).min(1.0);
+                min_factor + (1.0 - min_factor) * (0.5 * (1.0 + (std::f64::consts::PI * p).cos())) as f32
+            }
+        }
+    }
+}
+
+impl fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LrSchedule::Constant => write!(f, "constant"),
+            LrSchedule::Cosine { warmup, total, min_factor } => {
+                write!(f, "cosine(warmup={warmup}, total={total}, min={min_factor})")
+            }
+        }
+    }
+}
+
+/// Everything that defines a training run, apart from the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: MlpConfig,
+    /// The optimizer.
+    pub optimizer: OptimizerConfig,
+    /// The learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Clip the global gradient norm to this (none: no clipping).
+    pub clip_norm: Option<f32>,
+    /// Seed of the initialisation and of the data order.
+    pub seed: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean loss of the batch (before the update).
+    pub loss: f32,
+    /// The learning rate used.
+    pub lr: f32,
+    /// Global gradient norm before clipping, when clipping is on.
+    pub grad_norm: Option<f32>,
+}
+
+/// Loss and accuracy over a data set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Eval {
+    /// Mean loss.
+    pub loss: f32,
+    /// Correct predictions.
+    pub correct: usize,
+    /// Samples.
+    pub total: usize,
+}
+
+impl Eval {
+    /// `correct / total`.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Where the epoch loop is: the next batch to train is batch `batch` of epoch `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// Epoch (0-based).
+    pub epoch: u64,
+    /// Batch within the epoch (0-based).
+    pub batch: u64,
+}
+
+/// A model, its optimizer state and step count, on one device.
+pub struct Trainer<B: Ops> {
+    dev: B,
+    cfg: TrainConfig,
+    model: Mlp<B>,
+    state: Vec<B::Buf<f32>>,
+    step: u64,
+}
+
+impl<B: Ops> Trainer<B> {
+    /// A fresh run: seeded parameters, zero optimizer state.
+    pub fn new(dev: &B, cfg: TrainConfig) -> Result<Self> {
+        let model = Mlp::new(dev, cfg.model.clone(), cfg.seed)?;
+        Self::from_parts(dev, cfg, model, None, 0)
+    }
+
+    /// A run restored from parameters, optimizer state (one vector per slot) and step.
+    pub fn from_parts(dev: &B, cfg: TrainConfig, model: Mlp<B>, state: Option<&[Vec<f32>]>, step: u64) -> Result<Self> {
+        cfg.optimizer.validate()?;
+        if let Some(c) = cfg.clip_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(Error::Invalid(format!("gradient clipping norm {c} must be positive")));
+            }
+        }
+        let n = cfg.model.param_count();
+        let slots = cfg.optimizer.slots().len();
+        let state = match state {
+            Some(s) => {
+                if s.len() != slots || s.iter().any(|v| v.len() != n) {
+                    return Err(Error::shape(
+                        "Trainer::from_parts",
+                        format!("optimizer state must be {slots} buffers of {n}"),
+                    ));
+                }
+                s.iter().map(|v| dev.upload(v)).collect::<Result<Vec<_>>>()?
+            }
+            None => (0..slots).map(|_| dev.alloc(n)).collect::<Result<Vec<_>>>()?,
+        };
+        Ok(Trainer { dev: dev.clone(), cfg, model, state, step })
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    /// The device.
+    pub fn device(&self) -> &B {
+        &self.dev
+    }
+    /// The model.
+    pub fn model(&self) -> &Mlp<B> {
+        &self.model
+    }
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    /// The optimizer state on the host, one vector per slot.
+    pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        self.state.iter().map(|s| self.dev.download(&B::view(s))).collect()
+    }
+
+    /// One step on a batch (`x`: `labels.len() x inputs`): forward, loss, backward, clipping,
+    /// optimizer update. Returns the batch's mean loss.
+    pub fn step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
+        let dev = &self.dev;
+        self.model.load_batch(dev, x, labels)?;
+        self.model.forward(dev)?;
+        let loss = self.model.backward(dev, false)?;
+        let (grad_norm, grad_scale) = match self.cfg.clip_norm {
+            Some(max) => {
+                let norm = dev.l2_norm(&B::view(self.model.grads()))?;
+                (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })
+            }
+            None => (None, 1.0),
+        };
+        let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
+        self.step += 1;
+        let (params, grads) = self.model.params_and_grads();
+        let mut w = B::view_mut(params);
+        let g = B::view(grads);
+        match (self.cfg.optimizer, self.state.as_mut_slice()) {
+            (OptimizerConfig::Sgd(o), [mom]) => {
+                dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))?
+            }
+            (OptimizerConfig::AdamW(o), [m, v]) => dev.adamw_step(
+                &AdamW { lr, ..o },
+                self.step,
+                grad_scale,
+                &mut w,
+                &g,
+                &mut B::view_mut(m),
+                &mut B::view_mut(v),
+            )?,
+            _ => unreachable!("state slots match the optimizer (checked in from_parts)"),
+        }
+        Ok(StepStats { loss, lr, grad_norm })
+    }
+
+    /// Loss and accuracy over `data`, in batches of `batch`.
+    pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        evaluate(&self.dev, &mut self.model, data, batch)
+    }
+
+    /// Trains until `total_steps` steps are done, walking epochs of `train` in the seeded
+    /// order from `cursor` (which it advances); `on_step` sees every step.
+    pub fn fit(
+        &mut self,
+        train: &Dataset,
+        batch: usize,
+        total_steps: u64,
+        cursor: &mut Cursor,
+        mut on_step: impl FnMut(&Self, &StepStats, usize) -> Result<()>,
+    ) -> Result<()> {
+        if batch == 0 {
+            return Err(Error::Invalid("batch size must be at least 1".into()));
+        }
+        if train.dim != self.cfg.model.inputs() {
+            return Err(Error::shape(
+                "train",
+                format!(
+                    "the data has {} features per sample, the model's first width is {}",
+                    train.dim,
+                    self.cfg.model.inputs()
+                ),
+            ));
+        }
+        let per_epoch = batches_per_epoch(train.len(), batch) as u64;
+        let mut order = epoch_order(train.len(), self.cfg.seed, cursor.epoch);
+        while self.step < total_steps {
+            if cursor.batch >= per_epoch {
+                cursor.epoch += 1;
+                cursor.batch = 0;
+                order = epoch_order(train.len(), self.cfg.seed, cursor.epoch);
+            }
+            let idx = batch_indices(&order, batch, cursor.batch as usize);
+            let (x, y) = train.gather(idx);
+            let stats = self.step(&x, &y)?;
+            cursor.batch += 1;
+            on_step(self, &stats, idx.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Loss and accuracy of `model` over `data`.
+pub fn evaluate<B: Ops>(dev: &B, model: &mut Mlp<B>, data: &Dataset, batch: usize) -> Result<Eval> {
+    let classes = model.config().outputs();
+    let mut loss = 0f64;
+    let mut correct = 0;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let (x, y) = data.gather(chunk);
+        model.load_batch(dev, &x, &y)?;
+        model.forward(dev)?;
+        loss += model.loss(dev)? as f64 * chunk.len() as f64;
+        let logits = model.logits(dev)?;
+        for (row, &label) in logits.chunks(classes).zip(&y) {
+            let pred = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+            correct += (pred as i32 == label) as usize;
+        }
+    }
+    Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
+}
+
+impl FromStr for LrSchedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "cosine" => Ok(LrSchedule::Cosine { warmup: 0, total: 0, min_factor: 0.0 }),
+            _ => Err(Error::Invalid(format!("unknown schedule `{s}`: use constant or cosine"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_warms_up_then_decays_to_the_floor() {
+        let s = LrSchedule::Cosine { warmup: 10, total: 110, min_factor: 0.1 };
+        assert!((s.factor(0) - 0.1).abs() < 1e-6);
+        assert!((s.factor(9) - 1.0).abs() < 1e-6);
+        assert!((s.factor(10) - 1.0).abs() < 1e-6);
+        assert!((s.factor(60) - 0.55).abs() < 1e-6);
+        assert!((s.factor(110) - 0.1).abs() < 1e-6);
+        assert!((s.factor(500) - 0.1).abs() < 1e-6);
+        assert_eq!(LrSchedule::Constant.factor(7), 1.0);
+    }
+}
