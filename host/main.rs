@@ -22,6 +22,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// What is there: the CPU and its features, GPUs with name, memory, compute capability and
@@ -71,6 +73,10 @@ struct TrainArgs {
     /// Total optimizer steps (overrides --epochs; counts steps done before a --resume).
     #[arg(long)]
     steps: Option<u64>,
+    /// Stop after this many steps in all (to resume later with --resume): the run, its
+    /// schedule included, is still the one of --steps / --epochs.
+    #[arg(long)]
+    stop_at: Option<u64>,
     /// Learning rate [default: 1e-3 for adamw, 0.05 for sgd].
     #[arg(long)]
     lr: Option<f32>,
@@ -384,7 +390,11 @@ fn run_training<B: Ops>(
     };
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
     let start_step = trainer.steps();
-    let pb = if a.json { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
+    let pb = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(a.stop_at.map_or(total_steps, |s| s.min(total_steps)))
+    };
     pb.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps  epoch {prefix}  loss {msg}  [{elapsed_precise}<{eta_precise}]",
@@ -396,7 +406,8 @@ fn run_training<B: Ops>(
     let mut samples = 0usize;
     let mut last_loss = f32::NAN;
     let mut ema = None::<f32>;
-    trainer.fit(train_set, batch, total_steps, &mut cursor, |t, stats, rows| {
+    let stop = a.stop_at.map_or(total_steps, |s| s.min(total_steps));
+    trainer.fit(train_set, batch, stop, &mut cursor, |t, stats, rows| {
         samples += rows;
         last_loss = stats.loss;
         if !stats.loss.is_finite() {

@@ -1,0 +1,52 @@
+//! Training throughput: one optimizer step (forward, cross-entropy, backward, AdamW) of the
+//! default model (784-512-512-10, batch 128) on the CPU and, where a GPU is present, of the
+//! default model and of 784-4096-4096-4096-10 at batch 1024 on it. Criterion's elem/s counts
+//! samples: read it as samples/s.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tessera::data::Dataset;
+use tessera::nn::MlpConfig;
+use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
+use tessera::{Activation, AdamW, Backend, CpuDevice, Ops};
+
+fn config(widths: &[usize]) -> TrainConfig {
+    TrainConfig {
+        model: MlpConfig::new(widths.to_vec(), Activation::Relu).unwrap(),
+        optimizer: OptimizerConfig::AdamW(AdamW::default()),
+        schedule: LrSchedule::Constant,
+        clip_norm: None,
+        seed: 0,
+    }
+}
+
+fn bench_model<B: Ops>(c: &mut Criterion, group: &str, dev: &B, widths: &[usize], batch: usize) {
+    let data = Dataset::synthetic(batch, &[widths[0], 64, *widths.last().unwrap()], 1).unwrap();
+    let mut t = Trainer::new(dev, config(widths)).unwrap();
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(batch as u64));
+    let name = format!("{} batch {batch}", widths.iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"));
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            t.step(&data.x, &data.y).unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    let cpu = CpuDevice::new(0);
+    eprintln!("cpu: {} rayon threads", rayon::current_num_threads());
+    bench_model(c, "train_step/cpu", &cpu, &[784, 512, 512, 10], 128);
+    if tessera::backend::cuda::gpu_count().unwrap_or(0) > 0 {
+        let gpu = tessera::CudaDevice::new(0).unwrap();
+        bench_model(c, "train_step/cuda", &gpu, &[784, 512, 512, 10], 128);
+        bench_model(c, "train_step/cuda", &gpu, &[784, 4096, 4096, 4096, 10], 1024);
+    } else {
+        eprintln!("skipped: no CUDA device (train_step/cuda not run)");
+    }
+}
+
+criterion_group!(benches, train_step);
+criterion_main!(benches);

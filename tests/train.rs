@@ -1,0 +1,319 @@
+//! Training end to end: accuracy on real digits, exact resumption from a checkpoint, model
+//! gradients against finite differences, clear errors for bad input, CPU/GPU agreement, and
+//! the researcher example.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use tessera::checkpoint::Checkpoint;
+use tessera::data::Dataset;
+use tessera::nn::{Mlp, MlpConfig};
+use tessera::reference as r;
+use tessera::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig, Trainer};
+use tessera::{Activation, AdamW, Backend, CpuDevice, Sgd};
+
+fn adamw_config(widths: Vec<usize>, act: Activation) -> TrainConfig {
+    TrainConfig {
+        model: MlpConfig::new(widths, act).unwrap(),
+        optimizer: OptimizerConfig::AdamW(AdamW::default()),
+        schedule: LrSchedule::Constant,
+        clip_norm: None,
+        seed: 7,
+    }
+}
+
+#[test]
+fn a_few_hundred_steps_learn_the_digits() {
+    let dev = CpuDevice::new(0);
+    let (train, test) = Dataset::mnist_10k().unwrap();
+    let mut t = Trainer::new(&dev, adamw_config(vec![784, 256, 10], Activation::Relu)).unwrap();
+    let before = t.evaluate(&test, 1000).unwrap();
+    let mut losses = Vec::new();
+    t.fit(&train, 128, 300, &mut Cursor::default(), |_, s, _| {
+        losses.push(s.loss);
+        Ok(())
+    })
+    .unwrap();
+    let after = t.evaluate(&test, 1000).unwrap();
+    assert!(before.accuracy() < 0.3, "untrained accuracy {}", before.accuracy());
+    assert!(after.accuracy() >= 0.93, "accuracy after 300 steps: {:.4}", after.accuracy());
+    assert!(
+        losses[..20].iter().sum::<f32>() > 4.0 * losses[280..].iter().sum::<f32>(),
+        "loss did not fall: {losses:?}"
+    );
+}
+
+fn synthetic_run(steps: u64) -> (TrainConfig, Dataset) {
+    let mut cfg = adamw_config(vec![12, 16, 16, 4], Activation::GeluTanh);
+    cfg.schedule = LrSchedule::Cosine { warmup: 5, total: steps, min_factor: 0.1 };
+    cfg.clip_norm = Some(0.5);
+    (cfg, Dataset::synthetic(300, &[12, 24, 4], 3).unwrap())
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_exactly() {
+    let dev = CpuDevice::new(0);
+    let (cfg, data) = synthetic_run(40);
+    let batch = 32; // 300 rows: a short last batch, and epochs roll over mid-run
+    let mut straight = Trainer::new(&dev, cfg.clone()).unwrap();
+    straight.fit(&data, batch, 40, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+
+    let mut first = Trainer::new(&dev, cfg.clone()).unwrap();
+    let mut cursor = Cursor::default();
+    first.fit(&data, batch, 17, &mut cursor, |_, _, _| Ok(())).unwrap();
+    let ck = Checkpoint {
+        config: cfg.clone(),
+        batch,
+        step: first.steps(),
+        cursor,
+        params: first.model().download_params(&dev).unwrap(),
+        state: first.optimizer_state().unwrap(),
+    };
+    let ck = Checkpoint::from_bytes("mem", &ck.to_bytes().unwrap()).unwrap();
+    let model = Mlp::with_params(&dev, ck.config.model.clone(), &ck.params).unwrap();
+    let mut resumed = Trainer::from_parts(&dev, ck.config.clone(), model, Some(&ck.state), ck.step).unwrap();
+    let mut cursor = ck.cursor;
+    resumed.fit(&data, batch, 40, &mut cursor, |_, _, _| Ok(())).unwrap();
+
+    assert_eq!(resumed.steps(), 40);
+    let a = straight.model().download_params(&dev).unwrap();
+    let b = resumed.model().download_params(&dev).unwrap();
+    assert_eq!(a, b, "resumed run diverged from the uninterrupted one");
+    assert_eq!(straight.optimizer_state().unwrap(), resumed.optimizer_state().unwrap());
+}
+
+#[test]
+fn the_same_seed_trains_to_the_same_weights_and_another_seed_does_not() {
+    let dev = CpuDevice::new(0);
+    let (cfg, data) = synthetic_run(10);
+    let run = |seed| {
+        let mut t = Trainer::new(&dev, TrainConfig { seed, ..cfg.clone() }).unwrap();
+        t.fit(&data, 50, 10, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+        t.model().download_params(&dev).unwrap()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+/// f64 forward of the MLP and its mean cross-entropy, for finite differences.
+fn loss_f64(cfg: &MlpConfig, p: &[f64], x: &[f32], y: &[i32]) -> f64 {
+    let batch = y.len();
+    let mut h: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let layout = cfg.layout();
+    for (i, l) in layout.iter().enumerate() {
+        let mut o = vec![0f64; batch * l.fan_out];
+        for r in 0..batch {
+            for j in 0..l.fan_out {
+                let mut s = p[l.bias.start + j];
+                for k in 0..l.fan_in {
+                    s += h[r * l.fan_in + k] * p[l.weight.start + k * l.fan_out + j];
+                }
+                o[r * l.fan_out + j] = if i + 1 < layout.len() { r::act(cfg.act, s) } else { s };
+            }
+        }
+        h = o;
+    }
+    let c = cfg.outputs();
+    (0..batch)
+        .map(|rr| {
+            let row = &h[rr * c..(rr + 1) * c];
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - row[y[rr] as usize]
+        })
+        .sum::<f64>()
+        / batch as f64
+}
+
+#[test]
+fn model_gradients_match_finite_differences() {
+    let dev = CpuDevice::new(0);
+    for act in [Activation::Relu, Activation::GeluTanh, Activation::GeluErf, Activation::Silu] {
+        let cfg = MlpConfig::new(vec![5, 7, 6, 3], act).unwrap();
+        let mut p = cfg.init(11);
+        // Non-zero biases, so that their gradients are exercised.
+        for l in cfg.layout() {
+            for (k, b) in p[l.bias].iter_mut().enumerate() {
+                *b = 0.1 * (k as f32 - 2.0);
+            }
+        }
+        let data = Dataset::synthetic(9, &[5, 3], 4).unwrap();
+        let mut model = Mlp::with_params(&dev, cfg.clone(), &p).unwrap();
+        model.load_batch(&dev, &data.x, &data.y).unwrap();
+        model.forward(&dev).unwrap();
+        let loss = model.backward(&dev, false).unwrap();
+        let g = dev.download(&CpuDevice::view(model.grads())).unwrap();
+        let p64: Vec<f64> = p.iter().map(|&v| v as f64).collect();
+        let want_loss = loss_f64(&cfg, &p64, &data.x, &data.y);
+        assert!((loss as f64 - want_loss).abs() < 1e-5, "{act}: loss {loss} vs {want_loss}");
+        for (i, &gi) in g.iter().enumerate() {
+            let fd = tessera::check::finite_diff(|q| loss_f64(&cfg, q, &data.x, &data.y), &p64, i, 1e-6);
+            assert!((gi as f64 - fd).abs() <= 2e-5 + 1e-3 * fd.abs(), "{act}: d loss / d param[{i}] = {gi} vs fd {fd}");
+        }
+        // Accumulation adds the same gradient again.
+        model.backward(&dev, true).unwrap();
+        let g2 = dev.download(&CpuDevice::view(model.grads())).unwrap();
+        for (a, b) in g.iter().zip(&g2) {
+            assert!((2.0 * a - b).abs() <= 1e-6 * a.abs().max(1.0));
+        }
+    }
+}
+
+#[test]
+fn sgd_trains_too() {
+    let dev = CpuDevice::new(0);
+    let data = Dataset::synthetic(512, &[10, 32, 3], 5).unwrap();
+    let mut cfg = adamw_config(vec![10, 32, 3], Activation::Silu);
+    cfg.optimizer = OptimizerConfig::Sgd(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 });
+    let mut t = Trainer::new(&dev, cfg).unwrap();
+    let before = t.evaluate(&data, 512).unwrap();
+    t.fit(&data, 64, 200, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+    let after = t.evaluate(&data, 512).unwrap();
+    assert!(after.loss < 0.5 * before.loss, "{before:?} -> {after:?}");
+    assert!(after.accuracy() > 0.85, "{after:?}");
+}
+
+#[test]
+fn cpu_and_gpu_take_the_same_first_steps() {
+    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let gpu = tessera::CudaDevice::new(0).unwrap();
+    let cpu = CpuDevice::new(0);
+    let (train, test) = Dataset::mnist_10k().unwrap();
+    let cfg = adamw_config(vec![784, 512, 512, 10], Activation::Relu);
+    let mut a = Trainer::new(&cpu, cfg.clone()).unwrap();
+    let mut b = Trainer::new(&gpu, cfg).unwrap();
+    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    a.fit(&train, 128, 5, &mut Cursor::default(), |_, s, _| {
+        la.push(s.loss);
+        Ok(())
+    })
+    .unwrap();
+    b.fit(&train, 128, 5, &mut Cursor::default(), |_, s, _| {
+        lb.push(s.loss);
+        Ok(())
+    })
+    .unwrap();
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs cuda {lb:?}");
+    }
+    // And the GPU run trains to the same accuracy.
+    b.fit(&train, 128, 945, &mut Cursor { epoch: 0, batch: 5 }, |_, _, _| Ok(())).unwrap();
+    let acc = b.evaluate(&test, 1000).unwrap().accuracy();
+    assert!(acc >= 0.96, "cuda accuracy {acc}");
+}
+
+fn tessera(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn cli_save_and_resume_match_an_uninterrupted_run() {
+    let (a, b, c) = (tmp("a.safetensors"), tmp("b.safetensors"), tmp("c.safetensors"));
+    let common =
+        ["train", "--device", "cpu", "--widths", "784,64,10", "--batch", "100", "--schedule", "cosine", "--clip", "1"];
+    let run = |extra: &[&str]| {
+        let mut args = common.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, out, err) = tessera(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let out = run(&["--steps", "30", "--save", a.to_str().unwrap(), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["steps"], 30);
+    assert!(j["test_accuracy"].as_f64().unwrap() > 0.5, "{j}");
+    assert_eq!(j["test_total"], 2000);
+    // The same 30-step run (its cosine schedule spans 30 steps), stopped after 12 and resumed.
+    let out = run(&["--steps", "30", "--stop-at", "12", "--save", b.to_str().unwrap(), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["steps"], 12);
+    let (ok, _, err) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--resume",
+        b.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--save",
+        c.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let ca = Checkpoint::load(&a).unwrap();
+    let cc = Checkpoint::load(&c).unwrap();
+    assert_eq!(cc.step, 30);
+    assert_eq!(ca.params, cc.params);
+}
+
+#[test]
+fn cli_refuses_bad_input_in_plain_words() {
+    let bad = tmp("bad.safetensors");
+    std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--resume", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("bad.safetensors: not a readable safetensors file"), "{err}");
+
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--widths", "784,abc,10"]);
+    assert!(!ok);
+    assert!(err.contains("width list `784,abc,10`: `abc` is not a whole number"), "{err}");
+
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--widths", "100,10"]);
+    assert!(!ok);
+    assert!(err.contains("the data has 784 features") && err.contains("--widths 784"), "{err}");
+
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--widths", "784"]);
+    assert!(!ok);
+    assert!(err.contains("at least an input and an output width"), "{err}");
+
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--data", "/nonexistent-dir"]);
+    assert!(!ok);
+    assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+
+    let good = tmp("good.safetensors");
+    let (ok, _, err) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--widths",
+        "784,32,10",
+        "--steps",
+        "2",
+        "--save",
+        good.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        tessera(&["train", "--device", "cpu", "--resume", good.to_str().unwrap(), "--widths", "784,64,10"]);
+    assert!(!ok);
+    assert!(err.contains("--widths (checkpoint: 784-32-10)"), "{err}");
+}
+
+#[test]
+fn the_researcher_example_builds_and_learns() {
+    // `cargo test` builds the examples next to the test binaries.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let bin = dir.join(format!("custom_loop{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} was not built: run plain `cargo test` (it builds the examples) or `cargo build --examples` first",
+        bin.display()
+    );
+    let o = Command::new(&bin).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("loss fell from"), "{out}");
+}
