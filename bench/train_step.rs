@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera::data::Dataset;
 use tessera::nn::MlpConfig;
 use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
-use tessera::{Activation, AdamW, Backend, CpuDevice, Ops};
+use tessera::{Activation, AdamW, CpuDevice, Ops};
 
 fn config(widths: &[usize]) -> TrainConfig {
     TrainConfig {
