@@ -71,6 +71,9 @@ impl Backend for CpuDevice {
     fn view_mut<T: Elem>(buf: &mut Vec<T>) -> &mut [T] {
         buf
     }
+    fn view_range<T: Elem>(buf: &Vec<T>, range: Range<usize>) -> &[T] {
+        &buf[range]
+    }
     fn sub<'a, T: Elem>(v: &'a &[T], range: Range<usize>) -> &'a [T] {
         &v[range]
     }

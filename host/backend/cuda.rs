@@ -241,6 +241,9 @@ impl Backend for CudaDevice {
     fn view_mut<T: Elem>(buf: &mut CudaSlice<T>) -> CudaViewMut<'_, T> {
         buf.as_view_mut()
     }
+    fn view_range<T: Elem>(buf: &CudaSlice<T>, range: Range<usize>) -> CudaView<'_, T> {
+        buf.slice(range)
+    }
     fn sub<'a, T: Elem>(v: &'a CudaView<'_, T>, range: Range<usize>) -> CudaView<'a, T> {
         v.slice(range)
     }

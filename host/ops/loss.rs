@@ -25,6 +25,20 @@ pub trait LossOps: Backend {
         logits: &Self::Ref<'_, f32>,
         labels: &Self::Ref<'_, i32>,
         dlogits: &mut Self::Mut<'_, f32>,
+    ) -> Result<f32> {
+        self.xent_backward_scaled(rows, cols, logits, labels, 1.0 / rows.max(1) as f32, dlogits)
+    }
+    /// The general form: `dlogits = scale * (softmax - onehot)`, returns `scale * sum of row
+    /// losses`. With `scale = 1 / (rows of the whole batch)` each microbatch of a split batch
+    /// contributes exactly its share to the batch's mean loss and gradient.
+    fn xent_backward_scaled(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &Self::Ref<'_, f32>,
+        labels: &Self::Ref<'_, i32>,
+        scale: f32,
+        dlogits: &mut Self::Mut<'_, f32>,
     ) -> Result<f32>;
     /// Mean squared error `mean((pred - target)^2)` over all elements.
     fn mse(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>) -> Result<f32>;
@@ -82,12 +96,13 @@ impl LossOps for CpuDevice {
         Ok(self.sum(&losses.as_slice(), false)? / rows.max(1) as f32)
     }
 
-    fn xent_backward(
+    fn xent_backward_scaled(
         &self,
         rows: usize,
         cols: usize,
         logits: &&[f32],
         labels: &&[i32],
+        scale: f32,
         dlogits: &mut &mut [f32],
     ) -> Result<f32> {
         check_xent(rows, cols, logits.len(), labels.len())?;
@@ -95,7 +110,6 @@ impl LossOps for CpuDevice {
         if let Some((row, label)) = first_bad_label(labels, cols) {
             return Err(Error::Label { row, label: label as i64, classes: cols });
         }
-        let scale = 1.0 / rows.max(1) as f32;
         let losses: Vec<f32> = logits
             .par_chunks(cols)
             .zip(labels.par_iter())
@@ -137,6 +151,7 @@ impl CudaDevice {
         cols: usize,
         logits: &CudaView<'_, f32>,
         labels: &CudaView<'_, i32>,
+        scale: f32,
         dlogits: Option<&mut CudaViewMut<'_, f32>>,
     ) -> Result<f32> {
         check_xent(rows, cols, logits.len(), labels.len())?;
@@ -152,7 +167,6 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
-        let scale = 1.0 / rows as f32;
         let k = &self.kernels().loss;
         let s = self.stream();
         // SAFETY: logits (and dlogits) hold rows*cols, labels and row_loss rows elements, err one
@@ -187,19 +201,20 @@ impl CudaDevice {
 
 impl LossOps for CudaDevice {
     fn xent(&self, rows: usize, cols: usize, logits: &CudaView<'_, f32>, labels: &CudaView<'_, i32>) -> Result<f32> {
-        self.xent_launch(rows, cols, logits, labels, None)
+        self.xent_launch(rows, cols, logits, labels, 1.0 / rows.max(1) as f32, None)
     }
 
-    fn xent_backward(
+    fn xent_backward_scaled(
         &self,
         rows: usize,
         cols: usize,
         logits: &CudaView<'_, f32>,
         labels: &CudaView<'_, i32>,
+        scale: f32,
         dlogits: &mut CudaViewMut<'_, f32>,
     ) -> Result<f32> {
         check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
-        self.xent_launch(rows, cols, logits, labels, Some(dlogits))
+        self.xent_launch(rows, cols, logits, labels, scale, Some(dlogits))
     }
 
     fn mse(&self, pred: &CudaView<'_, f32>, target: &CudaView<'_, f32>) -> Result<f32> {
