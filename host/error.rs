@@ -78,6 +78,21 @@ pub enum Error {
         /// What is wrong, and what to do.
         reason: String,
     },
+    /// A pipeline schedule that would hang or compute the wrong thing.
+    #[error("schedule rejected at stage {stage}, action {index} ({action}): {reason}")]
+    Schedule {
+        /// The stage.
+        stage: usize,
+        /// Index of the action in the stage's list.
+        index: usize,
+        /// The action.
+        action: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A parallel run that failed on one of its devices, or a plan that does not fit.
+    #[error("{0}")]
+    Parallel(String),
     /// An invalid argument (a learning rate, a hyper-parameter, a size).
     #[error("invalid argument: {0}")]
     Invalid(String),

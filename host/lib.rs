@@ -36,6 +36,7 @@ pub mod error;
 pub mod kernels;
 pub mod nn;
 pub mod ops;
+pub mod parallel;
 pub mod reference;
 pub mod rng;
 pub mod tensor;

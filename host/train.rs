@@ -227,23 +227,7 @@ impl<B: Ops> Trainer<B> {
         let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
         self.step += 1;
         let (params, grads) = self.model.params_and_grads();
-        let mut w = B::view_mut(params);
-        let g = B::view(grads);
-        match (self.cfg.optimizer, self.state.as_mut_slice()) {
-            (OptimizerConfig::Sgd(o), [mom]) => {
-                dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))?
-            }
-            (OptimizerConfig::AdamW(o), [m, v]) => dev.adamw_step(
-                &AdamW { lr, ..o },
-                self.step,
-                grad_scale,
-                &mut w,
-                &g,
-                &mut B::view_mut(m),
-                &mut B::view_mut(v),
-            )?,
-            _ => unreachable!("state slots match the optimizer (checked in from_parts)"),
-        }
+        apply_optimizer(dev, &self.cfg.optimizer, lr, self.step, grad_scale, params, grads, &mut self.state)?;
         Ok(StepStats { loss, lr, grad_norm })
     }
 
@@ -260,37 +244,99 @@ impl<B: Ops> Trainer<B> {
         batch: usize,
         total_steps: u64,
         cursor: &mut Cursor,
-        mut on_step: impl FnMut(&Self, &StepStats, usize) -> Result<()>,
+        on_step: impl FnMut(&Self, &StepStats, usize) -> Result<()>,
     ) -> Result<()> {
-        if batch == 0 {
-            return Err(Error::Invalid("batch size must be at least 1".into()));
-        }
-        if train.dim != self.cfg.model.inputs() {
-            return Err(Error::shape(
-                "train",
-                format!(
-                    "the data has {} features per sample, the model's first width is {}",
-                    train.dim,
-                    self.cfg.model.inputs()
-                ),
-            ));
-        }
-        let per_epoch = batches_per_epoch(train.len(), batch) as u64;
-        let mut order = epoch_order(train.len(), self.cfg.seed, cursor.epoch);
-        while self.step < total_steps {
-            if cursor.batch >= per_epoch {
-                cursor.epoch += 1;
-                cursor.batch = 0;
-                order = epoch_order(train.len(), self.cfg.seed, cursor.epoch);
-            }
-            let idx = batch_indices(&order, batch, cursor.batch as usize);
-            let (x, y) = train.gather(idx);
-            let stats = self.step(&x, &y)?;
-            cursor.batch += 1;
-            on_step(self, &stats, idx.len())?;
-        }
-        Ok(())
+        fit(self, train, batch, total_steps, cursor, on_step)
     }
+}
+
+/// One optimizer update of `params` from `grad_scale * grads` at learning rate `lr`, step `t`
+/// (1-based), with the optimizer's state buffers (as many as [`OptimizerConfig::slots`]).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_optimizer<B: Ops>(
+    dev: &B,
+    opt: &OptimizerConfig,
+    lr: f32,
+    t: u64,
+    grad_scale: f32,
+    params: &mut B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    state: &mut [B::Buf<f32>],
+) -> Result<()> {
+    let mut w = B::view_mut(params);
+    let g = B::view(grads);
+    match (*opt, state) {
+        (OptimizerConfig::Sgd(o), [mom]) => {
+            dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))
+        }
+        (OptimizerConfig::AdamW(o), [m, v]) => {
+            dev.adamw_step(&AdamW { lr, ..o }, t, grad_scale, &mut w, &g, &mut B::view_mut(m), &mut B::view_mut(v))
+        }
+        (o, s) => {
+            Err(Error::Invalid(format!("{} needs {} state buffers, {} given", o.name(), o.slots().len(), s.len())))
+        }
+    }
+}
+
+/// Anything that takes optimizer steps on batches: the single-device [`Trainer`] and the
+/// parallel engine. [`fit`] drives either through epochs.
+pub trait Steps {
+    /// One step on a batch.
+    fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats>;
+    /// Steps taken.
+    fn steps_done(&self) -> u64;
+    /// The run's config.
+    fn train_config(&self) -> &TrainConfig;
+}
+
+impl<B: Ops> Steps for Trainer<B> {
+    fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
+        self.step(x, labels)
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+    fn train_config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+}
+
+/// Trains `t` until `total_steps` steps are done, walking epochs of `train` in the seeded order
+/// from `cursor` (which it advances); `on_step` sees every step and the batch's row count.
+pub fn fit<T: Steps>(
+    t: &mut T,
+    train: &Dataset,
+    batch: usize,
+    total_steps: u64,
+    cursor: &mut Cursor,
+    mut on_step: impl FnMut(&T, &StepStats, usize) -> Result<()>,
+) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Invalid("batch size must be at least 1".into()));
+    }
+    let inputs = t.train_config().model.inputs();
+    if train.dim != inputs {
+        return Err(Error::shape(
+            "train",
+            format!("the data has {} features per sample, the model's first width is {inputs}", train.dim),
+        ));
+    }
+    let seed = t.train_config().seed;
+    let per_epoch = batches_per_epoch(train.len(), batch) as u64;
+    let mut order = epoch_order(train.len(), seed, cursor.epoch);
+    while t.steps_done() < total_steps {
+        if cursor.batch >= per_epoch {
+            cursor.epoch += 1;
+            cursor.batch = 0;
+            order = epoch_order(train.len(), seed, cursor.epoch);
+        }
+        let idx = batch_indices(&order, batch, cursor.batch as usize);
+        let (x, y) = train.gather(idx);
+        let stats = t.train_step(&x, &y)?;
+        cursor.batch += 1;
+        on_step(t, &stats, idx.len())?;
+    }
+    Ok(())
 }
 
 /// Loss and accuracy of `model` over `data`.

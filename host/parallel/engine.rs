@@ -1,0 +1,618 @@
+//! The executor: one host thread per device runs its stage's actions of the schedule; a
+//! second thread per device runs its gradient buckets' all-reduce, so that a bucket is reduced
+//! as soon as its layer's backward is done while backward goes on. Activations and their
+//! gradients move between stages as device-to-device copies (plain memory copies between CPU
+//! devices, device copies or peer copies between GPUs); a sender synchronises its device
+//! before it hands a buffer on, which orders the transfer after the compute.
+//!
+//! Every replica takes the same optimizer step from the same all-reduced gradients, so the
+//! replicas stay bit-identical ([`Engine::replicas_identical`] checks it).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::nn::Stage;
+use crate::ops::Ops;
+use crate::parallel::comm::{Communicator, LocalComm};
+use crate::parallel::schedule::{Action, Schedule};
+use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
+use crate::parallel::{split_rows, Plan};
+use crate::train::{apply_optimizer, Eval, StepStats, Steps, TrainConfig};
+
+struct Worker<B: Ops> {
+    dev: B,
+    stage: Stage<B>,
+    state: Vec<B::Buf<f32>>,
+    comm: Option<LocalComm<B>>,
+}
+
+type Msg<B> = (usize, <B as Backend>::Buf<f32>);
+
+/// The channels one worker uses in a step.
+struct Links<B: Ops> {
+    act_in: Option<Receiver<Msg<B>>>,
+    act_out: Option<Sender<Msg<B>>>,
+    grad_in: Option<Receiver<Msg<B>>>,
+    grad_out: Option<Sender<Msg<B>>>,
+    /// To the other stages of the replica, for the global gradient norm.
+    norm_out: Vec<Sender<(usize, f64)>>,
+    norm_in: Receiver<(usize, f64)>,
+}
+
+/// What every worker of a step shares.
+struct StepCtx<'a> {
+    actions: &'a [Action],
+    /// Rows of the global batch for each microbatch id (`pass * m + mb`) of this replica.
+    rows: Vec<Range<usize>>,
+    x: &'a [f32],
+    y: &'a [i32],
+    inputs: usize,
+    loss_scale: f32,
+    lr: f32,
+    t: u64,
+    cfg: &'a TrainConfig,
+    passes: usize,
+    m: usize,
+    dp: usize,
+    t0: Instant,
+}
+
+struct WorkerOut {
+    loss: f32,
+    grad_norm: Option<f32>,
+    spans: Vec<Span>,
+    comm_spans: Vec<Span>,
+}
+
+/// Data- and pipeline-parallel training of an MLP on a mesh of devices.
+pub struct Engine<B: Ops> {
+    cfg: TrainConfig,
+    plan: Plan,
+    schedule: Schedule,
+    workers: Vec<Worker<B>>,
+    step: u64,
+    timeline: Option<Timeline>,
+}
+
+impl<B: Ops> Engine<B> {
+    /// A fresh run: the model's seeded initial parameters on every replica.
+    pub fn new(devices: &[B], cfg: TrainConfig, plan: Plan) -> Result<Self> {
+        let params = cfg.model.init(cfg.seed);
+        Self::with_state(devices, cfg, plan, &params, None, 0)
+    }
+
+    /// A run from flat parameters (the model's layout), optimizer state (one flat vector per
+    /// slot) and step count, e.g. from a checkpoint written by any plan.
+    pub fn with_state(
+        devices: &[B],
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+    ) -> Result<Self> {
+        plan.validate(&cfg.model)?;
+        let n = cfg.model.param_count();
+        if params.len() != n {
+            return Err(Error::shape("Engine", format!("{} parameters for a model of {n}", params.len())));
+        }
+        let slots = cfg.optimizer.slots().len();
+        if let Some(s) = state {
+            if s.len() != slots || s.iter().any(|v| v.len() != n) {
+                return Err(Error::shape("Engine", format!("optimizer state must be {slots} vectors of {n}")));
+            }
+        }
+        let mesh = plan.mesh;
+        if devices.len() != mesh.devices() {
+            return Err(Error::Invalid(format!(
+                "the plan dp={} x pp={} needs {} devices, {} given (e.g. --device cpu:{})",
+                mesh.dp,
+                mesh.pp,
+                mesh.devices(),
+                devices.len(),
+                mesh.devices()
+            )));
+        }
+        let layout = cfg.model.layout();
+        let range_of = |layers: &Range<usize>| layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
+        let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
+        let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
+        schedule.check()?;
+        let mut workers = Vec::with_capacity(devices.len());
+        for (i, dev) in devices.iter().enumerate() {
+            let s = i % mesh.pp;
+            let pr = range_of(&plan.stages[s]);
+            let stage = Stage::new(dev, cfg.model.clone(), plan.stages[s].clone(), &params[pr.clone()])?;
+            let st = match state {
+                Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
+                None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
+            };
+            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None });
+        }
+        if mesh.dp > 1 {
+            for s in 0..mesh.pp {
+                let devs: Vec<B> = (0..mesh.dp).map(|r| devices[mesh.device(r, s)].clone()).collect();
+                for (r, c) in LocalComm::group(&devs).into_iter().enumerate() {
+                    workers[mesh.device(r, s)].comm = Some(c);
+                }
+            }
+        }
+        Ok(Engine { cfg, plan, schedule, workers, step, timeline: None })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    /// The checked schedule it runs.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+    /// The run's config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    /// What happened on every device during the last step.
+    pub fn timeline(&self) -> Option<&Timeline> {
+        self.timeline.as_ref()
+    }
+    /// Names of the devices, in mesh order.
+    pub fn device_names(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.dev.name()).collect()
+    }
+
+    /// One optimizer step on a batch (`x`: `labels.len() x inputs`), split over the replicas
+    /// (rows in contiguous shares, uneven shares weighted exactly) and into microbatches.
+    pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
+        let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
+        let (m, passes) = (self.plan.microbatches, self.plan.accumulate);
+        let inputs = self.cfg.model.inputs();
+        let total = y.len();
+        if x.len() != total * inputs {
+            return Err(Error::shape(
+                "Engine::step",
+                format!(
+                    "inputs hold {} values for {total} labels; the model takes {inputs} features per sample",
+                    x.len()
+                ),
+            ));
+        }
+        let what = format!("dp={dp} replicas x {} microbatches", m * passes);
+        if total < dp * m * passes {
+            return Err(Error::Invalid(format!(
+                "a batch of {total} rows cannot be split into {what}: each microbatch needs at least one row (use a batch of at least {})",
+                dp * m * passes
+            )));
+        }
+        let shares = split_rows(total, dp, "replicas")?;
+        let mut replica_rows = Vec::with_capacity(dp);
+        for sh in &shares {
+            let mbs = split_rows(sh.len(), m * passes, "microbatches")?;
+            replica_rows.push(mbs.into_iter().map(|r| sh.start + r.start..sh.start + r.end).collect::<Vec<_>>());
+        }
+        let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
+        let t = self.step + 1;
+        let t0 = Instant::now();
+
+        // Channels: activations forward and gradients backward along each replica's pipeline,
+        // and the norm exchange among a replica's stages.
+        let mut links: Vec<Links<B>> = Vec::with_capacity(dp * pp);
+        for _r in 0..dp {
+            let mut norm_tx: Vec<Sender<(usize, f64)>> = Vec::new();
+            let mut norm_rx: Vec<Receiver<(usize, f64)>> = Vec::new();
+            for _ in 0..pp {
+                let (tx, rx) = channel();
+                norm_tx.push(tx);
+                norm_rx.push(rx);
+            }
+            let mut acts: Vec<(Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>)> =
+                (0..pp).map(|_| (None, None)).collect();
+            let mut grads: Vec<(Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>)> =
+                (0..pp).map(|_| (None, None)).collect();
+            for s in 0..pp.saturating_sub(1) {
+                let (tx, rx) = channel();
+                acts[s].0 = Some(tx);
+                acts[s + 1].1 = Some(rx);
+                let (tx, rx) = channel();
+                grads[s + 1].0 = Some(tx);
+                grads[s].1 = Some(rx);
+            }
+            for (s, (rx, (a, g))) in norm_rx.into_iter().zip(acts.into_iter().zip(grads)).enumerate() {
+                links.push(Links {
+                    act_out: a.0,
+                    act_in: a.1,
+                    grad_out: g.0,
+                    grad_in: g.1,
+                    norm_out: norm_tx.iter().enumerate().filter(|(o, _)| *o != s).map(|(_, tx)| tx.clone()).collect(),
+                    norm_in: rx,
+                });
+            }
+        }
+
+        let cfg = &self.cfg;
+        let actions = &self.schedule.actions;
+        let results: Vec<Result<WorkerOut>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = self
+                .workers
+                .iter_mut()
+                .zip(links)
+                .enumerate()
+                .map(|(i, (w, l))| {
+                    let (r, s) = (i / pp, i % pp);
+                    let ctx = StepCtx {
+                        actions: &actions[s],
+                        rows: replica_rows[r].clone(),
+                        x,
+                        y,
+                        inputs,
+                        loss_scale: 1.0 / total as f32,
+                        lr,
+                        t,
+                        cfg,
+                        passes,
+                        m,
+                        dp,
+                        t0,
+                    };
+                    sc.spawn(move || run_worker(w, s, &ctx, l))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Parallel("a device thread panicked".into()))))
+                .collect()
+        });
+        let mut loss = 0f32;
+        let mut grad_norm = None;
+        let mut lanes = Vec::new();
+        let mut first_err = None;
+        for (i, res) in results.into_iter().enumerate() {
+            match res {
+                Ok(out) => {
+                    loss += out.loss;
+                    if grad_norm.is_none() {
+                        grad_norm = out.grad_norm;
+                    }
+                    let name = format!("{} (replica {}, stage {})", self.workers[i].dev.name(), i / pp, i % pp);
+                    lanes.push(Lane { name, spans: out.spans, comm: out.comm_spans });
+                }
+                Err(e) => {
+                    // The first failure is the cause; the others are its echo (closed channels).
+                    let cause = !matches!(&e, Error::Parallel(msg) if msg.contains("stopped"));
+                    if first_err.is_none() || cause {
+                        first_err = Some(Error::Parallel(format!("{}: {e}", self.workers[i].dev.name())));
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.step += 1;
+        self.timeline = Some(Timeline { lanes, total: t0.elapsed().as_secs_f64() });
+        Ok(StepStats { loss, lr, grad_norm })
+    }
+
+    /// Flat parameters (the model's layout), from replica 0.
+    pub fn params(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.cfg.model.param_count());
+        for w in &self.workers[..self.plan.mesh.pp] {
+            out.extend(w.dev.download(&B::view(w.stage.params()))?);
+        }
+        Ok(out)
+    }
+
+    /// Optimizer state as flat vectors (one per slot), from replica 0.
+    pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        let slots = self.cfg.optimizer.slots().len();
+        let mut out = vec![Vec::new(); slots];
+        for w in &self.workers[..self.plan.mesh.pp] {
+            for (k, st) in w.state.iter().enumerate() {
+                out[k].extend(w.dev.download(&B::view(st))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether every replica holds bit-identical parameters and optimizer state.
+    pub fn replicas_identical(&self) -> Result<bool> {
+        let pp = self.plan.mesh.pp;
+        for s in 0..pp {
+            let w0 = &self.workers[s];
+            let p0 = w0.dev.download(&B::view(w0.stage.params()))?;
+            let s0: Vec<Vec<f32>> = w0.state.iter().map(|b| w0.dev.download(&B::view(b))).collect::<Result<_>>()?;
+            for r in 1..self.plan.mesh.dp {
+                let w = &self.workers[r * pp + s];
+                let p = w.dev.download(&B::view(w.stage.params()))?;
+                if p.iter().zip(&p0).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    return Ok(false);
+                }
+                for (k, b) in w.state.iter().enumerate() {
+                    let v = w.dev.download(&B::view(b))?;
+                    if v.iter().zip(&s0[k]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Loss and accuracy over `data` in batches of `batch`, through replica 0's pipeline.
+    pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        let pp = self.plan.mesh.pp;
+        let classes = self.cfg.model.outputs();
+        const MB: usize = usize::MAX - 1;
+        let mut loss = 0f64;
+        let mut correct = 0;
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for chunk in idx.chunks(batch.max(1)) {
+            let (x, y) = data.gather(chunk);
+            let rows = chunk.len();
+            for s in 0..pp {
+                let (before, rest) = self.workers.split_at_mut(s);
+                let w = &mut rest[0];
+                if s == 0 {
+                    w.stage.load(&w.dev, MB, &x, &y)?;
+                } else {
+                    let prev = &before[s - 1];
+                    let out = prev.stage.output(MB)?;
+                    prev.dev.synchronize()?;
+                    let input = w.stage.input_mut(&w.dev, MB, rows)?;
+                    w.dev.copy(&B::view(out), &mut B::view_mut(input))?;
+                    if s + 1 == pp {
+                        w.stage.load_labels(&w.dev, MB, &y)?;
+                    }
+                }
+                w.stage.forward(&w.dev, MB)?;
+            }
+            let last = &self.workers[pp - 1];
+            loss += last.stage.loss(&last.dev, MB)? as f64 * rows as f64;
+            let logits = last.dev.download(&B::view(last.stage.output(MB)?))?;
+            for (row, &label) in logits.chunks(classes).zip(&y) {
+                let pred = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+                correct += (pred as i32 == label) as usize;
+            }
+            for w in &mut self.workers[..pp] {
+                w.stage.release(MB);
+            }
+        }
+        Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
+    }
+}
+
+impl<B: Ops> Steps for Engine<B> {
+    fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
+        self.step(x, labels)
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+    fn train_config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+}
+
+fn closed(what: &str) -> Error {
+    Error::Parallel(format!("the {what} stopped (a device failed)"))
+}
+
+/// Copies a view into a new buffer of the same device and waits for it, so it can be handed
+/// to another thread.
+fn snapshot<B: Ops>(dev: &B, v: &B::Ref<'_, f32>) -> Result<B::Buf<f32>> {
+    let mut b = dev.alloc::<f32>(crate::backend::ViewLen::view_len(v))?;
+    dev.copy(v, &mut B::view_mut(&mut b))?;
+    dev.synchronize()?;
+    Ok(b)
+}
+
+fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Links<B>) -> Result<WorkerOut> {
+    let comm = w.comm.take();
+    let layout = w.stage.layout().to_vec();
+    let bucket_range = |b: usize| layout[b].weight.start..layout[b].bias.end;
+    let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>)>();
+    let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
+    let dev = w.dev.clone();
+    let t0 = ctx.t0;
+    let now = move || t0.elapsed().as_secs_f64();
+
+    let (result, comm_back) = std::thread::scope(|sc| {
+        // The bucket all-reduce thread: reduces buckets in the order backward finishes them.
+        let comm_thread = comm.map(|mut c| {
+            sc.spawn(move || -> (Result<()>, LocalComm<B>) {
+                for (b, mut buf) in jobs_rx {
+                    let start = now();
+                    if let Err(e) = c.all_reduce_sum(&mut buf) {
+                        return (Err(e), c);
+                    }
+                    let span =
+                        Span { kind: SpanKind::AllReduce, label: format!("all-reduce layer {b}"), start, end: now() };
+                    if done_tx.send((b, buf, span)).is_err() {
+                        break;
+                    }
+                }
+                (Ok(()), c)
+            })
+        });
+        let r = worker_actions(w, s, ctx, &links, &jobs_tx, &done_rx, &bucket_range, &now);
+        drop(jobs_tx);
+        let back = comm_thread.map(|h| h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked")));
+        (r, back)
+    });
+    let _ = dev;
+    let mut result = result;
+    if let Some((res, c)) = comm_back {
+        w.comm = Some(c);
+        if let (Ok(_), Err(e)) = (&result, res) {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker_actions<B: Ops>(
+    w: &mut Worker<B>,
+    s: usize,
+    ctx: &StepCtx<'_>,
+    links: &Links<B>,
+    jobs_tx: &Sender<(usize, B::Buf<f32>)>,
+    done_rx: &Receiver<(usize, B::Buf<f32>, Span)>,
+    bucket_range: &dyn Fn(usize) -> Range<usize>,
+    now: &dyn Fn() -> f64,
+) -> Result<WorkerOut> {
+    let dev = w.dev.clone();
+    let pp = links.norm_out.len() + 1;
+    let is_last = s + 1 == pp;
+    let mut spans = Vec::new();
+    let mut loss = 0f32;
+    let mut pending_grad: BTreeMap<usize, B::Buf<f32>> = BTreeMap::new();
+    let mut dispatched = vec![false; w.stage.layout().len()];
+    let last_bwd = ctx.actions.iter().rposition(|a| matches!(a, Action::Backward(_)));
+    w.stage.start_step();
+    for pass in 0..ctx.passes {
+        let final_pass = pass + 1 == ctx.passes;
+        for (ai, &action) in ctx.actions.iter().enumerate() {
+            let start = now();
+            match action {
+                Action::Forward(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let rows = ctx.rows[id].clone();
+                    if s == 0 {
+                        let x = &ctx.x[rows.start * ctx.inputs..rows.end * ctx.inputs];
+                        w.stage.load(&dev, id, x, &ctx.y[rows.clone()])?;
+                    }
+                    w.stage.forward(&dev, id)?;
+                    spans.push(Span { kind: SpanKind::Forward, label: format!("F{id}"), start, end: now() });
+                }
+                Action::SendAct(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let out = snapshot(&dev, &B::view(w.stage.output(id)?))?;
+                    links.act_out.as_ref().unwrap().send((id, out)).map_err(|_| closed("next stage"))?;
+                    spans.push(Span { kind: SpanKind::Transfer, label: format!("send act {id}"), start, end: now() });
+                }
+                Action::RecvAct(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let (got, buf) = links.act_in.as_ref().unwrap().recv().map_err(|_| closed("previous stage"))?;
+                    if got != id {
+                        return Err(Error::Parallel(format!(
+                            "stage {s} expected microbatch {id}'s activation, got {got}'s"
+                        )));
+                    }
+                    let rows = ctx.rows[id].clone();
+                    let input = w.stage.input_mut(&dev, id, rows.len())?;
+                    dev.copy(&B::view(&buf), &mut B::view_mut(input))?;
+                    if is_last {
+                        w.stage.load_labels(&dev, id, &ctx.y[rows])?;
+                    }
+                    spans.push(Span { kind: SpanKind::Transfer, label: format!("recv act {id}"), start, end: now() });
+                }
+                Action::RecvGrad(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let (got, buf) = links.grad_in.as_ref().unwrap().recv().map_err(|_| closed("next stage"))?;
+                    if got != id {
+                        return Err(Error::Parallel(format!(
+                            "stage {s} expected microbatch {id}'s gradient, got {got}'s"
+                        )));
+                    }
+                    let mut local = dev.alloc::<f32>(B::buf_len(&buf))?;
+                    dev.copy(&B::view(&buf), &mut B::view_mut(&mut local))?;
+                    pending_grad.insert(id, local);
+                    spans.push(Span { kind: SpanKind::Transfer, label: format!("recv grad {id}"), start, end: now() });
+                }
+                Action::Backward(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let last_of_step = final_pass && Some(ai) == last_bwd && ctx.dp > 1;
+                    let g = pending_grad.remove(&id);
+                    let gv = g.as_ref().map(|b| B::view(b));
+                    let mut on_layer = |i: usize, grads: &B::Buf<f32>| -> Result<()> {
+                        if last_of_step {
+                            // This layer's gradients are final: reduce them while backward goes on.
+                            let staged = snapshot(&dev, &B::view_range(grads, bucket_range(i)))?;
+                            jobs_tx.send((i, staged)).map_err(|_| closed("all-reduce thread"))?;
+                            dispatched[i] = true;
+                        }
+                        Ok(())
+                    };
+                    let l = w.stage.backward(&dev, id, gv.as_ref(), ctx.loss_scale, &mut on_layer)?;
+                    loss += l.unwrap_or(0.0);
+                    w.stage.release(id);
+                    spans.push(Span { kind: SpanKind::Backward, label: format!("B{id}"), start, end: now() });
+                }
+                Action::SendGrad(mb) => {
+                    let id = pass * ctx.m + mb;
+                    let rows = ctx.rows[id].len();
+                    let g = snapshot(&dev, &w.stage.input_grad(rows))?;
+                    links.grad_out.as_ref().unwrap().send((id, g)).map_err(|_| closed("previous stage"))?;
+                    spans.push(Span { kind: SpanKind::Transfer, label: format!("send grad {id}"), start, end: now() });
+                }
+                Action::AllReduce(b) => {
+                    if final_pass && !dispatched[b] {
+                        let staged = snapshot(&dev, &B::view_range(w.stage.grads(), bucket_range(b)))?;
+                        jobs_tx.send((b, staged)).map_err(|_| closed("all-reduce thread"))?;
+                        dispatched[b] = true;
+                    }
+                }
+                Action::OptimizerStep => {
+                    if !final_pass {
+                        continue;
+                    }
+                    // Collect the reduced buckets and put them back.
+                    let mut comm_spans = Vec::new();
+                    for _ in 0..dispatched.iter().filter(|d| **d).count() {
+                        let (b, buf, span) = done_rx.recv().map_err(|_| closed("all-reduce thread"))?;
+                        let mut gv = B::view_mut(w.stage.grads_mut());
+                        dev.copy(&B::view(&buf), &mut B::sub_mut(&mut gv, bucket_range(b)))?;
+                        comm_spans.push(span);
+                    }
+                    let wait_end = now();
+                    if wait_end - start > 1e-6 && !comm_spans.is_empty() {
+                        spans.push(Span {
+                            kind: SpanKind::Idle,
+                            label: "wait all-reduce".into(),
+                            start,
+                            end: wait_end,
+                        });
+                    }
+                    let ostart = now();
+                    let (grad_norm, scale) = match ctx.cfg.clip_norm {
+                        Some(max) => {
+                            let local = dev.sum(&B::view(w.stage.grads()), true)? as f64;
+                            for tx in &links.norm_out {
+                                tx.send((s, local)).map_err(|_| closed("other stage"))?;
+                            }
+                            let mut parts = vec![(s, local)];
+                            for _ in 0..pp - 1 {
+                                parts.push(links.norm_in.recv().map_err(|_| closed("other stage"))?);
+                            }
+                            parts.sort_by_key(|p| p.0);
+                            let norm = parts.iter().map(|p| p.1).sum::<f64>().sqrt() as f32;
+                            (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })
+                        }
+                        None => (None, 1.0),
+                    };
+                    let (params, grads) = w.stage.params_and_grads();
+                    apply_optimizer(&dev, &ctx.cfg.optimizer, ctx.lr, ctx.t, scale, params, grads, &mut w.state)?;
+                    dev.synchronize()?;
+                    spans.push(Span {
+                        kind: SpanKind::Optimizer,
+                        label: "optimizer".into(),
+                        start: ostart,
+                        end: now(),
+                    });
+                    return Ok(WorkerOut { loss: if is_last { loss } else { 0.0 }, grad_norm, spans, comm_spans });
+                }
+            }
+        }
+    }
+    Err(Error::Parallel(format!("stage {s}'s schedule has no optimizer step")))
+}

@@ -1,0 +1,239 @@
+//! Training over several devices: a mesh of `dp` data-parallel replicas, each a pipeline of
+//! `pp` stages (model parallelism), and everything the engine needs: plans (which layers go
+//! to which stage, how many microbatches, which schedule), schedules as checked data,
+//! communicators, the executor, the planner and timelines.
+//!
+//! The shard arithmetic lives here as pure functions; one device is the degenerate plan
+//! (dp = pp = microbatches = 1) of the same engine.
+
+pub mod comm;
+pub mod engine;
+pub mod planner;
+pub mod schedule;
+pub mod timeline;
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::nn::MlpConfig;
+pub use schedule::ScheduleKind;
+
+/// The shape of the device grid: `dp` replicas of a `pp`-stage pipeline. Device `r * pp + s`
+/// of the list runs stage `s` of replica `r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mesh {
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Pipeline stages per replica.
+    pub pp: usize,
+}
+
+impl Mesh {
+    /// Devices the mesh needs.
+    pub fn devices(&self) -> usize {
+        self.dp * self.pp
+    }
+    /// The device index of stage `s` of replica `r`.
+    pub fn device(&self, r: usize, s: usize) -> usize {
+        r * self.pp + s
+    }
+}
+
+/// How one training step runs on a mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The mesh.
+    pub mesh: Mesh,
+    /// The model's layers on each stage: contiguous, in order, covering every layer.
+    pub stages: Vec<Range<usize>>,
+    /// Microbatches per replica per step.
+    pub microbatches: usize,
+    /// The pipeline schedule.
+    pub schedule: ScheduleKind,
+    /// Pipeline passes per step whose gradients accumulate before the one all-reduce
+    /// (gradient accumulation; 1: none).
+    pub accumulate: usize,
+}
+
+impl Plan {
+    /// A plan whose stages are balanced by FLOPs.
+    pub fn new(model: &MlpConfig, dp: usize, pp: usize, microbatches: usize, schedule: ScheduleKind) -> Result<Self> {
+        if dp == 0 || pp == 0 || microbatches == 0 {
+            return Err(Error::Invalid(format!(
+                "dp, pp and microbatches must be at least 1 (got {dp}, {pp}, {microbatches})"
+            )));
+        }
+        if pp > model.depth() {
+            return Err(Error::Invalid(format!(
+                "pp = {pp} stages for a model of {} layers ({}): each stage needs at least one layer",
+                model.depth(),
+                model.widths_string()
+            )));
+        }
+        Ok(Plan { mesh: Mesh { dp, pp }, stages: balance(model, pp), microbatches, schedule, accumulate: 1 })
+    }
+
+    /// The single-device plan.
+    pub fn single(model: &MlpConfig) -> Self {
+        Plan::new(model, 1, 1, 1, ScheduleKind::GPipe).unwrap()
+    }
+
+    /// Replaces the stage assignment with the user's (layer counts per stage, e.g. `[1, 3]`).
+    pub fn with_layers_per_stage(mut self, model: &MlpConfig, counts: &[usize]) -> Result<Self> {
+        if counts.len() != self.mesh.pp || counts.contains(&0) || counts.iter().sum::<usize>() != model.depth() {
+            return Err(Error::Invalid(format!(
+                "layers per stage {counts:?}: need {} positive counts summing to the model's {} layers",
+                self.mesh.pp,
+                model.depth()
+            )));
+        }
+        let mut start = 0;
+        self.stages = counts
+            .iter()
+            .map(|c| {
+                let r = start..start + c;
+                start += c;
+                r
+            })
+            .collect();
+        Ok(self)
+    }
+
+    /// Sets the gradient-accumulation passes.
+    pub fn with_accumulate(mut self, passes: usize) -> Result<Self> {
+        if passes == 0 {
+            return Err(Error::Invalid("gradient accumulation needs at least 1 pass".into()));
+        }
+        self.accumulate = passes;
+        Ok(self)
+    }
+
+    /// Checks the plan against a model.
+    pub fn validate(&self, model: &MlpConfig) -> Result<()> {
+        let mut next = 0;
+        for (s, r) in self.stages.iter().enumerate() {
+            if r.start != next || r.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "stage {s} holds layers {r:?}; stages must be contiguous and non-empty"
+                )));
+            }
+            next = r.end;
+        }
+        if next != model.depth() || self.stages.len() != self.mesh.pp {
+            return Err(Error::Invalid(format!(
+                "the stages cover layers 0..{next} in {} stages; the model has {} layers and the mesh {} stages",
+                self.stages.len(),
+                model.depth(),
+                self.mesh.pp
+            )));
+        }
+        Ok(())
+    }
+
+    /// A one-line description, e.g. `dp=2 x pp=2, 4 microbatches, 1f1b, stages [0..2, 2..3]`.
+    pub fn describe(&self) -> String {
+        let acc =
+            if self.accumulate > 1 { format!(", {} accumulation passes", self.accumulate) } else { String::new() };
+        format!(
+            "dp={} x pp={}, {} microbatch{}, {}{acc}, stages {:?}",
+            self.mesh.dp,
+            self.mesh.pp,
+            self.microbatches,
+            if self.microbatches == 1 { "" } else { "es" },
+            self.schedule,
+            self.stages
+        )
+    }
+}
+
+/// Splits the model's layers into `pp` contiguous stages minimising the largest stage's FLOPs
+/// (exact, by dynamic programming over the layers).
+pub fn balance(model: &MlpConfig, pp: usize) -> Vec<Range<usize>> {
+    let cost: Vec<f64> = model.widths.windows(2).map(|w| (w[0] * w[1] + w[1]) as f64).collect();
+    let n = cost.len();
+    let pp = pp.clamp(1, n);
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(cost.iter().scan(0.0, |a, c| {
+            *a += c;
+            Some(*a)
+        }))
+        .collect();
+    // best[k][i]: the least max-stage cost of layers 0..i in k stages; cut[k][i]: where the last starts.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; pp + 1];
+    let mut cut = vec![vec![0usize; n + 1]; pp + 1];
+    best[0][0] = 0.0;
+    for k in 1..=pp {
+        for i in k..=n {
+            for j in (k - 1)..i {
+                let c = best[k - 1][j].max(prefix[i] - prefix[j]);
+                if c < best[k][i] {
+                    best[k][i] = c;
+                    cut[k][i] = j;
+                }
+            }
+        }
+    }
+    let mut stages = Vec::with_capacity(pp);
+    let mut end = n;
+    for k in (1..=pp).rev() {
+        let start = cut[k][end];
+        stages.push(start..end);
+        end = start;
+    }
+    stages.reverse();
+    stages
+}
+
+/// Splits `n` rows into `parts` contiguous shares as evenly as possible (the first `n % parts`
+/// get one more). Every share must get a row: otherwise an error that says how many rows the
+/// split needs.
+pub fn split_rows(n: usize, parts: usize, what: &str) -> Result<Vec<Range<usize>>> {
+    if parts == 0 {
+        return Err(Error::Invalid(format!("cannot split {n} rows into 0 {what}")));
+    }
+    if n < parts {
+        return Err(Error::Invalid(format!(
+            "a batch of {n} rows cannot be split into {parts} {what}: each needs at least one row (use a batch of at least {parts})"
+        )));
+    }
+    Ok(comm::chunks(n, parts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Activation;
+
+    #[test]
+    fn balance_minimises_the_largest_stage() {
+        let m = MlpConfig::new(vec![784, 512, 512, 10], Activation::Relu).unwrap();
+        assert_eq!(balance(&m, 1), vec![0..3]);
+        assert_eq!(balance(&m, 2), vec![0..1, 1..3]);
+        assert_eq!(balance(&m, 3), vec![0..1, 1..2, 2..3]);
+        let m = MlpConfig::new(vec![8, 8, 8, 8, 8, 8, 8], Activation::Relu).unwrap();
+        assert_eq!(balance(&m, 3), vec![0..2, 2..4, 4..6]);
+        assert_eq!(balance(&m, 4).iter().map(|r| r.len()).max(), Some(2));
+    }
+
+    #[test]
+    fn split_rows_is_even_and_refuses_empty_shares() {
+        assert_eq!(split_rows(10, 4, "replicas").unwrap(), vec![0..3, 3..6, 6..8, 8..10]);
+        let e = split_rows(3, 4, "replicas x microbatches").unwrap_err().to_string();
+        assert!(e.contains("a batch of 3 rows cannot be split into 4 replicas x microbatches"), "{e}");
+    }
+
+    #[test]
+    fn plans_check_their_stages() {
+        let m = MlpConfig::new(vec![4, 4, 4, 4], Activation::Relu).unwrap();
+        let p = Plan::new(&m, 2, 2, 3, ScheduleKind::OneFOneB).unwrap();
+        p.validate(&m).unwrap();
+        assert_eq!(p.describe(), "dp=2 x pp=2, 3 microbatches, 1f1b, stages [0..1, 1..3]");
+        assert!(Plan::new(&m, 1, 4, 1, ScheduleKind::GPipe)
+            .unwrap_err()
+            .to_string()
+            .contains("each stage needs at least one layer"));
+        let p = p.with_layers_per_stage(&m, &[2, 1]).unwrap();
+        assert_eq!(p.stages, vec![0..2, 2..3]);
+        assert!(Plan::new(&m, 1, 2, 1, ScheduleKind::GPipe).unwrap().with_layers_per_stage(&m, &[3, 1]).is_err());
+    }
+}

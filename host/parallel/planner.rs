@@ -1,0 +1,311 @@
+//! The planner: from the model, the batch, the devices and their memory, it estimates memory
+//! per device (weights, gradients, optimizer state, activations of the microbatches in
+//! flight) and step time (compute from a measured or stated FLOP rate, transfers between
+//! stages, the pipeline bubble, the all-reduce), picks dp, pp and microbatches, and says why.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::ops::gemm::Gemm;
+use crate::ops::Ops;
+use crate::parallel::schedule::{bubble_fraction, Schedule, ScheduleKind};
+use crate::parallel::Plan;
+use crate::train::TrainConfig;
+
+/// What one device offers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Memory per device, bytes.
+    pub memory: u64,
+    /// Sustained f32 GEMM rate of one device, FLOP/s.
+    pub flops: f64,
+    /// Bandwidth of a transfer between two devices, bytes/s.
+    pub link: f64,
+}
+
+impl Budget {
+    /// Measures a device's GEMM rate and copy bandwidth (a fraction of a second) and takes
+    /// `memory` as its memory. Logical devices sharing one CPU or GPU share its rate: pass
+    /// `sharing` = how many of them there are.
+    pub fn measure<B: Ops>(dev: &B, memory: u64, sharing: usize) -> Result<Self> {
+        let n = 384;
+        let a = dev.upload(&vec![0.5f32; n * n])?;
+        let mut c = dev.alloc::<f32>(n * n)?;
+        let g = Gemm::new(n, n, n);
+        let run = |c: &mut B::Buf<f32>| dev.gemm(&g, &B::view(&a), &B::view(&a), None, &mut B::view_mut(c), None);
+        run(&mut c)?;
+        dev.synchronize()?;
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            run(&mut c)?;
+        }
+        dev.synchronize()?;
+        let flops = g.flops() * reps as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let len = 1 << 20;
+        let src = dev.alloc::<f32>(len)?;
+        let mut dst = dev.alloc::<f32>(len)?;
+        dev.copy(&B::view(&src), &mut B::view_mut(&mut dst))?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            dev.copy(&B::view(&src), &mut B::view_mut(&mut dst))?;
+        }
+        dev.synchronize()?;
+        let link = (len * 4 * reps) as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let k = sharing.max(1) as f64;
+        Ok(Budget { memory, flops: flops / k, link: link / k })
+    }
+}
+
+/// The estimate of one plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    /// The plan.
+    pub plan: Plan,
+    /// Bytes per device, per stage: weights, gradients, optimizer state, staging, activations.
+    pub memory: Vec<MemoryUse>,
+    /// Pipeline time of forward and backward, bubble included, seconds.
+    pub pipeline: f64,
+    /// Stage-to-stage transfers, seconds.
+    pub transfer: f64,
+    /// Gradient all-reduce, seconds (an upper bound: buckets overlap backward).
+    pub all_reduce: f64,
+    /// The step, seconds.
+    pub step: f64,
+    /// GPipe's bubble `(p - 1) / (m + p - 1)` for this plan.
+    pub bubble: f64,
+}
+
+/// Memory of one stage's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Weights, bytes.
+    pub weights: u64,
+    /// Gradients (and the all-reduce staging), bytes.
+    pub grads: u64,
+    /// Optimizer state, bytes.
+    pub optimizer: u64,
+    /// Activations of the microbatches in flight and backward scratch, bytes.
+    pub activations: u64,
+}
+
+impl MemoryUse {
+    /// All of it.
+    pub fn total(&self) -> u64 {
+        self.weights + self.grads + self.optimizer + self.activations
+    }
+}
+
+/// `1.5 GiB`, `320 MiB`, `12 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// Parses `2GiB`, `512MiB`, `1.5G`, `3000000` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 =
+        num.trim().parse().map_err(|_| Error::Invalid(format!("`{s}` is not a size: use e.g. 2GiB, 512MiB")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(Error::Invalid(format!("unknown size unit `{other}` in `{s}`: use KiB, MiB, GiB"))),
+    };
+    Ok((x * mult as f64) as u64)
+}
+
+/// Estimates memory and step time of `plan` for `cfg` at global batch `batch`.
+pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -> Estimate {
+    let model = &cfg.model;
+    let layout = model.layout();
+    let (dp, pp) = (plan.mesh.dp, plan.mesh.pp);
+    let mbs = plan.microbatches * plan.accumulate;
+    let rows = batch.div_ceil(dp).div_ceil(mbs).max(1) as u64;
+    let slots = cfg.optimizer.slots().len() as u64;
+    let sched = Schedule::build(plan.schedule, pp, plan.microbatches, &vec![0; pp]).ok();
+    let peak =
+        sched.as_ref().and_then(|s| s.check().ok()).map(|s| s.peak_in_flight).unwrap_or(vec![plan.microbatches; pp]);
+    let mut memory = Vec::with_capacity(pp);
+    let mut fwd = Vec::with_capacity(pp);
+    for (s, layers) in plan.stages.iter().enumerate() {
+        let params: u64 = layout[layers.clone()].iter().map(|l| (l.bias.end - l.weight.start) as u64).sum();
+        let per_row: u64 = model.widths[layers.start] as u64
+            + layout[layers.clone()].iter().map(|l| 2 * l.fan_out as u64).sum::<u64>();
+        let widest = *model.widths[layers.start..=layers.end].iter().max().unwrap() as u64;
+        memory.push(MemoryUse {
+            weights: 4 * params,
+            grads: 4 * params * if dp > 1 { 2 } else { 1 },
+            optimizer: 4 * params * slots,
+            activations: 4 * rows * (per_row * peak[s] as u64 + 2 * widest),
+        });
+        let flops: f64 =
+            layout[layers.clone()].iter().map(|l| 2.0 * (rows as f64) * (l.fan_in * l.fan_out) as f64).sum();
+        fwd.push(flops / budget.flops);
+    }
+    let bwd: Vec<f64> = fwd.iter().map(|f| 2.0 * f).collect();
+    let pipeline = match &sched {
+        Some(s) => s.simulate(&fwd, &bwd).1 * plan.accumulate as f64,
+        None => f64::INFINITY,
+    };
+    let boundary = plan.stages.iter().skip(1).map(|r| model.widths[r.start]).max().unwrap_or(0) as f64;
+    let transfer = if pp > 1 { (mbs as f64) * 2.0 * rows as f64 * boundary * 4.0 / budget.link } else { 0.0 };
+    let biggest = memory.iter().map(|m| m.weights).max().unwrap_or(0) as f64;
+    let all_reduce = if dp > 1 { 2.0 * (dp - 1) as f64 / dp as f64 * biggest / budget.link } else { 0.0 };
+    Estimate {
+        plan: plan.clone(),
+        memory,
+        pipeline,
+        transfer,
+        all_reduce,
+        step: pipeline + transfer + all_reduce,
+        bubble: bubble_fraction(pp, plan.microbatches),
+    }
+}
+
+/// Chooses dp, pp and microbatches for `devices` devices: the fastest estimated plan that fits
+/// in memory. `schedule` fixes the pipeline schedule (default 1F1B, which holds fewer
+/// activations). Returns the plan, its estimate and the reasons.
+pub fn choose(
+    cfg: &TrainConfig,
+    batch: usize,
+    devices: usize,
+    budget: &Budget,
+    schedule: Option<ScheduleKind>,
+) -> Result<(Plan, Estimate, String)> {
+    let model = &cfg.model;
+    let kind = schedule.unwrap_or(ScheduleKind::OneFOneB);
+    let mut candidates = Vec::new();
+    for pp in (1..=devices.min(model.depth())).filter(|p| devices % p == 0) {
+        let dp = devices / pp;
+        for m in [1usize, 2, 4, 8, 16, 32] {
+            if dp * m > batch || (pp == 1 && m > 1) {
+                continue;
+            }
+            let plan = Plan::new(model, dp, pp, m, kind)?;
+            candidates.push(estimate(cfg, batch, &plan, budget));
+        }
+    }
+    let replica = estimate(cfg, batch, &Plan::new(model, 1, 1, 1, kind)?, budget);
+    let need_one = replica.memory[0].total();
+    let fits: Vec<&Estimate> =
+        candidates.iter().filter(|e| e.memory.iter().all(|m| m.total() <= budget.memory)).collect();
+    let best =
+        fits.iter().min_by(|a, b| a.step.partial_cmp(&b.step).unwrap().then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)));
+    let opt = cfg.optimizer.name();
+    let Some(best) = best else {
+        let least = candidates
+            .iter()
+            .min_by_key(|e| e.memory.iter().map(|m| m.total()).max().unwrap())
+            .expect("at least the single-stage plan");
+        let worst = least.memory.iter().map(|m| m.total()).max().unwrap();
+        return Err(Error::Parallel(format!(
+            "{} in {opt} at batch {batch} does not fit: the leanest plan over {devices} device(s) ({}) needs {} on its fullest device, {} per device given: short by {}",
+            model.widths_string(),
+            least.plan.describe(),
+            human_bytes(worst),
+            human_bytes(budget.memory),
+            human_bytes(worst - budget.memory)
+        )));
+    };
+    let fullest = best.memory.iter().map(|m| m.total()).max().unwrap();
+    let mut why = format!(
+        "{} in {opt} at batch {batch} needs {} per replica ({} weights, {} gradients, {} optimizer state, {} activations); {} per device given",
+        model.widths_string(),
+        human_bytes(need_one),
+        human_bytes(replica.memory[0].weights),
+        human_bytes(replica.memory[0].grads),
+        human_bytes(replica.memory[0].optimizer),
+        human_bytes(replica.memory[0].activations),
+        human_bytes(budget.memory)
+    );
+    let (dp, pp) = (best.plan.mesh.dp, best.plan.mesh.pp);
+    if pp > 1 && need_one > budget.memory {
+        why.push_str(&format!(": pp={pp} to fit ({} on the fullest stage)", human_bytes(fullest)));
+    } else if pp > 1 {
+        why.push_str(&format!(": pp={pp} is estimated fastest"));
+    } else {
+        why.push_str(": one stage fits");
+    }
+    why.push_str(&format!(
+        "; dp={dp}, {} microbatch(es), {}: estimated step {:.2} ms (pipeline {:.2} ms, bubble {:.0}%, transfers {:.2} ms, all-reduce {:.2} ms)",
+        best.plan.microbatches,
+        best.plan.schedule,
+        best.step * 1e3,
+        best.pipeline * 1e3,
+        100.0 * best.bubble,
+        best.transfer * 1e3,
+        best.all_reduce * 1e3
+    ));
+    Ok((best.plan.clone(), (*best).clone(), why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::MlpConfig;
+    use crate::train::{LrSchedule, OptimizerConfig};
+    use crate::{Activation, AdamW};
+
+    fn cfg(widths: Vec<usize>) -> TrainConfig {
+        TrainConfig {
+            model: MlpConfig::new(widths, Activation::Relu).unwrap(),
+            optimizer: OptimizerConfig::AdamW(AdamW::default()),
+            schedule: LrSchedule::Constant,
+            clip_norm: None,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("2 parsecs").is_err());
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn a_model_too_big_for_one_device_is_split_and_the_reason_given() {
+        // 784-8192x8-10: about 470M parameters... too many for a test; use 784-4096x4-10.
+        let mut widths = vec![784];
+        widths.extend([4096; 4]);
+        widths.push(10);
+        let c = cfg(widths);
+        let budget = Budget { memory: 700 << 20, flops: 1e12, link: 1e10 };
+        let (plan, est, why) = choose(&c, 256, 2, &budget, None).unwrap();
+        assert_eq!(plan.mesh.pp, 2, "{why}");
+        assert!(why.contains("per replica") && why.contains("pp=2 to fit"), "{why}");
+        assert!(est.memory.iter().all(|m| m.total() <= budget.memory));
+        // Weights, gradients and two AdamW moments: 16 bytes a parameter.
+        let p = c.model.param_count() as u64;
+        let one = estimate(&c, 256, &Plan::single(&c.model), &budget);
+        assert_eq!(one.memory[0].weights + one.memory[0].grads + one.memory[0].optimizer, 16 * p);
+
+        let tiny = Budget { memory: 10 << 20, ..budget };
+        let e = choose(&c, 256, 2, &tiny, None).unwrap_err().to_string();
+        assert!(e.contains("does not fit") && e.contains("short by"), "{e}");
+    }
+
+    #[test]
+    fn enough_memory_means_data_parallel() {
+        let c = cfg(vec![784, 512, 512, 10]);
+        let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10 };
+        let (plan, _, why) = choose(&c, 128, 4, &budget, None).unwrap();
+        assert_eq!(plan.mesh.dp * plan.mesh.pp, 4, "{why}");
+        assert_eq!(plan.mesh.dp, 4, "{why}");
+    }
+}

@@ -1,0 +1,162 @@
+//! The oracle: any plan trains to the same weights as one device on the same batches.
+
+use tessera::data::Dataset;
+use tessera::nn::MlpConfig;
+use tessera::parallel::engine::Engine;
+use tessera::parallel::{Plan, ScheduleKind};
+use tessera::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig, Trainer};
+use tessera::{Activation, AdamW, CpuDevice, Sgd};
+
+const WIDTHS: [usize; 5] = [12, 16, 16, 16, 5];
+
+fn config(opt: OptimizerConfig) -> TrainConfig {
+    TrainConfig {
+        model: MlpConfig::new(WIDTHS.to_vec(), Activation::GeluTanh).unwrap(),
+        optimizer: opt,
+        schedule: LrSchedule::Constant,
+        clip_norm: None,
+        seed: 5,
+    }
+}
+
+fn sgd() -> OptimizerConfig {
+    OptimizerConfig::Sgd(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-3 })
+}
+
+fn data() -> Dataset {
+    Dataset::synthetic(26 * 5, &[12, 20, 5], 9).unwrap()
+}
+
+/// The single-device reference: 5 steps of 26 rows (a batch that splits unevenly).
+fn reference(cfg: &TrainConfig, steps: u64) -> Vec<f32> {
+    let dev = CpuDevice::new(0);
+    let mut t = Trainer::new(&dev, cfg.clone()).unwrap();
+    t.fit(&data(), 26, steps, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+    t.model().download_params(&dev).unwrap()
+}
+
+fn run(cfg: &TrainConfig, plan: Plan, steps: u64) -> (Vec<f32>, Engine<CpuDevice>) {
+    let devs: Vec<CpuDevice> = (0..plan.mesh.devices()).map(CpuDevice::new).collect();
+    let mut e = Engine::new(&devs, cfg.clone(), plan).unwrap();
+    tessera::train::fit(&mut e, &data(), 26, steps, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+    (e.params().unwrap(), e)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    d / n
+}
+
+#[test]
+fn every_plan_of_the_grid_matches_one_device() {
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    let mut worst = 0f64;
+    for dp in [1, 2, 4] {
+        for pp in [1, 2, 3] {
+            for m in [1, 2, 4, 6] {
+                for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+                    let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+                    let desc = plan.describe();
+                    let (got, e) = run(&cfg, plan, 5);
+                    let err = rel_err(&got, &want);
+                    worst = worst.max(err);
+                    assert!(err <= 1e-5, "{desc}: ||w - w_ref|| / ||w_ref|| = {err:.3e}");
+                    assert!(e.replicas_identical().unwrap(), "{desc}: replicas diverged");
+                }
+            }
+        }
+    }
+    eprintln!("worst relative error over the grid: {worst:.3e}");
+}
+
+#[test]
+fn adamw_with_clipping_and_a_schedule_matches_on_several_plans() {
+    let mut cfg = config(OptimizerConfig::AdamW(AdamW { lr: 1e-2, ..AdamW::default() }));
+    cfg.clip_norm = Some(0.3);
+    cfg.schedule = LrSchedule::Cosine { warmup: 2, total: 5, min_factor: 0.1 };
+    let want = reference(&cfg, 5);
+    for (dp, pp, m, kind) in
+        [(2, 2, 4, ScheduleKind::OneFOneB), (4, 1, 1, ScheduleKind::GPipe), (1, 3, 6, ScheduleKind::GPipe)]
+    {
+        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let desc = plan.describe();
+        let (got, e) = run(&cfg, plan, 5);
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-4, "{desc}: relative error {err:.3e}");
+        assert!(e.replicas_identical().unwrap());
+    }
+}
+
+#[test]
+fn one_device_is_the_same_computation_as_the_trainer() {
+    let cfg = config(sgd());
+    let (got, _) = run(&cfg, Plan::single(&cfg.model), 5);
+    assert_eq!(got, reference(&cfg, 5), "dp=pp=m=1 must be bit-identical to the single-device trainer");
+}
+
+#[test]
+fn gradient_accumulation_equals_more_microbatches() {
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    let plan = Plan::new(&cfg.model, 2, 2, 2, ScheduleKind::OneFOneB).unwrap().with_accumulate(3).unwrap();
+    let (got, e) = run(&cfg, plan, 5);
+    assert!(rel_err(&got, &want) <= 1e-5);
+    assert!(e.replicas_identical().unwrap());
+}
+
+#[test]
+fn batches_too_small_for_the_plan_are_refused_clearly() {
+    let cfg = config(sgd());
+    let devs: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
+    let plan = Plan::new(&cfg.model, 2, 2, 4, ScheduleKind::GPipe).unwrap();
+    let mut e = Engine::new(&devs, cfg.clone(), plan.clone()).unwrap();
+    let d = data();
+    let (x, y) = d.gather(&[0, 1, 2, 3, 4]);
+    let err = e.step(&x, &y).unwrap_err().to_string();
+    assert!(
+        err.contains("a batch of 5 rows cannot be split into dp=2 replicas x 4 microbatches")
+            && err.contains("at least 8"),
+        "{err}"
+    );
+    let err = Engine::new(&devs[..3], cfg, plan).err().unwrap().to_string();
+    assert!(err.contains("needs 4 devices, 3 given"), "{err}");
+}
+
+#[test]
+fn a_checkpoint_moves_between_plans() {
+    let cfg = config(OptimizerConfig::AdamW(AdamW { lr: 1e-2, ..AdamW::default() }));
+    let want = reference(&cfg, 5);
+    // 2 steps on dp=2 x pp=2, then 3 more on dp=1 x pp=3 from its parameters and state.
+    let plan = Plan::new(&cfg.model, 2, 2, 2, ScheduleKind::GPipe).unwrap();
+    let devs: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
+    let mut a = Engine::new(&devs, cfg.clone(), plan).unwrap();
+    let mut cursor = Cursor::default();
+    tessera::train::fit(&mut a, &data(), 26, 2, &mut cursor, |_, _, _| Ok(())).unwrap();
+    let (p, s) = (a.params().unwrap(), a.optimizer_state().unwrap());
+    let plan = Plan::new(&cfg.model, 1, 3, 3, ScheduleKind::OneFOneB).unwrap();
+    let devs: Vec<CpuDevice> = (0..3).map(CpuDevice::new).collect();
+    let mut b = Engine::with_state(&devs, cfg, plan, &p, Some(&s), 2).unwrap();
+    tessera::train::fit(&mut b, &data(), 26, 5, &mut cursor, |_, _, _| Ok(())).unwrap();
+    assert!(rel_err(&b.params().unwrap(), &want) <= 1e-4);
+}
+
+#[test]
+fn the_timeline_shows_every_device_and_its_idle_time() {
+    let cfg = config(sgd());
+    let plan = Plan::new(&cfg.model, 2, 2, 4, ScheduleKind::GPipe).unwrap();
+    let (_, e) = run(&cfg, plan, 1);
+    let t = e.timeline().unwrap();
+    assert_eq!(t.lanes.len(), 4);
+    for lane in &t.lanes {
+        let f = lane.spans.iter().filter(|s| s.label.starts_with('F')).count();
+        let b = lane.spans.iter().filter(|s| s.label.starts_with('B')).count();
+        assert_eq!((f, b), (4, 4), "{}", lane.name);
+        assert!(!lane.comm.is_empty(), "{}: no all-reduce recorded", lane.name);
+    }
+    let idle = t.idle_fraction();
+    assert!((0.0..1.0).contains(&idle), "{idle}");
+    let svg = t.to_svg("step", "s");
+    assert!(svg.contains("replica 1, stage 1") && svg.contains("all-reduce"), "{}", &svg[..200.min(svg.len())]);
+}
