@@ -10,8 +10,13 @@ use tessera::backend::cuda;
 use tessera::checkpoint::Checkpoint;
 use tessera::data::{batches_per_epoch, Dataset};
 use tessera::kernels::{KERNELS, MANIFEST};
-use tessera::nn::{Mlp, MlpConfig};
-use tessera::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig, Trainer};
+use tessera::nn::MlpConfig;
+use tessera::parallel::engine::Engine;
+use tessera::parallel::planner::{self, human_bytes, parse_bytes, Budget};
+use tessera::parallel::schedule::Schedule;
+use tessera::parallel::timeline::Timeline;
+use tessera::parallel::{Plan, ScheduleKind};
+use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
 
 /// tessera: hand-written CUDA kernels and a host library for training on CPU and GPU devices.
@@ -39,6 +44,9 @@ enum Cmd {
     /// Train an MLP classifier (by default 784-512-512-10 on the 10,000 vendored MNIST digits:
     /// 8,000 to train, 2,000 to test) and report the test accuracy.
     Train(TrainArgs),
+    /// Print the plan of a run over several devices (mesh, stages, schedule chart, memory per
+    /// device, estimated step time and bubble) without training.
+    Plan(PlanArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -91,7 +99,7 @@ struct TrainArgs {
     weight_decay: Option<f32>,
     /// Learning-rate schedule [default: constant].
     #[arg(long, value_enum)]
-    schedule: Option<SchedName>,
+    lr_schedule: Option<SchedName>,
     /// Warm-up steps of the cosine schedule.
     #[arg(long, default_value_t = 0)]
     warmup: u64,
@@ -114,6 +122,66 @@ struct TrainArgs {
     /// Print a machine-readable summary (JSON) instead of the progress bar and text.
     #[arg(long)]
     json: bool,
+    /// Write an SVG of what each device did during the last step.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+/// How to spread a step over the devices.
+#[derive(clap::Args, Debug, Clone)]
+struct MeshArgs {
+    /// Data-parallel replicas (default: devices / pp).
+    #[arg(long)]
+    dp: Option<usize>,
+    /// Pipeline stages per replica [default: 1].
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Microbatches per replica per step [default: 1, or pp x 2 when pp > 1].
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Layers per stage, e.g. 1,2 (default: balanced by FLOPs).
+    #[arg(long)]
+    layers_per_stage: Option<String>,
+    /// Pipeline passes whose gradients accumulate before the all-reduce [default: 1].
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and microbatches.
+    #[arg(long, default_value = "auto")]
+    plan: String,
+    /// Memory per device for the planner, e.g. 2GiB [default: the device's memory, shared
+    /// among logical devices].
+    #[arg(long)]
+    memory: Option<String>,
+}
+
+/// `tessera plan`: what a run would do, without running it.
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// Devices: cpu:N, cuda:KxN, ...
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Layer widths from inputs to classes.
+    #[arg(long, default_value = "784,512,512,10")]
+    widths: String,
+    /// Optimizer (its state is part of the memory).
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptName,
+    /// Samples per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Sustained GEMM rate of one device in GFLOP/s (default: measured).
+    #[arg(long)]
+    gflops: Option<f64>,
+    /// Draw the planned schedule as an SVG.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +190,7 @@ fn main() -> ExitCode {
         Cmd::Devices => devices(),
         Cmd::Kernels { verbose } => kernels(verbose),
         Cmd::Train(args) => train(args),
+        Cmd::Plan(args) => plan(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,7 +367,7 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
             weight_decay: a.weight_decay.unwrap_or(0.0),
         }),
     };
-    let schedule = match a.schedule.unwrap_or(SchedName::Constant) {
+    let schedule = match a.lr_schedule.unwrap_or(SchedName::Constant) {
         SchedName::Constant => LrSchedule::Constant,
         // The total is filled in once the data (and so the steps per epoch) is known.
         SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup, total: 0, min_factor: 0.0 },
@@ -344,12 +413,6 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     }
     let spec: DeviceSpec = a.device.parse()?;
     let (devices, chosen) = spec.open()?;
-    if devices.len() > 1 {
-        return Err(Error::Invalid(format!(
-            "--device {spec} opens {} devices; `tessera train` runs on one device (cpu, cuda or cuda:K)",
-            devices.len()
-        )));
-    }
     if !a.json {
         eprintln!("{chosen}");
         eprintln!(
@@ -365,14 +428,182 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         );
     }
     match devices {
-        Devices::Cpu(d) => run_training(&d[0], &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
-        Devices::Cuda(d) => run_training(&d[0], &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Cpu(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Cuda(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
     }
+}
+
+/// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
+/// shared evenly.
+fn device_memory<B: Ops>(devs: &[B]) -> u64 {
+    let any: &dyn std::any::Any = &devs[0];
+    let total = if let Some(g) = any.downcast_ref::<tessera::CudaDevice>() {
+        g.info().total_mem as u64
+    } else {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(8 << 30)
+    };
+    total / devs.len() as u64
+}
+
+/// The plan for `devs` from the flags, or from the planner; returns it with a line of reasons.
+fn make_plan<B: Ops>(
+    devs: &[B],
+    m: &MeshArgs,
+    cfg: &TrainConfig,
+    batch: usize,
+    gflops: Option<f64>,
+) -> tessera::Result<(Plan, String, Option<Budget>)> {
+    let n = devs.len();
+    let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
+    let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;
+    if m.plan != "auto" && m.plan != "manual" {
+        return Err(Error::Invalid(format!(
+            "--plan {}: use auto (the planner decides) or give --dp/--pp/--microbatches",
+            m.plan
+        )));
+    }
+    let mut plan = if manual {
+        let pp = m.pp.unwrap_or(1);
+        if pp == 0 || (m.dp.is_none() && n % pp != 0) {
+            return Err(Error::Invalid(format!("--pp {pp} does not divide the {n} devices opened")));
+        }
+        let dp = m.dp.unwrap_or(n / pp);
+        if dp * pp != n {
+            return Err(Error::Invalid(format!(
+                "--dp {dp} x --pp {pp} needs {} devices, but --device opened {n}: use --device cpu:{} (or cuda:0x{})",
+                dp * pp,
+                dp * pp,
+                dp * pp
+            )));
+        }
+        let micro = m.microbatches.unwrap_or(if pp > 1 { 2 * pp } else { 1 });
+        (
+            Plan::new(&cfg.model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?,
+            "given by the flags".to_string(),
+            None,
+        )
+    } else {
+        let memory = match &m.memory {
+            Some(s) => parse_bytes(s)?,
+            None => device_memory(devs),
+        };
+        let mut budget = Budget::measure(&devs[0], memory, n)?;
+        if let Some(g) = gflops {
+            budget.flops = g * 1e9;
+        }
+        let (p, _, why) = planner::choose(cfg, batch, n, &budget, kind)?;
+        (p, format!("planner: {why}"), Some(budget))
+    };
+    if let Some(lps) = &m.layers_per_stage {
+        let counts = MlpConfig::parse_widths(lps)?;
+        plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
+    }
+    plan.0 = plan.0.with_accumulate(m.accumulate)?;
+    Ok(plan)
+}
+
+fn plan(a: PlanArgs) -> tessera::Result<()> {
+    let model = MlpConfig::new(MlpConfig::parse_widths(&a.widths)?, Activation::Relu)?;
+    let optimizer = match a.optimizer {
+        OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
+        OptName::Sgd => OptimizerConfig::Sgd(Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 }),
+    };
+    let cfg = TrainConfig { model, optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
+    let spec: DeviceSpec = a.device.parse()?;
+    let (devices, chosen) = spec.open()?;
+    println!("{chosen}");
+    match devices {
+        Devices::Cpu(d) => print_plan(&d, &a, &cfg),
+        Devices::Cuda(d) => print_plan(&d, &a, &cfg),
+    }
+}
+
+fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::Result<()> {
+    let (plan, why, budget) = make_plan(devs, &a.mesh, cfg, a.batch, a.gflops)?;
+    let budget = match budget {
+        Some(b) => b,
+        None => {
+            let memory = match &a.mesh.memory {
+                Some(s) => parse_bytes(s)?,
+                None => device_memory(devs),
+            };
+            let mut b = Budget::measure(&devs[0], memory, devs.len())?;
+            if let Some(g) = a.gflops {
+                b.flops = g * 1e9;
+            }
+            b
+        }
+    };
+    let est = planner::estimate(cfg, a.batch, &plan, &budget);
+    let mesh = plan.mesh;
+    println!(
+        "model: {} ({} parameters), {}, batch {}",
+        cfg.model.widths_string(),
+        cfg.model.param_count(),
+        cfg.optimizer.name(),
+        a.batch
+    );
+    println!("plan: {} ({why})", plan.describe());
+    println!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
+    for r in 0..mesh.dp {
+        let names: Vec<String> = (0..mesh.pp).map(|s| devs[mesh.device(r, s)].name()).collect();
+        println!("  replica {r}: {}", names.join(" -> "));
+    }
+    let layout = cfg.model.layout();
+    println!("stages:");
+    for (s, layers) in plan.stages.iter().enumerate() {
+        let params: usize = layout[layers.clone()].iter().map(|l| l.bias.end - l.weight.start).sum();
+        let shapes: Vec<String> =
+            layout[layers.clone()].iter().map(|l| format!("{}x{}", l.fan_in, l.fan_out)).collect();
+        let m = &est.memory[s];
+        println!(
+            "  stage {s}: layers {layers:?} ({}), {params} parameters; memory {} (weights {}, gradients {}, optimizer {}, activations {})",
+            shapes.join(", "),
+            human_bytes(m.total()),
+            human_bytes(m.weights),
+            human_bytes(m.grads),
+            human_bytes(m.optimizer),
+            human_bytes(m.activations)
+        );
+    }
+    let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
+    let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
+    let stats = schedule.check()?;
+    println!("schedule: {} (checked: sound; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
+    print!("{}", schedule.chart());
+    println!(
+        "estimate: step {:.2} ms = pipeline {:.2} ms + transfers {:.2} ms + all-reduce {:.2} ms; bubble (p-1)/(m+p-1) = {:.1}%; device budget {} at {:.1} GFLOP/s, links {:.1} GB/s",
+        est.step * 1e3,
+        est.pipeline * 1e3,
+        est.transfer * 1e3,
+        est.all_reduce * 1e3,
+        100.0 * est.bubble,
+        human_bytes(budget.memory),
+        budget.flops / 1e9,
+        budget.link / 1e9
+    );
+    if let Some(path) = &a.svg {
+        let names: Vec<String> = (0..mesh.pp).map(|s| format!("stage {s} ({})", devs[s].name())).collect();
+        let t = Timeline::from_schedule(&schedule, &vec![1.0; mesh.pp], &vec![2.0; mesh.pp], &names);
+        let title = format!("planned {} for {}", plan.schedule, plan.describe());
+        std::fs::write(path, t.to_svg(&title, "units"))
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_training<B: Ops>(
-    dev: &B,
+    devs: &[B],
     a: &TrainArgs,
     cfg: TrainConfig,
     batch: usize,
@@ -381,13 +612,15 @@ fn run_training<B: Ops>(
     train_set: &Dataset,
     test_set: &Dataset,
 ) -> tessera::Result<()> {
+    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None)?;
+    if !a.json && devs.len() > 1 {
+        eprintln!("plan: {} ({why})", plan.describe());
+    }
     let (mut trainer, mut cursor) = match ckpt {
-        Some(c) => {
-            let model = Mlp::with_params(dev, cfg.model.clone(), &c.params)?;
-            (Trainer::from_parts(dev, cfg, model, Some(&c.state), c.step)?, c.cursor)
-        }
-        None => (Trainer::new(dev, cfg)?, Cursor::default()),
+        Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
+        None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
     };
+    let dev = &devs[0];
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
     let start_step = trainer.steps();
     let pb = if a.json {
@@ -407,7 +640,7 @@ fn run_training<B: Ops>(
     let mut last_loss = f32::NAN;
     let mut ema = None::<f32>;
     let stop = a.stop_at.map_or(total_steps, |s| s.min(total_steps));
-    trainer.fit(train_set, batch, stop, &mut cursor, |t, stats, rows| {
+    fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
         samples += rows;
         last_loss = stats.loss;
         if !stats.loss.is_finite() {
@@ -430,13 +663,33 @@ fn run_training<B: Ops>(
     pb.finish_and_clear();
     let eval = trainer.evaluate(test_set, 1000)?;
     let wall = t0.elapsed().as_secs_f64();
+    if let Some(path) = &a.timeline {
+        let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
+        let title = format!(
+            "step {} of {} on {}",
+            trainer.steps(),
+            trainer.plan().describe(),
+            trainer.device_names().join(", ")
+        );
+        std::fs::write(path, t.to_svg(&title, "s"))
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        if !a.json {
+            eprintln!(
+                "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
+                path.display(),
+                100.0 * t.idle_fraction(),
+                100.0
+                    * tessera::parallel::schedule::bubble_fraction(trainer.plan().mesh.pp, trainer.plan().microbatches)
+            );
+        }
+    }
     if let Some(path) = &a.save {
         let c = Checkpoint {
             config: trainer.config().clone(),
             batch,
             step: trainer.steps(),
             cursor,
-            params: trainer.model().download_params(dev)?,
+            params: trainer.params()?,
             state: trainer.optimizer_state()?,
         };
         c.save(path)?;
@@ -448,7 +701,8 @@ fn run_training<B: Ops>(
     let rate = samples as f64 / train_time.max(1e-9);
     if a.json {
         let j = serde_json::json!({
-            "device": dev.name(),
+            "device": trainer.device_names().join(","),
+            "plan": trainer.plan().describe(),
             "widths": trainer.config().model.widths,
             "activation": trainer.config().model.act.to_string(),
             "optimizer": trainer.config().optimizer.name(),
@@ -475,7 +729,7 @@ fn run_training<B: Ops>(
             eval.loss,
             steps_run,
             steps_run as f64 / per_epoch as f64,
-            dev.name(),
+            trainer.device_names().join(","),
             train_time,
             rate,
             wall

@@ -136,6 +136,10 @@ impl FromStr for MlpConfig {
     }
 }
 
+/// Called by [`Stage::backward`] with a local layer index and the gradient buffer as soon as
+/// that layer's gradients are final.
+pub type LayerDone<'a, B> = dyn FnMut(usize, &<B as Backend>::Buf<f32>) -> Result<()> + 'a;
+
 /// The activations one microbatch keeps between its forward and its backward on a stage.
 struct Acts<B: Backend> {
     rows: usize,
@@ -397,7 +401,7 @@ impl<B: Ops> Stage<B> {
         mb: usize,
         grad_out: Option<&B::Ref<'_, f32>>,
         loss_scale: f32,
-        layer_done: &mut dyn FnMut(usize, &B::Buf<f32>) -> Result<()>,
+        layer_done: &mut LayerDone<'_, B>,
     ) -> Result<Option<f32>> {
         let rows = self
             .slots

@@ -160,3 +160,104 @@ fn the_timeline_shows_every_device_and_its_idle_time() {
     let svg = t.to_svg("step", "s");
     assert!(svg.contains("replica 1, stage 1") && svg.contains("all-reduce"), "{}", &svg[..200.min(svg.len())]);
 }
+
+fn tessera(args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-par-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn cli_trains_on_a_mesh_to_the_accuracy_of_one_device() {
+    let timeline = tmp("timeline.svg");
+    let common = ["train", "--widths", "784,128,64,10", "--steps", "120", "--json"];
+    let mut one = common.to_vec();
+    one.extend(["--device", "cpu"]);
+    let (ok, out1, err) = tessera(&one);
+    assert!(ok, "{err}");
+    let mut mesh = common.to_vec();
+    mesh.extend(["--device", "cpu:4", "--dp", "2", "--pp", "2", "--microbatches", "4", "--schedule", "gpipe"]);
+    mesh.extend(["--timeline", timeline.to_str().unwrap()]);
+    let (ok, out4, err) = tessera(&mesh);
+    assert!(ok, "{err}");
+    let a: serde_json::Value = serde_json::from_str(out1.trim()).unwrap();
+    let b: serde_json::Value = serde_json::from_str(out4.trim()).unwrap();
+    assert_eq!(b["plan"], "dp=2 x pp=2, 4 microbatches, gpipe, stages [0..1, 1..3]");
+    let (x, y) = (a["test_accuracy"].as_f64().unwrap(), b["test_accuracy"].as_f64().unwrap());
+    assert!(x > 0.85 && (x - y).abs() <= 0.005, "one device {x}, dp=2 x pp=2 {y}");
+    let svg = std::fs::read_to_string(&timeline).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("cpu:3 (replica 1, stage 1)"), "{}", &svg[..300.min(svg.len())]);
+}
+
+#[test]
+fn cli_plan_prints_the_mesh_the_chart_and_the_estimate() {
+    let svg = tmp("plan.svg");
+    let (ok, out, err) = tessera(&[
+        "plan",
+        "--device",
+        "cpu:4",
+        "--dp",
+        "2",
+        "--pp",
+        "2",
+        "--microbatches",
+        "3",
+        "--schedule",
+        "1f1b",
+        "--gflops",
+        "50",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for want in [
+        "plan: dp=2 x pp=2, 3 microbatches, 1f1b",
+        "replica 1: cpu:2 -> cpu:3",
+        "stage 1: layers 1..3",
+        "activations in flight per stage [2, 1]",
+        "stage 0: F0 F1 ",
+        "bubble (p-1)/(m+p-1) = 25.0%",
+        "at 50.0 GFLOP/s",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    let (ok, out, err) = tessera(&[
+        "plan",
+        "--device",
+        "cpu:2",
+        "--widths",
+        "784,4096,4096,4096,4096,10",
+        "--memory",
+        "700MiB",
+        "--batch",
+        "256",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pp=2 to fit"), "{out}");
+    let (ok, _, err) =
+        tessera(&["plan", "--device", "cpu:2", "--widths", "784,4096,4096,4096,4096,10", "--memory", "100MiB"]);
+    assert!(!ok && err.contains("does not fit") && err.contains("short by"), "{err}");
+}
+
+#[test]
+fn cli_refuses_meshes_that_do_not_match_the_devices() {
+    let (ok, _, err) = tessera(&["train", "--device", "cpu:3", "--dp", "2", "--pp", "2", "--steps", "1"]);
+    assert!(!ok && err.contains("--dp 2 x --pp 2 needs 4 devices, but --device opened 3"), "{err}");
+    let (ok, _, err) = tessera(&["train", "--device", "cpu:2", "--pp", "5", "--steps", "1"]);
+    assert!(!ok && err.contains("--pp 5 does not divide the 2 devices"), "{err}");
+    let (ok, _, err) = tessera(&["train", "--device", "cpu:2", "--pp", "2", "--widths", "784,10", "--steps", "1"]);
+    assert!(!ok && err.contains("each stage needs at least one layer"), "{err}");
+    let (ok, _, err) = tessera(&["train", "--device", "cpu:2", "--schedule", "zigzag", "--steps", "1"]);
+    assert!(!ok && err.contains("unknown pipeline schedule `zigzag`"), "{err}");
+}

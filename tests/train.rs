@@ -222,8 +222,19 @@ fn tmp(name: &str) -> PathBuf {
 #[test]
 fn cli_save_and_resume_match_an_uninterrupted_run() {
     let (a, b, c) = (tmp("a.safetensors"), tmp("b.safetensors"), tmp("c.safetensors"));
-    let common =
-        ["train", "--device", "cpu", "--widths", "784,64,10", "--batch", "100", "--schedule", "cosine", "--clip", "1"];
+    let common = [
+        "train",
+        "--device",
+        "cpu",
+        "--widths",
+        "784,64,10",
+        "--batch",
+        "100",
+        "--lr-schedule",
+        "cosine",
+        "--clip",
+        "1",
+    ];
     let run = |extra: &[&str]| {
         let mut args = common.to_vec();
         args.extend_from_slice(extra);

@@ -32,6 +32,8 @@ struct Worker<B: Ops> {
 }
 
 type Msg<B> = (usize, <B as Backend>::Buf<f32>);
+/// The two ends of a channel, where this stage has them.
+type Ends<B> = (Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>);
 
 /// The channels one worker uses in a step.
 struct Links<B: Ops> {
@@ -214,10 +216,8 @@ impl<B: Ops> Engine<B> {
                 norm_tx.push(tx);
                 norm_rx.push(rx);
             }
-            let mut acts: Vec<(Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>)> =
-                (0..pp).map(|_| (None, None)).collect();
-            let mut grads: Vec<(Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>)> =
-                (0..pp).map(|_| (None, None)).collect();
+            let mut acts: Vec<Ends<B>> = (0..pp).map(|_| (None, None)).collect();
+            let mut grads: Vec<Ends<B>> = (0..pp).map(|_| (None, None)).collect();
             for s in 0..pp.saturating_sub(1) {
                 let (tx, rx) = channel();
                 acts[s].0 = Some(tx);
@@ -240,37 +240,43 @@ impl<B: Ops> Engine<B> {
 
         let cfg = &self.cfg;
         let actions = &self.schedule.actions;
-        let results: Vec<Result<WorkerOut>> = std::thread::scope(|sc| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .zip(links)
-                .enumerate()
-                .map(|(i, (w, l))| {
-                    let (r, s) = (i / pp, i % pp);
-                    let ctx = StepCtx {
-                        actions: &actions[s],
-                        rows: replica_rows[r].clone(),
-                        x,
-                        y,
-                        inputs,
-                        loss_scale: 1.0 / total as f32,
-                        lr,
-                        t,
-                        cfg,
-                        passes,
-                        m,
-                        dp,
-                        t0,
-                    };
-                    sc.spawn(move || run_worker(w, s, &ctx, l))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Parallel("a device thread panicked".into()))))
-                .collect()
-        });
+        let make_ctx = |r: usize, s: usize| StepCtx {
+            actions: &actions[s],
+            rows: replica_rows[r].clone(),
+            x,
+            y,
+            inputs,
+            loss_scale: 1.0 / total as f32,
+            lr,
+            t,
+            cfg,
+            passes,
+            m,
+            dp,
+            t0,
+        };
+        let results: Vec<Result<WorkerOut>> = if self.workers.len() == 1 {
+            // One device: no thread to start.
+            let l = links.pop().unwrap();
+            vec![run_worker(&mut self.workers[0], 0, &make_ctx(0, 0), l)]
+        } else {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = self
+                    .workers
+                    .iter_mut()
+                    .zip(links)
+                    .enumerate()
+                    .map(|(i, (w, l))| {
+                        let ctx = make_ctx(i / pp, i % pp);
+                        sc.spawn(move || run_worker(w, i % pp, &ctx, l))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Parallel("a device thread panicked".into()))))
+                    .collect()
+            })
+        };
         let mut loss = 0f32;
         let mut grad_norm = None;
         let mut lanes = Vec::new();

@@ -21,6 +21,9 @@ pub struct Budget {
     pub flops: f64,
     /// Bandwidth of a transfer between two devices, bytes/s.
     pub link: f64,
+    /// Fixed cost of each forward or backward of a microbatch on a stage (launches,
+    /// synchronisation, hand-offs), seconds: what keeps tiny microbatches from looking free.
+    pub overhead: f64,
 }
 
 impl Budget {
@@ -54,7 +57,7 @@ impl Budget {
         dev.synchronize()?;
         let link = (len * 4 * reps) as f64 / t.elapsed().as_secs_f64().max(1e-9);
         let k = sharing.max(1) as f64;
-        Ok(Budget { memory, flops: flops / k, link: link / k })
+        Ok(Budget { memory, flops: flops / k, link: link / k, overhead: 50e-6 })
     }
 }
 
@@ -153,9 +156,9 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
         });
         let flops: f64 =
             layout[layers.clone()].iter().map(|l| 2.0 * (rows as f64) * (l.fan_in * l.fan_out) as f64).sum();
-        fwd.push(flops / budget.flops);
+        fwd.push(flops / budget.flops + budget.overhead);
     }
-    let bwd: Vec<f64> = fwd.iter().map(|f| 2.0 * f).collect();
+    let bwd: Vec<f64> = fwd.iter().map(|f| 2.0 * (f - budget.overhead) + budget.overhead).collect();
     let pipeline = match &sched {
         Some(s) => s.simulate(&fwd, &bwd).1 * plan.accumulate as f64,
         None => f64::INFINITY,
@@ -285,7 +288,7 @@ mod tests {
         widths.extend([4096; 4]);
         widths.push(10);
         let c = cfg(widths);
-        let budget = Budget { memory: 700 << 20, flops: 1e12, link: 1e10 };
+        let budget = Budget { memory: 700 << 20, flops: 1e12, link: 1e10, overhead: 50e-6 };
         let (plan, est, why) = choose(&c, 256, 2, &budget, None).unwrap();
         assert_eq!(plan.mesh.pp, 2, "{why}");
         assert!(why.contains("per replica") && why.contains("pp=2 to fit"), "{why}");
@@ -303,7 +306,7 @@ mod tests {
     #[test]
     fn enough_memory_means_data_parallel() {
         let c = cfg(vec![784, 512, 512, 10]);
-        let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10 };
+        let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10, overhead: 50e-6 };
         let (plan, _, why) = choose(&c, 128, 4, &budget, None).unwrap();
         assert_eq!(plan.mesh.dp * plan.mesh.pp, 4, "{why}");
         assert_eq!(plan.mesh.dp, 4, "{why}");

@@ -364,7 +364,7 @@ impl Schedule {
     /// Simulated timing with a forward taking `fwd[s]` and a backward `bwd[s]` time units on
     /// stage `s` (transfers free): per stage, the spans `(start, end, action)` of its
     /// forwards and backwards, and the makespan. The schedule must be sound.
-    pub fn simulate(&self, fwd: &[f64], bwd: &[f64]) -> (Vec<Vec<(f64, f64, Action)>>, f64) {
+    pub fn simulate(&self, fwd: &[f64], bwd: &[f64]) -> (Vec<Vec<Timed>>, f64) {
         let p = self.stages();
         let mut t = vec![0f64; p];
         let mut pc = vec![0usize; p];
@@ -425,8 +425,8 @@ impl Schedule {
                     Action::Backward(m) => format!("B{m:<width$}", width = w - 1),
                     _ => continue,
                 };
-                for c in (*a as usize)..(*b as usize) {
-                    row[c] = label.clone();
+                for cell in &mut row[(*a as usize)..(*b as usize)] {
+                    cell.clone_from(&label);
                 }
             }
             out.push_str(&format!("stage {s}: {}\n", row.join(" ")));
@@ -434,6 +434,9 @@ impl Schedule {
         out
     }
 }
+
+/// An action with its simulated start and end.
+pub type Timed = (f64, f64, Action);
 
 /// The idle fraction GPipe's fill and drain leave: `(p - 1) / (m + p - 1)`.
 pub fn bubble_fraction(stages: usize, microbatches: usize) -> f64 {
