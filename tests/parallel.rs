@@ -261,3 +261,32 @@ fn cli_refuses_meshes_that_do_not_match_the_devices() {
     let (ok, _, err) = tessera(&["train", "--device", "cpu:2", "--schedule", "zigzag", "--steps", "1"]);
     assert!(!ok && err.contains("unknown pipeline schedule `zigzag`"), "{err}");
 }
+
+#[test]
+fn logical_devices_of_one_gpu_match_the_cpu_reference() {
+    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let g0 = tessera::CudaDevice::new(0).unwrap();
+    let mut gpus = vec![g0.clone()];
+    for i in 1..4 {
+        gpus.push(g0.logical(i).unwrap());
+    }
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    for (dp, pp, m, kind) in [
+        (1, 1, 1, ScheduleKind::GPipe),
+        (2, 2, 4, ScheduleKind::OneFOneB),
+        (4, 1, 2, ScheduleKind::GPipe),
+        (1, 3, 6, ScheduleKind::GPipe),
+    ] {
+        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let desc = plan.describe();
+        let mut e = Engine::new(&gpus[..dp * pp], cfg.clone(), plan).unwrap();
+        tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+        let err = rel_err(&e.params().unwrap(), &want);
+        assert!(err <= 1e-5, "cuda {desc}: relative error {err:.3e}");
+        assert!(e.replicas_identical().unwrap(), "cuda {desc}: replicas diverged");
+    }
+}

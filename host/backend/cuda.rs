@@ -229,6 +229,16 @@ impl Backend for CudaDevice {
         // Same context: an async device copy; another GPU: a peer copy (cudarc stages it).
         self.stream.memcpy_dtod(src, dst).map_err(Error::driver(format!("copying to {}", self.name())))
     }
+    fn duplicate<T: Elem>(&self, src: &CudaView<'_, T>) -> Result<CudaSlice<T>> {
+        self.stream.clone_dtod(src).map_err(Error::driver(format!("copying on {}", self.name())))
+    }
+    fn adopt<T: Elem>(&self, buf: CudaSlice<T>) -> Result<CudaSlice<T>> {
+        if buf.context() == &self.inner.ctx {
+            Ok(buf)
+        } else {
+            self.duplicate(&buf.as_view())
+        }
+    }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(Error::driver(format!("synchronizing {}", self.name())))
     }

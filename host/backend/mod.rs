@@ -77,6 +77,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Copies `src` into `dst` (equal lengths). `src` may live on another device of this
     /// backend (another logical CPU device, another GPU); the copy runs on `self`'s queue.
     fn copy<T: Elem>(&self, src: &Self::Ref<'_, T>, dst: &mut Self::Mut<'_, T>) -> Result<()>;
+    /// A new buffer of this device holding a copy of `src` (queued on this device), in one pass.
+    fn duplicate<T: Elem>(&self, src: &Self::Ref<'_, T>) -> Result<Self::Buf<T>>;
+    /// Makes a buffer of another device of this backend usable by this one: the buffer itself
+    /// where this device can read it (CPU memory; a GPU buffer of the same context), else a
+    /// copy here.
+    fn adopt<T: Elem>(&self, buf: Self::Buf<T>) -> Result<Self::Buf<T>>;
     /// Waits until all work queued on this device has finished.
     fn synchronize(&self) -> Result<()>;
 

@@ -92,9 +92,7 @@ impl<B: Ops> LocalComm<B> {
     }
 
     fn post(&self, view: &B::Ref<'_, f32>, to: usize) -> Result<()> {
-        let len = crate::backend::ViewLen::view_len(view);
-        let mut buf = self.dev.alloc::<f32>(len)?;
-        self.dev.copy(view, &mut B::view_mut(&mut buf))?;
+        let buf = self.dev.duplicate(view)?;
         // The receiver's device reads it: the copy must be done first.
         self.dev.synchronize()?;
         self.to[to].send(Msg { buf }).map_err(|_| Error::Parallel(format!("rank {to} of the group has stopped")))
@@ -107,12 +105,8 @@ impl<B: Ops> LocalComm<B> {
                 self.rank, self.timeout
             ))
         })?;
-        // Into a buffer of this device (a peer copy where the sender is another GPU).
-        let len = B::buf_len(&m.buf);
-        let mut local = self.dev.alloc::<f32>(len)?;
-        self.dev.copy(&B::view(&m.buf), &mut B::view_mut(&mut local))?;
-        self.dev.synchronize()?;
-        Ok(local)
+        // Usable here as it is, or copied here (a peer copy where the sender is another GPU).
+        self.dev.adopt(m.buf)
     }
 }
 

@@ -415,8 +415,7 @@ fn closed(what: &str) -> Error {
 /// Copies a view into a new buffer of the same device and waits for it, so it can be handed
 /// to another thread.
 fn snapshot<B: Ops>(dev: &B, v: &B::Ref<'_, f32>) -> Result<B::Buf<f32>> {
-    let mut b = dev.alloc::<f32>(crate::backend::ViewLen::view_len(v))?;
-    dev.copy(v, &mut B::view_mut(&mut b))?;
+    let b = dev.duplicate(v)?;
     dev.synchronize()?;
     Ok(b)
 }
@@ -530,9 +529,7 @@ fn worker_actions<B: Ops>(
                             "stage {s} expected microbatch {id}'s gradient, got {got}'s"
                         )));
                     }
-                    let mut local = dev.alloc::<f32>(B::buf_len(&buf))?;
-                    dev.copy(&B::view(&buf), &mut B::view_mut(&mut local))?;
-                    pending_grad.insert(id, local);
+                    pending_grad.insert(id, dev.adopt(buf)?);
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("recv grad {id}"), start, end: now() });
                 }
                 Action::Backward(mb) => {
