@@ -23,6 +23,8 @@ for line in sys.stdin:
 }
 cargo test --release --no-run --message-format=json 2>/dev/null | collect
 cargo bench --no-run --message-format=json 2>/dev/null | collect
-strip gpu-bin/* 2>/dev/null || true
+cargo build --release --examples
+mkdir -p gpu-bin/examples && cp target/release/examples/custom_loop gpu-bin/examples/
+strip gpu-bin/* gpu-bin/examples/* 2>/dev/null || true
 du -sh gpu-bin
 ls -la gpu-bin

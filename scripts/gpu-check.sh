@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one script to run on a machine with a GPU. It needs CUDA's driver (and cuBLAS for the
 # baselines), not Rust: it runs the binaries that scripts/build-gpu-bins.sh built into
-# gpu-bin/. It prints the devices and kernels, runs every test on the GPU, the criterion GEMM
-# and memory-bound groups with their cuBLAS and copy peers, and the kernel report table last.
+# gpu-bin/. It prints the devices and kernels, runs every test on the GPU (ops, training,
+# the parallel oracle on logical devices of the GPU), the default training job on `cuda` and
+# on cuda:0x4, the criterion groups with their cuBLAS and copy peers, and the kernel report
+# table last.
 #   usage: scripts/gpu-check.sh [quick]      (quick: tests and a short report only)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,16 +26,22 @@ echo "== $(date -u +%Y-%m-%dT%H:%MZ) LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 echo "== commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
+# The CLI tests run the prebuilt binary, the example test the prebuilt example.
+export TESSERA_BIN="$PWD/$bin/tessera" TESSERA_EXAMPLES_DIR="$PWD/$bin/examples"
 status=0
 run() { echo; echo "== $*"; "$@" || { echo "!! FAILED ($?): $*"; status=1; }; }
 run "$bin/tessera" devices
 run "$bin/tessera" kernels
-for t in "$bin"/ops "$bin"/tessera_lib "$bin"/cli; do
+for t in "$bin"/ops "$bin"/tessera_lib "$bin"/cli "$bin"/train "$bin"/parallel; do
   [ -x "$t" ] && run "$t" --test-threads=1
 done
+run "$bin/tessera" train --device cuda --json
+run "$bin/tessera" train --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200 --json
 if [ "${1:-}" != quick ]; then
   run "$bin/gemm" --bench --warm-up-time 1 --measurement-time 2
   run "$bin/elementwise" --bench --warm-up-time 1 --measurement-time 2
+  run "$bin/train_step" --bench --warm-up-time 1 --measurement-time 2
+  run "$bin/parallel" --bench --warm-up-time 1 --measurement-time 2
   run "$bin/report" --bench
 else
   TESSERA_REPORT_QUICK=1 run "$bin/report" --bench

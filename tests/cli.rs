@@ -1,15 +1,8 @@
 //! The command line: `tessera devices` and `tessera kernels` say what is there.
 
-use std::process::Command;
+mod common;
 
-fn tessera(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use common::tessera;
 
 #[test]
 fn kernels_lists_every_kernel_with_its_ptxas_report() {

@@ -1,5 +1,8 @@
 //! The oracle: any plan trains to the same weights as one device on the same batches.
 
+mod common;
+
+use common::{tessera, tmp};
 use tessera::data::Dataset;
 use tessera::nn::MlpConfig;
 use tessera::parallel::engine::Engine;
@@ -159,21 +162,6 @@ fn the_timeline_shows_every_device_and_its_idle_time() {
     assert!((0.0..1.0).contains(&idle), "{idle}");
     let svg = t.to_svg("step", "s");
     assert!(svg.contains("replica 1, stage 1") && svg.contains("all-reduce"), "{}", &svg[..200.min(svg.len())]);
-}
-
-fn tessera(args: &[&str]) -> (bool, String, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-par-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
 }
 
 #[test]

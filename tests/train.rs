@@ -2,6 +2,9 @@
 //! gradients against finite differences, clear errors for bad input, CPU/GPU agreement, and
 //! the researcher example.
 
+mod common;
+
+use common::{tessera, tmp};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -204,21 +207,6 @@ fn cpu_and_gpu_take_the_same_first_steps() {
     assert!(acc >= 0.96, "cuda accuracy {acc}");
 }
 
-fn tessera(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
-
 #[test]
 fn cli_save_and_resume_match_an_uninterrupted_run() {
     let (a, b, c) = (tmp("a.safetensors"), tmp("b.safetensors"), tmp("c.safetensors"));
@@ -316,7 +304,10 @@ fn cli_refuses_bad_input_in_plain_words() {
 fn the_researcher_example_builds_and_learns() {
     // `cargo test` builds the examples next to the test binaries.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let dir = match std::env::var_os("TESSERA_EXAMPLES_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => exe.parent().unwrap().parent().unwrap().join("examples"),
+    };
     let bin = dir.join(format!("custom_loop{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
