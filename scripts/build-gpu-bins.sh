@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, here (where Rust is), every binary that scripts/gpu-check.sh runs on a GPU machine
-# (which may have CUDA but no Rust toolchain), stripped, into gpu-bin/ (git-ignored). Pass
-# gpu-bin to the device tool's `carry`.
+# (which may have CUDA but no Rust toolchain), stripped, into gpu-bin/, and packs them into
+# gpu-bin.tar.gz (both git-ignored; about 30 MB). Pass gpu-bin.tar.gz to the device tool's
+# `carry` (its limit is 64 MiB); scripts/gpu-check.sh unpacks it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
@@ -15,7 +16,8 @@ import json, shutil, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+    kind = m.get("target", {}).get("kind", [])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and kind not in (["bin"], ["example"]):
         name = m["target"]["name"] + ("_lib" if "lib" in m["target"]["kind"] else "")
         shutil.copy(m["executable"], "gpu-bin/" + name)
         print("gpu-bin/" + name)
@@ -26,5 +28,7 @@ cargo bench --no-run --message-format=json 2>/dev/null | collect
 cargo build --release --examples
 mkdir -p gpu-bin/examples && cp target/release/examples/custom_loop gpu-bin/examples/
 strip gpu-bin/* gpu-bin/examples/* 2>/dev/null || true
+tar -czf gpu-bin.tar.gz gpu-bin
+ls -la gpu-bin.tar.gz
 du -sh gpu-bin
 ls -la gpu-bin

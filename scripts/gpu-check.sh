@@ -9,6 +9,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=gpu-bin
+if [ ! -x "$bin/tessera" ] && [ -f gpu-bin.tar.gz ]; then tar -xzf gpu-bin.tar.gz; fi
 [ -x "$bin/tessera" ] || { echo "gpu-check: $bin/ is missing: run scripts/build-gpu-bins.sh where Rust is" >&2; exit 2; }
 
 # The driver's library may sit outside the default search path; cuBLAS too (CUDA or PyTorch's wheels).

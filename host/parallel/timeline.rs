@@ -132,8 +132,8 @@ impl Timeline {
         let scale = if self.total > 0.0 { width / self.total } else { 1.0 };
         let height = top + lane_h * self.lanes.len() as f64 + 70.0;
         let mut doc = Document::new()
-            .set("viewBox", (0, 0, left + width + 20.0, height))
-            .set("width", left + width + 20.0)
+            .set("viewBox", (0, 0, left + width + 80.0, height))
+            .set("width", left + width + 80.0)
             .set("height", height)
             .set("font-family", "sans-serif")
             .set("font-size", 12);
