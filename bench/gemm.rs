@@ -43,7 +43,7 @@ fn gemm(c: &mut Criterion) {
     if let Some(gpu) = common::gpu() {
         let g2 = gpu.clone();
         let cases = common::gemm_cases(&gpu, &[256, 512, 1024, 2048, 4096, 8192], &move |m, n, k, ta, tb| {
-            Some(("cublas", common::cublas_run(&g2, m, n, k, ta, tb)))
+            common::cublas_run(&g2, m, n, k, ta, tb).map(|r| ("cublas", r))
         });
         run_group(c, "gemm/cuda", &gpu, cases, "cublas");
     }

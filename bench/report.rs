@@ -177,7 +177,7 @@ fn main() {
         let g2 = gpu.clone();
         let sq: &[usize] = if quick { &[256] } else { &[1024, 2048, 4096, 8192] };
         let mut cases = common::gemm_cases(&gpu, sq, &move |m, n, k, ta, tb| {
-            Some(("cublas", common::cublas_run(&g2, m, n, k, ta, tb)))
+            common::cublas_run(&g2, m, n, k, ta, tb).map(|r| ("cublas", r))
         });
         cases.extend(common::memory_cases(&gpu, if quick { 1 << 16 } else { 1 << 26 }));
         let title = format!(

@@ -70,13 +70,11 @@ pub enum KernelLoadError {
 
 impl Manifest {
     /// The driver version (as `cuDriverGetVersion` reports it, e.g. 13000) this build needs:
-    /// the toolkit's own version, since its SASS and PTX are only understood by a driver at
-    /// least as new.
+    /// SASS from any CUDA 13.x toolkit runs on a driver of the 13.0 series or newer (minor
+    /// version compatibility), so the toolkit's major version decides.
     pub fn min_driver(&self) -> Option<i32> {
-        let mut it = self.toolkit.split('.');
-        let major: i32 = it.next()?.parse().ok()?;
-        let minor: i32 = it.next().unwrap_or("0").parse().ok()?;
-        Some(major * 1000 + minor * 10)
+        let major: i32 = self.toolkit.split('.').next()?.parse().ok()?;
+        Some(major * 1000)
     }
 
     /// Whether a device of compute capability `(major, minor)` can run this build, and how:

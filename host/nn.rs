@@ -218,8 +218,9 @@ impl<B: Ops> Stage<B> {
             layout,
             slots: HashMap::new(),
             spare: Vec::new(),
-            dz: dev.alloc(0)?,
-            dx: dev.alloc(0)?,
+            // One element until the first backward sizes them (no zero-length device buffers).
+            dz: dev.alloc(1)?,
+            dx: dev.alloc(1)?,
             scratch_rows: 0,
             grads_live: false,
         })

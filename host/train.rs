@@ -339,6 +339,17 @@ pub fn fit<T: Steps>(
     Ok(())
 }
 
+/// How many rows of `logits` (`labels.len() x classes`) have their largest value at the label.
+pub fn count_correct(logits: &[f32], labels: &[i32], classes: usize) -> usize {
+    logits
+        .chunks(classes)
+        .zip(labels)
+        .filter(|(row, &label)| {
+            row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b }) as i32 == label
+        })
+        .count()
+}
+
 /// Loss and accuracy of `model` over `data`.
 pub fn evaluate<B: Ops>(dev: &B, model: &mut Mlp<B>, data: &Dataset, batch: usize) -> Result<Eval> {
     let classes = model.config().outputs();
@@ -350,11 +361,7 @@ pub fn evaluate<B: Ops>(dev: &B, model: &mut Mlp<B>, data: &Dataset, batch: usiz
         model.load_batch(dev, &x, &y)?;
         model.forward(dev)?;
         loss += model.loss(dev)? as f64 * chunk.len() as f64;
-        let logits = model.logits(dev)?;
-        for (row, &label) in logits.chunks(classes).zip(&y) {
-            let pred = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-            correct += (pred as i32 == label) as usize;
-        }
+        correct += count_correct(&model.logits(dev)?, &y, classes);
     }
     Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
 }

@@ -75,7 +75,12 @@ pub fn gemm_run<B: Ops>(d: &B, m: usize, n: usize, k: usize, ta: bool, tb: bool)
 
 /// cuBLAS SGEMM on the same row-major problem (row-major C = op(A) op(B) is column-major
 /// C^T = op(B)^T op(A)^T, so the operands swap). Strict FP32: TF32 is not enabled.
-pub fn cublas_run(d: &CudaDevice, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Run {
+pub fn cublas_run(d: &CudaDevice, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Option<Run> {
+    // SAFETY: only tries to load the library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        eprintln!("skipped: cuBLAS (libcublas.so) not found, so no baseline; put its directory on LD_LIBRARY_PATH");
+        return None;
+    }
     let blas = CudaBlas::new(d.stream().clone()).unwrap();
     let (a, b, mut c) = (buf(d, 1, m * k), buf(d, 2, k * n), buf(d, 3, m * n));
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
@@ -92,7 +97,7 @@ pub fn cublas_run(d: &CudaDevice, m: usize, n: usize, k: usize, ta: bool, tb: bo
         ldc: n as i32,
     };
     // SAFETY: the buffers hold exactly the elements the config addresses.
-    Box::new(move || unsafe { blas.gemm(cfg, &b, &a, &mut c) }.unwrap())
+    Some(Box::new(move || unsafe { blas.gemm(cfg, &b, &a, &mut c) }.unwrap()))
 }
 
 /// The `gemm` crate (rayon) on the same row-major problem: the CPU peer.

@@ -59,6 +59,9 @@ impl Backend for CpuDevice {
         dst.copy_from_slice(src);
         Ok(())
     }
+    fn with_own_queue(&self) -> Result<Self> {
+        Ok(self.clone())
+    }
     fn duplicate<T: Elem>(&self, src: &&[T]) -> Result<Vec<T>> {
         Ok(src.to_vec())
     }

@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use crate::backend::{check_len, Backend, Elem};
 use crate::error::{Error, Result};
@@ -112,6 +112,25 @@ fn info_of(ctx: &Arc<CudaContext>, ordinal: usize, driver_version: i32) -> Resul
     Ok(GpuInfo { ordinal, name, total_mem, compute_capability, sms, driver_version, runs_kernels })
 }
 
+/// Keeps freed memory in the device's default pool instead of handing it back to the driver
+/// at every synchronisation, so that the small per-step buffers cost no new mapping. Best
+/// effort: a device without memory pools keeps the default.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::{result, sys};
+    let _ = ctx.bind_to_thread();
+    // SAFETY: the device comes from a live context; the attribute takes a u64.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+            let mut keep = u64::MAX;
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
+}
+
 impl CudaDevice {
     /// Opens GPU `ordinal`, checks that it can run this build's kernels and loads them.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -138,11 +157,19 @@ impl CudaDevice {
                 });
             }
         }
-        let info = describe(ordinal)?;
+        let count = gpu_count()?;
+        if ordinal >= count {
+            return Err(Error::Device {
+                spec: format!("cuda:{ordinal}"),
+                reason: format!("the driver sees {count} GPU(s); ordinals run 0..{count}"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
+        let info = info_of(&ctx, ordinal, driver)?;
         if let Err(reason) = &info.runs_kernels {
             return Err(Error::Incompatible { ordinal, reason: reason.clone() });
         }
-        let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
+        keep_pool_memory(&ctx);
         let kernels = AllKernels::load(&ctx).map_err(|e| Error::Incompatible {
             ordinal,
             reason: format!(
@@ -184,17 +211,6 @@ impl CudaDevice {
     pub fn sms(&self) -> usize {
         self.inner.info.sms.max(1) as usize
     }
-    /// Device pointers of views, for kernels that take a table of buffers.
-    pub(crate) fn ptr_table(&self, views: &[&CudaView<'_, f32>]) -> Result<CudaSlice<u64>> {
-        let ptrs: Vec<u64> = views
-            .iter()
-            .map(|v| {
-                let (p, _sync) = v.device_ptr(&self.stream);
-                p
-            })
-            .collect();
-        self.stream.clone_htod(&ptrs).map_err(Error::driver("uploading a pointer table"))
-    }
 }
 
 impl Backend for CudaDevice {
@@ -227,7 +243,16 @@ impl Backend for CudaDevice {
     fn copy<T: Elem>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
         check_len("copy", "destination", dst.len(), src.len())?;
         // Same context: an async device copy; another GPU: a peer copy (cudarc stages it).
-        self.stream.memcpy_dtod(src, dst).map_err(Error::driver(format!("copying to {}", self.name())))
+        self.stream.memcpy_dtod(src, dst).map_err(Error::driver(format!("copying to {}", self.name())))?;
+        if cudarc::driver::DeviceSlice::stream(src).context() != &self.inner.ctx {
+            // The source's stream does not wait for a peer copy: finish it before the source
+            // can be written again.
+            self.synchronize()?;
+        }
+        Ok(())
+    }
+    fn with_own_queue(&self) -> Result<Self> {
+        self.logical(self.logical)
     }
     fn duplicate<T: Elem>(&self, src: &CudaView<'_, T>) -> Result<CudaSlice<T>> {
         self.stream.clone_dtod(src).map_err(Error::driver(format!("copying on {}", self.name())))

@@ -77,6 +77,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Copies `src` into `dst` (equal lengths). `src` may live on another device of this
     /// backend (another logical CPU device, another GPU); the copy runs on `self`'s queue.
     fn copy<T: Elem>(&self, src: &Self::Ref<'_, T>, dst: &mut Self::Mut<'_, T>) -> Result<()>;
+    /// Another handle on the same device with its own queue of work (a new stream on a GPU;
+    /// the same device on the CPU), e.g. for communication that overlaps compute.
+    fn with_own_queue(&self) -> Result<Self>;
     /// A new buffer of this device holding a copy of `src` (queued on this device), in one pass.
     fn duplicate<T: Elem>(&self, src: &Self::Ref<'_, T>) -> Result<Self::Buf<T>>;
     /// Makes a buffer of another device of this backend usable by this one: the buffer itself

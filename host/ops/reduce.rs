@@ -3,7 +3,7 @@
 //! result depends only on the data, never on the thread count or timing.
 //! CUDA: `kernels/reduce.cu` (512 fixed blocks of partial sums, then one block).
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 use rayon::prelude::*;
 
 use crate::backend::cpu::{CpuDevice, CHUNK};
@@ -168,16 +168,27 @@ impl ReduceOps for CudaDevice {
         for (i, s) in srcs.iter().enumerate() {
             check_len("sum_scaled", &format!("source {i}"), s.len(), out.len())?;
         }
-        let table = self.ptr_table(srcs)?;
+        // The table of device pointers. The guards keep each source's read recorded until the
+        // launch is queued, so its stream waits for this kernel before writing it again.
+        let mut guards = Vec::with_capacity(srcs.len());
+        let ptrs: Vec<u64> = srcs
+            .iter()
+            .map(|v| {
+                let (p, guard) = v.device_ptr(self.stream());
+                guards.push(guard);
+                p
+            })
+            .collect();
+        let table = self.stream().clone_htod(&ptrs).map_err(Error::driver("uploading a pointer table"))?;
         let k = as_i32("sum_scaled", "sources", srcs.len())?;
         let n = as_i64("sum_scaled", "n", out.len())?;
         let cfg = elementwise_cfg(out.len(), self.sms());
         // SAFETY: the table holds k device pointers, each to n floats on this context (checked
-        // lengths; views keep the buffers alive until the stream passes this launch).
+        // lengths); the table is freed in stream order after the launch.
         unsafe { self.kernels().reduce.sum_scaled(self.stream(), cfg, k, n, &table.as_view(), scale, out) }
             .map_err(Error::driver("launching sum_scaled"))?;
-        // The table must outlive the launch: wait before it is freed.
-        self.synchronize()
+        drop(guards);
+        Ok(())
     }
 
     fn axpy(&self, a: f32, x: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, f32>) -> Result<()> {

@@ -129,19 +129,28 @@ impl<B: Ops> Communicator<B> for LocalComm<B> {
         for step in 0..n - 1 {
             let send = (self.rank + n - step) % n;
             let recv = (self.rank + n - step - 1) % n;
-            self.post(&B::view_range(buf, c[send].clone()), next)?;
-            let got = self.take(prev)?;
-            let mut v = B::view_mut(buf);
-            self.dev.axpy(1.0, &B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            // Empty chunks (fewer elements than ranks) are neither sent nor awaited, on both sides.
+            if !c[send].is_empty() {
+                self.post(&B::view_range(buf, c[send].clone()), next)?;
+            }
+            if !c[recv].is_empty() {
+                let got = self.take(prev)?;
+                let mut v = B::view_mut(buf);
+                self.dev.axpy(1.0, &B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            }
         }
         // All-gather: pass the summed chunks around the ring.
         for step in 0..n - 1 {
             let send = (self.rank + 1 + n - step) % n;
             let recv = (self.rank + n - step) % n;
-            self.post(&B::view_range(buf, c[send].clone()), next)?;
-            let got = self.take(prev)?;
-            let mut v = B::view_mut(buf);
-            self.dev.copy(&B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            if !c[send].is_empty() {
+                self.post(&B::view_range(buf, c[send].clone()), next)?;
+            }
+            if !c[recv].is_empty() {
+                let got = self.take(prev)?;
+                let mut v = B::view_mut(buf);
+                self.dev.copy(&B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            }
         }
         self.dev.synchronize()
     }

@@ -22,7 +22,7 @@ use crate::parallel::comm::{Communicator, LocalComm};
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
-use crate::train::{apply_optimizer, Eval, StepStats, Steps, TrainConfig};
+use crate::train::{apply_optimizer, count_correct, Eval, StepStats, Steps, TrainConfig};
 
 struct Worker<B: Ops> {
     dev: B,
@@ -138,7 +138,9 @@ impl<B: Ops> Engine<B> {
         }
         if mesh.dp > 1 {
             for s in 0..mesh.pp {
-                let devs: Vec<B> = (0..mesh.dp).map(|r| devices[mesh.device(r, s)].clone()).collect();
+                // Each communicator gets its own queue, so its additions overlap backward.
+                let devs: Vec<B> =
+                    (0..mesh.dp).map(|r| devices[mesh.device(r, s)].with_own_queue()).collect::<Result<_>>()?;
                 for (r, c) in LocalComm::group(&devs).into_iter().enumerate() {
                     workers[mesh.device(r, s)].comm = Some(c);
                 }
@@ -384,10 +386,7 @@ impl<B: Ops> Engine<B> {
             let last = &self.workers[pp - 1];
             loss += last.stage.loss(&last.dev, MB)? as f64 * rows as f64;
             let logits = last.dev.download(&B::view(last.stage.output(MB)?))?;
-            for (row, &label) in logits.chunks(classes).zip(&y) {
-                let pred = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-                correct += (pred as i32 == label) as usize;
-            }
+            correct += count_correct(&logits, &y, classes);
             for w in &mut self.workers[..pp] {
                 w.stage.release(MB);
             }
@@ -426,7 +425,6 @@ fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Lin
     let bucket_range = |b: usize| layout[b].weight.start..layout[b].bias.end;
     let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>)>();
     let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
-    let dev = w.dev.clone();
     let t0 = ctx.t0;
     let now = move || t0.elapsed().as_secs_f64();
 
@@ -453,7 +451,6 @@ fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Lin
         let back = comm_thread.map(|h| h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked")));
         (r, back)
     });
-    let _ = dev;
     let mut result = result;
     if let Some((res, c)) = comm_back {
         w.comm = Some(c);
