@@ -43,7 +43,21 @@ if [ "${1:-}" != quick ]; then
   run "$bin/elementwise" --bench --warm-up-time 1 --measurement-time 2
   run "$bin/train_step" --bench --warm-up-time 1 --measurement-time 2
   run "$bin/parallel" --bench --warm-up-time 1 --measurement-time 2
+  # The peers outside Rust, right after, on the same card: PyTorch eager and torch.compile.
+  peers=target/peers-gpu.jsonl
+  mkdir -p target && : > "$peers"
+  for mode in eager compile; do
+    for model in "784,512,512,10 128" "784,4096,4096,4096,10 1024"; do
+      set -- $model
+      python3 bench/peers/mlp_step.py --framework torch --device cuda --mode "$mode" --widths "$1" --batch "$2" | tee -a "$peers" \
+        || echo "!! peer failed: pytorch $mode $1"
+    done
+  done
   run "$bin/report" --bench
+  card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+  python3 bench/results.py --peers "$peers" --out "bench/results/$(date -u +%Y-%m-%d)-gpu.md" \
+    --title "tessera on ${card:-a GPU}: kernels against cuBLAS and copies, training against PyTorch" --command "scripts/gpu-check.sh"
+  if [ -n "${OUT:-}" ]; then cp bench/results/*-gpu.md "$OUT"/ && cp -r target/criterion "$OUT"/criterion; fi
 else
   TESSERA_REPORT_QUICK=1 run "$bin/report" --bench
 fi
