@@ -12,19 +12,20 @@ cargo build --release --bin tessera
 cp target/release/tessera gpu-bin/
 collect() { # copy each executable cargo reports, named after its target
   python3 -c '
-import json, shutil, sys
+import json, os, shutil, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     kind = m.get("target", {}).get("kind", [])
     if m.get("reason") == "compiler-artifact" and m.get("executable") and kind not in (["bin"], ["example"]):
-        name = m["target"]["name"] + ("_lib" if "lib" in m["target"]["kind"] else "")
+        # Tests and benches may share a name (tests/parallel.rs, bench/parallel.rs): prefix them.
+        name = os.environ["PREFIX"] + m["target"]["name"] + ("-lib" if "lib" in kind else "")
         shutil.copy(m["executable"], "gpu-bin/" + name)
         print("gpu-bin/" + name)
 '
 }
-cargo test --release --no-run --message-format=json 2>/dev/null | collect
-cargo bench --no-run --message-format=json 2>/dev/null | collect
+cargo test --release --no-run --message-format=json 2>/dev/null | PREFIX=test- collect
+cargo bench --no-run --message-format=json 2>/dev/null | PREFIX=bench- collect
 cargo build --release --examples
 mkdir -p gpu-bin/examples && cp target/release/examples/custom_loop gpu-bin/examples/
 strip gpu-bin/* gpu-bin/examples/* 2>/dev/null || true

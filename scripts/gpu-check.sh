@@ -5,7 +5,9 @@
 # the parallel oracle on logical devices of the GPU), the default training job on `cuda` and
 # on cuda:0x4, the criterion groups with their cuBLAS and copy peers, and the kernel report
 # table last.
-#   usage: scripts/gpu-check.sh [quick]      (quick: tests and a short report only)
+#   usage: scripts/gpu-check.sh [quick]      (quick: tests, the training jobs and a short
+#   report, about 3 minutes; the full run adds the cuda bench groups and the PyTorch peers,
+#   about 8 minutes: give the device call a timeout that leaves room to run it again)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=gpu-bin
@@ -33,16 +35,16 @@ status=0
 run() { echo; echo "== $*"; "$@" || { echo "!! FAILED ($?): $*"; status=1; }; }
 run "$bin/tessera" devices
 run "$bin/tessera" kernels
-for t in "$bin"/ops "$bin"/tessera_lib "$bin"/cli "$bin"/train "$bin"/parallel; do
+for t in "$bin"/test-*; do
   [ -x "$t" ] && run "$t" --test-threads=1
 done
 run "$bin/tessera" train --device cuda --json
 run "$bin/tessera" train --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200 --json
 if [ "${1:-}" != quick ]; then
-  run "$bin/gemm" --bench --warm-up-time 1 --measurement-time 2
-  run "$bin/elementwise" --bench --warm-up-time 1 --measurement-time 2
-  run "$bin/train_step" --bench --warm-up-time 1 --measurement-time 2
-  run "$bin/parallel" --bench --warm-up-time 1 --measurement-time 2
+  run "$bin/bench-gemm" --bench --warm-up-time 1 --measurement-time 2 cuda
+  run "$bin/bench-elementwise" --bench --warm-up-time 1 --measurement-time 1 cuda
+  run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 cuda
+  run "$bin/bench-parallel" --bench --warm-up-time 1 --measurement-time 1 cuda
   # The peers outside Rust, right after, on the same card: PyTorch eager and torch.compile.
   peers=target/peers-gpu.jsonl
   mkdir -p target && : > "$peers"
@@ -53,13 +55,13 @@ if [ "${1:-}" != quick ]; then
         || echo "!! peer failed: pytorch $mode $1"
     done
   done
-  run "$bin/report" --bench
+  run "$bin/bench-report" --bench
   card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
   python3 bench/results.py --peers "$peers" --out "bench/results/$(date -u +%Y-%m-%d)-gpu.md" \
     --title "tessera on ${card:-a GPU}: kernels against cuBLAS and copies, training against PyTorch" --command "scripts/gpu-check.sh"
   if [ -n "${OUT:-}" ]; then cp bench/results/*-gpu.md "$OUT"/ && cp -r target/criterion "$OUT"/criterion; fi
 else
-  TESSERA_REPORT_QUICK=1 run "$bin/report" --bench
+  TESSERA_REPORT_QUICK=1 run "$bin/bench-report" --bench
 fi
 echo
 [ $status = 0 ] && echo "== gpu-check: all passed" || echo "== gpu-check: FAILURES above"
