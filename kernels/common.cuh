@@ -64,9 +64,13 @@ __device__ __forceinline__ float tessera_act_c(float z) {
   } else if (ACT == TESSERA_ACT_RELU) {
     return z > 0.0f ? z : 0.0f;
   } else if (ACT == TESSERA_ACT_GELU_TANH) {
+    // 0.5 (1 + tanh u) = 1 / (1 + e) for u >= 0 and e / (1 + e) for u < 0, e = exp(-2|u|):
+    // exact where tanh u rounds to -1 (large negative z), unlike 1 + tanhf(u).
     const float c = 0.7978845608028654f;  // sqrt(2/pi)
     const float u = c * (z + 0.044715f * z * z * z);
-    return 0.5f * z * (1.0f + tanhf(u));
+    const float e = expf(-2.0f * fabsf(u));
+    const float h = (u >= 0.0f ? 1.0f : e) / (1.0f + e);
+    return z * h;
   } else if (ACT == TESSERA_ACT_GELU_ERF) {
     return 0.5f * z * (1.0f + erff(z * 0.7071067811865476f));  // 1/sqrt(2)
   } else if (ACT == TESSERA_ACT_SILU) {
@@ -85,11 +89,15 @@ __device__ __forceinline__ float tessera_act_grad_c(float z) {
   } else if (ACT == TESSERA_ACT_RELU) {
     return z > 0.0f ? 1.0f : 0.0f;
   } else if (ACT == TESSERA_ACT_GELU_TANH) {
-    // d/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 * 0.044715 z^2),  t = tanh(c (z + 0.044715 z^3))
+    // d/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 * 0.044715 z^2),  t = tanh(c (z + 0.044715 z^3)),
+    // with 0.5 (1 + t) and 1 - t^2 = 4 e / (1 + e)^2 from e = exp(-2|u|) (accurate in the tails).
     const float c = 0.7978845608028654f;
     const float z2 = z * z;
-    const float t = tanhf(c * (z + 0.044715f * z2 * z));
-    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * c * (1.0f + 0.134145f * z2);
+    const float u = c * (z + 0.044715f * z2 * z);
+    const float e = expf(-2.0f * fabsf(u));
+    const float d = 1.0f + e;
+    const float h = (u >= 0.0f ? 1.0f : e) / d;
+    return h + 2.0f * z * (e / (d * d)) * c * (1.0f + 0.134145f * z2);
   } else if (ACT == TESSERA_ACT_GELU_ERF) {
     // d/dz = Phi(z) + z phi(z) = 0.5 (1 + erf(z / sqrt 2)) + z exp(-z^2 / 2) / sqrt(2 pi)
     return 0.5f * (1.0f + erff(z * 0.7071067811865476f)) +

@@ -10,6 +10,7 @@ use crate::backend::cuda::CudaDevice;
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
+use crate::ops::activation::fast_exp;
 use crate::ops::reduce::ReduceOps;
 use crate::ops::{as_i32, as_i64, as_u32, elementwise_cfg};
 
@@ -67,7 +68,7 @@ fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
         Some((g, scale)) => {
             let mut sum = 0f32;
             for (g, &x) in g.iter_mut().zip(row) {
-                *g = (x - max).exp();
+                *g = fast_exp(x - max);
                 sum += *g;
             }
             let k = scale / sum;
@@ -75,7 +76,7 @@ fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
             g[label as usize] -= scale;
             sum
         }
-        None => row.iter().map(|&x| (x - max).exp()).sum(),
+        None => row.iter().map(|&x| fast_exp(x - max)).sum(),
     };
     // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
     (max - row[label as usize]) + sum.ln()
