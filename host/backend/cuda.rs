@@ -82,9 +82,8 @@ pub fn gpu_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Describes GPU `ordinal` without loading kernels.
-pub fn describe(ordinal: usize) -> Result<GpuInfo> {
-    let driver_version = driver_version()?;
+/// An error unless the driver sees a GPU numbered `ordinal`.
+fn check_ordinal(ordinal: usize) -> Result<()> {
     let count = gpu_count()?;
     if ordinal >= count {
         return Err(Error::Device {
@@ -92,6 +91,13 @@ pub fn describe(ordinal: usize) -> Result<GpuInfo> {
             reason: format!("the driver sees {count} GPU(s); ordinals run 0..{count}"),
         });
     }
+    Ok(())
+}
+
+/// Describes GPU `ordinal` without loading kernels.
+pub fn describe(ordinal: usize) -> Result<GpuInfo> {
+    let driver_version = driver_version()?;
+    check_ordinal(ordinal)?;
     let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
     info_of(&ctx, ordinal, driver_version)
 }
@@ -157,13 +163,7 @@ impl CudaDevice {
                 });
             }
         }
-        let count = gpu_count()?;
-        if ordinal >= count {
-            return Err(Error::Device {
-                spec: format!("cuda:{ordinal}"),
-                reason: format!("the driver sees {count} GPU(s); ordinals run 0..{count}"),
-            });
-        }
+        check_ordinal(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(Error::driver(format!("creating a context on GPU {ordinal}")))?;
         let info = info_of(&ctx, ordinal, driver)?;
         if let Err(reason) = &info.runs_kernels {
