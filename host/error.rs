@@ -62,6 +62,15 @@ pub enum Error {
         /// What it reported.
         detail: String,
     },
+    /// A kernel failure found by the CUDA simulator: an out-of-bounds access, a data race on
+    /// shared memory, a barrier not every thread reaches, a deadlock (or an invalid launch).
+    #[error("simulated kernel failed during {during}: {detail}")]
+    Sim {
+        /// What tessera was doing.
+        during: String,
+        /// The simulator's report: kernel, block, thread, and what went wrong.
+        detail: String,
+    },
     /// A data file that cannot be used.
     #[error("{path}: {reason}")]
     Data {
@@ -116,9 +125,28 @@ impl Error {
         Error::Shape { op, detail: detail.into() }
     }
 
-    /// Wraps a driver error with what was being done.
-    pub fn driver(during: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+    /// Wraps a device failure (a CUDA driver error, or a simulator report) with what was
+    /// being done.
+    pub fn driver<E: DeviceFailure>(during: impl Into<String>) -> impl FnOnce(E) -> Self {
         let during = during.into();
-        move |source| Error::Driver { during, source }
+        move |source| source.into_error(during)
+    }
+}
+
+/// A failure reported by a GPU-like device: the CUDA driver's error, or the simulator's.
+pub trait DeviceFailure {
+    /// The [`Error`] for it, with what tessera was doing.
+    fn into_error(self, during: String) -> Error;
+}
+
+impl DeviceFailure for cudarc::driver::DriverError {
+    fn into_error(self, during: String) -> Error {
+        Error::Driver { during, source: self }
+    }
+}
+
+impl DeviceFailure for crate::backend::sim::SimError {
+    fn into_error(self, during: String) -> Error {
+        Error::Sim { during, detail: self.0 }
     }
 }

@@ -382,6 +382,28 @@ macro_rules! on_every_backend {
                 super::copies_between_devices(&tessera::CpuDevice::new(0), &tessera::CpuDevice::new(1));
             }
         }
+        mod sim {
+            /// Every suite on the CUDA simulator (the same kernels, run on the CPU), then a check
+            /// that every kernel the simulator can run was launched. One test: launches in the
+            /// simulator run one at a time anyway.
+            #[test] fn every_kernel_against_the_reference() {
+                let d = tessera::SimDevice::new(0);
+                $( eprintln!("sim: {}", stringify!($name)); super::$name(&d); )*
+                super::copies_between_devices(&d, &tessera::SimDevice::new(1));
+                let ran = tessera::backend::sim::launch_counts();
+                let missed: Vec<&str> = tessera::backend::sim::SIM_KERNELS
+                    .iter()
+                    .filter(|k| !k.planted && k.unsupported.is_none() && !ran.contains_key(k.name))
+                    .map(|k| k.name)
+                    .collect();
+                assert!(missed.is_empty(), "kernels the simulator can run but no suite launched: {missed:?}");
+                let cannot: Vec<String> = tessera::backend::sim::SIM_KERNELS
+                    .iter()
+                    .filter_map(|k| k.unsupported.map(|why| format!("{} ({why})", k.name)))
+                    .collect();
+                eprintln!("sim: {} launches of {} kernels; cannot run: {:?}", ran.values().sum::<u64>(), ran.len(), cannot);
+            }
+        }
         mod cuda {
             $( #[test] fn $name() { if let Some(d) = super::gpu() { super::$name(&d); } } )*
             #[test] fn copies_between_devices() {

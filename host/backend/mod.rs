@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod sim;
 
 use std::fmt::Debug;
 use std::ops::Range;

@@ -8,10 +8,13 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::{CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
 use crate::ops::{as_i64, elementwise_cfg};
+#[allow(unused_imports)]
+use cudarc::driver::{CudaView, CudaViewMut};
 
 /// An elementwise activation. Its kernel code is the `TESSERA_ACT_*` define of `common.cuh`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -219,36 +222,40 @@ impl ActivationOps for CpuDevice {
     }
 }
 
-impl ActivationOps for CudaDevice {
-    fn act_forward(
-        &self,
-        act: Activation,
-        x: &cudarc::driver::CudaView<'_, f32>,
-        y: &mut cudarc::driver::CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        check_len("act_forward", "y", y.len(), x.len())?;
-        let n = as_i64("act_forward", "n", x.len())?;
-        let cfg = elementwise_cfg(x.len(), self.sms());
-        // SAFETY: x and y both hold n elements (checked); the kernel is grid-stride over n.
-        unsafe { self.kernels().activation.act_fwd(self.stream(), cfg, act.code(), n, x, y) }
-            .map_err(Error::driver("launching act_fwd"))
-    }
-    fn act_backward(
-        &self,
-        act: Activation,
-        z: &cudarc::driver::CudaView<'_, f32>,
-        dy: &cudarc::driver::CudaView<'_, f32>,
-        dx: &mut cudarc::driver::CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        check_len("act_backward", "dy", dy.len(), z.len())?;
-        check_len("act_backward", "dx", dx.len(), z.len())?;
-        let n = as_i64("act_backward", "n", z.len())?;
-        let cfg = elementwise_cfg(z.len(), self.sms());
-        // SAFETY: z, dy and dx hold n elements (checked); the kernel is grid-stride over n.
-        unsafe { self.kernels().activation.act_bwd(self.stream(), cfg, act.code(), n, z, dy, dx) }
-            .map_err(Error::driver("launching act_bwd"))
-    }
+/// The GPU side, written once for the CUDA device and the simulator: the same launches of the
+/// same kernels, over `CudaView`s or `SimView`s.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl ActivationOps for $dev {
+            fn act_forward(&self, act: Activation, x: &$view<'_, f32>, y: &mut $view_mut<'_, f32>) -> Result<()> {
+                check_len("act_forward", "y", y.len(), x.len())?;
+                let n = as_i64("act_forward", "n", x.len())?;
+                let cfg = elementwise_cfg(x.len(), self.sms());
+                // SAFETY: x and y both hold n elements (checked); the kernel is grid-stride over n.
+                unsafe { self.kernels().activation.act_fwd(self.stream(), cfg, act.code(), n, x, y) }
+                    .map_err(Error::driver("launching act_fwd"))
+            }
+            fn act_backward(
+                &self,
+                act: Activation,
+                z: &$view<'_, f32>,
+                dy: &$view<'_, f32>,
+                dx: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                check_len("act_backward", "dy", dy.len(), z.len())?;
+                check_len("act_backward", "dx", dx.len(), z.len())?;
+                let n = as_i64("act_backward", "n", z.len())?;
+                let cfg = elementwise_cfg(z.len(), self.sms());
+                // SAFETY: z, dy and dx hold n elements (checked); the kernel is grid-stride over n.
+                unsafe { self.kernels().activation.act_bwd(self.stream(), cfg, act.code(), n, z, dy, dx) }
+                    .map_err(Error::driver("launching act_bwd"))
+            }
+        }
+    };
 }
+
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);
 
 #[cfg(test)]
 mod tests {

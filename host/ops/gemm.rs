@@ -11,11 +11,14 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::CpuDevice;
 use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend, ViewLen};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
 use crate::ops::activation::Activation;
 use crate::ops::{as_i32, as_u32};
+#[allow(unused_imports)]
+use cudarc::driver::{CudaView, CudaViewMut};
 
 /// The shape and scalars of one GEMM.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -181,60 +184,85 @@ impl GemmOps for CpuDevice {
     }
 }
 
-impl GemmOps for CudaDevice {
-    fn gemm(
-        &self,
-        g: &Gemm,
-        a: &cudarc::driver::CudaView<'_, f32>,
-        b: &cudarc::driver::CudaView<'_, f32>,
-        bias: Option<&cudarc::driver::CudaView<'_, f32>>,
-        c: &mut cudarc::driver::CudaViewMut<'_, f32>,
-        act_out: Option<&mut cudarc::driver::CudaViewMut<'_, f32>>,
-    ) -> Result<()> {
-        g.check(a.len(), b.len(), bias.map(|x| x.len()), c.len(), act_out.as_ref().map(|x| x.len()))?;
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
-        let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
-        // The 128x128 tile needs about one block per SM to fill the GPU; below that the 64x64
-        // tile gives four times the blocks.
-        let small = big_tiles < self.sms();
-        let (bm, bn, threads) = if small {
-            (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
-        } else {
-            (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS)
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (
-                as_u32("gemm", "column tiles", g.n.div_ceil(bn as usize))?,
-                as_u32("gemm", "row tiles", g.m.div_ceil(bm as usize))?,
-                1,
-            ),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        if cfg.grid_dim.1 > 65535 {
-            return Err(Error::shape("gemm", format!("m = {} needs more than 65535 row tiles", g.m)));
-        }
-        let kk = &self.kernels().gemm;
-        let s = self.stream();
-        let act = g.act.code();
-        // SAFETY: lengths checked by `g.check` (a m*k, b k*n, c and act_out m*n, bias n);
-        // m, n, k fit in int; the grid covers C with the tile size the kernel was written for,
-        // and the kernel guards every edge tile, so no access leaves the checked ranges.
-        let r = unsafe {
-            match (g.trans_a, g.trans_b, small) {
-                (false, false, false) => kk.gemm_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (false, true, false) => kk.gemm_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (true, false, false) => kk.gemm_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (true, true, false) => kk.gemm_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (false, false, true) => kk.gemm_small_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (false, true, true) => kk.gemm_small_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (true, false, true) => kk.gemm_small_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
-                (true, true, true) => kk.gemm_small_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out),
+/// The GPU side, written once for the CUDA device and the simulator: the same launches of the
+/// same kernels, over `CudaView`s or `SimView`s.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl GemmOps for $dev {
+            fn gemm(
+                &self,
+                g: &Gemm,
+                a: &$view<'_, f32>,
+                b: &$view<'_, f32>,
+                bias: Option<&$view<'_, f32>>,
+                c: &mut $view_mut<'_, f32>,
+                act_out: Option<&mut $view_mut<'_, f32>>,
+            ) -> Result<()> {
+                g.check(a.len(), b.len(), bias.map(|x| x.len()), c.len(), act_out.as_ref().map(|x| x.len()))?;
+                if g.m == 0 || g.n == 0 {
+                    return Ok(());
+                }
+                let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
+                let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
+                // The 128x128 tile needs about one block per SM to fill the GPU; below that the 64x64
+                // tile gives four times the blocks.
+                let small = big_tiles < self.sms();
+                let (bm, bn, threads) = if small {
+                    (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
+                } else {
+                    (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS)
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        as_u32("gemm", "column tiles", g.n.div_ceil(bn as usize))?,
+                        as_u32("gemm", "row tiles", g.m.div_ceil(bm as usize))?,
+                        1,
+                    ),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                if cfg.grid_dim.1 > 65535 {
+                    return Err(Error::shape("gemm", format!("m = {} needs more than 65535 row tiles", g.m)));
+                }
+                let kk = &self.kernels().gemm;
+                let s = self.stream();
+                let act = g.act.code();
+                // SAFETY: lengths checked by `g.check` (a m*k, b k*n, c and act_out m*n, bias n);
+                // m, n, k fit in int; the grid covers C with the tile size the kernel was written for,
+                // and the kernel guards every edge tile, so no access leaves the checked ranges.
+                let r = unsafe {
+                    match (g.trans_a, g.trans_b, small) {
+                        (false, false, false) => {
+                            kk.gemm_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (false, true, false) => {
+                            kk.gemm_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (true, false, false) => {
+                            kk.gemm_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (true, true, false) => {
+                            kk.gemm_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (false, false, true) => {
+                            kk.gemm_small_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (false, true, true) => {
+                            kk.gemm_small_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (true, false, true) => {
+                            kk.gemm_small_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                        (true, true, true) => {
+                            kk.gemm_small_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                        }
+                    }
+                };
+                r.map_err(Error::driver("launching gemm"))
             }
-        };
-        r.map_err(Error::driver("launching gemm"))
-    }
+        }
+    };
 }
+
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);

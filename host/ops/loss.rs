@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::{CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
@@ -145,112 +146,130 @@ impl LossOps for CpuDevice {
     }
 }
 
-impl CudaDevice {
-    fn xent_launch(
-        &self,
-        rows: usize,
-        cols: usize,
-        logits: &CudaView<'_, f32>,
-        labels: &CudaView<'_, i32>,
-        scale: f32,
-        dlogits: Option<&mut CudaViewMut<'_, f32>>,
-    ) -> Result<f32> {
-        check_xent(rows, cols, logits.len(), labels.len())?;
-        if rows == 0 {
-            return Ok(0.0);
-        }
-        let mut row_loss = self.alloc::<f32>(rows)?;
-        let mut err = self.alloc::<i32>(1)?;
-        let warps = (consts::XENT_THREADS / 32) as usize;
-        let cfg = LaunchConfig {
-            grid_dim: (as_u32("cross-entropy", "row blocks", rows.div_ceil(warps))?, 1, 1),
-            block_dim: (consts::XENT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
-        let k = &self.kernels().loss;
-        let s = self.stream();
-        // SAFETY: logits (and dlogits) hold rows*cols, labels and row_loss rows elements, err one
-        // (checked or allocated here); one warp per row; labels are range-checked in the kernel.
-        let launched = unsafe {
-            match dlogits {
-                Some(d) => k.xent_fwd_bwd(
-                    s,
-                    cfg,
-                    r,
-                    c,
-                    logits,
-                    labels,
-                    scale,
-                    &mut row_loss.as_view_mut(),
-                    d,
-                    &mut err.as_view_mut(),
-                ),
-                None => k.xent_fwd(s, cfg, r, c, logits, labels, &mut row_loss.as_view_mut(), &mut err.as_view_mut()),
+/// The GPU side, written once for the CUDA device and the simulator: the same launches of the
+/// same kernels, over `CudaView`s or `SimView`s.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl $dev {
+            fn xent_launch(
+                &self,
+                rows: usize,
+                cols: usize,
+                logits: &$view<'_, f32>,
+                labels: &$view<'_, i32>,
+                scale: f32,
+                dlogits: Option<&mut $view_mut<'_, f32>>,
+            ) -> Result<f32> {
+                check_xent(rows, cols, logits.len(), labels.len())?;
+                if rows == 0 {
+                    return Ok(0.0);
+                }
+                let mut row_loss = self.alloc::<f32>(rows)?;
+                let mut err = self.alloc::<i32>(1)?;
+                let warps = (consts::XENT_THREADS / 32) as usize;
+                let cfg = LaunchConfig {
+                    grid_dim: (as_u32("cross-entropy", "row blocks", rows.div_ceil(warps))?, 1, 1),
+                    block_dim: (consts::XENT_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
+                let k = &self.kernels().loss;
+                let s = self.stream();
+                // SAFETY: logits (and dlogits) hold rows*cols, labels and row_loss rows elements, err one
+                // (checked or allocated here); one warp per row; labels are range-checked in the kernel.
+                let launched = unsafe {
+                    match dlogits {
+                        Some(d) => k.xent_fwd_bwd(
+                            s,
+                            cfg,
+                            r,
+                            c,
+                            logits,
+                            labels,
+                            scale,
+                            &mut row_loss.as_view_mut(),
+                            d,
+                            &mut err.as_view_mut(),
+                        ),
+                        None => k.xent_fwd(
+                            s,
+                            cfg,
+                            r,
+                            c,
+                            logits,
+                            labels,
+                            &mut row_loss.as_view_mut(),
+                            &mut err.as_view_mut(),
+                        ),
+                    }
+                };
+                launched.map_err(Error::driver("launching cross-entropy"))?;
+                let bad = self.download(&err.as_view())?[0];
+                if bad != 0 {
+                    let row = (bad - 1) as usize;
+                    let label = self.download(&labels.slice(row..row + 1))?[0];
+                    return Err(Error::Label { row, label: label as i64, classes: cols });
+                }
+                self.finish_sum(&row_loss.as_view(), scale)
             }
-        };
-        launched.map_err(Error::driver("launching cross-entropy"))?;
-        let bad = self.download(&err.as_view())?[0];
-        if bad != 0 {
-            let row = (bad - 1) as usize;
-            let label = self.download(&labels.slice(row..row + 1))?[0];
-            return Err(Error::Label { row, label: label as i64, classes: cols });
         }
-        self.finish_sum(&row_loss.as_view(), scale)
-    }
+
+        impl LossOps for $dev {
+            fn xent(&self, rows: usize, cols: usize, logits: &$view<'_, f32>, labels: &$view<'_, i32>) -> Result<f32> {
+                self.xent_launch(rows, cols, logits, labels, 1.0 / rows.max(1) as f32, None)
+            }
+
+            fn xent_backward_scaled(
+                &self,
+                rows: usize,
+                cols: usize,
+                logits: &$view<'_, f32>,
+                labels: &$view<'_, i32>,
+                scale: f32,
+                dlogits: &mut $view_mut<'_, f32>,
+            ) -> Result<f32> {
+                check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+                self.xent_launch(rows, cols, logits, labels, scale, Some(dlogits))
+            }
+
+            fn mse(&self, pred: &$view<'_, f32>, target: &$view<'_, f32>) -> Result<f32> {
+                check_len("mse", "target", target.len(), pred.len())?;
+                let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
+                let n = as_i64("mse", "n", pred.len())?;
+                // SAFETY: pred and target hold n elements; partials one per block of the fixed grid.
+                unsafe {
+                    self.kernels().reduce.mse_partial(
+                        self.stream(),
+                        Self::partial_cfg(),
+                        n,
+                        pred,
+                        target,
+                        &mut partials.as_view_mut(),
+                    )
+                }
+                .map_err(Error::driver("launching mse_partial"))?;
+                self.finish_sum(&partials.as_view(), 1.0 / pred.len().max(1) as f32)
+            }
+
+            fn mse_backward(
+                &self,
+                pred: &$view<'_, f32>,
+                target: &$view<'_, f32>,
+                dpred: &mut $view_mut<'_, f32>,
+            ) -> Result<f32> {
+                check_len("mse", "dpred", dpred.len(), pred.len())?;
+                let loss = self.mse(pred, target)?;
+                let n = as_i64("mse", "n", pred.len())?;
+                let scale = 2.0 / pred.len().max(1) as f32;
+                let cfg = elementwise_cfg(pred.len(), self.sms());
+                // SAFETY: pred, target and dpred hold n elements; grid-stride kernel.
+                unsafe { self.kernels().reduce.mse_bwd(self.stream(), cfg, n, scale, pred, target, dpred) }
+                    .map_err(Error::driver("launching mse_bwd"))?;
+                Ok(loss)
+            }
+        }
+    };
 }
 
-impl LossOps for CudaDevice {
-    fn xent(&self, rows: usize, cols: usize, logits: &CudaView<'_, f32>, labels: &CudaView<'_, i32>) -> Result<f32> {
-        self.xent_launch(rows, cols, logits, labels, 1.0 / rows.max(1) as f32, None)
-    }
-
-    fn xent_backward_scaled(
-        &self,
-        rows: usize,
-        cols: usize,
-        logits: &CudaView<'_, f32>,
-        labels: &CudaView<'_, i32>,
-        scale: f32,
-        dlogits: &mut CudaViewMut<'_, f32>,
-    ) -> Result<f32> {
-        check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
-        self.xent_launch(rows, cols, logits, labels, scale, Some(dlogits))
-    }
-
-    fn mse(&self, pred: &CudaView<'_, f32>, target: &CudaView<'_, f32>) -> Result<f32> {
-        check_len("mse", "target", target.len(), pred.len())?;
-        let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
-        let n = as_i64("mse", "n", pred.len())?;
-        // SAFETY: pred and target hold n elements; partials one per block of the fixed grid.
-        unsafe {
-            self.kernels().reduce.mse_partial(
-                self.stream(),
-                Self::partial_cfg(),
-                n,
-                pred,
-                target,
-                &mut partials.as_view_mut(),
-            )
-        }
-        .map_err(Error::driver("launching mse_partial"))?;
-        self.finish_sum(&partials.as_view(), 1.0 / pred.len().max(1) as f32)
-    }
-
-    fn mse_backward(
-        &self,
-        pred: &CudaView<'_, f32>,
-        target: &CudaView<'_, f32>,
-        dpred: &mut CudaViewMut<'_, f32>,
-    ) -> Result<f32> {
-        check_len("mse", "dpred", dpred.len(), pred.len())?;
-        let loss = self.mse(pred, target)?;
-        let n = as_i64("mse", "n", pred.len())?;
-        let scale = 2.0 / pred.len().max(1) as f32;
-        let cfg = elementwise_cfg(pred.len(), self.sms());
-        // SAFETY: pred, target and dpred hold n elements; grid-stride kernel.
-        unsafe { self.kernels().reduce.mse_bwd(self.stream(), cfg, n, scale, pred, target, dpred) }
-            .map_err(Error::driver("launching mse_bwd"))?;
-        Ok(loss)
-    }
-}
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::{CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::ops::{as_i64, elementwise_cfg};
@@ -170,65 +171,85 @@ impl OptimOps for CpuDevice {
     }
 }
 
-impl OptimOps for CudaDevice {
-    fn sgd_step(
-        &self,
-        opt: &Sgd,
-        s: f32,
-        w: &mut CudaViewMut<'_, f32>,
-        g: &CudaView<'_, f32>,
-        mom: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        opt.validate()?;
-        check_sizes("sgd_step", w.len(), &[("gradient", g.len()), ("momentum", mom.len())])?;
-        let n = as_i64("sgd_step", "n", w.len())?;
-        let cfg = elementwise_cfg(w.len(), self.sms());
-        // SAFETY: w, g and mom hold n elements (checked); grid-stride kernel.
-        unsafe {
-            self.kernels().optim.sgd_step(self.stream(), cfg, n, opt.lr, opt.momentum, opt.weight_decay, s, w, g, mom)
-        }
-        .map_err(Error::driver("launching sgd_step"))
-    }
+/// The GPU side, written once for the CUDA device and the simulator: the same launches of the
+/// same kernels, over `CudaView`s or `SimView`s.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl OptimOps for $dev {
+            fn sgd_step(
+                &self,
+                opt: &Sgd,
+                s: f32,
+                w: &mut $view_mut<'_, f32>,
+                g: &$view<'_, f32>,
+                mom: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                opt.validate()?;
+                check_sizes("sgd_step", w.len(), &[("gradient", g.len()), ("momentum", mom.len())])?;
+                let n = as_i64("sgd_step", "n", w.len())?;
+                let cfg = elementwise_cfg(w.len(), self.sms());
+                // SAFETY: w, g and mom hold n elements (checked); grid-stride kernel.
+                unsafe {
+                    self.kernels().optim.sgd_step(
+                        self.stream(),
+                        cfg,
+                        n,
+                        opt.lr,
+                        opt.momentum,
+                        opt.weight_decay,
+                        s,
+                        w,
+                        g,
+                        mom,
+                    )
+                }
+                .map_err(Error::driver("launching sgd_step"))
+            }
 
-    fn adamw_step(
-        &self,
-        opt: &AdamW,
-        t: u64,
-        s: f32,
-        w: &mut CudaViewMut<'_, f32>,
-        g: &CudaView<'_, f32>,
-        m: &mut CudaViewMut<'_, f32>,
-        v: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        opt.validate()?;
-        check_sizes(
-            "adamw_step",
-            w.len(),
-            &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
-        )?;
-        let (bc1, bc2) = opt.bias_corrections(t)?;
-        let n = as_i64("adamw_step", "n", w.len())?;
-        let cfg = elementwise_cfg(w.len(), self.sms());
-        // SAFETY: w, g, m and v hold n elements (checked); grid-stride kernel.
-        unsafe {
-            self.kernels().optim.adamw_step(
-                self.stream(),
-                cfg,
-                n,
-                opt.lr,
-                opt.beta1,
-                opt.beta2,
-                opt.eps,
-                opt.weight_decay,
-                bc1,
-                bc2,
-                s,
-                w,
-                g,
-                m,
-                v,
-            )
+            fn adamw_step(
+                &self,
+                opt: &AdamW,
+                t: u64,
+                s: f32,
+                w: &mut $view_mut<'_, f32>,
+                g: &$view<'_, f32>,
+                m: &mut $view_mut<'_, f32>,
+                v: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                opt.validate()?;
+                check_sizes(
+                    "adamw_step",
+                    w.len(),
+                    &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
+                )?;
+                let (bc1, bc2) = opt.bias_corrections(t)?;
+                let n = as_i64("adamw_step", "n", w.len())?;
+                let cfg = elementwise_cfg(w.len(), self.sms());
+                // SAFETY: w, g, m and v hold n elements (checked); grid-stride kernel.
+                unsafe {
+                    self.kernels().optim.adamw_step(
+                        self.stream(),
+                        cfg,
+                        n,
+                        opt.lr,
+                        opt.beta1,
+                        opt.beta2,
+                        opt.eps,
+                        opt.weight_decay,
+                        bc1,
+                        bc2,
+                        s,
+                        w,
+                        g,
+                        m,
+                        v,
+                    )
+                }
+                .map_err(Error::driver("launching adamw_step"))
+            }
         }
-        .map_err(Error::driver("launching adamw_step"))
-    }
+    };
 }
+
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::{CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
@@ -113,114 +114,129 @@ impl ReduceOps for CpuDevice {
     }
 }
 
-impl CudaDevice {
-    /// Runs `partial_sum`-shaped kernel output through `final_sum` and downloads the scalar.
-    pub(crate) fn finish_sum(&self, partials: &CudaView<'_, f32>, scale: f32) -> Result<f32> {
-        let mut out = self.alloc::<f32>(1)?;
-        let m = as_i32("sum", "partials", partials.len())?;
-        let cfg =
-            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (consts::REDUCE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: partials holds m elements, out one; final_sum runs as one block.
-        unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, m, partials, scale, &mut out.as_view_mut()) }
-            .map_err(Error::driver("launching final_sum"))?;
-        Ok(self.download(&out.as_view())?[0])
-    }
+/// The GPU side, written once for the CUDA device and the simulator: the same launches of the
+/// same kernels, over `CudaView`s or `SimView`s.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl $dev {
+            /// Runs `partial_sum`-shaped kernel output through `final_sum` and downloads the scalar.
+            pub(crate) fn finish_sum(&self, partials: &$view<'_, f32>, scale: f32) -> Result<f32> {
+                let mut out = self.alloc::<f32>(1)?;
+                let m = as_i32("sum", "partials", partials.len())?;
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: partials holds m elements, out one; final_sum runs as one block.
+                unsafe {
+                    self.kernels().reduce.final_sum(self.stream(), cfg, m, partials, scale, &mut out.as_view_mut())
+                }
+                .map_err(Error::driver("launching final_sum"))?;
+                Ok(self.download(&out.as_view())?[0])
+            }
 
-    /// The launch shape `partial_sum` and `mse_partial` are written for.
-    pub(crate) fn partial_cfg() -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (consts::REDUCE_BLOCKS as u32, 1, 1),
-            block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
+            /// The launch shape `partial_sum` and `mse_partial` are written for.
+            pub(crate) fn partial_cfg() -> LaunchConfig {
+                LaunchConfig {
+                    grid_dim: (consts::REDUCE_BLOCKS as u32, 1, 1),
+                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
         }
-    }
+
+        impl ReduceOps for $dev {
+            fn col_sum(
+                &self,
+                rows: usize,
+                cols: usize,
+                x: &$view<'_, f32>,
+                beta: f32,
+                out: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
+                check_len("col_sum", "out", out.len(), cols)?;
+                if cols == 0 {
+                    return Ok(());
+                }
+                let cfg = LaunchConfig {
+                    grid_dim: (as_u32("col_sum", "column blocks", cols.div_ceil(32))?, 1, 1),
+                    block_dim: (32, consts::COLSUM_ROWS as u32, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
+                // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
+                unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
+                    .map_err(Error::driver("launching col_sum"))
+            }
+
+            fn sum_scaled(&self, srcs: &[&$view<'_, f32>], scale: f32, out: &mut $view_mut<'_, f32>) -> Result<()> {
+                if srcs.is_empty() {
+                    return Err(Error::shape("sum_scaled", "no source buffer given"));
+                }
+                for (i, s) in srcs.iter().enumerate() {
+                    check_len("sum_scaled", &format!("source {i}"), s.len(), out.len())?;
+                }
+                // The table of device pointers. The guards keep each source's read recorded until the
+                // launch is queued, so its stream waits for this kernel before writing it again.
+                let mut guards = Vec::with_capacity(srcs.len());
+                let ptrs: Vec<u64> = srcs
+                    .iter()
+                    .map(|v| {
+                        let (p, guard) = v.device_ptr(self.stream());
+                        guards.push(guard);
+                        p
+                    })
+                    .collect();
+                let table = self.stream().clone_htod(&ptrs).map_err(Error::driver("uploading a pointer table"))?;
+                let k = as_i32("sum_scaled", "sources", srcs.len())?;
+                let n = as_i64("sum_scaled", "n", out.len())?;
+                let cfg = elementwise_cfg(out.len(), self.sms());
+                // SAFETY: the table holds k device pointers, each to n floats on this context (checked
+                // lengths); the table is freed in stream order after the launch.
+                unsafe { self.kernels().reduce.sum_scaled(self.stream(), cfg, k, n, &table.as_view(), scale, out) }
+                    .map_err(Error::driver("launching sum_scaled"))?;
+                drop(guards);
+                Ok(())
+            }
+
+            fn axpy(&self, a: f32, x: &$view<'_, f32>, y: &mut $view_mut<'_, f32>) -> Result<()> {
+                check_len("axpy", "y", y.len(), x.len())?;
+                let n = as_i64("axpy", "n", x.len())?;
+                // SAFETY: x and y hold n elements; grid-stride kernel.
+                unsafe { self.kernels().reduce.axpy(self.stream(), elementwise_cfg(x.len(), self.sms()), n, a, x, y) }
+                    .map_err(Error::driver("launching axpy"))
+            }
+
+            fn scale(&self, a: f32, x: &mut $view_mut<'_, f32>) -> Result<()> {
+                let n = as_i64("scale", "n", x.len())?;
+                let cfg = elementwise_cfg(x.len(), self.sms());
+                // SAFETY: x holds n elements; grid-stride kernel.
+                unsafe { self.kernels().reduce.scale(self.stream(), cfg, n, a, x) }
+                    .map_err(Error::driver("launching scale"))
+            }
+
+            fn sum(&self, x: &$view<'_, f32>, squared: bool) -> Result<f32> {
+                let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
+                let n = as_i64("sum", "n", x.len())?;
+                // SAFETY: x holds n elements; partials one per block of the fixed grid.
+                unsafe {
+                    self.kernels().reduce.partial_sum(
+                        self.stream(),
+                        Self::partial_cfg(),
+                        n,
+                        squared as i32,
+                        x,
+                        &mut partials.as_view_mut(),
+                    )
+                }
+                .map_err(Error::driver("launching partial_sum"))?;
+                self.finish_sum(&partials.as_view(), 1.0)
+            }
+        }
+    };
 }
 
-impl ReduceOps for CudaDevice {
-    fn col_sum(
-        &self,
-        rows: usize,
-        cols: usize,
-        x: &CudaView<'_, f32>,
-        beta: f32,
-        out: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
-        check_len("col_sum", "out", out.len(), cols)?;
-        if cols == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (as_u32("col_sum", "column blocks", cols.div_ceil(32))?, 1, 1),
-            block_dim: (32, consts::COLSUM_ROWS as u32, 1),
-            shared_mem_bytes: 0,
-        };
-        let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
-        // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
-        unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
-            .map_err(Error::driver("launching col_sum"))
-    }
-
-    fn sum_scaled(&self, srcs: &[&CudaView<'_, f32>], scale: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
-        if srcs.is_empty() {
-            return Err(Error::shape("sum_scaled", "no source buffer given"));
-        }
-        for (i, s) in srcs.iter().enumerate() {
-            check_len("sum_scaled", &format!("source {i}"), s.len(), out.len())?;
-        }
-        // The table of device pointers. The guards keep each source's read recorded until the
-        // launch is queued, so its stream waits for this kernel before writing it again.
-        let mut guards = Vec::with_capacity(srcs.len());
-        let ptrs: Vec<u64> = srcs
-            .iter()
-            .map(|v| {
-                let (p, guard) = v.device_ptr(self.stream());
-                guards.push(guard);
-                p
-            })
-            .collect();
-        let table = self.stream().clone_htod(&ptrs).map_err(Error::driver("uploading a pointer table"))?;
-        let k = as_i32("sum_scaled", "sources", srcs.len())?;
-        let n = as_i64("sum_scaled", "n", out.len())?;
-        let cfg = elementwise_cfg(out.len(), self.sms());
-        // SAFETY: the table holds k device pointers, each to n floats on this context (checked
-        // lengths); the table is freed in stream order after the launch.
-        unsafe { self.kernels().reduce.sum_scaled(self.stream(), cfg, k, n, &table.as_view(), scale, out) }
-            .map_err(Error::driver("launching sum_scaled"))?;
-        drop(guards);
-        Ok(())
-    }
-
-    fn axpy(&self, a: f32, x: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
-        check_len("axpy", "y", y.len(), x.len())?;
-        let n = as_i64("axpy", "n", x.len())?;
-        // SAFETY: x and y hold n elements; grid-stride kernel.
-        unsafe { self.kernels().reduce.axpy(self.stream(), elementwise_cfg(x.len(), self.sms()), n, a, x, y) }
-            .map_err(Error::driver("launching axpy"))
-    }
-
-    fn scale(&self, a: f32, x: &mut CudaViewMut<'_, f32>) -> Result<()> {
-        let n = as_i64("scale", "n", x.len())?;
-        let cfg = elementwise_cfg(x.len(), self.sms());
-        // SAFETY: x holds n elements; grid-stride kernel.
-        unsafe { self.kernels().reduce.scale(self.stream(), cfg, n, a, x) }.map_err(Error::driver("launching scale"))
-    }
-
-    fn sum(&self, x: &CudaView<'_, f32>, squared: bool) -> Result<f32> {
-        let mut partials = self.alloc::<f32>(consts::REDUCE_BLOCKS as usize)?;
-        let n = as_i64("sum", "n", x.len())?;
-        // SAFETY: x holds n elements; partials one per block of the fixed grid.
-        unsafe {
-            self.kernels().reduce.partial_sum(
-                self.stream(),
-                Self::partial_cfg(),
-                n,
-                squared as i32,
-                x,
-                &mut partials.as_view_mut(),
-            )
-        }
-        .map_err(Error::driver("launching partial_sum"))?;
-        self.finish_sum(&partials.as_view(), 1.0)
-    }
-}
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);

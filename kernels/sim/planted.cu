@@ -1,0 +1,88 @@
+// planted.cu -- kernels for the simulator's own tests (compiled for the simulator only, never
+// for the GPU): three kernels with a planted bug that the simulator must report, their
+// correct twins, and a probe of the warp intrinsics and dynamic shared memory.
+//
+// Launch: block (256,1,1) unless noted, grid (ceil(n / 256),1,1).
+#include "common.cuh"
+
+// Reverses each block's 256-element slice of x into out, through shared memory.
+// Correct: a barrier between the writes and the reads.
+extern "C" __global__ __launch_bounds__(256) void reverse_ok(int n, const float* x, float* out) {
+  __shared__ float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  tile[t] = i < n ? x[i] : 0.0f;
+  __syncthreads();
+  const int j = blockIdx.x * 256 + (255 - t);
+  if (j < n) out[j] = tile[t];
+}
+
+// PLANTED BUG: the same without the barrier. Thread t reads tile[255 - t], which thread 255 - t
+// wrote in the same barrier interval: a data race (on a GPU it usually "works" for small blocks).
+extern "C" __global__ __launch_bounds__(256) void reverse_missing_barrier(int n, const float* x, float* out) {
+  __shared__ float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  tile[t] = i < n ? x[i] : 0.0f;
+  const int j = blockIdx.x * 256 + (255 - t);
+  if (j < n) out[j] = tile[255 - t];
+}
+
+// Correct: y = 2 x, grid-stride.
+extern "C" __global__ __launch_bounds__(256) void double_ok(long long n, const float* x, float* y) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = 2.0f * x[i];
+}
+
+// PLANTED BUG: `<=` for `<` in the write's guard: the thread with i == n writes y[n].
+extern "C" __global__ __launch_bounds__(256) void double_off_by_one(long long n, const float* x, float* y) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i <= n; i += stride) {
+    const float v = i < n ? x[i] : 0.0f;
+    y[i] = 2.0f * v;
+  }
+}
+
+// Correct: per-block sum of x (block of 256), every thread reaching every barrier.
+extern "C" __global__ __launch_bounds__(256) void block_sum_ok(int n, const float* x, float* out) {
+  __shared__ float scratch[32];
+  const int i = blockIdx.x * 256 + threadIdx.x;
+  const float s = tessera_block_sum<256>(i < n ? x[i] : 0.0f, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// PLANTED BUG: threads past the end return before the block sum's barriers, so the last block's
+// __syncthreads is reached by only some of its threads (a barrier in a divergent branch).
+extern "C" __global__ __launch_bounds__(256) void block_sum_divergent_barrier(int n, const float* x, float* out) {
+  __shared__ float scratch[32];
+  const int i = blockIdx.x * 256 + threadIdx.x;
+  if (i >= n) return;
+  const float s = tessera_block_sum<256>(x[i], scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// Probe of the shim (block (64,1,1), grid (1,1,1), dynamic shared memory 64 floats; n = 64).
+// out[0..64): __shfl_down_sync(v, 1); out[64..128): __shfl_up_sync(v, 2); out[128..192):
+// __shfl_sync(v, 5) with width 8; out[192..256): dynamic shared memory reversed;
+// out[256], out[259]: the low and high 16 bits of __ballot_sync(v > 0) of warp 0 (as floats);
+// out[257]: __syncthreads_count(v > 0); out[258]: atomicAdd of every v.
+extern "C" __global__ __launch_bounds__(64) void probe(int n, const float* x, float* out) {
+  extern __shared__ float dyn[];
+  const int t = threadIdx.x;
+  const float v = x[t];
+  out[t] = __shfl_down_sync(0xffffffffu, v, 1);
+  out[64 + t] = __shfl_up_sync(0xffffffffu, v, 2);
+  out[128 + t] = __shfl_sync(0xffffffffu, v, 5, 8);
+  dyn[t] = v;
+  const unsigned ballot = __ballot_sync(0xffffffffu, v > 0.0f);
+  const int count = __syncthreads_count(v > 0.0f);
+  out[192 + t] = dyn[n - 1 - t];
+  if (t == 0) {
+    out[256] = (float)(ballot & 0xffffu);
+    out[259] = (float)(ballot >> 16);
+    out[257] = (float)count;
+    out[258] = 0.0f;
+  }
+  __syncthreads();
+  atomicAdd(&out[258], v);
+}
