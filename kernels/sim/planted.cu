@@ -43,22 +43,36 @@ extern "C" __global__ __launch_bounds__(256) void double_off_by_one(long long n,
   }
 }
 
-// Correct: per-block sum of x (block of 256), every thread reaching every barrier.
+// Correct: per-block sum of x (block of 256) by a shared-memory tree, every thread reaching
+// every barrier.
 extern "C" __global__ __launch_bounds__(256) void block_sum_ok(int n, const float* x, float* out) {
-  __shared__ float scratch[32];
-  const int i = blockIdx.x * 256 + threadIdx.x;
-  const float s = tessera_block_sum<256>(i < n ? x[i] : 0.0f, scratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = s;
+  __shared__ float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  tile[t] = i < n ? x[i] : 0.0f;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (t < s) tile[t] += tile[t + s];
+    __syncthreads();
+  }
+  if (t == 0) out[blockIdx.x] = tile[0];
 }
 
-// PLANTED BUG: threads past the end return before the block sum's barriers, so the last block's
-// __syncthreads is reached by only some of its threads (a barrier in a divergent branch).
+// PLANTED BUG: threads past the end return before the barriers, so in the last block the
+// __syncthreads is reached by only some of its threads (a barrier in a divergent branch; on a
+// GPU: undefined behaviour, a hang or a wrong sum).
 extern "C" __global__ __launch_bounds__(256) void block_sum_divergent_barrier(int n, const float* x, float* out) {
-  __shared__ float scratch[32];
-  const int i = blockIdx.x * 256 + threadIdx.x;
+  __shared__ float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
   if (i >= n) return;
-  const float s = tessera_block_sum<256>(x[i], scratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = s;
+  tile[t] = x[i];
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (t < s && i + s < n) tile[t] += tile[t + s];
+    __syncthreads();
+  }
+  if (t == 0) out[blockIdx.x] = tile[0];
 }
 
 // Probe of the shim (block (64,1,1), grid (1,1,1), dynamic shared memory 64 floats; n = 64).
