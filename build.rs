@@ -632,7 +632,8 @@ fn sim_rust_type(ty: &str, name: &str) -> &'static str {
 fn sim_arg_expr(ty: &str, name: &str) -> String {
     let opt = name.ends_with("_opt");
     match (ty, opt) {
-        ("int", _) | ("long long", _) => format!("SimArg::int(c{name:?}, {name} as i64)"),
+        ("int", _) => format!("SimArg::int(c{name:?}, i64::from({name}))"),
+        ("long long", _) => format!("SimArg::int(c{name:?}, {name})"),
         ("float", _) => format!("SimArg::float(c{name:?}, {name})"),
         ("const float* const*", _) => format!("SimArg::table(c{name:?}, {name})"),
         (t, false) if t.starts_with("const ") => format!("SimArg::input(c{name:?}, {name})"),
@@ -713,13 +714,13 @@ fn build_simulator(kdir: &Path, out: &Path, families: &[Family], planted: &Famil
                 let _ = write!(list, "{}, ", sim_arg_expr(&p.ty, &p.name));
                 casts.push(sim_cast(&p.ty, i));
             }
-            let launch = if unsupported.is_some() {
+            let launch = if let Some(why) = unsupported {
                 let _ = writeln!(rust, "    /// `{}` cannot run in the simulator.", k.name);
                 format!(
                     "let _ = (__stream, __cfg{});\n        Err(SimError::unsupported({:?}, {:?}))",
                     k.params.iter().map(|p| format!(", {}", p.name)).collect::<String>(),
                     k.name,
-                    unsupported.unwrap()
+                    why
                 )
             } else {
                 let _ = writeln!(

@@ -1,5 +1,6 @@
 //! Device strings: `cpu`, `cpu:N` (N logical CPU devices), `cuda`, `cuda:K` (GPU K),
-//! `cuda:KxN` (N logical devices on GPU K, one stream each) and `auto`.
+//! `cuda:KxN` (N logical devices on GPU K, one stream each), `sim`, `sim:N` (the CUDA
+//! kernels in the simulator, on N logical simulated devices) and `auto`.
 //!
 //! `auto` takes GPU 0 when one can run the kernels and otherwise the CPU, and says which and
 //! why. Asking for `cuda` where there is none is an error, never a silent fallback.
@@ -9,6 +10,7 @@ use std::str::FromStr;
 
 use crate::backend::cpu::CpuDevice;
 use crate::backend::cuda::{self, CudaDevice};
+use crate::backend::sim::SimDevice;
 use crate::error::{Error, Result};
 
 /// A parsed device string.
@@ -24,6 +26,12 @@ pub enum DeviceSpec {
         /// GPU ordinal.
         ordinal: usize,
         /// Logical devices on it.
+        count: usize,
+    },
+    /// `count` logical simulated GPUs: the CUDA kernels run on the CPU by the simulator
+    /// (`sim` is `sim:1`). Slow; for checking kernels without a GPU.
+    Sim {
+        /// Number of logical devices.
         count: usize,
     },
     /// A GPU if one can run the kernels, else the CPU.
@@ -52,6 +60,14 @@ impl FromStr for DeviceSpec {
                 }
                 Ok(DeviceSpec::Cpu { count })
             }
+            ("sim", None) => Ok(DeviceSpec::Sim { count: 1 }),
+            ("sim", Some(n)) => {
+                let count = num(&n, "device count")?;
+                if count == 0 {
+                    return Err(bad("sim:N needs N >= 1"));
+                }
+                Ok(DeviceSpec::Sim { count })
+            }
             ("cuda" | "gpu", None) => Ok(DeviceSpec::Cuda { ordinal: 0, count: 1 }),
             ("cuda" | "gpu", Some(r)) => {
                 let (o, c) = match r.split_once('x') {
@@ -63,7 +79,7 @@ impl FromStr for DeviceSpec {
                 }
                 Ok(DeviceSpec::Cuda { ordinal: o, count: c })
             }
-            _ => Err(bad("expected auto, cpu, cpu:N, cuda, cuda:K or cuda:KxN")),
+            _ => Err(bad("expected auto, cpu, cpu:N, cuda, cuda:K, cuda:KxN, sim or sim:N")),
         }
     }
 }
@@ -75,6 +91,7 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu { count } => write!(f, "cpu:{count}"),
             DeviceSpec::Cuda { ordinal, count: 1 } => write!(f, "cuda:{ordinal}"),
             DeviceSpec::Cuda { ordinal, count } => write!(f, "cuda:{ordinal}x{count}"),
+            DeviceSpec::Sim { count } => write!(f, "sim:{count}"),
         }
     }
 }
@@ -86,6 +103,8 @@ pub enum Devices {
     Cpu(Vec<CpuDevice>),
     /// Logical devices on a GPU.
     Cuda(Vec<CudaDevice>),
+    /// Simulated GPUs.
+    Sim(Vec<SimDevice>),
 }
 
 impl Devices {
@@ -94,6 +113,7 @@ impl Devices {
         match self {
             Devices::Cpu(v) => v.len(),
             Devices::Cuda(v) => v.len(),
+            Devices::Sim(v) => v.len(),
         }
     }
     /// Whether there is none (never, for opened devices).
@@ -106,6 +126,7 @@ impl Devices {
         match self {
             Devices::Cpu(v) => v.iter().map(|d| d.name()).collect(),
             Devices::Cuda(v) => v.iter().map(|d| d.name()).collect(),
+            Devices::Sim(v) => v.iter().map(|d| d.name()).collect(),
         }
     }
 }
@@ -126,6 +147,12 @@ impl DeviceSpec {
                 let msg = format!("device: {self} ({})", first.info().name);
                 Ok((Devices::Cuda(v), msg))
             }
+            DeviceSpec::Sim { count } => Ok((
+                Devices::Sim((0..count).map(SimDevice::new).collect()),
+                format!(
+                    "device: sim:{count} (the CUDA kernels in the simulator, on the CPU: slow, every access checked)"
+                ),
+            )),
             DeviceSpec::Auto => {
                 let why_not = match cuda::gpu_count() {
                     Ok(0) if !cuda::driver_present() => "no CUDA driver on this machine".to_string(),
@@ -158,7 +185,9 @@ mod tests {
         assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda { ordinal: 1, count: 1 });
         assert_eq!("cuda:0x4".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda { ordinal: 0, count: 4 });
         assert_eq!("cuda:0x4".parse::<DeviceSpec>().unwrap().to_string(), "cuda:0x4");
-        for bad in ["tpu", "cpu:0", "cpu:x", "cuda:a", "cuda:0x0", ""] {
+        assert_eq!("sim".parse::<DeviceSpec>().unwrap(), DeviceSpec::Sim { count: 1 });
+        assert_eq!("sim:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Sim { count: 3 });
+        for bad in ["tpu", "cpu:0", "cpu:x", "cuda:a", "cuda:0x0", "sim:0", "sim:x", ""] {
             let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("device `{bad}`")), "{e}");
         }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera::backend::cuda;
+use tessera::backend::sim::SIM_KERNELS;
 use tessera::checkpoint::Checkpoint;
 use tessera::data::{batches_per_epoch, Dataset};
 use tessera::kernels::{KERNELS, MANIFEST};
@@ -63,7 +64,7 @@ enum SchedName {
 
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
-    /// Device: auto, cpu, cuda, cuda:K.
+    /// Device: auto, cpu, cpu:N, cuda, cuda:K, cuda:KxN, sim, sim:N (the kernels in the CUDA simulator).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Layer widths from inputs to classes [default: 784,512,512,10].
@@ -162,7 +163,7 @@ struct MeshArgs {
 /// `tessera plan`: what a run would do, without running it.
 #[derive(clap::Args, Debug)]
 struct PlanArgs {
-    /// Devices: cpu:N, cuda:KxN, ...
+    /// Devices: cpu:N, cuda:KxN, sim:N, ...
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Layer widths from inputs to classes.
@@ -258,6 +259,7 @@ fn devices() -> tessera::Result<()> {
     println!("CPU: {} ({} threads)", cpu_model(), threads);
     println!("  features: {}", cpu_features().join(" "));
     println!("  devices: cpu, cpu:N (N logical devices sharing these cores)");
+    println!("  simulator: sim, sim:N (the CUDA kernels run on the CPU with every access checked; slow)");
     println!("CUDA kernels: {}", manifest_line());
     if !cuda::driver_present() {
         println!("CUDA driver: not found (libcuda.so.1 could not be loaded); no GPU can be used");
@@ -293,14 +295,18 @@ fn kernels(verbose: bool) -> tessera::Result<()> {
         println!("needs: a driver for CUDA {}.{} or newer", d / 1000, (d % 1000) / 10);
     }
     let sass: Vec<&str> = MANIFEST.archs.iter().copied().filter(|a| a.starts_with("sm_")).collect();
-    print!("{:<16} {:<14} {:<18}", "kernel", "file", "hash");
+    print!("{:<28} {:<16} {:<18} {:<4}", "kernel", "file", "hash", "sim");
     for a in &sass {
         print!(" {:>22}", format!("{a} regs/smem/spill"));
     }
     println!();
     for k in KERNELS {
         let hash = k.hash.map(|h| format!("{h:016x}")).unwrap_or_else(|| "-".into());
-        print!("{:<16} {:<14} {:<18}", k.name, k.file, hash);
+        let sim = match SIM_KERNELS.iter().find(|s| s.name == k.name).and_then(|s| s.unsupported.map(|_| ())) {
+            None => "yes",
+            Some(()) => "NO",
+        };
+        print!("{:<28} {:<16} {:<18} {sim:<4}", k.name, k.file, hash);
         for a in &sass {
             let cell = match k.ptxas.iter().find(|p| p.arch == *a) {
                 Some(p) => format!("{}/{}/{}", p.registers, p.smem_bytes, p.spill_stores + p.spill_loads),
@@ -311,6 +317,16 @@ fn kernels(verbose: bool) -> tessera::Result<()> {
         println!();
     }
     println!("{} kernels", KERNELS.len());
+    // The simulator: every kernel it cannot run is listed with the reason, never skipped quietly.
+    let cannot: Vec<String> =
+        SIM_KERNELS.iter().filter_map(|s| s.unsupported.map(|why| format!("{} ({}: {why})", s.name, s.file))).collect();
+    if cannot.is_empty() {
+        println!("simulator (--device sim): runs all {} kernels", KERNELS.len());
+    } else {
+        println!("simulator (--device sim): cannot run {}: {}", cannot.len(), cannot.join(", "));
+    }
+    let planted: Vec<&str> = SIM_KERNELS.iter().filter(|s| s.planted).map(|s| s.name).collect();
+    println!("simulator test kernels (kernels/sim/planted.cu, simulator only): {}", planted.join(", "));
     if verbose {
         println!("\n{}", tessera::kernels::ptxas_report());
     }
@@ -430,6 +446,7 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     match devices {
         Devices::Cpu(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
         Devices::Cuda(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Sim(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
     }
 }
 
@@ -523,6 +540,7 @@ fn plan(a: PlanArgs) -> tessera::Result<()> {
     match devices {
         Devices::Cpu(d) => print_plan(&d, &a, &cfg),
         Devices::Cuda(d) => print_plan(&d, &a, &cfg),
+        Devices::Sim(d) => print_plan(&d, &a, &cfg),
     }
 }
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tessera's build and tests need, into the project, idempotently:
+#   - a C++20 compiler (g++, from apt when missing): the CUDA simulator compiles the kernels
+#     for the host;
 #   - the pinned CUDA compiler wheels from PyPI into .toolchain/cuda (git-ignored).
 #     nvidia-nvvm is pinned too: left free, pip takes 13.5, whose PTX (ISA 9.5) the
 #     13.0 ptxas rejects.
@@ -16,6 +18,13 @@ pins=(
   nvidia-cuda-cccl==13.0.85
 )
 stamp="$dest/.installed"
+
+if ! command -v "${CXX:-g++}" >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+  echo "setup: no C++ compiler (the CUDA simulator builds the kernels with one); installing g++ with apt"
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq g++ >/dev/null
+fi
 want="${pins[*]}"
 
 if [ "${TESSERA_SKIP_CUDA_TOOLCHAIN:-0}" = 1 ]; then

@@ -278,3 +278,21 @@ fn logical_devices_of_one_gpu_match_the_cpu_reference() {
         assert!(e.replicas_identical().unwrap(), "cuda {desc}: replicas diverged");
     }
 }
+
+/// The equivalence oracle on simulated GPUs: the CUDA kernels, run by the simulator on four
+/// logical devices, under data and pipeline parallelism, against the single-device CPU run.
+#[test]
+fn simulated_devices_match_the_cpu_reference() {
+    let sims: Vec<tessera::SimDevice> = (0..4).map(tessera::SimDevice::new).collect();
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    for (dp, pp, m, kind) in [(2, 2, 4, ScheduleKind::OneFOneB), (1, 3, 6, ScheduleKind::GPipe)] {
+        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let desc = plan.describe();
+        let mut e = Engine::new(&sims[..dp * pp], cfg.clone(), plan).unwrap();
+        tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+        let err = rel_err(&e.params().unwrap(), &want);
+        assert!(err <= 1e-5, "sim {desc}: relative error {err:.3e}");
+        assert!(e.replicas_identical().unwrap(), "sim {desc}: replicas diverged");
+    }
+}

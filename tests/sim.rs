@@ -37,11 +37,18 @@ fn missing_barrier_is_a_shared_memory_race() {
         let i = b * 256 + t;
         assert_eq!(*g, if i < n { x[i] } else { 0.0 }, "reverse_ok at {j}");
     }
-    let r =
-        unsafe { k.reverse_missing_barrier(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut()) };
+    let r = unsafe {
+        k.reverse_missing_barrier(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
+    };
     expect_report(
         r,
-        &["kernel reverse_missing_barrier", "block (0,0,0)", "thread (", "data race on shared tile[", "no __syncthreads"],
+        &[
+            "kernel reverse_missing_barrier",
+            "block (0,0,0)",
+            "thread (",
+            "data race on shared tile[",
+            "no __syncthreads",
+        ],
     );
 }
 
@@ -61,7 +68,14 @@ fn off_by_one_write_is_out_of_bounds() {
     let r = unsafe { k.double_off_by_one(d.stream(), cfg(2, 256, 0), n as i64, &xb.as_view(), &mut y.as_view_mut()) };
     let e = expect_report(
         r,
-        &["kernel double_off_by_one", "block (1,0,0)", "thread (232,0,0)", "out-of-bounds write", "y[1000]", "holds 1000"],
+        &[
+            "kernel double_off_by_one",
+            "block (1,0,0)",
+            "thread (232,0,0)",
+            "out-of-bounds write",
+            "y[1000]",
+            "holds 1000",
+        ],
     );
     // The bad write was not performed: the buffer after y is untouched (the view ends at n).
     assert!(!e.contains("x["), "{e}");
@@ -86,7 +100,16 @@ fn barrier_in_a_divergent_branch_is_reported_not_a_hang() {
     let r = unsafe {
         k.block_sum_divergent_barrier(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
     };
-    expect_report(r, &["kernel block_sum_divergent_barrier", "block (1,0,0)", "thread (44,0,0)", "__syncthreads at planted.cu:", "divergent branch"]);
+    expect_report(
+        r,
+        &[
+            "kernel block_sum_divergent_barrier",
+            "block (1,0,0)",
+            "thread (44,0,0)",
+            "__syncthreads at planted.cu:",
+            "divergent branch",
+        ],
+    );
 }
 
 #[test]

@@ -175,6 +175,35 @@ fn sgd_trains_too() {
     assert!(after.accuracy() > 0.85, "{after:?}");
 }
 
+/// The CUDA kernels in the simulator take the same first steps as the CPU backend (a small
+/// model: the simulator is slow), and `--device sim` trains from the CLI.
+#[test]
+fn cpu_and_simulator_take_the_same_first_steps() {
+    let sim = tessera::SimDevice::new(0);
+    let cpu = CpuDevice::new(0);
+    let (train, _) = Dataset::mnist_10k().unwrap();
+    let cfg = adamw_config(vec![784, 48, 10], Activation::GeluTanh);
+    let mut a = Trainer::new(&cpu, cfg.clone()).unwrap();
+    let mut b = Trainer::new(&sim, cfg).unwrap();
+    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    a.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
+        la.push(s.loss);
+        Ok(())
+    })
+    .unwrap();
+    b.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
+        lb.push(s.loss);
+        Ok(())
+    })
+    .unwrap();
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim {lb:?}");
+    }
+    let (ok, out, err) = common::tessera(&["train", "--device", "sim", "--widths", "784,32,10", "--steps", "3"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("device: sim:1") || out.contains("device: sim:1"), "{out}{err}");
+}
+
 #[test]
 fn cpu_and_gpu_take_the_same_first_steps() {
     if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
