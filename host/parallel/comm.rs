@@ -1,8 +1,11 @@
 //! Communicators: all-reduce (sum or mean, in place), broadcast, send and recv among a group
-//! of ranks. [`LocalComm`] connects ranks that are threads of one process, over any backend:
-//! its all-reduce is a ring (reduce-scatter, then all-gather) whose additions run on each
-//! rank's own device with the reduce kernels (`axpy`), so over GPUs the data stay on the GPUs.
-//! Later communicators (MPI, NCCL) implement the same trait.
+//! of ranks. [`RingComm`] runs a ring all-reduce (reduce-scatter, then all-gather) whose
+//! additions run on each rank's own device with the reduce kernels (`axpy`), over a [`Wire`]
+//! that moves buffers between ranks: [`LocalComm`] connects ranks that are threads of one
+//! process (over GPUs the data stay on the GPUs); `MpiComm` (in [`crate::parallel::mpi`])
+//! connects processes. Each chunk is summed in the same order on its way round the ring and
+//! then copied, so every rank ends with the same bits, whatever the wire. `NcclComm` (for GPUs
+//! across processes) implements the same trait over NCCL's own all-reduce.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
@@ -29,21 +32,52 @@ pub trait Communicator<B: Backend>: Send {
     fn recv(&mut self, buf: &mut B::Mut<'_, f32>, from: usize) -> Result<()>;
 }
 
+/// How the ranks of a [`RingComm`] move buffers: in order, per pair of ranks.
+pub trait Wire<B: Backend>: Send {
+    /// Hands a copy of `view` (on `dev`) to rank `to` (a group rank).
+    fn post(&mut self, dev: &B, view: &B::Ref<'_, f32>, to: usize) -> Result<()>;
+    /// The next buffer from rank `from`, as a buffer usable on `dev`.
+    fn take(&mut self, dev: &B, from: usize) -> Result<B::Buf<f32>>;
+}
+
+/// One rank of a group whose collectives run as a ring over a [`Wire`].
+pub struct RingComm<B: Backend, W: Wire<B>> {
+    rank: usize,
+    size: usize,
+    dev: B,
+    wire: W,
+}
+
 /// A message: a buffer on the sender's device.
 struct Msg<B: Backend> {
     buf: B::Buf<f32>,
 }
 
-/// One rank of an in-process group (one thread per rank).
-pub struct LocalComm<B: Backend> {
+/// The in-process wire: one channel per ordered pair of ranks; buffers stay on their devices
+/// (a GPU buffer is peer-copied only where the receiver cannot read it).
+pub struct LocalWire<B: Backend> {
     rank: usize,
-    size: usize,
-    dev: B,
     /// `to[r]`: the channel into rank r's mailbox from this rank.
     to: Vec<Sender<Msg<B>>>,
     /// `from[r]`: this rank's mailbox for messages from rank r.
     from: Vec<Receiver<Msg<B>>>,
     timeout: Duration,
+}
+
+/// One rank of an in-process group (one thread per rank).
+pub type LocalComm<B> = RingComm<B, LocalWire<B>>;
+
+impl<B: Backend, W: Wire<B>> RingComm<B, W> {
+    /// Rank `rank` of a group of `size` on `dev`, over `wire`.
+    pub fn new(rank: usize, size: usize, dev: B, wire: W) -> Self {
+        RingComm { rank, size, dev, wire }
+    }
+    fn post(&mut self, view: &B::Ref<'_, f32>, to: usize) -> Result<()> {
+        self.wire.post(&self.dev, view, to)
+    }
+    fn take(&mut self, from: usize) -> Result<B::Buf<f32>> {
+        self.wire.take(&self.dev, from)
+    }
 }
 
 /// The even split of `n` elements into `parts` contiguous chunks (the first `n % parts` get one
@@ -62,7 +96,7 @@ pub fn chunks(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-impl<B: Ops> LocalComm<B> {
+impl<B: Ops> RingComm<B, LocalWire<B>> {
     /// A group over `devices`: rank `i` runs on `devices[i]`. Hand each to its own thread.
     pub fn group(devices: &[B]) -> Vec<LocalComm<B>> {
         let n = devices.len();
@@ -80,25 +114,28 @@ impl<B: Ops> LocalComm<B> {
         devices
             .iter()
             .enumerate()
-            .map(|(rank, dev)| LocalComm {
-                rank,
-                size: n,
-                dev: dev.clone(),
-                to: senders[rank].iter_mut().map(|s| s.take().unwrap()).collect(),
-                from: receivers[rank].iter_mut().map(|r| r.take().unwrap()).collect(),
-                timeout: Duration::from_secs(120),
+            .map(|(rank, dev)| {
+                let wire = LocalWire {
+                    rank,
+                    to: senders[rank].iter_mut().map(|s| s.take().unwrap()).collect(),
+                    from: receivers[rank].iter_mut().map(|r| r.take().unwrap()).collect(),
+                    timeout: Duration::from_secs(120),
+                };
+                RingComm::new(rank, n, dev.clone(), wire)
             })
             .collect()
     }
+}
 
-    fn post(&self, view: &B::Ref<'_, f32>, to: usize) -> Result<()> {
-        let buf = self.dev.duplicate(view)?;
+impl<B: Backend> Wire<B> for LocalWire<B> {
+    fn post(&mut self, dev: &B, view: &B::Ref<'_, f32>, to: usize) -> Result<()> {
+        let buf = dev.duplicate(view)?;
         // The receiver's device reads it: the copy must be done first.
-        self.dev.synchronize()?;
+        dev.synchronize()?;
         self.to[to].send(Msg { buf }).map_err(|_| Error::Parallel(format!("rank {to} of the group has stopped")))
     }
 
-    fn take(&self, from: usize) -> Result<B::Buf<f32>> {
+    fn take(&mut self, dev: &B, from: usize) -> Result<B::Buf<f32>> {
         let m = self.from[from].recv_timeout(self.timeout).map_err(|_| {
             Error::Parallel(format!(
                 "rank {} waited {:?} for rank {from}, which stopped or hung",
@@ -106,11 +143,11 @@ impl<B: Ops> LocalComm<B> {
             ))
         })?;
         // Usable here as it is, or copied here (a peer copy where the sender is another GPU).
-        self.dev.adopt(m.buf)
+        dev.adopt(m.buf)
     }
 }
 
-impl<B: Ops> Communicator<B> for LocalComm<B> {
+impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
     fn rank(&self) -> usize {
         self.rank
     }

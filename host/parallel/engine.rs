@@ -28,7 +28,7 @@ struct Worker<B: Ops> {
     dev: B,
     stage: Stage<B>,
     state: Vec<B::Buf<f32>>,
-    comm: Option<LocalComm<B>>,
+    comm: Option<Box<dyn Communicator<B>>>,
 }
 
 type Msg<B> = (usize, <B as Backend>::Buf<f32>);
@@ -142,7 +142,7 @@ impl<B: Ops> Engine<B> {
                 let devs: Vec<B> =
                     (0..mesh.dp).map(|r| devices[mesh.device(r, s)].with_own_queue()).collect::<Result<_>>()?;
                 for (r, c) in LocalComm::group(&devs).into_iter().enumerate() {
-                    workers[mesh.device(r, s)].comm = Some(c);
+                    workers[mesh.device(r, s)].comm = Some(Box::new(c));
                 }
             }
         }
@@ -431,7 +431,7 @@ fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Lin
     let (result, comm_back) = std::thread::scope(|sc| {
         // The bucket all-reduce thread: reduces buckets in the order backward finishes them.
         let comm_thread = comm.map(|mut c| {
-            sc.spawn(move || -> (Result<()>, LocalComm<B>) {
+            sc.spawn(move || -> (Result<()>, Box<dyn Communicator<B>>) {
                 for (b, mut buf) in jobs_rx {
                     let start = now();
                     if let Err(e) = c.all_reduce_sum(&mut buf) {
