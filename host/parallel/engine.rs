@@ -24,16 +24,33 @@ use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
 use crate::train::{apply_optimizer, count_correct, Eval, StepStats, Steps, TrainConfig};
 
-struct Worker<B: Ops> {
-    dev: B,
-    stage: Stage<B>,
-    state: Vec<B::Buf<f32>>,
-    comm: Option<Box<dyn Communicator<B>>>,
+pub(crate) struct Worker<B: Ops> {
+    pub(crate) dev: B,
+    pub(crate) stage: Stage<B>,
+    pub(crate) state: Vec<B::Buf<f32>>,
+    pub(crate) comm: Option<Box<dyn Communicator<B>>>,
 }
 
 type Msg<B> = (usize, <B as Backend>::Buf<f32>);
 /// The two ends of a channel, where this stage has them.
 type Ends<B> = (Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>);
+
+/// How one worker of a step talks to the other stages of its replica: activations forward,
+/// their gradients backward, and the parts of the squared gradient norm. In one process the
+/// links are channels; across processes, MPI messages (`crate::parallel::mpi`).
+pub trait PipeLinks<B: Backend>: Send {
+    /// Hands microbatch `id`'s output activation to the next stage.
+    fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()>;
+    /// Microbatch `id`'s input activation from the previous stage, on `dev`.
+    fn recv_act(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>>;
+    /// Hands microbatch `id`'s input gradient to the previous stage.
+    fn send_grad(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()>;
+    /// Microbatch `id`'s output gradient from the next stage, on `dev`.
+    fn recv_grad(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>>;
+    /// Every stage's `(stage, squared norm of its gradients)`, in stage order, given this
+    /// stage's part.
+    fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>>;
+}
 
 /// The channels one worker uses in a step.
 struct Links<B: Ops> {
@@ -46,8 +63,44 @@ struct Links<B: Ops> {
     norm_in: Receiver<(usize, f64)>,
 }
 
+impl<B: Ops> PipeLinks<B> for Links<B> {
+    fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
+        let out = snapshot(dev, v)?;
+        self.act_out.as_ref().unwrap().send((id, out)).map_err(|_| closed("next stage"))
+    }
+    fn recv_act(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
+        let (got, buf) = self.act_in.as_ref().unwrap().recv().map_err(|_| closed("previous stage"))?;
+        if got != id {
+            return Err(Error::Parallel(format!("expected microbatch {id}'s activation, got {got}'s")));
+        }
+        dev.adopt(buf)
+    }
+    fn send_grad(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
+        let g = snapshot(dev, v)?;
+        self.grad_out.as_ref().unwrap().send((id, g)).map_err(|_| closed("previous stage"))
+    }
+    fn recv_grad(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
+        let (got, buf) = self.grad_in.as_ref().unwrap().recv().map_err(|_| closed("next stage"))?;
+        if got != id {
+            return Err(Error::Parallel(format!("expected microbatch {id}'s gradient, got {got}'s")));
+        }
+        dev.adopt(buf)
+    }
+    fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>> {
+        for tx in &self.norm_out {
+            tx.send((stage, local)).map_err(|_| closed("other stage"))?;
+        }
+        let mut parts = vec![(stage, local)];
+        for _ in 0..self.norm_out.len() {
+            parts.push(self.norm_in.recv().map_err(|_| closed("other stage"))?);
+        }
+        parts.sort_by_key(|p| p.0);
+        Ok(parts)
+    }
+}
+
 /// What every worker of a step shares.
-struct StepCtx<'a> {
+pub(crate) struct StepCtx<'a> {
     actions: &'a [Action],
     /// Rows of the global batch for each microbatch id (`pass * m + mb`) of this replica.
     rows: Vec<Range<usize>>,
@@ -61,14 +114,88 @@ struct StepCtx<'a> {
     passes: usize,
     m: usize,
     dp: usize,
+    pp: usize,
     t0: Instant,
 }
 
-struct WorkerOut {
-    loss: f32,
-    grad_norm: Option<f32>,
-    spans: Vec<Span>,
-    comm_spans: Vec<Span>,
+pub(crate) struct WorkerOut {
+    pub(crate) loss: f32,
+    pub(crate) grad_norm: Option<f32>,
+    pub(crate) spans: Vec<Span>,
+    pub(crate) comm_spans: Vec<Span>,
+}
+
+/// What a step needs before any worker runs: the rows of each replica's microbatches, and
+/// the learning rate and optimizer step count.
+pub(crate) struct Prepared {
+    pub(crate) replica_rows: Vec<Vec<Range<usize>>>,
+    pub(crate) lr: f32,
+    pub(crate) t: u64,
+}
+
+/// Checks a batch against the plan and splits it (shared by the in-process and the MPI engine).
+pub(crate) fn prepare_step(cfg: &TrainConfig, plan: &Plan, step: u64, x: &[f32], y: &[i32]) -> Result<Prepared> {
+    let dp = plan.mesh.dp;
+    let (m, passes) = (plan.microbatches, plan.accumulate);
+    let inputs = cfg.model.inputs();
+    let total = y.len();
+    if x.len() != total * inputs {
+        return Err(Error::shape(
+            "Engine::step",
+            format!(
+                "inputs hold {} values for {total} labels; the model takes {inputs} features per sample",
+                x.len()
+            ),
+        ));
+    }
+    let what = format!("dp={dp} replicas x {} microbatches", m * passes);
+    if total < dp * m * passes {
+        return Err(Error::Invalid(format!(
+            "a batch of {total} rows cannot be split into {what}: each microbatch needs at least one row (use a batch of at least {})",
+            dp * m * passes
+        )));
+    }
+    let shares = split_rows(total, dp, "replicas")?;
+    let mut replica_rows = Vec::with_capacity(dp);
+    for sh in &shares {
+        let mbs = split_rows(sh.len(), m * passes, "microbatches")?;
+        replica_rows.push(mbs.into_iter().map(|r| sh.start + r.start..sh.start + r.end).collect::<Vec<_>>());
+    }
+    let lr = cfg.optimizer.lr() * cfg.schedule.factor(step);
+    Ok(Prepared { replica_rows, lr, t: step + 1 })
+}
+
+impl<'a> StepCtx<'a> {
+    /// The context of the worker of replica `r`, stage `s`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        schedule: &'a Schedule,
+        plan: &Plan,
+        cfg: &'a TrainConfig,
+        prep: &Prepared,
+        r: usize,
+        s: usize,
+        x: &'a [f32],
+        y: &'a [i32],
+        t0: Instant,
+    ) -> Self {
+        StepCtx {
+            actions: &schedule.actions[s],
+            rows: prep.replica_rows[r].clone(),
+            x,
+            y,
+            inputs: cfg.model.inputs(),
+            loss_scale: 1.0 / y.len() as f32,
+            lr: prep.lr,
+            t: prep.t,
+            cfg,
+            passes: plan.accumulate,
+            m: plan.microbatches,
+            dp: plan.mesh.dp,
+            pp: plan.mesh.pp,
+            t0,
+        }
+    }
 }
 
 /// Data- and pipeline-parallel training of an MLP on a mesh of devices.
@@ -178,33 +305,8 @@ impl<B: Ops> Engine<B> {
     /// (rows in contiguous shares, uneven shares weighted exactly) and into microbatches.
     pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
         let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
-        let (m, passes) = (self.plan.microbatches, self.plan.accumulate);
-        let inputs = self.cfg.model.inputs();
-        let total = y.len();
-        if x.len() != total * inputs {
-            return Err(Error::shape(
-                "Engine::step",
-                format!(
-                    "inputs hold {} values for {total} labels; the model takes {inputs} features per sample",
-                    x.len()
-                ),
-            ));
-        }
-        let what = format!("dp={dp} replicas x {} microbatches", m * passes);
-        if total < dp * m * passes {
-            return Err(Error::Invalid(format!(
-                "a batch of {total} rows cannot be split into {what}: each microbatch needs at least one row (use a batch of at least {})",
-                dp * m * passes
-            )));
-        }
-        let shares = split_rows(total, dp, "replicas")?;
-        let mut replica_rows = Vec::with_capacity(dp);
-        for sh in &shares {
-            let mbs = split_rows(sh.len(), m * passes, "microbatches")?;
-            replica_rows.push(mbs.into_iter().map(|r| sh.start + r.start..sh.start + r.end).collect::<Vec<_>>());
-        }
-        let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
-        let t = self.step + 1;
+        let prep = prepare_step(&self.cfg, &self.plan, self.step, x, y)?;
+        let lr = prep.lr;
         let t0 = Instant::now();
 
         // Channels: activations forward and gradients backward along each replica's pipeline,
@@ -240,27 +342,12 @@ impl<B: Ops> Engine<B> {
             }
         }
 
-        let cfg = &self.cfg;
-        let actions = &self.schedule.actions;
-        let make_ctx = |r: usize, s: usize| StepCtx {
-            actions: &actions[s],
-            rows: replica_rows[r].clone(),
-            x,
-            y,
-            inputs,
-            loss_scale: 1.0 / total as f32,
-            lr,
-            t,
-            cfg,
-            passes,
-            m,
-            dp,
-            t0,
-        };
+        let (cfg, plan, schedule) = (&self.cfg, &self.plan, &self.schedule);
+        let make_ctx = |r: usize, s: usize| StepCtx::new(schedule, plan, cfg, &prep, r, s, x, y, t0);
         let results: Vec<Result<WorkerOut>> = if self.workers.len() == 1 {
             // One device: no thread to start.
-            let l = links.pop().unwrap();
-            vec![run_worker(&mut self.workers[0], 0, &make_ctx(0, 0), l)]
+            let mut l = links.pop().unwrap();
+            vec![run_worker(&mut self.workers[0], 0, &make_ctx(0, 0), &mut l)]
         } else {
             std::thread::scope(|sc| {
                 let handles: Vec<_> = self
@@ -268,9 +355,9 @@ impl<B: Ops> Engine<B> {
                     .iter_mut()
                     .zip(links)
                     .enumerate()
-                    .map(|(i, (w, l))| {
+                    .map(|(i, (w, mut l))| {
                         let ctx = make_ctx(i / pp, i % pp);
-                        sc.spawn(move || run_worker(w, i % pp, &ctx, l))
+                        sc.spawn(move || run_worker(w, i % pp, &ctx, &mut l))
                     })
                     .collect();
                 handles
@@ -419,7 +506,12 @@ fn snapshot<B: Ops>(dev: &B, v: &B::Ref<'_, f32>) -> Result<B::Buf<f32>> {
     Ok(b)
 }
 
-fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Links<B>) -> Result<WorkerOut> {
+pub(crate) fn run_worker<B: Ops>(
+    w: &mut Worker<B>,
+    s: usize,
+    ctx: &StepCtx<'_>,
+    links: &mut dyn PipeLinks<B>,
+) -> Result<WorkerOut> {
     let comm = w.comm.take();
     let layout = w.stage.layout().to_vec();
     let bucket_range = |b: usize| layout[b].weight.start..layout[b].bias.end;
@@ -446,7 +538,7 @@ fn run_worker<B: Ops>(w: &mut Worker<B>, s: usize, ctx: &StepCtx<'_>, links: Lin
                 (Ok(()), c)
             })
         });
-        let r = worker_actions(w, s, ctx, &links, &jobs_tx, &done_rx, &bucket_range, &now);
+        let r = worker_actions(w, s, ctx, links, &jobs_tx, &done_rx, &bucket_range, &now);
         drop(jobs_tx);
         let back = comm_thread.map(|h| h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked")));
         (r, back)
@@ -466,14 +558,14 @@ fn worker_actions<B: Ops>(
     w: &mut Worker<B>,
     s: usize,
     ctx: &StepCtx<'_>,
-    links: &Links<B>,
+    links: &mut dyn PipeLinks<B>,
     jobs_tx: &Sender<(usize, B::Buf<f32>)>,
     done_rx: &Receiver<(usize, B::Buf<f32>, Span)>,
     bucket_range: &dyn Fn(usize) -> Range<usize>,
     now: &dyn Fn() -> f64,
 ) -> Result<WorkerOut> {
     let dev = w.dev.clone();
-    let pp = links.norm_out.len() + 1;
+    let pp = ctx.pp;
     let is_last = s + 1 == pp;
     let mut spans = Vec::new();
     let mut loss = 0f32;
@@ -498,18 +590,12 @@ fn worker_actions<B: Ops>(
                 }
                 Action::SendAct(mb) => {
                     let id = pass * ctx.m + mb;
-                    let out = snapshot(&dev, &B::view(w.stage.output(id)?))?;
-                    links.act_out.as_ref().unwrap().send((id, out)).map_err(|_| closed("next stage"))?;
+                    links.send_act(&dev, id, &B::view(w.stage.output(id)?))?;
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("send act {id}"), start, end: now() });
                 }
                 Action::RecvAct(mb) => {
                     let id = pass * ctx.m + mb;
-                    let (got, buf) = links.act_in.as_ref().unwrap().recv().map_err(|_| closed("previous stage"))?;
-                    if got != id {
-                        return Err(Error::Parallel(format!(
-                            "stage {s} expected microbatch {id}'s activation, got {got}'s"
-                        )));
-                    }
+                    let buf = links.recv_act(&dev, id)?;
                     let rows = ctx.rows[id].clone();
                     let input = w.stage.input_mut(&dev, id, rows.len())?;
                     dev.copy(&B::view(&buf), &mut B::view_mut(input))?;
@@ -520,13 +606,7 @@ fn worker_actions<B: Ops>(
                 }
                 Action::RecvGrad(mb) => {
                     let id = pass * ctx.m + mb;
-                    let (got, buf) = links.grad_in.as_ref().unwrap().recv().map_err(|_| closed("next stage"))?;
-                    if got != id {
-                        return Err(Error::Parallel(format!(
-                            "stage {s} expected microbatch {id}'s gradient, got {got}'s"
-                        )));
-                    }
-                    pending_grad.insert(id, dev.adopt(buf)?);
+                    pending_grad.insert(id, links.recv_grad(&dev, id)?);
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("recv grad {id}"), start, end: now() });
                 }
                 Action::Backward(mb) => {
@@ -551,8 +631,7 @@ fn worker_actions<B: Ops>(
                 Action::SendGrad(mb) => {
                     let id = pass * ctx.m + mb;
                     let rows = ctx.rows[id].len();
-                    let g = snapshot(&dev, &w.stage.input_grad(rows))?;
-                    links.grad_out.as_ref().unwrap().send((id, g)).map_err(|_| closed("previous stage"))?;
+                    links.send_grad(&dev, id, &w.stage.input_grad(rows))?;
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("send grad {id}"), start, end: now() });
                 }
                 Action::AllReduce(b) => {
@@ -587,14 +666,7 @@ fn worker_actions<B: Ops>(
                     let (grad_norm, scale) = match ctx.cfg.clip_norm {
                         Some(max) => {
                             let local = dev.sum(&B::view(w.stage.grads()), true)? as f64;
-                            for tx in &links.norm_out {
-                                tx.send((s, local)).map_err(|_| closed("other stage"))?;
-                            }
-                            let mut parts = vec![(s, local)];
-                            for _ in 0..pp - 1 {
-                                parts.push(links.norm_in.recv().map_err(|_| closed("other stage"))?);
-                            }
-                            parts.sort_by_key(|p| p.0);
+                            let parts = links.norm_parts(s, local)?;
                             let norm = parts.iter().map(|p| p.1).sum::<f64>().sqrt() as f32;
                             (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })
                         }
