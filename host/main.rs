@@ -185,17 +185,44 @@ struct PlanArgs {
     mesh: MeshArgs,
 }
 
+/// The MPI world when started by an MPI launcher with more than one rank.
+#[cfg(feature = "mpi")]
+type World = Option<std::sync::Arc<tessera::parallel::mpi::MpiWorld>>;
+#[cfg(not(feature = "mpi"))]
+type World = Option<()>;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "mpi")]
+    let runtime = if tessera::parallel::mpi::launched() {
+        match tessera::parallel::mpi::init() {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(feature = "mpi")]
+    let world: World = runtime.as_ref().map(|rt| rt.world().clone()).filter(|w| w.size() > 1);
+    #[cfg(not(feature = "mpi"))]
+    let world: World = None;
     let r = match cli.cmd {
         Cmd::Devices => devices(),
         Cmd::Kernels { verbose } => kernels(verbose),
-        Cmd::Train(args) => train(args),
+        Cmd::Train(args) => train(args, world.clone()),
         Cmd::Plan(args) => plan(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            #[cfg(feature = "mpi")]
+            if let Some(w) = &world {
+                // The other ranks would wait for this one: stop them all, saying why.
+                w.abort(&e.to_string());
+            }
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
@@ -395,7 +422,7 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
     Ok((TrainConfig { model, optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
 }
 
-fn train(a: TrainArgs) -> tessera::Result<()> {
+fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     let ckpt = a.resume.as_deref().map(Checkpoint::load).transpose()?;
     let (mut cfg, batch) = train_config(&a, ckpt.as_ref())?;
     let (train_set, test_set, data_name) = match &a.data {
@@ -428,6 +455,11 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         }
     }
     let spec: DeviceSpec = a.device.parse()?;
+    #[cfg(feature = "mpi")]
+    if let Some(w) = world {
+        return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, &data_name);
+    }
+    let _ = world;
     let (devices, chosen) = spec.open()?;
     if !a.json {
         eprintln!("{chosen}");
@@ -444,9 +476,207 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         );
     }
     match devices {
-        Devices::Cpu(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
-        Devices::Cuda(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
-        Devices::Sim(d) => run_training(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+    }
+}
+
+/// What the training command needs of an engine: the in-process one or the MPI one.
+trait Run: tessera::train::Steps {
+    fn steps(&self) -> u64;
+    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval>;
+    fn timeline(&self) -> Option<&Timeline>;
+    fn plan(&self) -> &Plan;
+    fn device_names(&self) -> Vec<String>;
+    fn config(&self) -> &TrainConfig;
+    fn params(&self) -> tessera::Result<Vec<f32>>;
+    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>>;
+    fn sync(&self) -> tessera::Result<()>;
+    /// Whether this process prints and writes files (rank 0, or the only process).
+    fn root(&self) -> bool;
+}
+
+impl<B: Ops> Run for Engine<B> {
+    fn steps(&self) -> u64 {
+        Engine::steps(self)
+    }
+    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
+        Engine::evaluate(self, data, batch)
+    }
+    fn timeline(&self) -> Option<&Timeline> {
+        Engine::timeline(self)
+    }
+    fn plan(&self) -> &Plan {
+        Engine::plan(self)
+    }
+    fn device_names(&self) -> Vec<String> {
+        Engine::device_names(self)
+    }
+    fn config(&self) -> &TrainConfig {
+        Engine::config(self)
+    }
+    fn params(&self) -> tessera::Result<Vec<f32>> {
+        Engine::params(self)
+    }
+    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
+        Engine::optimizer_state(self)
+    }
+    fn sync(&self) -> tessera::Result<()> {
+        Ok(())
+    }
+    fn root(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl<B: Ops> Run for tessera::parallel::mpi::DistEngine<B> {
+    fn steps(&self) -> u64 {
+        Self::steps(self)
+    }
+    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
+        Self::evaluate(self, data, batch)
+    }
+    fn timeline(&self) -> Option<&Timeline> {
+        Self::timeline(self)
+    }
+    fn plan(&self) -> &Plan {
+        Self::plan(self)
+    }
+    fn device_names(&self) -> Vec<String> {
+        Self::device_names(self)
+    }
+    fn config(&self) -> &TrainConfig {
+        Self::config(self)
+    }
+    fn params(&self) -> tessera::Result<Vec<f32>> {
+        Self::params(self)
+    }
+    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
+        Self::optimizer_state(self)
+    }
+    fn sync(&self) -> tessera::Result<()> {
+        Ok(())
+    }
+    fn root(&self) -> bool {
+        self.world().rank() == 0
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_local<B: Ops>(
+    devs: &[B],
+    a: &TrainArgs,
+    cfg: TrainConfig,
+    batch: usize,
+    ckpt: Option<Checkpoint>,
+    total_steps: u64,
+    train_set: &Dataset,
+    test_set: &Dataset,
+) -> tessera::Result<()> {
+    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None)?;
+    if !a.json && devs.len() > 1 {
+        eprintln!("plan: {} ({why})", plan.describe());
+    }
+    let (trainer, cursor) = match ckpt {
+        Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
+        None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
+    };
+    run_training(trainer, cursor, a, batch, total_steps, train_set, test_set)
+}
+
+/// `mpirun -np N tessera train ...`: this process is one rank of the mesh.
+#[cfg(feature = "mpi")]
+#[allow(clippy::too_many_arguments)]
+fn train_mpi(
+    a: &TrainArgs,
+    w: &std::sync::Arc<tessera::parallel::mpi::MpiWorld>,
+    spec: DeviceSpec,
+    cfg: TrainConfig,
+    batch: usize,
+    ckpt: Option<Checkpoint>,
+    total_steps: u64,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    data_name: &str,
+) -> tessera::Result<()> {
+    let one = |count: usize| -> tessera::Result<()> {
+        if count != 1 {
+            return Err(Error::Invalid(format!(
+                "--device {spec}: under MPI each rank runs one device; use --device cpu, cuda (GPU = the local rank) or sim"
+            )));
+        }
+        Ok(())
+    };
+    let gpu = |ordinal: Option<usize>| -> tessera::Result<tessera::CudaDevice> {
+        // `cuda` takes the GPU of the local rank; `cuda:K` pins GPU K.
+        let k = ordinal.unwrap_or(w.local_rank());
+        tessera::CudaDevice::new(k)
+    };
+    let explicit_gpu = a.device.contains(':');
+    if w.rank() == 0 && !a.json {
+        eprintln!("mpi: {} ranks; device per rank: {spec}", w.size());
+        eprintln!(
+            "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
+            cfg.model.widths_string(),
+            cfg.model.act,
+            cfg.model.param_count(),
+            cfg.optimizer.name(),
+            cfg.optimizer.lr(),
+            cfg.schedule,
+            train_set.len(),
+            test_set.len()
+        );
+    }
+    macro_rules! go {
+        ($dev:expr) => {{
+            let dev = $dev;
+            let devs = vec![dev.clone(); w.size()];
+            let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None)?;
+            if w.rank() == 0 && !a.json {
+                eprintln!("plan: {} ({why}), one rank per device", plan.describe());
+            }
+            let cfg = cfg.clone();
+            let (trainer, cursor) = match ckpt {
+                Some(c) => (
+                    tessera::parallel::mpi::DistEngine::with_state(
+                        w,
+                        &dev,
+                        cfg,
+                        plan,
+                        &c.params,
+                        Some(&c.state),
+                        c.step,
+                    )?,
+                    c.cursor,
+                ),
+                None => (tessera::parallel::mpi::DistEngine::new(w, &dev, cfg, plan)?, Cursor::default()),
+            };
+            tessera::parallel::mpi::install_termination_notice(w);
+            run_training(trainer, cursor, a, batch, total_steps, train_set, test_set)
+        }};
+    }
+    match spec {
+        DeviceSpec::Cpu { count } => {
+            one(count)?;
+            go!(tessera::CpuDevice::new(0))
+        }
+        DeviceSpec::Sim { count } => {
+            one(count)?;
+            go!(tessera::SimDevice::new(0))
+        }
+        DeviceSpec::Cuda { ordinal, count } => {
+            one(count)?;
+            go!(gpu(explicit_gpu.then_some(ordinal))?)
+        }
+        DeviceSpec::Auto => {
+            if cuda::gpu_count().unwrap_or(0) > 0 {
+                go!(gpu(None)?)
+            } else {
+                go!(tessera::CpuDevice::new(0))
+            }
+        }
     }
 }
 
@@ -620,28 +850,19 @@ fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::R
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_training<B: Ops>(
-    devs: &[B],
+fn run_training<T: Run>(
+    mut trainer: T,
+    mut cursor: Cursor,
     a: &TrainArgs,
-    cfg: TrainConfig,
     batch: usize,
-    ckpt: Option<Checkpoint>,
     total_steps: u64,
     train_set: &Dataset,
     test_set: &Dataset,
 ) -> tessera::Result<()> {
-    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None)?;
-    if !a.json && devs.len() > 1 {
-        eprintln!("plan: {} ({why})", plan.describe());
-    }
-    let (mut trainer, mut cursor) = match ckpt {
-        Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
-        None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
-    };
-    let dev = &devs[0];
+    let root = trainer.root();
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
     let start_step = trainer.steps();
-    let pb = if a.json {
+    let pb = if a.json || !root {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(a.stop_at.map_or(total_steps, |s| s.min(total_steps)))
@@ -676,12 +897,12 @@ fn run_training<B: Ops>(
         pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
         Ok(())
     })?;
-    dev.synchronize()?;
+    trainer.sync()?;
     let train_time = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let eval = trainer.evaluate(test_set, 1000)?;
     let wall = t0.elapsed().as_secs_f64();
-    if let Some(path) = &a.timeline {
+    if let Some(path) = a.timeline.as_ref().filter(|_| root) {
         let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
         let title = format!(
             "step {} of {} on {}",
@@ -702,6 +923,7 @@ fn run_training<B: Ops>(
         }
     }
     if let Some(path) = &a.save {
+        // Every rank takes part in gathering the parameters; rank 0 writes them.
         let c = Checkpoint {
             config: trainer.config().clone(),
             batch,
@@ -710,10 +932,16 @@ fn run_training<B: Ops>(
             params: trainer.params()?,
             state: trainer.optimizer_state()?,
         };
+        if !root {
+            return Ok(());
+        }
         c.save(path)?;
         if !a.json {
             eprintln!("saved {} (step {})", path.display(), trainer.steps());
         }
+    }
+    if !root {
+        return Ok(());
     }
     let steps_run = trainer.steps() - start_step;
     let rate = samples as f64 / train_time.max(1e-9);

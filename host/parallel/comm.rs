@@ -38,6 +38,11 @@ pub trait Wire<B: Backend>: Send {
     fn post(&mut self, dev: &B, view: &B::Ref<'_, f32>, to: usize) -> Result<()>;
     /// The next buffer from rank `from`, as a buffer usable on `dev`.
     fn take(&mut self, dev: &B, from: usize) -> Result<B::Buf<f32>>;
+    /// Waits until every posted buffer has been taken (a wire whose posts do not complete at
+    /// once, such as MPI's).
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One rank of a group whose collectives run as a ring over a [`Wire`].
@@ -189,6 +194,7 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
                 self.dev.copy(&B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
             }
         }
+        self.wire.flush()?;
         self.dev.synchronize()
     }
 
@@ -206,6 +212,7 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
             for r in (0..self.size).filter(|&r| r != root) {
                 self.post(&B::view(buf), r)?;
             }
+            self.wire.flush()?;
         } else {
             let got = self.take(root)?;
             if B::buf_len(&got) != B::buf_len(buf) {

@@ -142,10 +142,7 @@ pub(crate) fn prepare_step(cfg: &TrainConfig, plan: &Plan, step: u64, x: &[f32],
     if x.len() != total * inputs {
         return Err(Error::shape(
             "Engine::step",
-            format!(
-                "inputs hold {} values for {total} labels; the model takes {inputs} features per sample",
-                x.len()
-            ),
+            format!("inputs hold {} values for {total} labels; the model takes {inputs} features per sample", x.len()),
         ));
     }
     let what = format!("dp={dp} replicas x {} microbatches", m * passes);

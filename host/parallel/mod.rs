@@ -8,6 +8,8 @@
 
 pub mod comm;
 pub mod engine;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod planner;
 pub mod schedule;
 pub mod timeline;
