@@ -615,6 +615,21 @@ fn train_mpi(
         tessera::CudaDevice::new(k)
     };
     let explicit_gpu = a.device.contains(':');
+    let pp = a.mesh.pp.unwrap_or(1);
+    match a.mesh.dp {
+        Some(dp) if dp * pp != w.size() => {
+            return Err(Error::Invalid(format!(
+                "--dp {dp} x --pp {pp} needs {} ranks, but the job has {} (use mpirun -np {})",
+                dp * pp,
+                w.size(),
+                dp * pp
+            )))
+        }
+        None if pp == 0 || w.size() % pp != 0 => {
+            return Err(Error::Invalid(format!("--pp {pp} does not divide the job's {} ranks", w.size())))
+        }
+        _ => {}
+    }
     if w.rank() == 0 && !a.json {
         eprintln!("mpi: {} ranks; device per rank: {spec}", w.size());
         eprintln!(

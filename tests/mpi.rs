@@ -1,0 +1,193 @@
+//! Across processes: `mpirun -np 2` and `-np 4` on this machine with the CPU backend. The
+//! equivalence oracle of the in-process engine holds across processes; a killed rank stops the
+//! others with a clear error in bounded time; a checkpoint written by a 4-rank run resumes on
+//! one process and on another plan.
+//!
+//! These tests need Open MPI's `mpirun` (scripts/setup.sh installs it). Where it is missing
+//! they fail, saying so, unless TESSERA_SKIP_MPI_TESTS=1.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{tessera, tessera_bin, tmp};
+use tessera::checkpoint::Checkpoint;
+
+fn mpirun_present() -> bool {
+    if Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    if std::env::var("TESSERA_SKIP_MPI_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipped: no mpirun (TESSERA_SKIP_MPI_TESTS=1)");
+        return false;
+    }
+    panic!("mpirun not found: run scripts/setup.sh (it installs Open MPI with apt), or set TESSERA_SKIP_MPI_TESTS=1");
+}
+
+/// `mpirun -np N tessera ARGS` (root allowed, more ranks than cores allowed).
+fn mpirun_cmd(np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .arg(tessera_bin())
+        .args(args);
+    c
+}
+
+fn mpirun(np: usize, args: &[&str]) -> (bool, String, String) {
+    let o = mpirun_cmd(np, args).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run mpirun");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const MODEL: [&str; 10] =
+    ["--device", "cpu", "--widths", "784,48,32,24,10", "--batch", "60", "--clip", "1", "--lr-schedule", "cosine"];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train"];
+    v.extend_from_slice(&MODEL);
+    v.extend_from_slice(extra);
+    v
+}
+
+fn params(p: &Path) -> Vec<f32> {
+    Checkpoint::load(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).params
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The single-process reference: `steps` steps on one device.
+fn reference(steps: &str, path: &Path) -> Vec<f32> {
+    let (ok, _, err) = tessera(&args(&["--steps", steps, "--save", path.to_str().unwrap()]));
+    assert!(ok, "{err}");
+    params(path)
+}
+
+#[test]
+fn ranks_across_processes_match_the_single_device_run() {
+    if !mpirun_present() {
+        return;
+    }
+    let want = reference("8", &tmp("ref8.safetensors"));
+    for (np, mesh) in [
+        (2, &["--dp", "2"][..]),
+        (2, &["--pp", "2", "--microbatches", "3"][..]),
+        (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"][..]),
+        (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"][..]),
+    ] {
+        let out = tmp(&format!("mpi-{np}-{}.safetensors", mesh.join("")));
+        let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
+        a.extend_from_slice(mesh);
+        let (ok, stdout, err) = mpirun(np, &a);
+        assert!(ok, "mpirun -np {np} {mesh:?} failed:\n{err}");
+        // Rank 0 alone prints the result.
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
+        assert_eq!(j["steps"], 8);
+        let e = rel_err(&params(&out), &want);
+        eprintln!("mpirun -np {np} {mesh:?}: ||w - w_ref|| / ||w_ref|| = {e:.2e}");
+        assert!(e <= 1e-5, "mpirun -np {np} {mesh:?}: relative error {e:.3e}");
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
+    if !mpirun_present() {
+        return;
+    }
+    let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
+    let mut child = mpirun_cmd(4, &a)
+        .env("TESSERA_COMM_TIMEOUT", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mpirun");
+    // Let the ranks start training, then kill one of them (rank processes are mpirun's
+    // children running the tessera binary).
+    std::thread::sleep(Duration::from_secs(4));
+    let out = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
+    let victim = &pids[2];
+    assert!(Command::new("kill").args(["-9", victim]).status().unwrap().success());
+    let killed = Instant::now();
+    let mut status = None;
+    while killed.elapsed() < Duration::from_secs(90) {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the job still ran 90 s after a rank was killed");
+    };
+    let took = killed.elapsed();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("after kill -9 of one rank, mpirun exited in {took:?} with {status}:\n{err}");
+    assert!(!status.success());
+    assert!(took <= Duration::from_secs(60), "took {took:?}");
+    // Named: by the launcher (the rank that died) and by tessera on the survivors.
+    assert!(
+        err.contains("rank") && (err.contains("signal 9") || err.contains("Killed") || err.contains("stopped or hung")),
+        "{err}"
+    );
+    assert!(err.contains("error: rank"), "no tessera error from a surviving rank:\n{err}");
+}
+
+#[test]
+fn a_checkpoint_from_four_ranks_resumes_on_one_process_and_on_another_plan() {
+    if !mpirun_present() {
+        return;
+    }
+    let want = reference("12", &tmp("ref12.safetensors"));
+    // 4 ranks (dp=2, pp=2) stop after 5 of 12 steps.
+    let half = tmp("four-ranks-5.safetensors");
+    let mut a = args(&["--steps", "12", "--stop-at", "5", "--save", half.to_str().unwrap()]);
+    a.extend_from_slice(&["--dp", "2", "--pp", "2", "--microbatches", "2"]);
+    let (ok, _, err) = mpirun(4, &a);
+    assert!(ok, "{err}");
+    let c = Checkpoint::load(&half).unwrap();
+    assert_eq!(c.step, 5);
+    // Resumed on one process, one device.
+    let one = tmp("resumed-one.safetensors");
+    let (ok, _, err) =
+        tessera(&args(&["--resume", half.to_str().unwrap(), "--steps", "12", "--save", one.to_str().unwrap()]));
+    assert!(ok, "{err}");
+    let e1 = rel_err(&params(&one), &want);
+    // Resumed on 4 ranks as dp=4, pp=1.
+    let four = tmp("resumed-dp4.safetensors");
+    let mut a = args(&["--resume", half.to_str().unwrap(), "--steps", "12", "--save", four.to_str().unwrap()]);
+    a.extend_from_slice(&["--dp", "4"]);
+    let (ok, _, err) = mpirun(4, &a);
+    assert!(ok, "{err}");
+    let e4 = rel_err(&params(&four), &want);
+    eprintln!("resumed on one process: {e1:.2e}; on dp=4 across processes: {e4:.2e}");
+    assert!(e1 <= 1e-5 && e4 <= 1e-5, "one process {e1:.3e}, dp=4 {e4:.3e}");
+}
+
+#[test]
+fn a_mesh_that_does_not_match_the_ranks_is_refused_on_every_rank() {
+    if !mpirun_present() {
+        return;
+    }
+    let (ok, _, err) = mpirun(2, &args(&["--dp", "2", "--pp", "2", "--steps", "1"]));
+    assert!(!ok);
+    assert!(err.contains("needs 4 ranks, but the job has 2"), "{err}");
+    let (ok, _, err) = mpirun(2, &["train", "--device", "cpu:2", "--steps", "1"]);
+    assert!(!ok);
+    assert!(err.contains("under MPI each rank runs one device"), "{err}");
+}
