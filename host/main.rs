@@ -67,6 +67,11 @@ struct TrainArgs {
     /// Device: auto, cpu, cpu:N, cuda, cuda:K, cuda:KxN, sim, sim:N (the kernels in the CUDA simulator).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Gradient all-reduce across processes (under mpirun/srun): ring (tessera's ring over MPI
+    /// messages) or nccl (GPUs; the default there). `nccl` with --dp 1 still routes the
+    /// gradients through a one-rank NCCL communicator, to check NCCL on one GPU.
+    #[arg(long)]
+    allreduce: Option<String>,
     /// Layer widths from inputs to classes [default: 784,512,512,10].
     #[arg(long)]
     widths: Option<String>,
@@ -205,8 +210,10 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // Under a launcher, even a one-rank job runs as a rank (e.g. `mpirun -np 1 ... --allreduce
+    // nccl` checks NCCL on one GPU).
     #[cfg(feature = "mpi")]
-    let world: World = runtime.as_ref().map(|rt| rt.world().clone()).filter(|w| w.size() > 1);
+    let world: World = runtime.as_ref().map(|rt| rt.world().clone());
     #[cfg(not(feature = "mpi"))]
     let world: World = None;
     let r = match cli.cmd {
@@ -460,6 +467,12 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, &data_name);
     }
     let _ = world;
+    if let Some(ar) = &a.allreduce {
+        return Err(Error::Invalid(format!(
+            "--allreduce {ar} is for runs across processes (mpirun -np N tessera train ...); in one process the \
+             gradients are reduced by the in-process ring"
+        )));
+    }
     let (devices, chosen) = spec.open()?;
     if !a.json {
         eprintln!("{chosen}");
@@ -644,8 +657,17 @@ fn train_mpi(
             test_set.len()
         );
     }
+    let nccl = match a.allreduce.as_deref() {
+        None => None,
+        Some("ring") => Some(false),
+        Some("nccl") => Some(true),
+        Some(other) => return Err(Error::Invalid(format!("--allreduce {other}: use ring or nccl"))),
+    };
+    if nccl == Some(true) && !matches!(spec, DeviceSpec::Cuda { .. } | DeviceSpec::Auto) {
+        return Err(Error::Invalid("--allreduce nccl needs GPUs (--device cuda)".into()));
+    }
     macro_rules! go {
-        ($dev:expr) => {{
+        ($dev:expr, $all_reduce:expr) => {{
             let dev = $dev;
             let devs = vec![dev.clone(); w.size()];
             let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None)?;
@@ -653,43 +675,57 @@ fn train_mpi(
                 eprintln!("plan: {} ({why}), one rank per device", plan.describe());
             }
             let cfg = cfg.clone();
-            let (trainer, cursor) = match ckpt {
-                Some(c) => (
-                    tessera::parallel::mpi::DistEngine::with_state(
-                        w,
-                        &dev,
-                        cfg,
-                        plan,
-                        &c.params,
-                        Some(&c.state),
-                        c.step,
-                    )?,
-                    c.cursor,
-                ),
-                None => (tessera::parallel::mpi::DistEngine::new(w, &dev, cfg, plan)?, Cursor::default()),
+            let (params, state, step, cursor) = match ckpt {
+                Some(c) => (c.params, Some(c.state), c.step, c.cursor),
+                None => (cfg.model.init(cfg.seed), None, 0, Cursor::default()),
             };
+            let trainer = tessera::parallel::mpi::DistEngine::with_all_reduce(
+                w,
+                &dev,
+                cfg,
+                plan,
+                &params,
+                state.as_deref(),
+                step,
+                $all_reduce,
+            )?;
             tessera::parallel::mpi::install_termination_notice(w);
             run_training(trainer, cursor, a, batch, total_steps, train_set, test_set)
         }};
     }
+    use tessera::parallel::mpi::{AllReduce, StageGroup};
+    let gpu_all_reduce = |nccl: Option<bool>| -> AllReduce<tessera::CudaDevice> {
+        if nccl == Some(false) {
+            return AllReduce::Ring;
+        }
+        AllReduce::Custom {
+            make: Box::new(|g: StageGroup, dev: &tessera::CudaDevice| {
+                let id = if g.rank == 0 { Some(tessera::parallel::nccl::new_id()?) } else { None };
+                let id = g.share_bytes(id);
+                let c = tessera::parallel::nccl::NcclComm::new(dev, g.rank, g.size, &id)?;
+                Ok(Box::new(c) as Box<dyn tessera::parallel::comm::Communicator<tessera::CudaDevice>>)
+            }),
+            force: nccl == Some(true),
+        }
+    };
     match spec {
         DeviceSpec::Cpu { count } => {
             one(count)?;
-            go!(tessera::CpuDevice::new(0))
+            go!(tessera::CpuDevice::new(0), AllReduce::Ring)
         }
         DeviceSpec::Sim { count } => {
             one(count)?;
-            go!(tessera::SimDevice::new(0))
+            go!(tessera::SimDevice::new(0), AllReduce::Ring)
         }
         DeviceSpec::Cuda { ordinal, count } => {
             one(count)?;
-            go!(gpu(explicit_gpu.then_some(ordinal))?)
+            go!(gpu(explicit_gpu.then_some(ordinal))?, gpu_all_reduce(nccl))
         }
         DeviceSpec::Auto => {
             if cuda::gpu_count().unwrap_or(0) > 0 {
-                go!(gpu(None)?)
+                go!(gpu(None)?, gpu_all_reduce(nccl))
             } else {
-                go!(tessera::CpuDevice::new(0))
+                go!(tessera::CpuDevice::new(0), AllReduce::Ring)
             }
         }
     }

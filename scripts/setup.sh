@@ -2,6 +2,8 @@
 # Installs what tessera's build and tests need, into the project, idempotently:
 #   - a C++20 compiler (g++, from apt when missing): the CUDA simulator compiles the kernels
 #     for the host;
+#   - Open MPI (openmpi-bin, libopenmpi-dev) and libclang-dev, from apt when missing: the `mpi`
+#     feature (on by default) builds rsmpi against them, and the tests run mpirun;
 #   - the pinned CUDA compiler wheels from PyPI into .toolchain/cuda (git-ignored).
 #     nvidia-nvvm is pinned too: left free, pip takes 13.5, whose PTX (ISA 9.5) the
 #     13.0 ptxas rejects.
@@ -19,11 +21,24 @@ pins=(
 )
 stamp="$dest/.installed"
 
+# System packages, installed with apt only when something is missing.
+apt_missing=()
 if ! command -v "${CXX:-g++}" >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
-  echo "setup: no C++ compiler (the CUDA simulator builds the kernels with one); installing g++ with apt"
+  apt_missing+=(g++)
+fi
+if ! command -v mpirun >/dev/null 2>&1; then apt_missing+=(openmpi-bin); fi
+if ! command -v mpicc >/dev/null 2>&1; then apt_missing+=(libopenmpi-dev); fi
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then
+  apt_missing+=(libclang-dev)
+fi
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "setup: installing ${apt_missing[*]} with apt (the simulator needs a C++ compiler; MPI needs Open MPI and libclang)"
   sudo_cmd=""
   if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
-  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq g++ >/dev/null
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+else
+  echo "setup: g++, Open MPI and libclang present"
 fi
 want="${pins[*]}"
 

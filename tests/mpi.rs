@@ -191,3 +191,76 @@ fn a_mesh_that_does_not_match_the_ranks_is_refused_on_every_rank() {
     assert!(!ok);
     assert!(err.contains("under MPI each rank runs one device"), "{err}");
 }
+
+/// On a GPU: NCCL with one rank (a single card cannot host two ranks of one communicator):
+/// its all-reduce, broadcast and bus bandwidth, and a training step whose gradients go through
+/// it (`mpirun -np 1 ... --allreduce nccl`), against the same run without NCCL.
+#[test]
+fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
+    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    use tessera::parallel::comm::Communicator;
+    use tessera::parallel::nccl::{bus_bandwidth, NcclComm};
+    use tessera::Backend;
+    let dev = tessera::CudaDevice::new(0).unwrap();
+    let mut c = NcclComm::single(&dev).expect("NCCL one-rank communicator");
+    let n = 16 << 20; // 64 MiB of f32
+    let host: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let mut buf = dev.upload(&host).unwrap();
+    c.all_reduce_sum(&mut buf).unwrap();
+    let t = Instant::now();
+    let reps = 10;
+    for _ in 0..reps {
+        c.all_reduce_sum(&mut buf).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64() / reps as f64;
+    assert_eq!(dev.download(&tessera::CudaDevice::view(&buf)).unwrap(), host, "a one-rank sum is the identity");
+    c.broadcast(&mut buf, 0).unwrap();
+    let bytes = n * 4;
+    eprintln!(
+        "NCCL all-reduce, 1 rank, {} MiB: {:.3} ms, algbw {:.1} GB/s, busbw = algbw * 2(n-1)/n = {:.1} GB/s",
+        bytes >> 20,
+        secs * 1e3,
+        bytes as f64 / secs / 1e9,
+        bus_bandwidth(bytes, 1, secs) / 1e9
+    );
+    if !mpirun_present() {
+        return;
+    }
+    let reference = tmp("gpu-ref.safetensors");
+    let (ok, _, err) = tessera(&[
+        "train",
+        "--device",
+        "cuda",
+        "--widths",
+        "784,256,10",
+        "--steps",
+        "30",
+        "--save",
+        reference.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let nccl = tmp("gpu-nccl.safetensors");
+    let (ok, out, err) = mpirun(
+        1,
+        &[
+            "train",
+            "--device",
+            "cuda",
+            "--allreduce",
+            "nccl",
+            "--widths",
+            "784,256,10",
+            "--steps",
+            "30",
+            "--save",
+            nccl.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    eprintln!("{out}");
+    let e = rel_err(&params(&nccl), &params(&reference));
+    assert!(e <= 1e-5, "NCCL-backed step vs plain: {e:.3e}");
+}

@@ -29,6 +29,9 @@ pub(crate) struct Worker<B: Ops> {
     pub(crate) stage: Stage<B>,
     pub(crate) state: Vec<B::Buf<f32>>,
     pub(crate) comm: Option<Box<dyn Communicator<B>>>,
+    /// Whether the gradient buckets go through `comm` (dp > 1, or a one-rank group asked for
+    /// to exercise a communicator).
+    pub(crate) comm_in_use: bool,
 }
 
 type Msg<B> = (usize, <B as Backend>::Buf<f32>);
@@ -113,7 +116,6 @@ pub(crate) struct StepCtx<'a> {
     cfg: &'a TrainConfig,
     passes: usize,
     m: usize,
-    dp: usize,
     pp: usize,
     t0: Instant,
 }
@@ -188,7 +190,6 @@ impl<'a> StepCtx<'a> {
             cfg,
             passes: plan.accumulate,
             m: plan.microbatches,
-            dp: plan.mesh.dp,
             pp: plan.mesh.pp,
             t0,
         }
@@ -258,7 +259,7 @@ impl<B: Ops> Engine<B> {
                 Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
                 None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
             };
-            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None });
+            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None, comm_in_use: mesh.dp > 1 });
         }
         if mesh.dp > 1 {
             for s in 0..mesh.pp {
@@ -608,7 +609,7 @@ fn worker_actions<B: Ops>(
                 }
                 Action::Backward(mb) => {
                     let id = pass * ctx.m + mb;
-                    let last_of_step = final_pass && Some(ai) == last_bwd && ctx.dp > 1;
+                    let last_of_step = final_pass && Some(ai) == last_bwd && w.comm_in_use;
                     let g = pending_grad.remove(&id);
                     let gv = g.as_ref().map(|b| B::view(b));
                     let mut on_layer = |i: usize, grads: &B::Buf<f32>| -> Result<()> {

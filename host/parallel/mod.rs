@@ -10,6 +10,7 @@ pub mod comm;
 pub mod engine;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod nccl;
 pub mod planner;
 pub mod schedule;
 pub mod timeline;

@@ -368,6 +368,64 @@ impl<B: Backend> Wire<B> for MpiWire {
 /// The ring all-reduce between processes (the same ring as in one process).
 pub type MpiComm<B> = RingComm<B, MpiWire>;
 
+/// The ranks that hold the same stage in every replica: the group whose gradients are
+/// all-reduced together. Handed to an [`AllReduce`] to build its communicator.
+pub struct StageGroup {
+    world: Arc<MpiWorld>,
+    comm: Shared,
+    /// This rank's index in the group (its replica).
+    pub rank: usize,
+    /// Ranks in the group (`dp`).
+    pub size: usize,
+    /// World rank of each group rank.
+    pub world_ranks: Vec<usize>,
+}
+
+impl StageGroup {
+    /// Group rank 0's `bytes`, on every rank of the group (e.g. an NCCL unique id).
+    pub fn share_bytes(&self, bytes: Option<Vec<u8>>) -> Vec<u8> {
+        const TAG: i32 = 5;
+        if self.rank == 0 {
+            let b = bytes.unwrap_or_default();
+            for q in 1..self.size {
+                self.world.send(&self.comm, q, self.world_ranks[q], TAG, &b, "a communicator id");
+            }
+            b
+        } else {
+            self.world.recv::<u8>(&self.comm, 0, self.world_ranks[0], TAG, "a communicator id")
+        }
+    }
+
+    /// The MPI ring over this group.
+    pub fn ring<B: Ops>(self, dev: &B) -> Result<MpiComm<B>> {
+        let (rank, size) = (self.rank, self.size);
+        let wire = MpiWire {
+            out: Outbox::new(&self.world),
+            world: self.world,
+            comm: self.comm,
+            world_ranks: self.world_ranks,
+        };
+        Ok(MpiComm::new(rank, size, dev.with_own_queue()?, wire))
+    }
+}
+
+/// Builds one rank's communicator from its stage group and device.
+pub type MakeComm<B> = Box<dyn FnOnce(StageGroup, &B) -> Result<Box<dyn crate::parallel::comm::Communicator<B>>>>;
+
+/// Which communicator all-reduces the gradient buckets across processes.
+pub enum AllReduce<B: Ops> {
+    /// tessera's ring over MPI messages (any backend; bit-identical to the in-process run).
+    Ring,
+    /// A communicator built from the stage group by the given function (e.g. NCCL for GPUs).
+    /// `force` builds it even for dp = 1 (a one-rank group), to exercise it on one GPU.
+    Custom {
+        /// Builds this rank's communicator.
+        make: MakeComm<B>,
+        /// Use it even when dp = 1.
+        force: bool,
+    },
+}
+
 /// The pipeline links of one rank: activations and gradients to the neighbouring stages of
 /// its replica, norm parts to all of them.
 pub struct MpiLinks {
@@ -456,6 +514,21 @@ impl<B: Ops> DistEngine<B> {
         state: Option<&[Vec<f32>]>,
         step: u64,
     ) -> Result<Self> {
+        Self::with_all_reduce(world, dev, cfg, plan, params, state, step, AllReduce::Ring)
+    }
+
+    /// As [`DistEngine::with_state`], with the gradient all-reduce of `all_reduce`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_all_reduce(
+        world: &Arc<MpiWorld>,
+        dev: &B,
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+        all_reduce: AllReduce<B>,
+    ) -> Result<Self> {
         plan.validate(&cfg.model)?;
         let mesh = plan.mesh;
         if mesh.devices() != world.size {
@@ -483,7 +556,8 @@ impl<B: Ops> DistEngine<B> {
         let layout = cfg.model.layout();
         let layers = plan.stages[s].clone();
         let pr = layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
-        let buckets: Vec<usize> = plan.stages.iter().map(|l| if mesh.dp > 1 { l.len() } else { 0 }).collect();
+        let reduce = mesh.dp > 1 || matches!(all_reduce, AllReduce::Custom { force: true, .. });
+        let buckets: Vec<usize> = plan.stages.iter().map(|l| if reduce { l.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
         let stage = Stage::new(dev, cfg.model.clone(), layers, &params[pr.clone()])?;
@@ -494,19 +568,19 @@ impl<B: Ops> DistEngine<B> {
         // Collective calls, in the same order on every rank.
         let pipe = Arc::new(world.dup());
         let ctrl = world.dup();
-        let stage_comm = world.split(s, r);
-        let comm: Option<Box<dyn crate::parallel::comm::Communicator<B>>> = if mesh.dp > 1 {
-            let wire = MpiWire {
-                world: world.clone(),
-                comm: stage_comm,
-                world_ranks: (0..mesh.dp).map(|q| mesh.device(q, s)).collect(),
-                out: Outbox::new(world),
-            };
-            Some(Box::new(MpiComm::new(r, mesh.dp, dev.with_own_queue()?, wire)))
-        } else {
-            None
+        let group = StageGroup {
+            world: world.clone(),
+            comm: world.split(s, r),
+            rank: r,
+            size: mesh.dp,
+            world_ranks: (0..mesh.dp).map(|q| mesh.device(q, s)).collect(),
         };
-        let worker = Worker { dev: dev.clone(), stage, state: st, comm };
+        let comm: Option<Box<dyn crate::parallel::comm::Communicator<B>>> = match all_reduce {
+            _ if !reduce => None,
+            AllReduce::Ring => Some(Box::new(group.ring(dev)?)),
+            AllReduce::Custom { make, .. } => Some(make(group, dev)?),
+        };
+        let worker = Worker { dev: dev.clone(), stage, state: st, comm, comm_in_use: reduce };
         Ok(DistEngine { world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
     }
 
