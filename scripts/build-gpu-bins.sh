@@ -3,12 +3,15 @@
 # (which may have CUDA but no Rust toolchain), stripped, into gpu-bin/, and packs them into
 # gpu-bin.tar.gz (both git-ignored; about 30 MB). Pass gpu-bin.tar.gz to the device tool's
 # `carry` (its limit is 64 MiB); scripts/gpu-check.sh unpacks it.
+# Built without the `mpi` feature: the GPU machine has no Open MPI (the binaries would not load
+# without libmpi.so); NCCL is loaded at run time and needs no feature.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 rm -rf gpu-bin && mkdir -p gpu-bin
 export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_BENCH_DEBUG=false
-cargo build --release --bin tessera
+nompi=--no-default-features
+cargo build --release $nompi --bin tessera
 cp target/release/tessera gpu-bin/
 collect() { # copy each executable cargo reports, named after its target
   python3 -c '
@@ -24,9 +27,9 @@ for line in sys.stdin:
         print("gpu-bin/" + name)
 '
 }
-cargo test --release --no-run --message-format=json 2>/dev/null | PREFIX=test- collect
-cargo bench --no-run --message-format=json 2>/dev/null | PREFIX=bench- collect
-cargo build --release --examples
+cargo test --release $nompi --no-run --message-format=json 2>/dev/null | PREFIX=test- collect
+cargo bench $nompi --no-run --message-format=json 2>/dev/null | PREFIX=bench- collect
+cargo build --release $nompi --examples
 mkdir -p gpu-bin/examples && cp target/release/examples/custom_loop gpu-bin/examples/
 strip gpu-bin/* gpu-bin/examples/* 2>/dev/null || true
 tar -czf gpu-bin.tar.gz gpu-bin

@@ -2,7 +2,8 @@
 # The one script to run on a machine with a GPU. It needs CUDA's driver (and cuBLAS for the
 # baselines), not Rust: it runs the binaries that scripts/build-gpu-bins.sh built into
 # gpu-bin/. It prints the devices and kernels, runs every test on the GPU (ops, training,
-# the parallel oracle on logical devices of the GPU), the default training job on `cuda` and
+# the parallel oracle on logical devices of the GPU, NCCL with one rank: all-reduce, bus
+# bandwidth and NCCL-backed training steps), the default training job on `cuda` and
 # on cuda:0x4, the criterion groups with their cuBLAS and copy peers, and the kernel report
 # table last.
 #   usage: scripts/gpu-check.sh [quick]      (quick: tests, the training jobs and a short
@@ -16,7 +17,7 @@ if [ ! -x "$bin/tessera" ] && [ -f gpu-bin.tar.gz ]; then tar -xzf gpu-bin.tar.g
 
 # The driver's library may sit outside the default search path; cuBLAS too (CUDA or PyTorch's wheels).
 libdirs=""
-for pat in 'libcuda.so.1' 'libcublas.so*' 'libcublasLt.so*'; do
+for pat in 'libcuda.so.1' 'libcublas.so*' 'libcublasLt.so*' 'libnccl.so*'; do
   for f in $( (ldconfig -p 2>/dev/null | awk -v p="${pat%\*}" 'index($1,p)==1 {print $NF}'; \
                find /usr/lib /usr/lib64 /usr/local /opt /lib -name "$pat" 2>/dev/null; \
                python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null | xargs -r -I{} find {} -name "$pat" 2>/dev/null) | head -n 3); do
@@ -29,8 +30,9 @@ echo "== $(date -u +%Y-%m-%dT%H:%MZ) LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 echo "== commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
-# The CLI tests run the prebuilt binary, the example test the prebuilt example.
-export TESSERA_BIN="$PWD/$bin/tessera" TESSERA_EXAMPLES_DIR="$PWD/$bin/examples"
+# The CLI tests run the prebuilt binary, the example test the prebuilt example. No Open MPI
+# here: the mpirun tests skip (they run in CI); NCCL runs in process (tests/mpi.rs, one rank).
+export TESSERA_BIN="$PWD/$bin/tessera" TESSERA_EXAMPLES_DIR="$PWD/$bin/examples" TESSERA_SKIP_MPI_TESTS=1
 status=0
 run() { echo; echo "== $*"; "$@" || { echo "!! FAILED ($?): $*"; status=1; }; }
 run "$bin/tessera" devices

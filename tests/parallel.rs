@@ -296,3 +296,29 @@ fn simulated_devices_match_the_cpu_reference() {
         assert!(e.replicas_identical().unwrap(), "sim {desc}: replicas diverged");
     }
 }
+
+/// A communicator given from outside (here a one-rank ring; on a GPU, NCCL) carries the
+/// gradient buckets even at dp = 1, and changes nothing in the result.
+#[test]
+fn given_communicators_carry_the_gradients() {
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    let devs = [CpuDevice::new(0)];
+    let plan = Plan::new(&cfg.model, 1, 1, 2, ScheduleKind::GPipe).unwrap();
+    let params = cfg.model.init(cfg.seed);
+    let mut made = 0;
+    let mut e = Engine::with_communicators(&devs, cfg.clone(), plan, &params, None, 0, &mut |s, r, d: &CpuDevice| {
+        made += 1;
+        assert_eq!((s, r), (0, 0));
+        let c: Box<dyn tessera::parallel::comm::Communicator<CpuDevice>> =
+            Box::new(tessera::parallel::comm::LocalComm::group(std::slice::from_ref(d)).pop().unwrap());
+        Ok(c)
+    })
+    .unwrap();
+    assert_eq!(made, 1);
+    tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+    let t = e.timeline().unwrap();
+    assert!(t.lanes[0].comm.iter().any(|s| s.label.starts_with("all-reduce")), "the buckets did not go through it");
+    let err = rel_err(&e.params().unwrap(), &want);
+    assert!(err <= 1e-6, "relative error {err:.3e}");
+}

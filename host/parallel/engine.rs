@@ -196,6 +196,9 @@ impl<'a> StepCtx<'a> {
     }
 }
 
+/// Makes the communicator of (stage, replica) on its device.
+pub type CommMaker<'a, B> = dyn FnMut(usize, usize, &B) -> Result<Box<dyn Communicator<B>>> + 'a;
+
 /// Data- and pipeline-parallel training of an MLP on a mesh of devices.
 pub struct Engine<B: Ops> {
     cfg: TrainConfig,
@@ -223,6 +226,35 @@ impl<B: Ops> Engine<B> {
         state: Option<&[Vec<f32>]>,
         step: u64,
     ) -> Result<Self> {
+        Self::build(devices, cfg, plan, params, state, step, None)
+    }
+
+    /// As [`Engine::with_state`], with the gradient all-reduce of each (stage, replica) given by
+    /// `make(stage, replica, device)` instead of the in-process ring, and used even for dp = 1
+    /// (e.g. a one-rank NCCL communicator, to check NCCL on a single GPU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_communicators(
+        devices: &[B],
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+        make: &mut CommMaker<'_, B>,
+    ) -> Result<Self> {
+        Self::build(devices, cfg, plan, params, state, step, Some(make))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        devices: &[B],
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+        mut make: Option<&mut CommMaker<'_, B>>,
+    ) -> Result<Self> {
         plan.validate(&cfg.model)?;
         let n = cfg.model.param_count();
         if params.len() != n {
@@ -247,7 +279,8 @@ impl<B: Ops> Engine<B> {
         }
         let layout = cfg.model.layout();
         let range_of = |layers: &Range<usize>| layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
-        let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
+        let reduce = mesh.dp > 1 || make.is_some();
+        let buckets: Vec<usize> = plan.stages.iter().map(|r| if reduce { r.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
         let mut workers = Vec::with_capacity(devices.len());
@@ -259,9 +292,16 @@ impl<B: Ops> Engine<B> {
                 Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
                 None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
             };
-            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None, comm_in_use: mesh.dp > 1 });
+            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None, comm_in_use: reduce });
         }
-        if mesh.dp > 1 {
+        if let Some(make) = make.as_mut() {
+            for s in 0..mesh.pp {
+                for r in 0..mesh.dp {
+                    let i = mesh.device(r, s);
+                    workers[i].comm = Some(make(s, r, &devices[i])?);
+                }
+            }
+        } else if mesh.dp > 1 {
             for s in 0..mesh.pp {
                 // Each communicator gets its own queue, so its additions overlap backward.
                 let devs: Vec<B> =
