@@ -194,7 +194,12 @@ struct PlanArgs {
 #[cfg(feature = "mpi")]
 type World = Option<std::sync::Arc<tessera::parallel::mpi::MpiWorld>>;
 #[cfg(not(feature = "mpi"))]
-type World = Option<()>;
+type World = Option<NoMpi>;
+
+/// Built without the `mpi` feature: no world.
+#[cfg(not(feature = "mpi"))]
+#[derive(Debug, Clone)]
+struct NoMpi;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
