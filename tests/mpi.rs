@@ -296,3 +296,28 @@ fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
     let e = rel_err(&params(&nccl), &params(&reference));
     assert!(e <= 1e-5, "NCCL-backed step vs plain: {e:.3e}");
 }
+
+#[test]
+fn the_mpi_communicator_all_reduces_broadcasts_sends_and_receives() {
+    if !mpirun_present() {
+        return;
+    }
+    let dir = std::env::var_os("TESSERA_EXAMPLES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tessera_bin().parent().unwrap().join("examples"));
+    let exe = dir.join("mpi_collectives");
+    assert!(exe.exists(), "{} was not built (cargo builds examples for the tests)", exe.display());
+    for np in [1, 3, 4] {
+        let o = Command::new("mpirun")
+            .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("TESSERA_COMM_TIMEOUT", "60")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "mpirun -np {np}: {err}");
+        assert!(out.contains(&format!("mpi collectives: ok on {np} ranks")), "{out}{err}");
+    }
+}

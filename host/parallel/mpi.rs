@@ -412,6 +412,18 @@ impl StageGroup {
 /// Builds one rank's communicator from its stage group and device.
 pub type MakeComm<B> = Box<dyn FnOnce(StageGroup, &B) -> Result<Box<dyn crate::parallel::comm::Communicator<B>>>>;
 
+/// The ring communicator over every rank of the world (collective: every rank calls it).
+pub fn world_ring<B: Ops>(world: &Arc<MpiWorld>, dev: &B) -> Result<MpiComm<B>> {
+    let group = StageGroup {
+        world: world.clone(),
+        comm: world.dup(),
+        rank: world.rank,
+        size: world.size,
+        world_ranks: (0..world.size).collect(),
+    };
+    group.ring(dev)
+}
+
 /// Which communicator all-reduces the gradient buckets across processes.
 pub enum AllReduce<B: Ops> {
     /// tessera's ring over MPI messages (any backend; bit-identical to the in-process run).
