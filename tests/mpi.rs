@@ -33,6 +33,8 @@ fn mpirun_cmd(np: usize, args: &[&str]) -> Command {
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_btl", "self,vader,tcp")
+        // Containers often forbid the cross-memory attach that vader's single copy uses.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .arg(tessera_bin())
         .args(args);
     c
@@ -313,6 +315,7 @@ fn the_mpi_communicator_all_reduces_broadcasts_sends_and_receives() {
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
             .env("TESSERA_COMM_TIMEOUT", "60")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
             .arg(&exe)
             .output()
             .unwrap();

@@ -21,6 +21,8 @@
 // * A __syncthreads that some thread of the block never reaches (it exited, or waits at
 //   another barrier) is reported, never a hang; so is a warp operation whose mask names a lane
 //   that exited, and any deadlock (all remaining threads blocked).
+// Shared-memory races are tracked per 4-byte word: two threads writing different bytes of one
+// word between barriers are reported too (rare in CUDA code, and a bank conflict anyway).
 // The first error stops the launch (the access that caused it is not performed) and is
 // returned to the caller as text.
 #include <sys/mman.h>
