@@ -510,77 +510,48 @@ trait Run: tessera::train::Steps {
     fn config(&self) -> &TrainConfig;
     fn params(&self) -> tessera::Result<Vec<f32>>;
     fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>>;
-    fn sync(&self) -> tessera::Result<()>;
     /// Whether this process prints and writes files (rank 0, or the only process).
     fn root(&self) -> bool;
 }
 
-impl<B: Ops> Run for Engine<B> {
-    fn steps(&self) -> u64 {
-        Engine::steps(self)
-    }
-    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
-        Engine::evaluate(self, data, batch)
-    }
-    fn timeline(&self) -> Option<&Timeline> {
-        Engine::timeline(self)
-    }
-    fn plan(&self) -> &Plan {
-        Engine::plan(self)
-    }
-    fn device_names(&self) -> Vec<String> {
-        Engine::device_names(self)
-    }
-    fn config(&self) -> &TrainConfig {
-        Engine::config(self)
-    }
-    fn params(&self) -> tessera::Result<Vec<f32>> {
-        Engine::params(self)
-    }
-    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
-        Engine::optimizer_state(self)
-    }
-    fn sync(&self) -> tessera::Result<()> {
-        Ok(())
-    }
-    fn root(&self) -> bool {
-        true
-    }
+/// Both engines have these methods, under the same names.
+macro_rules! impl_run {
+    ($ty:ty, |$me:ident| $root:expr) => {
+        impl<B: Ops> Run for $ty {
+            fn steps(&self) -> u64 {
+                <$ty>::steps(self)
+            }
+            fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
+                <$ty>::evaluate(self, data, batch)
+            }
+            fn timeline(&self) -> Option<&Timeline> {
+                <$ty>::timeline(self)
+            }
+            fn plan(&self) -> &Plan {
+                <$ty>::plan(self)
+            }
+            fn device_names(&self) -> Vec<String> {
+                <$ty>::device_names(self)
+            }
+            fn config(&self) -> &TrainConfig {
+                <$ty>::config(self)
+            }
+            fn params(&self) -> tessera::Result<Vec<f32>> {
+                <$ty>::params(self)
+            }
+            fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
+                <$ty>::optimizer_state(self)
+            }
+            fn root(&self) -> bool {
+                let $me = self;
+                $root
+            }
+        }
+    };
 }
-
+impl_run!(Engine<B>, |_e| true);
 #[cfg(feature = "mpi")]
-impl<B: Ops> Run for tessera::parallel::mpi::DistEngine<B> {
-    fn steps(&self) -> u64 {
-        Self::steps(self)
-    }
-    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
-        Self::evaluate(self, data, batch)
-    }
-    fn timeline(&self) -> Option<&Timeline> {
-        Self::timeline(self)
-    }
-    fn plan(&self) -> &Plan {
-        Self::plan(self)
-    }
-    fn device_names(&self) -> Vec<String> {
-        Self::device_names(self)
-    }
-    fn config(&self) -> &TrainConfig {
-        Self::config(self)
-    }
-    fn params(&self) -> tessera::Result<Vec<f32>> {
-        Self::params(self)
-    }
-    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
-        Self::optimizer_state(self)
-    }
-    fn sync(&self) -> tessera::Result<()> {
-        Ok(())
-    }
-    fn root(&self) -> bool {
-        self.world().rank() == 0
-    }
-}
+impl_run!(tessera::parallel::mpi::DistEngine<B>, |e| e.world().rank() == 0);
 
 #[allow(clippy::too_many_arguments)]
 fn train_local<B: Ops>(
@@ -953,7 +924,6 @@ fn run_training<T: Run>(
         pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
         Ok(())
     })?;
-    trainer.sync()?;
     let train_time = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let eval = trainer.evaluate(test_set, 1000)?;
