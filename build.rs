@@ -528,6 +528,8 @@ fn sim_unsupported(src: &str) -> Option<&'static str> {
         Some("tensor-core instructions (wmma/mma)")
     } else if code.contains("cooperative_groups") {
         Some("cooperative groups")
+    } else if code.contains("__activemask") {
+        Some("__activemask (the simulator does not model which lanes are converged)")
     } else {
         None
     }
@@ -594,9 +596,27 @@ fn sim_rewrite_line(file: &str, lineno: usize, line: &str) -> String {
 
 fn sim_rewrite(file: &str, src: &str) -> String {
     let mut out = String::new();
+    let mut depth = 0i32;
     for (i, line) in src.lines().enumerate() {
-        out.push_str(&sim_rewrite_line(file, i + 1, line));
-        out.push('\n');
+        let code = line.split("//").next().unwrap_or("");
+        let t = code.trim_start();
+        if depth == 0 && t.starts_with("__shared__") {
+            panic!(
+                "kernels/{file}:{}: a __shared__ variable at file scope: declare it inside the kernel (the simulator \
+                 gives each launch its block's shared memory)",
+                i + 1
+            );
+        }
+        let rewritten = sim_rewrite_line(file, i + 1, line);
+        // A two-line rewrite (#undef + #define) must keep the line numbers of what follows.
+        if rewritten.contains('\n') {
+            out.push_str(&rewritten);
+            out.push_str(&format!("\n#line {} \"kernels/{file}\"\n", i + 2));
+        } else {
+            out.push_str(&rewritten);
+            out.push('\n');
+        }
+        depth += code.matches('{').count() as i32 - code.matches('}').count() as i32;
     }
     out
 }

@@ -219,6 +219,15 @@ fn main() -> ExitCode {
     // nccl` checks NCCL on one GPU).
     #[cfg(feature = "mpi")]
     let world: World = runtime.as_ref().map(|rt| rt.world().clone());
+    // A panic on one rank must stop the job, not leave the others waiting in MPI_Finalize.
+    #[cfg(feature = "mpi")]
+    if let Some(w) = world.clone() {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            w.abort(&format!("panicked: {info}"));
+        }));
+    }
     #[cfg(not(feature = "mpi"))]
     let world: World = None;
     let r = match cli.cmd {
@@ -599,8 +608,10 @@ fn train_mpi(
         Ok(())
     };
     let gpu = |ordinal: Option<usize>| -> tessera::Result<tessera::CudaDevice> {
-        // `cuda` takes the GPU of the local rank; `cuda:K` pins GPU K.
-        let k = ordinal.unwrap_or(w.local_rank());
+        // `cuda` takes the GPU of the local rank (modulo the GPUs this process sees: a launcher
+        // that gives each rank one GPU shows it as GPU 0); `cuda:K` pins GPU K.
+        let visible = cuda::gpu_count().unwrap_or(0).max(1);
+        let k = ordinal.unwrap_or(w.local_rank() % visible);
         tessera::CudaDevice::new(k)
     };
     let explicit_gpu = a.device.contains(':');
@@ -700,6 +711,8 @@ fn train_mpi(
         DeviceSpec::Auto => {
             if cuda::gpu_count().unwrap_or(0) > 0 {
                 go!(gpu(None)?, gpu_all_reduce(nccl))
+            } else if nccl == Some(true) {
+                Err(Error::Invalid("--allreduce nccl: this rank sees no GPU (--device auto chose the CPU)".into()))
             } else {
                 go!(tessera::CpuDevice::new(0), AllReduce::Ring)
             }

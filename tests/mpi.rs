@@ -192,6 +192,10 @@ fn a_mesh_that_does_not_match_the_ranks_is_refused_on_every_rank() {
     let (ok, _, err) = mpirun(2, &["train", "--device", "cpu:2", "--steps", "1"]);
     assert!(!ok);
     assert!(err.contains("under MPI each rank runs one device"), "{err}");
+    // Without --dp/--pp every rank runs the planner, timing its own device; they run rank 0's plan.
+    let (ok, out, err) = mpirun(2, &args(&["--steps", "3"]));
+    assert!(ok, "{err}");
+    assert!(err.contains("plan: dp=") && out.contains("test accuracy"), "{out}{err}");
 }
 
 /// On a GPU: NCCL with one rank (a single card cannot host two ranks of one communicator):

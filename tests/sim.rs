@@ -179,3 +179,36 @@ fn every_kernel_has_a_simulator_status() {
         assert!(planted.contains(&p), "{p} missing from {planted:?}");
     }
 }
+
+#[test]
+fn an_overrun_into_a_neighbouring_view_of_the_same_buffer_is_caught() {
+    // y and x are two views of one allocation, y first: y[n] is x[0]'s address. The kernel
+    // runs on private copies of its arguments, so the overrun is reported, not absorbed.
+    let d = SimDevice::new(0);
+    let n = 1000usize;
+    let mut both = d.upload(&inputs(5, 2 * n, 1.0)).unwrap();
+    let (mut y, x) = SimDevice::split_mut(&mut both, n);
+    let x = x.as_view();
+    let r = unsafe { d.planted().double_off_by_one(d.stream(), cfg(2, 256, 0), n as i64, &x, &mut y) };
+    expect_report(r, &["out-of-bounds write", "y[1000]"]);
+}
+
+#[test]
+fn syncwarp_ordering_and_shared_atomics_are_not_races() {
+    let d = SimDevice::new(0);
+    let n = 100usize;
+    let x: Vec<f32> = (0..n).map(|i| (i * 7 % 23) as f32).collect();
+    let xb = d.upload(&x).unwrap();
+    let mut out = d.alloc::<f32>(72).unwrap();
+    unsafe {
+        d.planted().warp_sync_and_atomics(d.stream(), cfg(2, 64, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
+    }
+    .unwrap();
+    let o = d.download(&out.as_view()).unwrap();
+    assert_eq!(o[0], x[..64].iter().sum::<f32>());
+    assert_eq!(o[1], x[64..].iter().sum::<f32>());
+    for b in 0..8 {
+        let want = x[..64].iter().filter(|v| (**v as i32) & 7 == b as i32).count();
+        assert_eq!(o[64 + b], want as f32, "histogram bin {b}");
+    }
+}

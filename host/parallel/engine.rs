@@ -231,7 +231,10 @@ impl<B: Ops> Engine<B> {
 
     /// As [`Engine::with_state`], with the gradient all-reduce of each (stage, replica) given by
     /// `make(stage, replica, device)` instead of the in-process ring, and used even for dp = 1
-    /// (e.g. a one-rank NCCL communicator, to check NCCL on a single GPU).
+    /// (e.g. a one-rank NCCL communicator, to check NCCL on a single GPU). `make` is called for
+    /// each (stage, replica) in turn on this thread, so its set-up must not wait for the
+    /// others' (a multi-rank NCCL communicator would: create those on their own threads first,
+    /// or use processes and `DistEngine`).
     #[allow(clippy::too_many_arguments)]
     pub fn with_communicators(
         devices: &[B],
@@ -550,6 +553,11 @@ pub(crate) fn run_worker<B: Ops>(
     ctx: &StepCtx<'_>,
     links: &mut dyn PipeLinks<B>,
 ) -> Result<WorkerOut> {
+    if w.comm_in_use && w.comm.is_none() {
+        return Err(Error::Parallel(
+            "this device's all-reduce communicator was lost when an earlier step failed; start the run again (from its last checkpoint)".into(),
+        ));
+    }
     let comm = w.comm.take();
     let layout = w.stage.layout().to_vec();
     let bucket_range = |b: usize| layout[b].weight.start..layout[b].bias.end;
@@ -558,37 +566,48 @@ pub(crate) fn run_worker<B: Ops>(
     let t0 = ctx.t0;
     let now = move || t0.elapsed().as_secs_f64();
 
-    let (result, comm_back) = std::thread::scope(|sc| {
-        // The bucket all-reduce thread: reduces buckets in the order backward finishes them.
-        let comm_thread = comm.map(|mut c| {
-            sc.spawn(move || -> (Result<()>, Box<dyn Communicator<B>>) {
-                for (b, mut buf) in jobs_rx {
-                    let start = now();
-                    if let Err(e) = c.all_reduce_sum(&mut buf) {
-                        return (Err(e), c);
-                    }
-                    let span =
-                        Span { kind: SpanKind::AllReduce, label: format!("all-reduce layer {b}"), start, end: now() };
-                    if done_tx.send((b, buf, span)).is_err() {
-                        break;
-                    }
+    // The bucket all-reduce thread: reduces buckets in the order backward finishes them. Not a
+    // scoped thread: if a reduction never ends (a peer died inside NCCL), the step returns an
+    // error after the timeout instead of waiting to join it; the thread and its communicator
+    // are then given up.
+    let comm_thread = comm.map(|mut c| {
+        std::thread::spawn(move || -> (Result<()>, Box<dyn Communicator<B>>) {
+            for (b, mut buf) in jobs_rx {
+                let start = now();
+                if let Err(e) = c.all_reduce_sum(&mut buf) {
+                    return (Err(e), c);
                 }
-                (Ok(()), c)
-            })
-        });
-        let r = worker_actions(w, s, ctx, links, &jobs_tx, &done_rx, &bucket_range, &now);
-        drop(jobs_tx);
-        let back = comm_thread.map(|h| h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked")));
-        (r, back)
+                let span =
+                    Span { kind: SpanKind::AllReduce, label: format!("all-reduce layer {b}"), start, end: now() };
+                if done_tx.send((b, buf, span)).is_err() {
+                    break;
+                }
+            }
+            (Ok(()), c)
+        })
     });
-    let mut result = result;
-    if let Some((res, c)) = comm_back {
-        w.comm = Some(c);
-        if let (Ok(_), Err(e)) = (&result, res) {
-            result = Err(e);
+    let mut result = worker_actions(w, s, ctx, links, &jobs_tx, &done_rx, &bucket_range, &now);
+    drop(jobs_tx);
+    if let Some(h) = comm_thread {
+        let timed_out = matches!(&result, Err(Error::Parallel(m)) if m.contains("did not finish"));
+        if !timed_out {
+            let (res, c) = h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked"));
+            w.comm = Some(c);
+            if let (Ok(_), Err(e)) = (&result, res) {
+                result = Err(e);
+            }
         }
     }
     result
+}
+
+/// How long a worker waits for its all-reduce thread: `TESSERA_COMM_TIMEOUT` seconds, default 120.
+pub(crate) fn comm_timeout() -> std::time::Duration {
+    std::env::var("TESSERA_COMM_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(std::time::Duration::from_secs(120))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -686,7 +705,13 @@ fn worker_actions<B: Ops>(
                     // Collect the reduced buckets and put them back.
                     let mut comm_spans = Vec::new();
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
-                        let (b, buf, span) = done_rx.recv().map_err(|_| closed("all-reduce thread"))?;
+                        let limit = comm_timeout();
+                        let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
+                            std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
+                                "the gradient all-reduce did not finish within {limit:?} (TESSERA_COMM_TIMEOUT): a peer stopped or hung"
+                            )),
+                            std::sync::mpsc::RecvTimeoutError::Disconnected => closed("all-reduce thread"),
+                        })?;
                         let mut gv = B::view_mut(w.stage.grads_mut());
                         dev.copy(&B::view(&buf), &mut B::sub_mut(&mut gv, bucket_range(b)))?;
                         comm_spans.push(span);

@@ -97,9 +97,9 @@ pub fn init() -> Result<MpiRuntime> {
     let size = world.size() as usize;
     let local_rank = world.split_shared(world.rank()).rank() as usize;
     let timeout = match std::env::var("TESSERA_COMM_TIMEOUT") {
-        Ok(v) => Duration::from_secs_f64(v.parse::<f64>().map_err(|_| {
-            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a number of seconds, e.g. 120"))
-        })?),
+        Ok(v) => v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).ok_or_else(|| {
+            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
+        })?,
         Err(_) => Duration::from_secs(120),
     };
     let world = Arc::new(MpiWorld { world: Shared(world), rank, size, local_rank, timeout, mesh: Mutex::new(None) });
@@ -339,6 +339,56 @@ impl Drop for Outbox {
     }
 }
 
+fn plan_numbers(p: &Plan) -> Vec<f64> {
+    let mut v = vec![
+        p.mesh.dp as f64,
+        p.mesh.pp as f64,
+        p.microbatches as f64,
+        p.accumulate as f64,
+        match p.schedule {
+            crate::parallel::ScheduleKind::GPipe => 0.0,
+            crate::parallel::ScheduleKind::OneFOneB => 1.0,
+        },
+    ];
+    v.extend(p.stages.iter().map(|r| r.end as f64));
+    v
+}
+
+fn plan_from(v: &[f64]) -> Plan {
+    let mut start = 0;
+    let stages = v[5..]
+        .iter()
+        .map(|&e| {
+            let r = start..e as usize;
+            start = e as usize;
+            r
+        })
+        .collect();
+    Plan {
+        mesh: crate::parallel::Mesh { dp: v[0] as usize, pp: v[1] as usize },
+        stages,
+        microbatches: v[2] as usize,
+        accumulate: v[3] as usize,
+        schedule: if v[4] == 0.0 {
+            crate::parallel::ScheduleKind::GPipe
+        } else {
+            crate::parallel::ScheduleKind::OneFOneB
+        },
+    }
+}
+
+/// Rank 0's plan, on every rank (collective). Ranks that plan for themselves (the planner
+/// times its own device) may choose differently; they must run one plan.
+pub fn agree_on_plan(world: &MpiWorld, plan: Plan) -> Plan {
+    let comm = world.dup();
+    let all = world.all_gather_f64(&comm, &plan_numbers(&plan), "the plan");
+    if all[world.rank] == all[0] {
+        plan
+    } else {
+        plan_from(&all[0])
+    }
+}
+
 /// The wire of [`MpiComm`]: buffers go through host memory as MPI messages.
 pub struct MpiWire {
     world: Arc<MpiWorld>,
@@ -541,6 +591,7 @@ impl<B: Ops> DistEngine<B> {
         step: u64,
         all_reduce: AllReduce<B>,
     ) -> Result<Self> {
+        let plan = agree_on_plan(world, plan);
         plan.validate(&cfg.model)?;
         let mesh = plan.mesh;
         if mesh.devices() != world.size {
@@ -639,7 +690,15 @@ impl<B: Ops> DistEngine<B> {
             pp: self.plan.mesh.pp,
             out: Outbox::new(&self.world),
         };
-        let out = run_worker(&mut self.worker, s, &ctx, &mut links)?;
+        let out = match run_worker(&mut self.worker, s, &ctx, &mut links) {
+            Ok(o) => o,
+            Err(e) => {
+                // The job is about to stop (the caller aborts it): do not wait for sends that
+                // no one may take, so this rank's own error is the one reported.
+                std::mem::forget(links);
+                return Err(e);
+            }
+        };
         links.out.flush();
         // The loss is the sum of the last stages' parts; every rank learns it.
         let all = self.world.all_gather_f64(&self.ctrl, &[out.loss as f64], "the step's loss");
@@ -721,48 +780,49 @@ impl<B: Ops> DistEngine<B> {
         Ok((0..self.world.size).all(|q| all[q] == all[q % pp]))
     }
 
-    /// Loss and accuracy over `data` in batches of `batch`, through replica 0's pipeline; every
-    /// rank gets the result.
+    /// Loss and accuracy over `data` in batches of `batch`: replica `r` takes batches `r`,
+    /// `r + dp`, ... through its pipeline; every rank gets the totals.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
         const MB: usize = usize::MAX - 1;
-        let pp = self.plan.mesh.pp;
+        let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
         let (r, s) = self.stage_of(self.world.rank);
         let classes = self.cfg.model.outputs();
         let mut loss = 0f64;
         let mut correct = 0usize;
-        if r == 0 {
-            let dev = self.worker.dev.clone();
-            let idx: Vec<usize> = (0..data.len()).collect();
-            for (c, chunk) in idx.chunks(batch.max(1)).enumerate() {
-                let (x, y) = data.gather(chunk);
-                let rows = chunk.len();
-                let st = &mut self.worker.stage;
-                if s == 0 {
-                    st.load(&dev, MB, &x, &y)?;
-                } else {
-                    let v =
-                        self.world.recv::<f32>(&self.pipe, s - 1, s - 1, tag(TAG_EVAL, c), "an evaluation activation");
-                    let input = st.input_mut(&dev, MB, rows)?;
-                    dev.write(&mut B::view_mut(input), &v)?;
-                    if s + 1 == pp {
-                        st.load_labels(&dev, MB, &y)?;
-                    }
+        let dev = self.worker.dev.clone();
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for (c, chunk) in idx.chunks(batch.max(1)).enumerate().filter(|(c, _)| c % dp == r) {
+            let (x, y) = data.gather(chunk);
+            let rows = chunk.len();
+            let st = &mut self.worker.stage;
+            if s == 0 {
+                st.load(&dev, MB, &x, &y)?;
+            } else {
+                let from = self.world.rank - 1;
+                let v = self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_EVAL, c), "an evaluation activation");
+                let input = st.input_mut(&dev, MB, rows)?;
+                dev.write(&mut B::view_mut(input), &v)?;
+                if s + 1 == pp {
+                    st.load_labels(&dev, MB, &y)?;
                 }
-                st.forward(&dev, MB)?;
-                if s + 1 < pp {
-                    let out = dev.download(&B::view(st.output(MB)?))?;
-                    self.world.send(&self.pipe, s + 1, s + 1, tag(TAG_EVAL, c), &out, "an evaluation activation");
-                } else {
-                    loss += st.loss(&dev, MB)? as f64 * rows as f64;
-                    let logits = dev.download(&B::view(st.output(MB)?))?;
-                    correct += count_correct(&logits, &y, classes);
-                }
-                st.release(MB);
             }
+            st.forward(&dev, MB)?;
+            if s + 1 < pp {
+                let out = dev.download(&B::view(st.output(MB)?))?;
+                let to = self.world.rank + 1;
+                self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), &out, "an evaluation activation");
+            } else {
+                loss += st.loss(&dev, MB)? as f64 * rows as f64;
+                let logits = dev.download(&B::view(st.output(MB)?))?;
+                correct += count_correct(&logits, &y, classes);
+            }
+            st.release(MB);
         }
-        // The last stage of replica 0 has the sums; everyone learns them.
+        // Each replica's last stage has its share of the sums; everyone learns the totals.
         let all = self.world.all_gather_f64(&self.ctrl, &[loss, correct as f64], "the evaluation");
-        let (loss, correct) = (all[pp - 1][0], all[pp - 1][1] as usize);
+        let last: Vec<&Vec<f64>> = (0..dp).map(|q| &all[q * pp + pp - 1]).collect();
+        let loss: f64 = last.iter().map(|v| v[0]).sum();
+        let correct = last.iter().map(|v| v[1] as usize).sum();
         Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
     }
 }

@@ -18,7 +18,10 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::parallel::comm::Communicator;
 
-/// One rank of an NCCL communicator on a GPU.
+/// One rank of an NCCL communicator on a GPU. Every call waits for its operation to finish
+/// (on the communicator's own stream), so `send` and `recv` between two ranks must be ordered
+/// (one sends first while the other receives), as NCCL's point-to-point calls outside a group
+/// are; the gradient all-reduce, what training uses, has no such constraint.
 pub struct NcclComm {
     comm: Comm,
     dev: CudaDevice,
@@ -55,7 +58,13 @@ impl NcclComm {
             *d = *s as std::ffi::c_char;
         }
         let dev = dev.with_own_queue()?;
-        let comm = Comm::from_rank(dev.stream().clone(), rank, size, Id::uninit(internal))
+        let stream = dev.stream().clone();
+        // cudarc panics where libnccl.so.2 cannot be loaded: make that an error (under MPI the
+        // caller then stops the job, instead of this rank vanishing while the others wait).
+        let comm = std::panic::catch_unwind(move || Comm::from_rank(stream, rank, size, Id::uninit(internal)))
+            .map_err(|_| {
+                Error::Parallel("NCCL could not be loaded: install NCCL (libnccl.so.2) or use --allreduce ring".into())
+            })?
             .map_err(|e| nccl_err("joining the communicator", e))?;
         Ok(NcclComm { comm, dev })
     }

@@ -100,3 +100,32 @@ extern "C" __global__ __launch_bounds__(64) void probe(int n, const float* x, fl
   __syncthreads();
   atomicAdd(&out[258], v);
 }
+
+// Correct, and must not be reported: a warp-synchronous tail ordered by __syncwarp (block of 64,
+// out[blockIdx.x] = sum of the block's 64 values) and a shared-memory histogram built with
+// atomicAdd (out[64 + b] += count of values with (int)x % 8 == b, for the first block only).
+extern "C" __global__ __launch_bounds__(64) void warp_sync_and_atomics(int n, const float* x, float* out) {
+  __shared__ float s[64];
+  __shared__ int hist[8];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 64 + t;
+  const float v = i < n ? x[i] : 0.0f;
+  s[t] = v;
+  if (t < 8) hist[t] = 0;
+  __syncthreads();
+  if (t < 32) {
+    float a = s[t] + s[t + 32];
+    __syncwarp();
+    s[t] = a;
+    for (int off = 16; off > 0; off >>= 1) {
+      __syncwarp();
+      if (t < off) a += s[t + off];
+      __syncwarp();
+      if (t < off) s[t] = a;
+    }
+  }
+  if (i < n) atomicAdd(&hist[((int)v) & 7], 1);
+  __syncthreads();
+  if (t == 0) out[blockIdx.x] = s[0];
+  if (blockIdx.x == 0 && t < 8) out[64 + t] = (float)hist[t];
+}

@@ -22,7 +22,8 @@
 //   another barrier) is reported, never a hang; so is a warp operation whose mask names a lane
 //   that exited, and any deadlock (all remaining threads blocked).
 // Shared-memory races are tracked per 4-byte word: two threads writing different bytes of one
-// word between barriers are reported too (rare in CUDA code, and a bank conflict anyway).
+// word between barriers are reported too, although they do not race (a known imprecision;
+// CUDA kernels rarely share sub-word data between threads).
 // The first error stops the launch (the access that caused it is not performed) and is
 // returned to the caller as text.
 #include <sys/mman.h>
@@ -47,7 +48,7 @@ struct dim3 {
 };
 
 extern "C" {
-// Mirrors `SimLaunch` and `SimArg` in host/sim/mod.rs.
+// Mirrors `SimLaunch` and `SimArg` in host/backend/sim.rs.
 struct tsim_launch {
   unsigned grid[3];
   unsigned block[3];
@@ -173,9 +174,15 @@ struct SharedVar {
 };
 
 // Per-word shadow of shared memory for race tracking.
+// Per-word shadow of shared memory for race tracking. Two accesses of different threads are
+// ordered when a __syncthreads lies between them (the block epoch moved on), or when both are
+// in one warp and a __syncwarp of that warp completed between them (its count moved on).
 struct Shadow {
-  uint32_t wepoch, rEpoch;
-  int32_t writer, reader;  // linear thread ids; reader -2 = several
+  uint32_t wepoch, rEpoch;      // block epoch of the last write / of the reads since
+  int32_t writer, reader;       // linear thread ids; reader -2 = several
+  uint32_t wsync, rsync;        // the warp's __syncwarp count at the write / the latest read
+  int32_t rwarp;                // the readers' warp, or -2 if several warps read
+  bool watomic;                 // the last write was an atomic
 };
 
 struct State {
@@ -194,6 +201,7 @@ struct State {
   // the block
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
+  std::vector<uint32_t> warp_syncs;  // completed __syncwarp per warp, this block
   Fiber* cur = nullptr;
   Context sched;
   uint32_t epoch = 1;
@@ -249,9 +257,10 @@ void to_fiber(Fiber& f) { swapcontext(&S().sched.uc, &f.ctx.uc); }
 void to_scheduler(Fiber* f) { swapcontext(&f->ctx.uc, &S().sched.uc); }
 #endif
 
-// Live allocations of the simulated devices (for pointer tables): base -> bytes.
-std::mutex g_alloc_lock;
-std::map<uintptr_t, size_t> g_allocs;
+// Live allocations of the simulated devices (for pointer tables): base -> bytes. Never
+// destroyed: Rust threads may still free buffers while the process exits.
+std::mutex& g_alloc_lock = *new std::mutex();
+std::map<uintptr_t, size_t>& g_allocs = *new std::map<uintptr_t, size_t>();
 
 const char* base_name(const char* f) {
   const char* s = std::strrchr(f, '/');
@@ -306,32 +315,41 @@ std::string elem_ref(const Range& r, uintptr_t a) {
              (unsigned long long)((r.hi - r.lo) / r.elem));
 }
 
-void shared_access(uintptr_t a, size_t size, bool write);
+void shared_access(uintptr_t a, size_t size, bool write, bool atomic);
 
-void check_access(const void* p, size_t size, bool write) {
+// `aligned`: the compiler emitted the aligned form of the hook, so the access is one of its
+// natural size, which a GPU requires to be aligned to it (up to 16 bytes). The unaligned and
+// range hooks cover accesses the compiler split or could not prove aligned: no check there.
+void check_access(const void* p, size_t size, bool write, bool aligned = true, bool atomic = false) {
   State& s = S();
   Fiber* f = s.cur;
   if (!f || s.failed) return;
   const uintptr_t a = (uintptr_t)p;
   const uintptr_t arena = (uintptr_t)g_arena;
   if (a >= arena && a < arena + kArenaBytes) {
-    if (a % std::min<size_t>(size, 16) != 0)
+    if (aligned && a % std::min<size_t>(size, 16) != 0)
       fail(fmt("misaligned %zu-byte %s of shared memory at byte offset %zu", size, write ? "write" : "read",
                size_t(a - arena)));
-    shared_access(a, size, write);
+    shared_access(a, size, write, atomic);
     return;
   }
   // The fiber's own stack (local arrays the compiler keeps in memory).
   if (a >= (uintptr_t)f->stack_lo && a < (uintptr_t)f->stack_hi) return;
   const Range* best = nullptr;
+  const Range* inside = nullptr;
   for (const Range& r : s.ranges) {
     if (a >= r.lo && a + size <= r.hi) {
-      if (write && !r.writable) fail(fmt("write to %s, which the kernel declares const", elem_ref(r, a).c_str()));
-      if (a % std::min<size_t>(size, 16) != 0)
-        fail(fmt("misaligned %zu-byte %s of %s (the address must be a multiple of %zu)", size,
-                 write ? "write" : "read", elem_ref(r, a).c_str(), std::min<size_t>(size, 16)));
-      return;
+      inside = &r;
+      if (!write || r.writable) break;  // a write looks on for a writable argument over the same bytes
     }
+  }
+  if (inside) {
+    const Range& r = *inside;
+    if (write && !r.writable) fail(fmt("write to %s, which the kernel declares const", elem_ref(r, a).c_str()));
+    if (aligned && a % std::min<size_t>(size, 16) != 0)
+      fail(fmt("misaligned %zu-byte %s of %s (the address must be a multiple of %zu)", size, write ? "write" : "read",
+               elem_ref(r, a).c_str(), std::min<size_t>(size, 16)));
+    return;
   }
   // Out of bounds: name the nearest buffer.
   uintptr_t bestd = UINTPTR_MAX;
@@ -348,7 +366,7 @@ void check_access(const void* p, size_t size, bool write) {
            size, p));
 }
 
-void shared_access(uintptr_t a, size_t size, bool write) {
+void shared_access(uintptr_t a, size_t size, bool write, bool atomic) {
   State& s = S();
   const size_t off = a - (uintptr_t)g_arena;
   const char* name = nullptr;
@@ -391,30 +409,42 @@ void shared_access(uintptr_t a, size_t size, bool write) {
   }
   // Race tracking, per 4-byte word.
   const int32_t me = (int32_t)linear_of(s.cur);
+  const int32_t my_warp = me / 32;
   const uint32_t ep = s.epoch;
+  const uint32_t my_sync = s.warp_syncs[my_warp];
+  // Whether an access by thread `other` (warp sync count `at`) in this epoch is ordered before now.
+  auto ordered = [&](int32_t other, uint32_t at) { return other / 32 == my_warp && my_sync > at; };
   for (size_t w = off / 4; w < (off + size + 3) / 4; ++w) {
     Shadow& sh = s.shadow[w];
     const long long idx = ((long long)w * 4 - (long long)vbase) / (long long)velem;
-    if (sh.wepoch == ep && sh.writer != me) {
+    const bool both_atomic = atomic && sh.watomic;
+    if (sh.wepoch == ep && sh.writer != me && !both_atomic && !ordered(sh.writer, sh.wsync)) {
       fail(fmt("data race on shared %s[%lld]: thread %s wrote it and thread %s %s it with no __syncthreads "
                "between",
                name, idx, tid_str(tid_of(sh.writer)).c_str(), tid_str(s.cur->tid).c_str(),
                write ? "writes" : "reads"));
     }
     if (write) {
-      if (sh.rEpoch == ep && sh.reader != me) {
+      const bool readers_ordered = sh.rwarp == my_warp && my_sync > sh.rsync;
+      if (sh.rEpoch == ep && sh.reader != me && !readers_ordered) {
         std::string who = sh.reader == -2 ? std::string("other threads") : "thread " + tid_str(tid_of(sh.reader));
         fail(fmt("data race on shared %s[%lld]: %s read it and thread %s writes it with no __syncthreads between",
                  name, idx, who.c_str(), tid_str(s.cur->tid).c_str()));
       }
       sh.wepoch = ep;
       sh.writer = me;
+      sh.wsync = my_sync;
+      sh.watomic = atomic;
     } else {
       if (sh.rEpoch != ep) {
         sh.rEpoch = ep;
         sh.reader = me;
-      } else if (sh.reader != me) {
-        sh.reader = -2;
+        sh.rwarp = my_warp;
+        sh.rsync = my_sync;
+      } else {
+        if (sh.reader != me) sh.reader = -2;
+        if (sh.rwarp != my_warp) sh.rwarp = -2;
+        sh.rsync = std::max(sh.rsync, my_sync);
       }
     }
   }
@@ -476,9 +506,6 @@ int barrier(const char* file, int line, int kind, int pred) {
   return (int)f->result;
 }
 
-bool same_site(const char* f1, int l1, const char* f2, int l2) {
-  return l1 == l2 && (f1 == f2 || std::strcmp(f1, f2) == 0);
-}
 
 unsigned long long warp_op(const char* file, int line, unsigned mask, int op, unsigned long long val, int arg,
                            int width, int pred) {
@@ -503,24 +530,18 @@ unsigned long long warp_op(const char* file, int line, unsigned mask, int op, un
     fail(fmt("%s at %s: mask 0x%08x names lane %u (thread %s), which has exited", op_name(op),
              site(file, line).c_str(), mask, l, tid_str(s.fibers[w0 + l].tid).c_str()));
   }
-  // The group of lanes this operation joins: the one with the same mask.
+  // The group of lanes this operation joins: the one waiting with the same mask. Since sm_70
+  // lanes of one mask may meet at different call sites (independent thread scheduling), and
+  // groups with other masks may wait side by side; a real mismatch ends in the deadlock report.
   WarpGroup* g = nullptr;
   for (WarpGroup& x : w.groups) {
-    if (x.arrived == 0) continue;
-    if (x.mask == mask) {
-      if (x.op != op || !same_site(x.file, x.line, file, line)) {
-        const unsigned l = (unsigned)__builtin_ctz(x.waiting);
-        fail(fmt("divergent warp: lane %u reaches %s at %s while lane %u waits at %s at %s (mask 0x%08x)", lane,
-                 op_name(op), site(file, line).c_str(), l, op_name(x.op), site(x.file, x.line).c_str(), mask));
-      }
-      g = &x;
-    } else if (x.mask & mask) {
+    if (x.arrived == 0 || x.mask != mask) continue;
+    if (x.op != op) {
       const unsigned l = (unsigned)__builtin_ctz(x.waiting);
-      fail(fmt("divergent warp: lane %u reaches %s at %s with mask 0x%08x while lane %u waits at %s at %s with "
-               "mask 0x%08x",
-               lane, op_name(op), site(file, line).c_str(), mask, l, op_name(x.op), site(x.file, x.line).c_str(),
-               x.mask));
+      fail(fmt("divergent warp: lane %u reaches %s at %s while lane %u waits at %s at %s (mask 0x%08x)", lane,
+               op_name(op), site(file, line).c_str(), l, op_name(x.op), site(x.file, x.line).c_str(), mask));
     }
+    g = &x;
   }
   if (!g) {
     for (WarpGroup& x : w.groups)
@@ -557,7 +578,7 @@ unsigned long long warp_op(const char* file, int line, unsigned mask, int op, un
         case kOpShflIdx: src = seg + (a & (wd - 1)); break;
         case kOpShflUp: src = (l - seg) >= a ? l - a : l; break;
         case kOpShflDown: src = (l - seg) + a < wd ? l + a : l; break;
-        case kOpShflXor: src = ((l ^ a) & ~(wd - 1)) == seg ? (l ^ a) : l; break;
+        case kOpShflXor: src = (l ^ a) <= seg + wd - 1 ? (l ^ a) : l; break;  // a later group: own value
         default: break;
       }
       if (op <= kOpShflXor) {
@@ -578,6 +599,7 @@ unsigned long long warp_op(const char* file, int line, unsigned mask, int op, un
     }
     g->arrived = 0;
     g->waiting = 0;
+    if (op == kOpSyncwarp) ++s.warp_syncs[wi];  // orders the shared-memory accesses of its lanes
   }
   yield();
   return f->result;
@@ -646,6 +668,7 @@ bool run_block() {
   State& s = S();
   s.fibers.assign(s.nthreads, Fiber{});
   s.warps.resize((s.nthreads + 31) / 32);
+  s.warp_syncs.assign(s.warps.size(), 0);
   for (Warp& w : s.warps) {
     w.exited = 0;
     w.groups.clear();
@@ -688,17 +711,115 @@ bool run_block() {
   }
 }
 
-void add_pointer_table(const tsim_arg& a) {
-  State& s = S();
-  const unsigned long long* t = (const unsigned long long*)a.p;
-  std::lock_guard<std::mutex> g(g_alloc_lock);
-  for (unsigned long long i = 0; i < a.len; ++i) {
-    const uintptr_t e = (uintptr_t)t[i];
-    auto it = g_allocs.upper_bound(e);
-    if (it == g_allocs.begin()) continue;
-    --it;
-    if (e < it->first + it->second) s.ranges.push_back(Range{e, it->first + it->second, 4, fmt("%s[%llu]", a.name, i), false});
+// ---- private copies of the arguments --------------------------------------------------------------
+// A kernel runs on private copies of the buffers it is given, each with red zones around it,
+// so that an access is checked against the argument it came through: an overrun of `w` that
+// would land in `b` (two views of one allocation, as a model's parameters are) is reported,
+// not accepted. Arguments that overlap (an output that aliases an input) share one copy, so
+// aliasing behaves as on the GPU. Each copy keeps its address modulo 256, so the kernels take
+// the same vectorised paths. Writable copies are copied back after the launch.
+constexpr size_t kRedZoneGlobal = 256;
+
+struct Interval {
+  uintptr_t lo, hi;
+  bool writable;
+};
+
+struct Region {
+  uintptr_t lo, hi;
+  bool writable;
+  char* mem;
+  uintptr_t copy;
+};
+
+struct Copies {
+  std::vector<Region> regions;
+  // Pointer-table entries rewritten in a copy: (where, original value), undone before copy-back.
+  std::vector<std::pair<unsigned long long*, unsigned long long>> rewritten;
+  uintptr_t translate(uintptr_t p) const {
+    for (const Region& r : regions)
+      if (p >= r.lo && p < r.hi) return r.copy + (p - r.lo);
+    for (const Region& r : regions)  // an end pointer, or an empty buffer
+      if (p == r.hi) return r.copy + (p - r.lo);
+    return p;
   }
+  ~Copies() {
+    for (Region& r : regions) std::free(r.mem);
+  }
+};
+
+// The range a pointer-table entry may be read over: up to the end of its allocation.
+bool table_entry_range(uintptr_t e, uintptr_t& hi) {
+  std::lock_guard<std::mutex> g(g_alloc_lock);
+  auto it = g_allocs.upper_bound(e);
+  if (it == g_allocs.begin()) return false;
+  --it;
+  if (e >= it->first + it->second) return false;
+  hi = it->first + it->second;
+  return true;
+}
+
+bool make_copies(const tsim_arg* args, int nargs, Copies& c, std::vector<tsim_arg>& targs) {
+  State& s = S();
+  std::vector<Interval> iv;
+  for (int i = 0; i < nargs; ++i) {
+    const tsim_arg& a = args[i];
+    if (a.kind < kArgConstPtr || a.p == nullptr) continue;
+    const uintptr_t lo = (uintptr_t)a.p;
+    iv.push_back(Interval{lo, lo + a.len * a.elem, a.kind == kArgMutPtr});
+    if (a.kind == kArgTable) {
+      const unsigned long long* t = (const unsigned long long*)a.p;
+      for (unsigned long long k = 0; k < a.len; ++k) {
+        uintptr_t hi;
+        if (table_entry_range((uintptr_t)t[k], hi)) iv.push_back(Interval{(uintptr_t)t[k], hi, false});
+      }
+    }
+  }
+  std::sort(iv.begin(), iv.end(), [](const Interval& a, const Interval& b) { return a.lo < b.lo; });
+  for (const Interval& x : iv) {
+    if (!c.regions.empty() && (x.lo < c.regions.back().hi || x.lo == c.regions.back().lo)) {
+      Region& r = c.regions.back();
+      r.hi = std::max(r.hi, x.hi);
+      r.writable = r.writable || x.writable;
+    } else {
+      c.regions.push_back(Region{x.lo, x.hi, x.writable, nullptr, 0});
+    }
+  }
+  for (Region& r : c.regions) {
+    const size_t bytes = r.hi - r.lo;
+    r.mem = (char*)std::malloc(bytes + 2 * kRedZoneGlobal + 256);
+    if (!r.mem) return false;
+    const uintptr_t base = ((uintptr_t)r.mem + kRedZoneGlobal + 255) / 256 * 256;
+    r.copy = base + (r.lo % 256);
+    std::memcpy((void*)r.copy, (const void*)r.lo, bytes);
+  }
+  targs.assign(args, args + nargs);
+  for (int i = 0; i < nargs; ++i) {
+    tsim_arg& a = targs[i];
+    if (a.kind < kArgConstPtr || a.p == nullptr) continue;
+    a.p = (void*)c.translate((uintptr_t)a.p);
+    const uintptr_t lo = (uintptr_t)a.p;
+    s.ranges.push_back(Range{lo, lo + a.len * a.elem, a.elem, a.name, a.kind == kArgMutPtr});
+    if (a.kind == kArgTable) {
+      // The table's copy points at the copies; each entry is readable to the end of its region.
+      unsigned long long* t = (unsigned long long*)a.p;
+      for (unsigned long long k = 0; k < a.len; ++k) {
+        uintptr_t hi;
+        if (!table_entry_range((uintptr_t)t[k], hi)) continue;
+        const uintptr_t e = c.translate((uintptr_t)t[k]);
+        s.ranges.push_back(Range{e, c.translate(hi), 4, fmt("%s[%llu]", a.name, k), false});
+        c.rewritten.emplace_back(&t[k], t[k]);
+        t[k] = e;
+      }
+    }
+  }
+  return true;
+}
+
+void copy_back(const Copies& c) {
+  for (const auto& [where, value] : c.rewritten) *where = value;
+  for (const Region& r : c.regions)
+    if (r.writable) std::memcpy((void*)r.lo, (const void*)r.copy, r.hi - r.lo);
 }
 
 }  // namespace
@@ -741,7 +862,7 @@ void* tsim_shared(const void* tag, size_t size, size_t align, size_t elem, const
 
 #define TSIM_ATOMIC(name, T, body)  \
   T name(T* p, T v) {               \
-    check_access(p, sizeof(T), true); \
+    check_access(p, sizeof(T), true, true, true); \
     T old = *p;                     \
     body;                           \
     return old;                     \
@@ -754,13 +875,13 @@ TSIM_ATOMIC(tsim_atomic_exch_f32, float, *p = v)
 TSIM_ATOMIC(tsim_atomic_max_i32, int, *p = std::max(old, v))
 TSIM_ATOMIC(tsim_atomic_min_i32, int, *p = std::min(old, v))
 int tsim_atomic_cas_i32(int* p, int cmp, int val) {
-  check_access(p, 4, true);
+  check_access(p, 4, true, true, true);
   int old = *p;
   if (old == cmp) *p = val;
   return old;
 }
 unsigned long long tsim_atomic_cas_u64(unsigned long long* p, unsigned long long cmp, unsigned long long val) {
-  check_access(p, 8, true);
+  check_access(p, 8, true, true, true);
   unsigned long long old = *p;
   if (old == cmp) *p = val;
   return old;
@@ -808,14 +929,10 @@ int tsim_launch_kernel(const char* kernel, int max_threads, const tsim_launch* l
     return refuse(fmt("block of %zu threads exceeds the kernel's __launch_bounds__(%d)", s.nthreads, max_threads));
   if (s.dyn_bytes > kDynamicSmem)
     return refuse(fmt("%zu bytes of dynamic shared memory; at most %zu", s.dyn_bytes, kDynamicSmem));
-  for (int i = 0; i < nargs; ++i) {
-    const tsim_arg& a = args[i];
-    if (a.kind < kArgConstPtr || a.p == nullptr) continue;
-    const uintptr_t lo = (uintptr_t)a.p;
-    s.ranges.push_back(Range{lo, lo + a.len * a.elem, a.elem, a.name, a.kind == kArgMutPtr});
-    if (a.kind == kArgTable) add_pointer_table(a);
-  }
-  s.args = args;
+  Copies copies;
+  std::vector<tsim_arg> targs;
+  if (!make_copies(args, nargs, copies, targs)) return refuse("out of host memory for the arguments' copies");
+  s.args = targs.data();
   s.body = body;
   bool ok = true;
   for (unsigned z = 0; ok && z < s.grid.z; ++z)
@@ -826,6 +943,9 @@ int tsim_launch_kernel(const char* kernel, int max_threads, const tsim_launch* l
       }
   s.cur = nullptr;
   s.fibers.clear();
+  s.ranges.clear();
+  // What the kernel wrote before any error reaches the caller's buffers, as on a GPU.
+  copy_back(copies);
   if (!ok) {
     std::snprintf(err, errlen, "%s", s.error.c_str());
     return 1;
@@ -844,22 +964,25 @@ void __tsan_vptr_update(void**, void*) {}
 #define TSIM_HOOKS(n)                                                         \
   void __tsan_read##n(void* p) { check_access(p, n, false); }                 \
   void __tsan_write##n(void* p) { check_access(p, n, true); }                 \
-  void __tsan_unaligned_read##n(void* p) { check_access(p, n, false); }       \
-  void __tsan_unaligned_write##n(void* p) { check_access(p, n, true); }       \
+  void __tsan_unaligned_read##n(void* p) { check_access(p, n, false, false); } \
+  void __tsan_unaligned_write##n(void* p) { check_access(p, n, true, false); } \
   void __tsan_volatile_read##n(void* p) { check_access(p, n, false); }        \
   void __tsan_volatile_write##n(void* p) { check_access(p, n, true); }        \
-  void __tsan_unaligned_volatile_read##n(void* p) { check_access(p, n, false); } \
-  void __tsan_unaligned_volatile_write##n(void* p) { check_access(p, n, true); }
+  void __tsan_unaligned_volatile_read##n(void* p) { check_access(p, n, false, false); } \
+  void __tsan_unaligned_volatile_write##n(void* p) { check_access(p, n, true, false); }
 TSIM_HOOKS(1)
 TSIM_HOOKS(2)
 TSIM_HOOKS(4)
 TSIM_HOOKS(8)
 TSIM_HOOKS(16)
 void __tsan_read_range(void* p, unsigned long n) {
-  for (unsigned long i = 0; i < n; i += 4) check_access((char*)p + i, std::min(4ul, n - i), false);
+  for (unsigned long i = 0; i < n; i += 4) check_access((char*)p + i, std::min(4ul, n - i), false, false);
 }
 void __tsan_write_range(void* p, unsigned long n) {
-  for (unsigned long i = 0; i < n; i += 4) check_access((char*)p + i, std::min(4ul, n - i), true);
+  for (unsigned long i = 0; i < n; i += 4) check_access((char*)p + i, std::min(4ul, n - i), true, false);
 }
+// Fences: every access is already ordered here (one thread runs at a time).
+void __tsan_atomic_thread_fence(int) {}
+void __tsan_atomic_signal_fence(int) {}
 
 }  // extern "C"
