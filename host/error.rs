@@ -116,7 +116,7 @@ pub enum Error {
     },
 }
 
-/// Result with [`Error`].
+/// Result with [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
@@ -135,7 +135,7 @@ impl Error {
 
 /// A failure reported by a GPU-like device: the CUDA driver's error, or the simulator's.
 pub trait DeviceFailure {
-    /// The [`Error`] for it, with what tessera was doing.
+    /// The [`enum@Error`] for it, with what tessera was doing.
     fn into_error(self, during: String) -> Error;
 }
 

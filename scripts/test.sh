@@ -14,6 +14,8 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== without the mpi feature (as the GPU binaries are built): clippy"
 cargo clippy --no-default-features --all-targets --target-dir target/no-mpi -- -D warnings
+echo "== cargo doc (rustdoc warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 echo "== cargo test"
 cargo test -- --show-output
 echo "== without nvcc: the crate builds and says how to build the kernels"

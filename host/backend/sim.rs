@@ -8,7 +8,7 @@
 //! defines): a global access outside the buffers passed to the launch, a write to a `const`
 //! parameter, a shared-memory data race between barriers, a `__syncthreads` that not every
 //! thread reaches, a shuffle whose mask names an exited lane, and a deadlock are each reported
-//! as an [`Error::Sim`](crate::Error::Sim) naming the kernel, the block, the thread and the
+//! as an `Error::Sim` ([`crate::Error`]) naming the kernel, the block, the thread and the
 //! index. The runtime is `kernels/sim/runtime.cc`; the shim header `kernels/sim/cuda_sim.h`.
 //!
 //! Host code drives it exactly as it drives a GPU: [`SimDevice::kernels`] holds handles with
