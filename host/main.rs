@@ -573,7 +573,7 @@ fn train_local<B: Ops>(
     train_set: &Dataset,
     test_set: &Dataset,
 ) -> tessera::Result<()> {
-    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None)?;
+    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None, devs.len())?;
     if !a.json && devs.len() > 1 {
         eprintln!("plan: {} ({why})", plan.describe());
     }
@@ -654,10 +654,10 @@ fn train_mpi(
         return Err(Error::Invalid("--allreduce nccl needs GPUs (--device cuda)".into()));
     }
     macro_rules! go {
-        ($dev:expr, $all_reduce:expr) => {{
+        ($dev:expr, $all_reduce:expr, $sharing:expr) => {{
             let dev = $dev;
             let devs = vec![dev.clone(); w.size()];
-            let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None)?;
+            let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None, $sharing)?;
             if w.rank() == 0 && !a.json {
                 eprintln!("plan: {} ({why}), one rank per device", plan.describe());
             }
@@ -698,23 +698,23 @@ fn train_mpi(
     match spec {
         DeviceSpec::Cpu { count } => {
             one(count)?;
-            go!(tessera::CpuDevice::new(0), AllReduce::Ring)
+            go!(tessera::CpuDevice::new(0), AllReduce::Ring, w.local_size())
         }
         DeviceSpec::Sim { count } => {
             one(count)?;
-            go!(tessera::SimDevice::new(0), AllReduce::Ring)
+            go!(tessera::SimDevice::new(0), AllReduce::Ring, w.local_size())
         }
         DeviceSpec::Cuda { ordinal, count } => {
             one(count)?;
-            go!(gpu(explicit_gpu.then_some(ordinal))?, gpu_all_reduce(nccl))
+            go!(gpu(explicit_gpu.then_some(ordinal))?, gpu_all_reduce(nccl), 1)
         }
         DeviceSpec::Auto => {
             if cuda::gpu_count().unwrap_or(0) > 0 {
-                go!(gpu(None)?, gpu_all_reduce(nccl))
+                go!(gpu(None)?, gpu_all_reduce(nccl), 1)
             } else if nccl == Some(true) {
                 Err(Error::Invalid("--allreduce nccl: this rank sees no GPU (--device auto chose the CPU)".into()))
             } else {
-                go!(tessera::CpuDevice::new(0), AllReduce::Ring)
+                go!(tessera::CpuDevice::new(0), AllReduce::Ring, w.local_size())
             }
         }
     }
@@ -722,7 +722,7 @@ fn train_mpi(
 
 /// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
 /// shared evenly.
-fn device_memory<B: Ops>(devs: &[B]) -> u64 {
+fn device_memory<B: Ops>(devs: &[B], sharing: usize) -> u64 {
     let any: &dyn std::any::Any = &devs[0];
     let total = if let Some(g) = any.downcast_ref::<tessera::CudaDevice>() {
         g.info().total_mem as u64
@@ -737,16 +737,20 @@ fn device_memory<B: Ops>(devs: &[B]) -> u64 {
             .map(|kib| kib * 1024)
             .unwrap_or(8 << 30)
     };
-    total / devs.len() as u64
+    total / sharing.max(1) as u64
 }
 
 /// The plan for `devs` from the flags, or from the planner; returns it with a line of reasons.
+/// `sharing`: how many of the devices share one piece of hardware (its memory and speed):
+/// all of them in one process (logical devices), the ranks on a node under MPI for the CPU, one
+/// for a GPU per rank.
 fn make_plan<B: Ops>(
     devs: &[B],
     m: &MeshArgs,
     cfg: &TrainConfig,
     batch: usize,
     gflops: Option<f64>,
+    sharing: usize,
 ) -> tessera::Result<(Plan, String, Option<Budget>)> {
     let n = devs.len();
     let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
@@ -780,9 +784,9 @@ fn make_plan<B: Ops>(
     } else {
         let memory = match &m.memory {
             Some(s) => parse_bytes(s)?,
-            None => device_memory(devs),
+            None => device_memory(devs, sharing),
         };
-        let mut budget = Budget::measure(&devs[0], memory, n)?;
+        let mut budget = Budget::measure(&devs[0], memory, sharing)?;
         if let Some(g) = gflops {
             budget.flops = g * 1e9;
         }
@@ -815,13 +819,13 @@ fn plan(a: PlanArgs) -> tessera::Result<()> {
 }
 
 fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::Result<()> {
-    let (plan, why, budget) = make_plan(devs, &a.mesh, cfg, a.batch, a.gflops)?;
+    let (plan, why, budget) = make_plan(devs, &a.mesh, cfg, a.batch, a.gflops, devs.len())?;
     let budget = match budget {
         Some(b) => b,
         None => {
             let memory = match &a.mesh.memory {
                 Some(s) => parse_bytes(s)?,
-                None => device_memory(devs),
+                None => device_memory(devs, devs.len()),
             };
             let mut b = Budget::measure(&devs[0], memory, devs.len())?;
             if let Some(g) = a.gflops {

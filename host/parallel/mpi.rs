@@ -64,6 +64,7 @@ pub struct MpiWorld {
     rank: usize,
     size: usize,
     local_rank: usize,
+    local_size: usize,
     timeout: Duration,
     /// The mesh, once an engine is built: names ranks as (replica, stage) in messages.
     mesh: Mutex<Option<crate::parallel::Mesh>>,
@@ -95,14 +96,23 @@ pub fn init() -> Result<MpiRuntime> {
     let world = universe.world();
     let rank = world.rank() as usize;
     let size = world.size() as usize;
-    let local_rank = world.split_shared(world.rank()).rank() as usize;
+    let node = world.split_shared(world.rank());
+    let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
     let timeout = match std::env::var("TESSERA_COMM_TIMEOUT") {
         Ok(v) => v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).ok_or_else(|| {
             Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
         })?,
         Err(_) => Duration::from_secs(120),
     };
-    let world = Arc::new(MpiWorld { world: Shared(world), rank, size, local_rank, timeout, mesh: Mutex::new(None) });
+    let world = Arc::new(MpiWorld {
+        world: Shared(world),
+        rank,
+        size,
+        local_rank,
+        local_size,
+        timeout,
+        mesh: Mutex::new(None),
+    });
     Ok(MpiRuntime { world, _universe: universe })
 }
 
@@ -127,6 +137,10 @@ impl MpiWorld {
     /// This process's rank among the ranks on its node (picks the GPU).
     pub fn local_rank(&self) -> usize {
         self.local_rank
+    }
+    /// Ranks on this process's node (they share its CPU and memory).
+    pub fn local_size(&self) -> usize {
+        self.local_size
     }
     /// How long any wait may last before the job is stopped.
     pub fn timeout(&self) -> Duration {
