@@ -175,7 +175,7 @@ fn every_kernel_has_a_simulator_status() {
         assert!(s.unsupported.is_none(), "{} cannot run in the simulator: {:?}", k.name, s.unsupported);
     }
     let planted: Vec<_> = SIM_KERNELS.iter().filter(|s| s.planted).map(|s| s.name).collect();
-    for p in ["reverse_missing_barrier", "double_off_by_one", "block_sum_divergent_barrier"] {
+    for p in ["reverse_missing_barrier", "double_off_by_one", "block_sum_divergent_barrier", "copy_overlapping_tiles"] {
         assert!(planted.contains(&p), "{p} missing from {planted:?}");
     }
 }
@@ -211,4 +211,25 @@ fn syncwarp_ordering_and_shared_atomics_are_not_races() {
         let want = x[..64].iter().filter(|v| (**v as i32) & 7 == b as i32).count();
         assert_eq!(o[64 + b], want as f32, "histogram bin {b}");
     }
+}
+
+#[test]
+fn two_blocks_writing_one_element_is_a_global_race() {
+    let d = SimDevice::new(0);
+    let n = 600usize;
+    let xb = d.upload(&inputs(6, n, 1.0)).unwrap();
+    let mut y = d.alloc::<f32>(n).unwrap();
+    let r = unsafe {
+        d.planted().copy_overlapping_tiles(d.stream(), cfg(3, 256, 0), n as i32, &xb.as_view(), &mut y.as_view_mut())
+    };
+    expect_report(
+        r,
+        &[
+            "kernel copy_overlapping_tiles",
+            "block (1,0,0)",
+            "thread (0,0,0)",
+            "data race on y[255]",
+            "blocks are not ordered",
+        ],
+    );
 }

@@ -129,3 +129,10 @@ extern "C" __global__ __launch_bounds__(64) void warp_sync_and_atomics(int n, co
   if (t == 0) out[blockIdx.x] = s[0];
   if (blockIdx.x == 0 && t < 8) out[64 + t] = (float)hist[t];
 }
+
+// PLANTED BUG: a tile stride of 255 for tiles of 256: each block's last element is the next
+// block's first, written by two blocks of one launch (on a GPU: whichever lands last wins).
+extern "C" __global__ __launch_bounds__(256) void copy_overlapping_tiles(int n, const float* x, float* y) {
+  const int i = blockIdx.x * 255 + threadIdx.x;
+  if (i < n) y[i] = x[i];
+}

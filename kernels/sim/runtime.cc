@@ -14,6 +14,8 @@
 //       a pointer table argument); a write must not go to a `const` parameter; the address must
 //       be aligned to the access size. Else: an out-of-bounds report naming the kernel, the
 //       block, the thread, the parameter and the index.
+//     - global memory, races: a word two blocks of the launch touch, one writing (blocks are
+//       never ordered), or two threads of a block between barriers; atomics excepted.
 //     - shared memory: inside a __shared__ variable (variables are separated by red zones), or
 //       inside the launch's dynamic shared memory; and no data race: a read or write of a word
 //       that another thread wrote since the last __syncthreads, or a write of a word that
@@ -167,6 +169,22 @@ struct Range {
   bool writable;
 };
 
+// Per-word shadow of global memory (of the arguments' private copies) for races between
+// threads of a launch: blocks are never ordered with each other (only atomics may share a word
+// between blocks); threads of one block are ordered by __syncthreads.
+struct GShadow {
+  uint32_t wblock = 0;  // writer's block + 1 (0: not written in this launch)
+  uint32_t wthread = 0, wepoch = 0;
+  uint32_t rblock = 0;  // a reader's block + 1 (0: not read); ~0u: readers in several blocks
+  uint32_t rthread = 0, repoch = 0;
+  bool rmany = false;  // several readers in that block and epoch
+  bool watomic = false;
+};
+struct GRegion {
+  uintptr_t lo, hi;
+  std::vector<GShadow> sh;
+};
+
 struct SharedVar {
   const void* tag;
   size_t off, size, elem;
@@ -194,6 +212,7 @@ struct State {
   size_t nthreads = 0;
   size_t dyn_bytes = 0;
   std::vector<Range> ranges;
+  std::vector<GRegion> gregions;
   std::vector<SharedVar> svars;
   size_t static_top = 0;
   const tsim_arg* args = nullptr;
@@ -317,6 +336,72 @@ std::string elem_ref(const Range& r, uintptr_t a) {
 
 void shared_access(uintptr_t a, size_t size, bool write, bool atomic);
 
+uint32_t block_linear() {
+  State& s = S();
+  return s.bidx.x + s.grid.x * (s.bidx.y + s.grid.y * s.bidx.z);
+}
+
+std::string block_str(uint32_t linear) {
+  State& s = S();
+  return fmt("(%u,%u,%u)", linear % s.grid.x, (linear / s.grid.x) % s.grid.y, linear / (s.grid.x * s.grid.y));
+}
+
+void global_race(const Range& r, uintptr_t a, size_t size, bool write, bool atomic) {
+  State& s = S();
+  GRegion* g = nullptr;
+  for (GRegion& x : s.gregions)
+    if (a >= x.lo && a < x.hi) g = &x;
+  if (!g) return;
+  const uint32_t me = (uint32_t)linear_of(s.cur), blk = block_linear() + 1, ep = s.epoch;
+  for (uintptr_t w = (a - g->lo) / 4; w < (a - g->lo + size + 3) / 4 && w < g->sh.size(); ++w) {
+    GShadow& sh = g->sh[w];
+    const uintptr_t at = g->lo + w * 4;
+    // Another thread's write is ordered before this access only if it is in this block, an
+    // earlier barrier interval (or both accesses are atomics).
+    if (sh.wblock != 0 && !(sh.wblock == blk && sh.wthread == me) && !(atomic && sh.watomic) &&
+        !(sh.wblock == blk && sh.wepoch != ep)) {
+      fail(fmt("data race on %s: thread %s of block %s wrote it and thread %s of block %s %s it in the same "
+               "launch with nothing ordering them (%s)",
+               elem_ref(r, at).c_str(), tid_str(tid_of(sh.wthread)).c_str(), block_str(sh.wblock - 1).c_str(),
+               tid_str(s.cur->tid).c_str(), block_str(blk - 1).c_str(), write ? "writes" : "reads",
+               sh.wblock == blk ? "no __syncthreads between" : "blocks are not ordered"));
+    }
+    if (write) {
+      const bool other_reader =
+          sh.rblock != 0 && (sh.rblock != blk || ((sh.rmany || sh.rthread != me) && sh.repoch == ep));
+      if (other_reader && !atomic) {
+        fail(fmt("data race on %s: %s read it and thread %s of block %s writes it in the same launch with nothing "
+                 "ordering them",
+                 elem_ref(r, at).c_str(),
+                 sh.rblock == ~0u ? "threads of other blocks"
+                                  : fmt("thread %s of block %s", tid_str(tid_of(sh.rthread)).c_str(),
+                                        block_str(sh.rblock - 1).c_str())
+                                        .c_str(),
+                 tid_str(s.cur->tid).c_str(), block_str(blk - 1).c_str()));
+      }
+      sh.wblock = blk;
+      sh.wthread = me;
+      sh.wepoch = ep;
+      sh.watomic = atomic;
+    } else if (!atomic) {
+      if (sh.rblock == 0) {
+        sh.rblock = blk;
+        sh.rthread = me;
+        sh.repoch = ep;
+        sh.rmany = false;
+      } else if (sh.rblock != blk) {
+        sh.rblock = ~0u;
+      } else if (sh.repoch != ep) {
+        sh.rthread = me;
+        sh.repoch = ep;
+        sh.rmany = false;
+      } else if (sh.rthread != me) {
+        sh.rmany = true;
+      }
+    }
+  }
+}
+
 // `aligned`: the compiler emitted the aligned form of the hook, so the access is one of its
 // natural size, which a GPU requires to be aligned to it (up to 16 bytes). The unaligned and
 // range hooks cover accesses the compiler split or could not prove aligned: no check there.
@@ -349,6 +434,7 @@ void check_access(const void* p, size_t size, bool write, bool aligned = true, b
     if (aligned && a % std::min<size_t>(size, 16) != 0)
       fail(fmt("misaligned %zu-byte %s of %s (the address must be a multiple of %zu)", size, write ? "write" : "read",
                elem_ref(r, a).c_str(), std::min<size_t>(size, 16)));
+    global_race(r, a, size, write, atomic);
     return;
   }
   // Out of bounds: name the nearest buffer.
@@ -792,6 +878,7 @@ bool make_copies(const tsim_arg* args, int nargs, Copies& c, std::vector<tsim_ar
     const uintptr_t base = ((uintptr_t)r.mem + kRedZoneGlobal + 255) / 256 * 256;
     r.copy = base + (r.lo % 256);
     std::memcpy((void*)r.copy, (const void*)r.lo, bytes);
+    s.gregions.push_back(GRegion{r.copy, r.copy + bytes, std::vector<GShadow>((bytes + 3) / 4 + 1)});
   }
   targs.assign(args, args + nargs);
   for (int i = 0; i < nargs; ++i) {
@@ -913,6 +1000,7 @@ int tsim_launch_kernel(const char* kernel, int max_threads, const tsim_launch* l
   s.svars.clear();
   s.static_top = 0;
   s.ranges.clear();
+  s.gregions.clear();
   auto refuse = [&](const std::string& why) {
     std::snprintf(err, errlen, "kernel %s: invalid launch: %s", kernel, why.c_str());
     return 1;
@@ -944,6 +1032,7 @@ int tsim_launch_kernel(const char* kernel, int max_threads, const tsim_launch* l
   s.cur = nullptr;
   s.fibers.clear();
   s.ranges.clear();
+  s.gregions.clear();
   // What the kernel wrote before any error reaches the caller's buffers, as on a GPU.
   copy_back(copies);
   if (!ok) {
