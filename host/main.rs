@@ -490,23 +490,28 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     let (devices, chosen) = spec.open()?;
     if !a.json {
         eprintln!("{chosen}");
-        eprintln!(
-            "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
-            cfg.model.widths_string(),
-            cfg.model.act,
-            cfg.model.param_count(),
-            cfg.optimizer.name(),
-            cfg.optimizer.lr(),
-            cfg.schedule,
-            train_set.len(),
-            test_set.len()
-        );
+        eprintln!("{}", run_line(&cfg, batch, &data_name, &train_set, &test_set));
     }
     match devices {
         Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
         Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
         Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
     }
+}
+
+/// `model: MLP 784-512-512-10 (relu), ... parameters; adamw lr ...; batch ...; data: ...`.
+fn run_line(cfg: &TrainConfig, batch: usize, data_name: &str, train_set: &Dataset, test_set: &Dataset) -> String {
+    format!(
+        "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
+        cfg.model.widths_string(),
+        cfg.model.act,
+        cfg.model.param_count(),
+        cfg.optimizer.name(),
+        cfg.optimizer.lr(),
+        cfg.schedule,
+        train_set.len(),
+        test_set.len()
+    )
 }
 
 /// What the training command needs of an engine: the in-process one or the MPI one.
@@ -632,17 +637,7 @@ fn train_mpi(
     }
     if w.rank() == 0 && !a.json {
         eprintln!("mpi: {} ranks; device per rank: {spec}", w.size());
-        eprintln!(
-            "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
-            cfg.model.widths_string(),
-            cfg.model.act,
-            cfg.model.param_count(),
-            cfg.optimizer.name(),
-            cfg.optimizer.lr(),
-            cfg.schedule,
-            train_set.len(),
-            test_set.len()
-        );
+        eprintln!("{}", run_line(&cfg, batch, data_name, train_set, test_set));
     }
     let nccl = match a.allreduce.as_deref() {
         None => None,
