@@ -603,11 +603,15 @@ pub(crate) fn run_worker<B: Ops>(
 
 /// How long a worker waits for its all-reduce thread: `TESSERA_COMM_TIMEOUT` seconds, default 120.
 pub(crate) fn comm_timeout() -> std::time::Duration {
-    std::env::var("TESSERA_COMM_TIMEOUT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
-        .unwrap_or(std::time::Duration::from_secs(120))
+    std::env::var("TESSERA_COMM_TIMEOUT").ok().and_then(|v| parse_comm_timeout(&v)).unwrap_or(DEFAULT_COMM_TIMEOUT)
+}
+
+/// The default of `TESSERA_COMM_TIMEOUT`.
+pub(crate) const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A `TESSERA_COMM_TIMEOUT` value (seconds), or `None` if it is not a positive number.
+pub(crate) fn parse_comm_timeout(v: &str) -> Option<std::time::Duration> {
+    v.parse::<f64>().ok().and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
 }
 
 #[allow(clippy::too_many_arguments)]

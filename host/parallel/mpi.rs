@@ -99,10 +99,10 @@ pub fn init() -> Result<MpiRuntime> {
     let node = world.split_shared(world.rank());
     let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
     let timeout = match std::env::var("TESSERA_COMM_TIMEOUT") {
-        Ok(v) => v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).ok_or_else(|| {
+        Ok(v) => crate::parallel::engine::parse_comm_timeout(&v).ok_or_else(|| {
             Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
         })?,
-        Err(_) => Duration::from_secs(120),
+        Err(_) => crate::parallel::engine::DEFAULT_COMM_TIMEOUT,
     };
     let world = Arc::new(MpiWorld {
         world: Shared(world),
@@ -174,29 +174,20 @@ impl MpiWorld {
         Shared(c)
     }
 
-    /// Sends `data` to `to` (a rank of `comm`, whose world rank is `to_world`), waiting at
-    /// most the timeout for the receiver to take it.
-    fn send<T: Equivalence>(&self, comm: &Shared, to: usize, to_world: usize, tag: i32, data: &[T], what: &str) {
-        let p = comm.0.process_at_rank(to as i32);
-        mpi::request::scope(|scope| {
-            let mut req = p.immediate_send_with_tag(scope, data, tag);
-            let deadline = Instant::now() + self.timeout;
-            let mut spins = 0;
-            loop {
-                match req.test() {
-                    Ok(_) => return,
-                    Err(r) => req = r,
-                }
-                if Instant::now() > deadline {
-                    self.abort(&format!(
-                        "waited {:?} for {} to take {what}: it stopped or hung",
-                        self.timeout,
-                        self.describe(to_world)
-                    ));
-                }
-                backoff(&mut spins);
-            }
-        })
+    /// Sends `data` to `to` (a rank of `comm`, whose world rank is `to_world`) and waits, at
+    /// most the timeout, for the receiver to take it.
+    fn send<T: Equivalence + 'static>(
+        self: &Arc<Self>,
+        comm: &Shared,
+        to: usize,
+        to_world: usize,
+        tag: i32,
+        data: Vec<T>,
+        what: &'static str,
+    ) {
+        let mut out = Outbox::new(self);
+        out.send(comm, to, to_world, tag, data, what);
+        out.flush();
     }
 
     /// Receives a message from `from` (a rank of `comm`), waiting at most the timeout.
@@ -221,7 +212,7 @@ impl MpiWorld {
 
     /// Every rank's `values`, in rank order, on every rank (gathered by rank 0 and sent back;
     /// every wait bounded).
-    fn all_gather_f64(&self, comm: &Shared, values: &[f64], what: &str) -> Vec<Vec<f64>> {
+    fn all_gather_f64(self: &Arc<Self>, comm: &Shared, values: &[f64], what: &'static str) -> Vec<Vec<f64>> {
         const TAG: i32 = 7;
         if self.rank == 0 {
             let mut all = vec![values.to_vec()];
@@ -231,11 +222,11 @@ impl MpiWorld {
             let flat: Vec<f64> =
                 all.iter().flat_map(|v| std::iter::once(v.len() as f64).chain(v.iter().copied())).collect();
             for r in 1..self.size {
-                self.send(comm, r, r, TAG + 1, &flat, what);
+                self.send(comm, r, r, TAG + 1, flat.clone(), what);
             }
             all
         } else {
-            self.send(comm, 0, 0, TAG, values, what);
+            self.send(comm, 0, 0, TAG, values.to_vec(), what);
             let flat = self.recv::<f64>(comm, 0, 0, TAG + 1, what);
             let mut all = Vec::with_capacity(self.size);
             let mut i = 0;
@@ -393,7 +384,7 @@ fn plan_from(v: &[f64]) -> Plan {
 
 /// Rank 0's plan, on every rank (collective). Ranks that plan for themselves (the planner
 /// times its own device) may choose differently; they must run one plan.
-pub fn agree_on_plan(world: &MpiWorld, plan: Plan) -> Plan {
+pub fn agree_on_plan(world: &Arc<MpiWorld>, plan: Plan) -> Plan {
     let comm = world.dup();
     let all = world.all_gather_f64(&comm, &plan_numbers(&plan), "the plan");
     if all[world.rank] == all[0] {
@@ -452,7 +443,7 @@ impl StageGroup {
         if self.rank == 0 {
             let b = bytes.unwrap_or_default();
             for q in 1..self.size {
-                self.world.send(&self.comm, q, self.world_ranks[q], TAG, &b, "a communicator id");
+                self.world.send(&self.comm, q, self.world_ranks[q], TAG, b.clone(), "a communicator id");
             }
             b
         } else {
@@ -727,7 +718,7 @@ impl<B: Ops> DistEngine<B> {
     }
 
     /// The flat vector made of each stage's part (replica 0's ranks hold them), on every rank.
-    fn gather_stages(&self, part: Option<Vec<f32>>, what: &str) -> Result<Vec<f32>> {
+    fn gather_stages(&self, part: Option<Vec<f32>>, what: &'static str) -> Result<Vec<f32>> {
         const TAG: i32 = 11;
         let pp = self.plan.mesh.pp;
         let me = self.world.rank;
@@ -737,12 +728,12 @@ impl<B: Ops> DistEngine<B> {
                 full.extend(self.world.recv::<f32>(&self.ctrl, s, s, TAG, what));
             }
             for q in 1..self.world.size {
-                self.world.send(&self.ctrl, q, q, TAG + 1, &full, what);
+                self.world.send(&self.ctrl, q, q, TAG + 1, full.clone(), what);
             }
             Ok(full)
         } else {
             if me < pp {
-                self.world.send(&self.ctrl, 0, 0, TAG, &part.unwrap_or_default(), what);
+                self.world.send(&self.ctrl, 0, 0, TAG, part.unwrap_or_default(), what);
             }
             Ok(self.world.recv::<f32>(&self.ctrl, 0, 0, TAG + 1, what))
         }
@@ -824,7 +815,7 @@ impl<B: Ops> DistEngine<B> {
             if s + 1 < pp {
                 let out = dev.download(&B::view(st.output(MB)?))?;
                 let to = self.world.rank + 1;
-                self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), &out, "an evaluation activation");
+                self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), out, "an evaluation activation");
             } else {
                 loss += st.loss(&dev, MB)? as f64 * rows as f64;
                 let logits = dev.download(&B::view(st.output(MB)?))?;
