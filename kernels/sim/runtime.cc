@@ -167,6 +167,7 @@ struct Range {
   size_t elem;
   std::string name;
   bool writable;
+  size_t region;  // the private copy (index into State::gregions) the range lies in
 };
 
 // Per-word shadow of global memory (of the arguments' private copies) for races between
@@ -348,10 +349,8 @@ std::string block_str(uint32_t linear) {
 
 void global_race(const Range& r, uintptr_t a, size_t size, bool write, bool atomic) {
   State& s = S();
-  GRegion* g = nullptr;
-  for (GRegion& x : s.gregions)
-    if (a >= x.lo && a < x.hi) g = &x;
-  if (!g) return;
+  if (r.region >= s.gregions.size()) return;
+  GRegion* g = &s.gregions[r.region];
   const uint32_t me = (uint32_t)linear_of(s.cur), blk = block_linear() + 1, ep = s.epoch;
   for (uintptr_t w = (a - g->lo) / 4; w < (a - g->lo + size + 3) / 4 && w < g->sh.size(); ++w) {
     GShadow& sh = g->sh[w];
@@ -822,12 +821,17 @@ struct Copies {
   std::vector<Region> regions;
   // Pointer-table entries rewritten in a copy: (where, original value), undone before copy-back.
   std::vector<std::pair<unsigned long long*, unsigned long long>> rewritten;
+  // The region holding original address `p` (regions.size() if none).
+  size_t index_of(uintptr_t p) const {
+    for (size_t i = 0; i < regions.size(); ++i)
+      if (p >= regions[i].lo && p < regions[i].hi) return i;
+    for (size_t i = 0; i < regions.size(); ++i)  // an end pointer, or an empty buffer
+      if (p == regions[i].hi) return i;
+    return regions.size();
+  }
   uintptr_t translate(uintptr_t p) const {
-    for (const Region& r : regions)
-      if (p >= r.lo && p < r.hi) return r.copy + (p - r.lo);
-    for (const Region& r : regions)  // an end pointer, or an empty buffer
-      if (p == r.hi) return r.copy + (p - r.lo);
-    return p;
+    const size_t i = index_of(p);
+    return i < regions.size() ? regions[i].copy + (p - regions[i].lo) : p;
   }
   ~Copies() {
     for (Region& r : regions) std::free(r.mem);
@@ -884,17 +888,19 @@ bool make_copies(const tsim_arg* args, int nargs, Copies& c, std::vector<tsim_ar
   for (int i = 0; i < nargs; ++i) {
     tsim_arg& a = targs[i];
     if (a.kind < kArgConstPtr || a.p == nullptr) continue;
+    const size_t region = c.index_of((uintptr_t)a.p);
     a.p = (void*)c.translate((uintptr_t)a.p);
     const uintptr_t lo = (uintptr_t)a.p;
-    s.ranges.push_back(Range{lo, lo + a.len * a.elem, a.elem, a.name, a.kind == kArgMutPtr});
+    s.ranges.push_back(Range{lo, lo + a.len * a.elem, a.elem, a.name, a.kind == kArgMutPtr, region});
     if (a.kind == kArgTable) {
       // The table's copy points at the copies; each entry is readable to the end of its region.
       unsigned long long* t = (unsigned long long*)a.p;
       for (unsigned long long k = 0; k < a.len; ++k) {
         uintptr_t hi;
         if (!table_entry_range((uintptr_t)t[k], hi)) continue;
+        const size_t region = c.index_of((uintptr_t)t[k]);
         const uintptr_t e = c.translate((uintptr_t)t[k]);
-        s.ranges.push_back(Range{e, c.translate(hi), 4, fmt("%s[%llu]", a.name, k), false});
+        s.ranges.push_back(Range{e, e + (hi - (uintptr_t)t[k]), 4, fmt("%s[%llu]", a.name, k), false, region});
         c.rewritten.emplace_back(&t[k], t[k]);
         t[k] = e;
       }
