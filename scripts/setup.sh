@@ -27,6 +27,7 @@ if ! command -v "${CXX:-g++}" >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&
   apt_missing+=(g++)
 fi
 if ! command -v mpirun >/dev/null 2>&1; then apt_missing+=(openmpi-bin); fi
+if ! command -v pgrep >/dev/null 2>&1; then apt_missing+=(procps); fi  # tests/mpi.rs finds rank processes
 if ! command -v mpicc >/dev/null 2>&1; then apt_missing+=(libopenmpi-dev); fi
 if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then
   apt_missing+=(libclang-dev)
