@@ -5,7 +5,7 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tessera::Backend;
+use tessera::{Backend, GemmKernel};
 
 use common::{Case, Work};
 
@@ -46,7 +46,30 @@ fn gemm(c: &mut Criterion) {
             common::cublas_run(&g2, m, n, k, ta, tb).map(|r| ("cublas", r))
         });
         run_group(c, "gemm/cuda", &gpu, cases, "cublas");
+        kernel_families(c, &gpu);
     }
+}
+
+/// The CUDA kernel families side by side at the sizes the targets name (4096^3 in the three
+/// layouts an MLP uses, 8192^3 nn), cuBLAS beside them: which family should be the default.
+fn kernel_families(c: &mut Criterion, gpu: &tessera::CudaDevice) {
+    let mut g = c.benchmark_group("gemm-kernels/cuda");
+    g.sample_size(10);
+    let sync = || gpu.synchronize().unwrap();
+    for (s, ta, tb) in [(4096, false, false), (4096, false, true), (4096, true, false), (8192, false, false)] {
+        let case = format!("{}{} {s}x{s}x{s}", if ta { 't' } else { 'n' }, if tb { 't' } else { 'n' });
+        g.throughput(Throughput::Elements((2.0 * (s as f64).powi(3)) as u64));
+        for kernel in [GemmKernel::Tiled, GemmKernel::Pipe8, GemmKernel::Pipe16] {
+            let mut run = common::gemm_kernel_run(gpu, s, s, s, ta, tb, kernel);
+            g.bench_function(format!("tessera-{} {case}", kernel.name()), |b| {
+                b.iter_custom(|n| common::time_runs(&mut run, &sync, n))
+            });
+        }
+        if let Some(mut run) = common::cublas_run(gpu, s, s, s, ta, tb) {
+            g.bench_function(format!("cublas {case}"), |b| b.iter_custom(|n| common::time_runs(&mut run, &sync, n)));
+        }
+    }
+    g.finish();
 }
 
 criterion_group!(benches, gemm);

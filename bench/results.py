@@ -81,20 +81,26 @@ def main():
         fns = by_group[group]
         unit, scale = units(group, None)
         out += [f"## {group}", "", f"| case | tessera ({unit}) | peer | peer ({unit}) | ratio |", "|---|---|---|---|---|"]
-        for fn in sorted(fns):
-            if not fn.startswith("tessera "):
-                continue
-            case = fn[len("tessera "):]
+        # "tessera CASE", or "tessera-VARIANT CASE" (a kernel family), against "PEER CASE".
+        ours = {}
+        for fn in fns:
+            head, _, case = fn.partition(" ")
+            if head == "tessera" or head.startswith("tessera-"):
+                ours[fn] = (head[len("tessera-"):] if head != "tessera" else "", case)
+        cases = {case for _, case in ours.values()}
+        for fn in sorted(ours, key=lambda f: (ours[f][1], ours[f][0])):
+            variant, case = ours[fn]
+            label = f"{case} [{variant}]" if variant else case
             t = fns[fn]["rate"] / scale
-            peers = [(p.split(" ")[0], fns[p]["rate"] / scale) for p in fns if not p.startswith("tessera ") and p.split(" ", 1)[-1] == case]
+            peers = [(p.split(" ")[0], fns[p]["rate"] / scale) for p in fns if p not in ours and p.partition(" ")[2] == case]
             if peers:
                 for name, pr in peers:
-                    out.append(f"| {case} | {t:,.1f} | {name} | {pr:,.1f} | {t / pr:.2f} |")
+                    out.append(f"| {label} | {t:,.1f} | {name} | {pr:,.1f} | {t / pr:.2f} |")
             else:
-                out.append(f"| {case} | {t:,.1f} | | | |")
+                out.append(f"| {label} | {t:,.1f} | | | |")
         # Groups without the tessera/peer naming (all-reduce, plans, train steps).
         for fn in sorted(fns):
-            if fn.startswith("tessera ") or any(fn.split(" ", 1)[-1] == f[len("tessera "):] for f in fns if f.startswith("tessera ")):
+            if fn in ours or fn.partition(" ")[2] in cases:
                 continue
             out.append(f"| {fn} | {fns[fn]['rate'] / scale:,.1f} | | | |")
         out.append("")

@@ -8,9 +8,10 @@
 //     keep those lines in exactly that form (comments go on their own lines, above);
 //   * small device helpers (alignment test, fixed-order warp/block sums).
 //
-// Plain CUDA C only (no inline PTX, no cooperative groups, no cub, no tensor cores): the same
-// sources are also compiled for the CPU with a shim that emulates threadIdx, __syncthreads and
-// the __shfl_*_sync intrinsics.
+// Plain CUDA C only (no inline PTX, no cooperative groups, no cub, no tensor cores; the
+// asynchronous copies of cuda_pipeline_primitives.h are allowed): the same sources are also
+// compiled for the CPU with a shim (kernels/sim/cuda_sim.h) that emulates threadIdx,
+// __syncthreads, the __shfl_*_sync intrinsics and the __pipeline_* copies.
 #pragma once
 
 // ---- activation codes (the `act` argument of gemm_* / act_fwd / act_bwd) -------------------

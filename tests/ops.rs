@@ -5,7 +5,7 @@
 
 use tessera::check::{assert_close, finite_diff, inputs, POISON};
 use tessera::reference as r;
-use tessera::{Activation, AdamW, Backend, Error, Gemm, Ops, Sgd};
+use tessera::{Activation, AdamW, Backend, Error, Gemm, GemmKernel, Ops, Sgd};
 
 fn up<B: Backend>(d: &B, x: &[f32]) -> B::Buf<f32> {
     d.upload(x).unwrap()
@@ -45,6 +45,44 @@ fn gemm_shapes_and_transposes<B: Ops>(d: &B) {
             d.gemm(&g, &B::view(&ab), &B::view(&bb), None, &mut B::view_mut(&mut c), None).unwrap();
             let (want, _) = r::gemm(&g, &a, &b, None, &[]);
             assert_close(&format!("{} gemm {m}x{n}x{k} ta={ta} tb={tb}", d.name()), &down(d, &c), &want, 1e-4, 1e-4);
+        }
+    }
+}
+
+/// Every CUDA kernel family (`GemmKernel`) on shapes that cover edge tiles, k not a multiple of
+/// any BK, operands too short or misaligned for vector loads, and the fused epilogue: against
+/// the reference, and equal to the default family's result (each output is summed over k in the
+/// same order in every family).
+fn gemm_every_kernel<B: Ops>(d: &B) {
+    let shapes = [(1, 1, 1), (3, 5, 20), (129, 130, 67), (64, 200, 40), (257, 19, 33)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let seed = 1000 + i as u64 * 10;
+            let a = inputs(seed + 1, m * k + 1, 1.0);
+            let b = inputs(seed + 2, k * n, 1.0);
+            let bias = inputs(seed + 3, n, 1.0);
+            let c0 = inputs(seed + 4, m * n, 1.0);
+            // A starts one element into its buffer on odd shapes: not 16-byte aligned.
+            let off = i % 2;
+            let (ab, bb, biasb) = (up(d, &a), up(d, &b), up(d, &bias));
+            let g0 = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.5).beta(0.25).activation(Activation::Relu);
+            let mut first: Option<Vec<f32>> = None;
+            for kernel in GemmKernel::ALL {
+                let g = g0.kernel(kernel);
+                let mut c = up(d, &c0);
+                let av = B::view_range(&ab, off..off + m * k);
+                d.gemm(&g, &av, &B::view(&bb), Some(&B::view(&biasb)), &mut B::view_mut(&mut c), None).unwrap();
+                let got = down(d, &c);
+                let (_, want) = r::gemm(&g, &a[off..off + m * k], &b, Some(&bias), &c0);
+                let name = format!("{} gemm {} {m}x{n}x{k} ta={ta} tb={tb} offset {off}", d.name(), kernel.name());
+                assert_close(&name, &got, &want, 1e-4, 1e-4);
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => {
+                        assert!(f == &got, "{name}: differs from the {} kernel's result", GemmKernel::ALL[0].name())
+                    }
+                }
+            }
         }
     }
 }
@@ -418,6 +456,7 @@ macro_rules! on_every_backend {
 
 on_every_backend!(
     gemm_shapes_and_transposes,
+    gemm_every_kernel,
     gemm_epilogue,
     gemm_rejects_bad_shapes,
     activations,

@@ -233,3 +233,50 @@ fn two_blocks_writing_one_element_is_a_global_race() {
         ],
     );
 }
+
+#[test]
+fn asynchronous_copies_land_at_their_wait() {
+    let d = SimDevice::new(0);
+    let n = 300usize;
+    let x = inputs(7, n, 1.0);
+    let xb = d.upload(&x).unwrap();
+    let mut out = d.alloc::<f32>(n).unwrap();
+    let k = d.planted();
+    unsafe { k.async_reverse_ok(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut()) }.unwrap();
+    let got = d.download(&out.as_view()).unwrap();
+    for (j, g) in got.iter().enumerate() {
+        let (b, t) = (j / 256, 255 - j % 256);
+        let i = b * 256 + t;
+        // Past n the copy zero-fills.
+        assert_eq!(*g, if i < n { x[i] } else { 0.0 }, "async_reverse_ok at {j}");
+    }
+    // Without the wait, the copies land when their threads exit, after the barrier; thread 128
+    // reads tile[127] after thread 127's copy landed with no barrier between: a race, named as
+    // a copy's landing.
+    let r = unsafe {
+        k.async_reverse_missing_wait(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
+    };
+    expect_report(
+        r,
+        &[
+            "kernel async_reverse_missing_wait",
+            "data race on shared tile[",
+            "thread (128,0,0) reads it",
+            "landing of an asynchronous copy",
+        ],
+    );
+    // Reading one's own copy before waiting for it.
+    let r = unsafe {
+        k.async_read_before_wait(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
+    };
+    expect_report(
+        r,
+        &[
+            "kernel async_read_before_wait",
+            "block (0,0,0), thread (0,0,0)",
+            "read of shared tile[0]",
+            "in flight",
+            "__pipeline_wait_prior",
+        ],
+    );
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm as _, GemmConfig};
 use tessera::check::inputs;
-use tessera::{Activation, AdamW, Backend, CpuDevice, CudaDevice, Gemm, Ops, Sgd};
+use tessera::{Activation, AdamW, Backend, CpuDevice, CudaDevice, Gemm, GemmKernel, Ops, Sgd};
 
 /// What a case's throughput is counted in.
 #[derive(Clone, Copy, Debug)]
@@ -67,8 +67,13 @@ fn buf<B: Backend>(d: &B, seed: u64, n: usize) -> B::Buf<f32> {
 
 /// tessera's GEMM at `m x n x k` with transposes.
 pub fn gemm_run<B: Ops>(d: &B, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Run {
+    gemm_kernel_run(d, m, n, k, ta, tb, GemmKernel::Auto)
+}
+
+/// The same with a chosen CUDA kernel family.
+pub fn gemm_kernel_run<B: Ops>(d: &B, m: usize, n: usize, k: usize, ta: bool, tb: bool, kernel: GemmKernel) -> Run {
     let d = d.clone();
-    let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
+    let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).kernel(kernel);
     let (a, b, mut c) = (buf(&d, 1, m * k), buf(&d, 2, k * n), buf(&d, 3, m * n));
     Box::new(move || d.gemm(&g, &B::view(&a), &B::view(&b), None, &mut B::view_mut(&mut c), None).unwrap())
 }

@@ -4,7 +4,8 @@
 //!
 //! CPU: `matrixmultiply` (measured fastest here, see `bench/gemm.rs`) with a rayon epilogue.
 //! CUDA: `kernels/gemm.cu`, a 128x128 register-blocked tile, or 64x64 where the big tile
-//! would leave SMs idle.
+//! would leave SMs idle ([`GemmKernel::Auto`]); the pipelined 128x128 candidates
+//! (`gemm_pipe8_*`, `gemm_pipe16_*`) run when asked for by [`Gemm::kernel`].
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
@@ -19,6 +20,43 @@ use crate::ops::activation::Activation;
 use crate::ops::{as_i32, as_u32};
 #[allow(unused_imports)]
 use cudarc::driver::{CudaView, CudaViewMut};
+
+/// Which CUDA kernel family runs a GEMM. The CPU ignores it. Every family computes the same
+/// result (each output summed over k in the same order, so the same values); they differ in speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmKernel {
+    /// The default: [`GemmKernel::Tiled`], or [`GemmKernel::Small`] when the 128x128 tiles
+    /// would be fewer than the device's SMs.
+    #[default]
+    Auto,
+    /// `gemm_{nn,nt,tn,tt}`: 128x128 block tile, BK = 8, 8x8 outputs per thread, the next
+    /// k-tile staged through registers (double-buffered shared memory).
+    Tiled,
+    /// `gemm_small_*`: 64x64 block tile, BK = 16, 4x4 outputs per thread.
+    Small,
+    /// `gemm_pipe8_*`: the 128x128 tile with BK = 8 and three shared-memory stages filled by
+    /// asynchronous copies (cp.async, sm_80 and later).
+    Pipe8,
+    /// `gemm_pipe16_*`: the 128x128 tile with BK = 16 and two stages filled by asynchronous copies.
+    Pipe16,
+}
+
+impl GemmKernel {
+    /// Every family, [`GemmKernel::Auto`] first.
+    pub const ALL: [GemmKernel; 5] =
+        [GemmKernel::Auto, GemmKernel::Tiled, GemmKernel::Small, GemmKernel::Pipe8, GemmKernel::Pipe16];
+
+    /// The kernel-name stem: `auto`, `tiled`, `small`, `pipe8`, `pipe16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Auto => "auto",
+            GemmKernel::Tiled => "tiled",
+            GemmKernel::Small => "small",
+            GemmKernel::Pipe8 => "pipe8",
+            GemmKernel::Pipe16 => "pipe16",
+        }
+    }
+}
 
 /// The shape and scalars of one GEMM.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,12 +77,24 @@ pub struct Gemm {
     pub beta: f32,
     /// Activation applied after the bias.
     pub act: Activation,
+    /// The CUDA kernel family (default [`GemmKernel::Auto`]).
+    pub kernel: GemmKernel,
 }
 
 impl Gemm {
     /// `C = A*B` for `A` m x k, `B` k x n.
     pub fn new(m: usize, n: usize, k: usize) -> Self {
-        Gemm { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, act: Activation::None }
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            act: Activation::None,
+            kernel: GemmKernel::Auto,
+        }
     }
     /// Sets whether `A` is used transposed.
     pub fn trans_a(mut self, t: bool) -> Self {
@@ -69,6 +119,11 @@ impl Gemm {
     /// Sets the epilogue's activation.
     pub fn activation(mut self, act: Activation) -> Self {
         self.act = act;
+        self
+    }
+    /// The CUDA kernel family to run (the CPU ignores it); for benchmarks and tuning.
+    pub fn kernel(mut self, kernel: GemmKernel) -> Self {
+        self.kernel = kernel;
         self
     }
     /// Floating-point operations of the product, `2*m*n*k`.
@@ -204,10 +259,14 @@ macro_rules! gpu_impl {
                 }
                 let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
                 let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
-                // The 128x128 tile needs about one block per SM to fill the GPU; below that the 64x64
-                // tile gives four times the blocks.
-                let small = big_tiles < self.sms();
-                let (bm, bn, threads) = if small {
+                let kernel = match g.kernel {
+                    // The 128x128 tile needs about one block per SM to fill the GPU; below that the
+                    // 64x64 tile gives four times the blocks.
+                    GemmKernel::Auto if big_tiles < self.sms() => GemmKernel::Small,
+                    GemmKernel::Auto => GemmKernel::Tiled,
+                    k => k,
+                };
+                let (bm, bn, threads) = if kernel == GemmKernel::Small {
                     (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
                 } else {
                     (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS)
@@ -227,35 +286,34 @@ macro_rules! gpu_impl {
                 let kk = &self.kernels().gemm;
                 let s = self.stream();
                 let act = g.act.code();
+                // One launch of the kernel `$name` with the common arguments.
+                macro_rules! launch {
+                    ($name:ident) => {
+                        kk.$name(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
+                    };
+                }
                 // SAFETY: lengths checked by `g.check` (a m*k, b k*n, c and act_out m*n, bias n);
                 // m, n, k fit in int; the grid covers C with the tile size the kernel was written for,
                 // and the kernel guards every edge tile, so no access leaves the checked ranges.
                 let r = unsafe {
-                    match (g.trans_a, g.trans_b, small) {
-                        (false, false, false) => {
-                            kk.gemm_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (false, true, false) => {
-                            kk.gemm_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (true, false, false) => {
-                            kk.gemm_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (true, true, false) => {
-                            kk.gemm_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (false, false, true) => {
-                            kk.gemm_small_nn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (false, true, true) => {
-                            kk.gemm_small_nt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (true, false, true) => {
-                            kk.gemm_small_tn(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
-                        (true, true, true) => {
-                            kk.gemm_small_tt(s, cfg, m, n, k, g.alpha, a, b, g.beta, c, bias, act, act_out)
-                        }
+                    use GemmKernel::*;
+                    match (kernel, g.trans_a, g.trans_b) {
+                        (Auto | Tiled, false, false) => launch!(gemm_nn),
+                        (Auto | Tiled, false, true) => launch!(gemm_nt),
+                        (Auto | Tiled, true, false) => launch!(gemm_tn),
+                        (Auto | Tiled, true, true) => launch!(gemm_tt),
+                        (Small, false, false) => launch!(gemm_small_nn),
+                        (Small, false, true) => launch!(gemm_small_nt),
+                        (Small, true, false) => launch!(gemm_small_tn),
+                        (Small, true, true) => launch!(gemm_small_tt),
+                        (Pipe8, false, false) => launch!(gemm_pipe8_nn),
+                        (Pipe8, false, true) => launch!(gemm_pipe8_nt),
+                        (Pipe8, true, false) => launch!(gemm_pipe8_tn),
+                        (Pipe8, true, true) => launch!(gemm_pipe8_tt),
+                        (Pipe16, false, false) => launch!(gemm_pipe16_nn),
+                        (Pipe16, false, true) => launch!(gemm_pipe16_nt),
+                        (Pipe16, true, false) => launch!(gemm_pipe16_tn),
+                        (Pipe16, true, true) => launch!(gemm_pipe16_tt),
                     }
                 };
                 r.map_err(Error::driver("launching gemm"))

@@ -14,7 +14,10 @@
 //   * __syncthreads (+ _count/_and/_or), __syncwarp, the warp shuffles, __ballot_sync, __any_sync,
 //     __all_sync: blocking calls into the runtime, which runs the block's threads as fibers;
 //   * atomicAdd/Sub/Max/Min/Exch/CAS, __ldg, __threadfence, the float intrinsics the kernels use,
-//     and the vector types with CUDA's alignment.
+//     and the vector types with CUDA's alignment;
+//   * __pipeline_memcpy_async / __pipeline_commit / __pipeline_wait_prior (cuda_pipeline_primitives.h,
+//     the asynchronous global -> shared copies): the data lands at the wait, as late as a GPU may
+//     deliver it, so a read before the wait sees the old contents.
 //
 // Every load and store the kernel code makes is instrumented by the compiler's
 // -fsanitize=thread pass; the runtime defines the __tsan_* callbacks (there is no libtsan), and
@@ -69,6 +72,10 @@ float tsim_atomic_exch_f32(float* p, float v);
 int tsim_atomic_max_i32(int* p, int v);
 int tsim_atomic_min_i32(int* p, int v);
 void tsim_trap(const char* file, int line);
+// Asynchronous copies global -> shared (runtime.cc: read at issue, landed at the wait).
+void tsim_pipeline_memcpy_async(const char* file, int line, void* dst, const void* src, size_t size, size_t zfill);
+void tsim_pipeline_commit();
+void tsim_pipeline_wait_prior(size_t prior);
 }
 
 // ---- qualifiers ---------------------------------------------------------------------------------
@@ -178,6 +185,16 @@ inline int atomicExch(int* p, int v) { return tsim_atomic_exch_i32(p, v); }
 inline float atomicExch(float* p, float v) { return tsim_atomic_exch_f32(p, v); }
 inline int atomicMax(int* p, int v) { return tsim_atomic_max_i32(p, v); }
 inline int atomicMin(int* p, int v) { return tsim_atomic_min_i32(p, v); }
+
+// The asynchronous copies of cuda_pipeline_primitives.h (cp.async on sm_80 and later).
+namespace tsim {
+inline void cp_async(Site s, void* dst, const void* src, size_t size, size_t zfill = 0) {
+  tsim_pipeline_memcpy_async(s.file, s.line, dst, src, size, zfill);
+}
+}  // namespace tsim
+#define __pipeline_memcpy_async(...) tsim::cp_async(tsim::Site{__FILE__, __LINE__}, __VA_ARGS__)
+#define __pipeline_commit() tsim_pipeline_commit()
+#define __pipeline_wait_prior(n) tsim_pipeline_wait_prior(n)
 
 // ---- math -----------------------------------------------------------------------------------------
 inline float __int_as_float(int x) { return std::bit_cast<float>(x); }

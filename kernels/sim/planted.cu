@@ -1,6 +1,6 @@
 // planted.cu -- kernels for the simulator's own tests (compiled for the simulator only, never
-// for the GPU): three kernels with a planted bug that the simulator must report, their
-// correct twins, and a probe of the warp intrinsics and dynamic shared memory.
+// for the GPU): kernels with a planted bug that the simulator must report, their correct
+// twins, and a probe of the warp intrinsics and dynamic shared memory.
 //
 // Launch: block (256,1,1) unless noted, grid (ceil(n / 256),1,1).
 #include "common.cuh"
@@ -135,4 +135,55 @@ extern "C" __global__ __launch_bounds__(64) void warp_sync_and_atomics(int n, co
 extern "C" __global__ __launch_bounds__(256) void copy_overlapping_tiles(int n, const float* x, float* y) {
   const int i = blockIdx.x * 255 + threadIdx.x;
   if (i < n) y[i] = x[i];
+}
+
+// Correct: reverse through shared memory filled by asynchronous copies (cp.async): each thread
+// copies its element, waits for its own copy, and the barrier after the wait publishes them all.
+extern "C" __global__ __launch_bounds__(256) void async_reverse_ok(int n, const float* x, float* out) {
+  __shared__ __align__(16) float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  if (i < n) {
+    __pipeline_memcpy_async(&tile[t], x + i, 4);
+  } else {
+    __pipeline_memcpy_async(&tile[t], x, 4, 4);  // zero-fill, nothing read
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  const int j = blockIdx.x * 256 + (255 - t);
+  if (j < n) out[j] = tile[t];
+}
+
+// PLANTED BUG: the wait is missing. The barrier orders the issues, not the arrivals: thread
+// 255 - t's copy may land after thread t reads it.
+extern "C" __global__ __launch_bounds__(256) void async_reverse_missing_wait(int n, const float* x, float* out) {
+  __shared__ __align__(16) float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  if (i < n) {
+    __pipeline_memcpy_async(&tile[t], x + i, 4);
+  } else {
+    __pipeline_memcpy_async(&tile[t], x, 4, 4);
+  }
+  __pipeline_commit();
+  __syncthreads();
+  const int j = blockIdx.x * 256 + (255 - t);
+  if (j < n) out[j] = tile[255 - t];
+}
+
+// PLANTED BUG: a thread reads the element its own copy is still bringing in (the wait is for
+// an older group only).
+extern "C" __global__ __launch_bounds__(256) void async_read_before_wait(int n, const float* x, float* out) {
+  __shared__ __align__(16) float tile[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * 256 + t;
+  if (i < n) {
+    __pipeline_memcpy_async(&tile[t], x + i, 4);
+  } else {
+    __pipeline_memcpy_async(&tile[t], x, 4, 4);
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(1);
+  if (i < n) out[i] = tile[t];
 }

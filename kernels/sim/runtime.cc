@@ -20,6 +20,12 @@
 //       inside the launch's dynamic shared memory; and no data race: a read or write of a word
 //       that another thread wrote since the last __syncthreads, or a write of a word that
 //       another thread read since then, is reported with both threads.
+// * Asynchronous copies (`__pipeline_memcpy_async`, cuda_pipeline_primitives.h): the source is
+//   read and checked when the copy is issued, the destination (shared memory) is checked as a
+//   write of the issuing thread then and again when the data lands, which is at the
+//   `__pipeline_wait_prior` that waits for its group (or the thread's exit). So a read of the
+//   destination before the wait sees the old data, and a read by another thread that no
+//   __syncthreads after the wait orders is a race.
 // * A __syncthreads that some thread of the block never reaches (it exited, or waits at
 //   another barrier) is reported, never a hang; so is a warp operation whose mask names a lane
 //   that exited, and any deadlock (all remaining threads blocked).
@@ -130,8 +136,20 @@ struct Context {
 };
 #endif
 
+// An asynchronous copy in flight: the bytes read at issue, written to `dst` when waited for.
+struct PendingCopy {
+  uintptr_t dst;
+  unsigned char data[16];
+  uint8_t size, fill;  // bytes written; of which the last `fill` are zeros
+  uint32_t group;      // the commit group (the thread's commit count when it was issued)
+  const char* file;    // where it was issued
+  int line;
+};
+
 struct Fiber {
   Context ctx;
+  std::vector<PendingCopy> copies;  // asynchronous copies not yet landed
+  uint32_t commits = 0;             // __pipeline_commit calls so far
   char* stack_lo = nullptr;
   char* stack_hi = nullptr;
   uint3 tid;
@@ -202,6 +220,7 @@ struct Shadow {
   uint32_t wsync, rsync;        // the warp's __syncwarp count at the write / the latest read
   int32_t rwarp;                // the readers' warp, or -2 if several warps read
   bool watomic;                 // the last write was an atomic
+  bool wasync;                  // the last write was an asynchronous copy landing
 };
 
 struct State {
@@ -232,6 +251,8 @@ struct State {
   int bar_acc = 0;
   bool failed = false;
   std::string error;
+  const char* landing_file = nullptr;  // set while an asynchronous copy lands (for messages)
+  int landing_line = 0;
   std::vector<char*> stacks;
   std::vector<Shadow> shadow = std::vector<Shadow>(kArenaBytes / 4);
 };
@@ -317,6 +338,11 @@ size_t linear_of(const Fiber* f) { return size_t(f - S().fibers.data()); }
     std::string where = fmt("kernel %s, block (%u,%u,%u)", s.kernel, s.bidx.x, s.bidx.y, s.bidx.z);
     if (s.cur) where += ", thread " + tid_str(s.cur->tid);
     s.error = where + ": " + what;
+    if (s.landing_file)
+      s.error += fmt(" (the write is the landing of the asynchronous copy issued at %s:%d: a copy lands at the "
+                     "__pipeline_wait_prior that waits for it, or at the thread's exit, and only a __syncthreads "
+                     "after that wait makes it visible to other threads)",
+                     base_name(s.landing_file), s.landing_line);
   }
   if (s.cur) to_scheduler(s.cur);
   // The scheduler never resumes a failed fiber; and fail() is only called from a fiber.
@@ -414,6 +440,16 @@ void check_access(const void* p, size_t size, bool write, bool aligned = true, b
     if (aligned && a % std::min<size_t>(size, 16) != 0)
       fail(fmt("misaligned %zu-byte %s of shared memory at byte offset %zu", size, write ? "write" : "read",
                size_t(a - arena)));
+    for (const PendingCopy& c : f->copies)
+      if (a < c.dst + c.size && c.dst < a + size) {
+        std::string what = fmt("shared memory at byte offset %zu", size_t(a - arena));
+        for (const SharedVar& v : s.svars)
+          if (a - arena >= v.off && a - arena < v.off + v.size)
+            what = fmt("shared %s[%zu]", v.name, (a - arena - v.off) / v.elem);
+        fail(fmt("%s of %s while this thread's asynchronous copy into it (issued at %s:%d) is in flight: wait for "
+                 "it first (__pipeline_wait_prior)",
+                 write ? "write" : "read", what.c_str(), base_name(c.file), c.line));
+      }
     shared_access(a, size, write, atomic);
     return;
   }
@@ -505,9 +541,13 @@ void shared_access(uintptr_t a, size_t size, bool write, bool atomic) {
     const bool both_atomic = atomic && sh.watomic;
     if (sh.wepoch == ep && sh.writer != me && !both_atomic && !ordered(sh.writer, sh.wsync)) {
       fail(fmt("data race on shared %s[%lld]: thread %s wrote it and thread %s %s it with no __syncthreads "
-               "between",
+               "between%s",
                name, idx, tid_str(tid_of(sh.writer)).c_str(), tid_str(s.cur->tid).c_str(),
-               write ? "writes" : "reads"));
+               write ? "writes" : "reads",
+               sh.wasync ? " (that write is the landing of an asynchronous copy: a copy lands at the "
+                           "__pipeline_wait_prior that waits for it, or at the thread's exit, and only a "
+                           "__syncthreads after that wait makes it visible to other threads)"
+                         : ""));
     }
     if (write) {
       const bool readers_ordered = sh.rwarp == my_warp && my_sync > sh.rsync;
@@ -520,6 +560,7 @@ void shared_access(uintptr_t a, size_t size, bool write, bool atomic) {
       sh.writer = me;
       sh.wsync = my_sync;
       sh.watomic = atomic;
+      sh.wasync = s.landing_file != nullptr;
     } else {
       if (sh.rEpoch != ep) {
         sh.rEpoch = ep;
@@ -690,9 +731,34 @@ unsigned long long warp_op(const char* file, int line, unsigned mask, int op, un
   return f->result;
 }
 
+// Lands the thread's asynchronous copies of groups below `upto` (the data becomes visible): a
+// write of the issuing thread, checked for races like any other.
+void land_copies(Fiber* f, uint32_t upto) {
+  State& s = S();
+  std::vector<PendingCopy> landing;
+  size_t kept = 0;
+  for (size_t i = 0; i < f->copies.size(); ++i) {
+    if (f->copies[i].group < upto)
+      landing.push_back(f->copies[i]);
+    else
+      f->copies[kept++] = f->copies[i];
+  }
+  f->copies.resize(kept);
+  for (const PendingCopy& c : landing) {
+    s.landing_file = c.file;
+    s.landing_line = c.line;
+    check_access((void*)c.dst, c.size, true, false);
+    std::memcpy((void*)c.dst, c.data, c.size - c.fill);
+    std::memset((void*)(c.dst + c.size - c.fill), 0, c.fill);
+  }
+  s.landing_file = nullptr;
+}
+
 void on_exit() {
   State& s = S();
   Fiber* f = s.cur;
+  // A GPU completes copies a thread never waited for; they land now.
+  land_copies(f, UINT32_MAX);
   f->st = St::Exited;
   ++s.exited;
   if (s.waiting_bar > 0)
@@ -936,6 +1002,44 @@ unsigned tsim_vote(const char* file, int line, unsigned mask, int kind, int pred
   return (unsigned)warp_op(file, line, mask, kOpBallot + kind, 0, 0, 32, pred);
 }
 void* tsim_dynamic_smem() { return g_arena + kStaticArena; }
+
+void tsim_pipeline_memcpy_async(const char* file, int line, void* dst, const void* src, size_t size, size_t zfill) {
+  State& s = S();
+  Fiber* f = s.cur;
+  if (!f || s.failed) return;
+  const uintptr_t d = (uintptr_t)dst, a = (uintptr_t)src;
+  if (size != 4 && size != 8 && size != 16)
+    fail(fmt("__pipeline_memcpy_async at %s copies %zu bytes (it copies 4, 8 or 16)", site(file, line).c_str(), size));
+  if (zfill > size)
+    fail(fmt("__pipeline_memcpy_async at %s zero-fills %zu of %zu bytes", site(file, line).c_str(), zfill, size));
+  if (d < (uintptr_t)g_arena || d + size > (uintptr_t)g_arena + kArenaBytes)
+    fail(fmt("__pipeline_memcpy_async at %s: the destination %p is not shared memory", site(file, line).c_str(), dst));
+  if (d % size != 0 || a % size != 0)
+    fail(fmt("__pipeline_memcpy_async at %s: a %zu-byte copy needs %zu-byte aligned addresses (source %p, shared "
+             "offset %zu)",
+             site(file, line).c_str(), size, size, src, size_t(d - (uintptr_t)g_arena)));
+  const size_t n = size - zfill;
+  if (n > 0) check_access(src, n, false, false);  // the source is read now
+  check_access(dst, size, true, false);           // and the destination is being written from now on
+  PendingCopy c{};
+  c.dst = d;
+  if (n > 0) std::memcpy(c.data, src, n);
+  c.size = (uint8_t)size;
+  c.fill = (uint8_t)zfill;
+  c.group = f->commits;
+  c.file = file;
+  c.line = line;
+  f->copies.push_back(c);
+}
+void tsim_pipeline_commit() {
+  if (Fiber* f = S().cur) ++f->commits;
+}
+void tsim_pipeline_wait_prior(size_t prior) {
+  Fiber* f = S().cur;
+  if (!f || S().failed) return;
+  // Every committed group but the newest `prior` has landed when this returns.
+  if (f->commits > prior) land_copies(f, uint32_t(f->commits - prior));
+}
 
 void* tsim_shared(const void* tag, size_t size, size_t align, size_t elem, const char* name) {
   State& s = S();
