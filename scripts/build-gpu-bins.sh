@@ -10,6 +10,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 rm -rf gpu-bin && mkdir -p gpu-bin
 export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_BENCH_DEBUG=false
+# The lent machines are H100/H200 (sm_90): SASS for sm_90 only keeps each binary's fatbins (and
+# the tarball) a quarter of the size. Set TESSERA_CUDA_ARCHS to build for other cards.
+export TESSERA_CUDA_ARCHS="${TESSERA_CUDA_ARCHS:-sm_90,compute_90}"
 nompi=--no-default-features
 cargo build --release $nompi --bin tessera
 cp target/release/tessera gpu-bin/
