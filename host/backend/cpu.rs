@@ -100,3 +100,84 @@ impl Backend for CpuDevice {
 /// Elements per rayon task for elementwise work: large enough to amortise the task, small
 /// enough to spread 1M elements over many cores.
 pub(crate) const CHUNK: usize = 1 << 14;
+
+/// Independent partial sums in the fixed-order reductions below: element `i` of a slice goes
+/// to lane `i % LANES`, and the lanes are added in lane order at the end. The order depends
+/// only on the length, never on threads; and the lanes are independent chains, so the loop
+/// vectorises instead of waiting on one add after another.
+const LANES: usize = 8;
+
+/// `sum f(x[i])` in f64 over `x`, in the fixed lane order.
+#[inline]
+pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += f(c[j]);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += f(v);
+    }
+    acc.iter().sum()
+}
+
+/// `sum f(x[i], y[i])` in f64 over two slices of one length, in the fixed lane order.
+#[inline]
+pub(crate) fn lane_sum2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    debug_assert_eq!(x.len(), y.len());
+    let mut acc = [0f64; LANES];
+    let (cx, cy) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        for j in 0..LANES {
+            acc[j] += f(a[j], b[j]);
+        }
+    }
+    for ((s, &a), &b) in acc.iter_mut().zip(rx).zip(ry) {
+        *s += f(a, b);
+    }
+    acc.iter().sum()
+}
+
+/// The largest element (NaNs ignored, like `f32::max`; `-inf` for an empty slice), in lanes.
+#[inline]
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a = if v > *a { v } else { *a };
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_reductions_match_plain_loops() {
+        for n in [0, 1, 7, 8, 9, 63, 1000] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let y: Vec<f32> = (0..n).map(|i| (i % 13) as f32 / 3.0).collect();
+            let plain: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((lane_sum(&x, |v| v as f64) - plain).abs() < 1e-9 * (1.0 + plain.abs()), "sum n={n}");
+            let sq: f64 = x.iter().zip(&y).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+            let got = lane_sum2(&x, &y, |a, b| ((a - b) as f64).powi(2));
+            assert!((got - sq).abs() < 1e-9 * (1.0 + sq), "sum2 n={n}");
+            assert_eq!(lane_max(&x), x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), "max n={n}");
+        }
+        let mut x = vec![1.0f32, f32::NAN, 3.0, -2.0];
+        assert_eq!(lane_max(&x), 3.0, "NaN ignored");
+        x.extend([f32::NAN; 9]);
+        assert_eq!(lane_max(&x), 3.0, "NaN ignored in the lanes");
+    }
+}

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cpu::{lane_max, lane_sum, lane_sum2, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -63,21 +63,21 @@ fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<
 
 /// Loss of one row; writes the scaled gradient when `grad` is given (one `exp` per element:
 /// the exponentials are kept in the gradient row, then normalised).
+/// The max and the sum run in independent lanes (`lane_max`, `lane_sum`), so they vectorise.
 fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let max = lane_max(row);
     let sum = match grad {
         Some((g, scale)) => {
-            let mut sum = 0f32;
             for (g, &x) in g.iter_mut().zip(row) {
                 *g = fast_exp(x - max);
-                sum += *g;
             }
+            let sum = lane_sum(g, |e| e as f64) as f32;
             let k = scale / sum;
             g.iter_mut().for_each(|g| *g *= k);
             g[label as usize] -= scale;
             sum
         }
-        None => row.iter().map(|&x| fast_exp(x - max)).sum(),
+        None => lane_sum(row, |x| fast_exp(x - max) as f64) as f32,
     };
     // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
     (max - row[label as usize]) + sum.ln()
@@ -126,7 +126,7 @@ impl LossOps for CpuDevice {
         let parts: Vec<f64> = pred
             .par_chunks(CHUNK)
             .zip(target.par_chunks(CHUNK))
-            .map(|(p, t)| p.iter().zip(t).map(|(p, t)| ((p - t) as f64).powi(2)).sum())
+            .map(|(p, t)| lane_sum2(p, t, |p, t| ((p - t) as f64).powi(2)))
             .collect();
         Ok((parts.iter().sum::<f64>() / pred.len().max(1) as f64) as f32)
     }

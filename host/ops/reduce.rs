@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cpu::{lane_sum, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -102,13 +102,7 @@ impl ReduceOps for CpuDevice {
     fn sum(&self, x: &&[f32], squared: bool) -> Result<f32> {
         let parts: Vec<f64> = x
             .par_chunks(CHUNK)
-            .map(|c| {
-                if squared {
-                    c.iter().map(|v| (*v as f64) * (*v as f64)).sum()
-                } else {
-                    c.iter().map(|v| *v as f64).sum()
-                }
-            })
+            .map(|c| if squared { lane_sum(c, |v| v as f64 * v as f64) } else { lane_sum(c, |v| v as f64) })
             .collect();
         Ok(parts.iter().sum::<f64>() as f32)
     }
