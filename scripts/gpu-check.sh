@@ -7,8 +7,9 @@
 # on cuda:0x4, the criterion groups with their cuBLAS and copy peers, and the kernel report
 # table last.
 #   usage: scripts/gpu-check.sh [quick]      (quick: tests, the training jobs and a short
-#   report, about 3 minutes; the full run adds the cuda bench groups and the PyTorch peers,
-#   about 8 minutes: give the device call a timeout that leaves room to run it again)
+#   report, about 3 minutes; the full run adds the cuda bench groups (gemm-kernels/cuda: each
+#   GEMM family beside cuBLAS) and the PyTorch peers, about 9 minutes. With 15 minutes of device
+#   time and a first start of a few minutes, run the full script once, directly)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=gpu-bin
@@ -47,6 +48,12 @@ if [ "${1:-}" != quick ]; then
   run "$bin/bench-elementwise" --bench --warm-up-time 1 --measurement-time 1 cuda
   run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 cuda
   run "$bin/bench-parallel" --bench --warm-up-time 1 --measurement-time 1 cuda
+  # The large MLP's training step with each pipelined GEMM family in place of the default
+  # (kept apart from the main criterion output, so the table below holds the defaults).
+  for fam in pipe8 pipe16; do
+    CRITERION_HOME=target/criterion-$fam TESSERA_GEMM_KERNEL=$fam \
+      run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 "cuda/784-4096"
+  done
   # The peers outside Rust, right after, on the same card: PyTorch eager and torch.compile.
   peers=target/peers-gpu.jsonl
   mkdir -p target && : > "$peers"

@@ -21,7 +21,13 @@ fn kernels_lists_every_kernel_with_its_ptxas_report() {
     }
     assert!(out.contains(&format!("{} kernels", tessera::kernels::KERNELS.len())));
     if tessera::kernels::MANIFEST.built {
-        assert!(out.contains("built by CUDA 13.0 (PTX ISA 9.0) for sm_80, sm_86, sm_89, sm_90, compute_80"), "{out}");
+        // The archs the build was asked for: the default list, or TESSERA_CUDA_ARCHS (the GPU
+        // binaries are built for sm_90 only).
+        let want = tessera::kernels::MANIFEST.archs.join(", ");
+        assert!(out.contains(&format!("built by CUDA 13.0 (PTX ISA 9.0) for {want}")), "{out}");
+        if option_env!("TESSERA_CUDA_ARCHS").is_none() {
+            assert_eq!(want, "sm_80, sm_86, sm_89, sm_90, compute_80", "the default arch list");
+        }
     } else {
         assert!(out.contains("NOT BUILT"), "{out}");
     }
@@ -34,6 +40,18 @@ fn devices_reports_the_cpu_and_the_cuda_state() {
     assert!(out.starts_with("CPU: "), "{out}");
     assert!(out.contains("CUDA kernels: "), "{out}");
     assert!(out.contains("CUDA driver: "), "{out}");
+}
+
+#[test]
+fn a_gemm_kernel_family_can_be_chosen_for_a_whole_run() {
+    // On the simulator (the same kernels as the GPU): a run with the pipelined family trains.
+    let args = ["train", "--device", "sim", "--widths", "784,16,10", "--steps", "2", "--batch", "32", "--json"];
+    let (ok, out, err) = common::tessera_env(&args, &[("TESSERA_GEMM_KERNEL", "pipe16")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("accuracy"), "{out}");
+    let (ok, _, err) = common::tessera_env(&args, &[("TESSERA_GEMM_KERNEL", "fastest")]);
+    assert!(!ok);
+    assert!(err.contains("TESSERA_GEMM_KERNEL") && err.contains("pipe16"), "{err}");
 }
 
 #[test]

@@ -25,8 +25,9 @@ use cudarc::driver::{CudaView, CudaViewMut};
 /// result (each output summed over k in the same order, so the same values); they differ in speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmKernel {
-    /// The default: [`GemmKernel::Tiled`], or [`GemmKernel::Small`] when the 128x128 tiles
-    /// would be fewer than the device's SMs.
+    /// The default: the family `TESSERA_GEMM_KERNEL` names when set; else
+    /// [`GemmKernel::Tiled`], or [`GemmKernel::Small`] when the 128x128 tiles would be fewer
+    /// than the device's SMs.
     #[default]
     Auto,
     /// `gemm_{nn,nt,tn,tt}`: 128x128 block tile, BK = 8, 8x8 outputs per thread, the next
@@ -56,6 +57,29 @@ impl GemmKernel {
             GemmKernel::Pipe16 => "pipe16",
         }
     }
+}
+
+impl std::str::FromStr for GemmKernel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        GemmKernel::ALL.into_iter().find(|k| k.name() == s.trim().to_ascii_lowercase()).ok_or_else(|| {
+            Error::Invalid(format!("unknown GEMM kernel family `{s}`: use auto, tiled, small, pipe8 or pipe16"))
+        })
+    }
+}
+
+/// What [`GemmKernel::Auto`] resolves to on a GPU: `TESSERA_GEMM_KERNEL` (`tiled`, `small`,
+/// `pipe8`, `pipe16`; read once) when set, so a whole training run can be timed with one
+/// family; else the size heuristic. A bad value is an error at the first GEMM.
+fn auto_kernel() -> Result<GemmKernel> {
+    static CHOICE: std::sync::OnceLock<std::result::Result<GemmKernel, String>> = std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| match std::env::var("TESSERA_GEMM_KERNEL") {
+            Ok(v) if !v.trim().is_empty() => v.parse::<GemmKernel>().map_err(|e| format!("TESSERA_GEMM_KERNEL: {e}")),
+            _ => Ok(GemmKernel::Auto),
+        })
+        .clone()
+        .map_err(Error::Invalid)
 }
 
 /// The shape and scalars of one GEMM.
@@ -259,7 +283,8 @@ macro_rules! gpu_impl {
                 }
                 let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
                 let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
-                let kernel = match g.kernel {
+                let asked = if g.kernel == GemmKernel::Auto { auto_kernel()? } else { g.kernel };
+                let kernel = match asked {
                     // The 128x128 tile needs about one block per SM to fill the GPU; below that the
                     // 64x64 tile gives four times the blocks.
                     GemmKernel::Auto if big_tiles < self.sms() => GemmKernel::Small,

@@ -21,6 +21,16 @@ pub fn tessera(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `tessera ARGS` with extra environment variables: (success, stdout, stderr).
+pub fn tessera_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let o = Command::new(tessera_bin()).args(args).envs(env.iter().copied()).output().expect("run tessera");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// A fresh path in a per-process temporary folder.
 pub fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tessera-test-{}", std::process::id()));
