@@ -59,7 +59,8 @@ fn kernel_families(c: &mut Criterion, gpu: &tessera::CudaDevice) {
     for (s, ta, tb) in [(4096, false, false), (4096, false, true), (4096, true, false), (8192, false, false)] {
         let case = format!("{}{} {s}x{s}x{s}", if ta { 't' } else { 'n' }, if tb { 't' } else { 'n' });
         g.throughput(Throughput::Elements((2.0 * (s as f64).powi(3)) as u64));
-        for kernel in [GemmKernel::Tiled, GemmKernel::Pipe8, GemmKernel::Pipe16] {
+        for kernel in [GemmKernel::Tiled, GemmKernel::Pipe8, GemmKernel::Pipe16, GemmKernel::Wide8, GemmKernel::Wide16]
+        {
             let mut run = common::gemm_kernel_run(gpu, s, s, s, ta, tb, kernel);
             g.bench_function(format!("tessera-{} {case}", kernel.name()), |b| {
                 b.iter_custom(|n| common::time_runs(&mut run, &sync, n))

@@ -37,6 +37,8 @@
 #define TESSERA_GEMM_SMALL_BM 64
 #define TESSERA_GEMM_SMALL_BN 64
 #define TESSERA_GEMM_SMALL_THREADS 256
+// gemm_wide{8,16}_*: block (TESSERA_GEMM_WIDE_THREADS,1,1), grid as gemm_* (128 x 128 tiles).
+#define TESSERA_GEMM_WIDE_THREADS 128
 
 // ---- element-wise kernels (activation.cu, optim.cu, axpy/scale/sum_scaled/mse_bwd) ----------
 // block (TESSERA_EW_THREADS,1,1), any grid (grid-stride loops).

@@ -26,9 +26,10 @@
 //   gemm_small_{nn,nt,tn,tt}:  block (TESSERA_GEMM_SMALL_THREADS,1,1) = 256,
 //                              grid (ceil(n / TESSERA_GEMM_SMALL_BN), ceil(m / TESSERA_GEMM_SMALL_BM), 1), 64 x 64 tiles
 //   gemm_pipe8_*, gemm_pipe16_*: as gemm_* (128 x 128 tiles)
+//   gemm_wide8_*, gemm_wide16_*: block (TESSERA_GEMM_WIDE_THREADS,1,1) = 128, grid as gemm_*
 //
 // Versions inside (two templates: gemm_body, instantiated eight times, and gemm_async_body,
-// eight times; both share tile_math and the epilogue, so every version sums each output over k
+// sixteen times; both share tile_math and the epilogue, so every version sums each output over k
 // in the same order and gives the same values):
 //   * big:   128 x 128 block tile, BK = 8, 256 threads, 8 x 8 outputs per thread (two 4-row groups
 //            64 rows apart x two 4-column groups 64 columns apart), double-buffered shared memory
@@ -39,6 +40,9 @@
 //            (__pipeline_memcpy_async, i.e. cp.async; no staging registers), BK = 8 with three
 //            stages / BK = 16 with two. Candidates for tuning on an H100/H200: the host runs
 //            them only when asked (GemmKernel::Pipe8 / Pipe16); see bench/NOTES.md.
+//   * wide8 / wide16: as pipe8 / pipe16 with 128 threads of 8 x 16 outputs (the shape cuBLAS's
+//            FP32 kernels use: fewer shared loads per FMA, about 200-240 registers, two blocks
+//            per SM).
 // Shared tiles are stored k-major (tile[p][row]) with 4 floats of padding per row, so that the
 // math reads float4 fragments and the transposing stores of k-contiguous operands do not
 // conflict. Each warp covers a 4 x 8 patch of threads, so a float4 fragment read is one
@@ -471,4 +475,33 @@ extern "C" __global__ __launch_bounds__(256, 2) void gemm_pipe16_tn(int m, int n
 }
 extern "C" __global__ __launch_bounds__(256, 2) void gemm_pipe16_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
   gemm_async_body<128, 128, 16, 8, 8, 2, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+
+// ---- 128 x 128 tiles, 128 threads of 8 x 16 outputs, pipelined -----------------------------------
+// gemm_wide8_*: BK = 8, three stages; gemm_wide16_*: BK = 16, two stages. Half the threads of
+// gemm_pipe*, twice the outputs each: 6 float4 shared loads per 128 FMA instead of 4 per 64.
+// Launch: block (TESSERA_GEMM_WIDE_THREADS,1,1) = 128, grid as gemm_* (128 x 128 tiles).
+extern "C" __global__ __launch_bounds__(128) void gemm_wide8_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 8, 8, 16, 3, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide8_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 8, 8, 16, 3, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide8_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 8, 8, 16, 3, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide8_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 8, 8, 16, 3, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide16_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 16, 8, 16, 2, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide16_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 16, 8, 16, 2, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide16_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 16, 8, 16, 2, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+extern "C" __global__ __launch_bounds__(128) void gemm_wide16_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  gemm_async_body<128, 128, 16, 8, 16, 2, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }

@@ -48,9 +48,9 @@ if [ "${1:-}" != quick ]; then
   run "$bin/bench-elementwise" --bench --warm-up-time 1 --measurement-time 1 cuda
   run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 cuda
   run "$bin/bench-parallel" --bench --warm-up-time 1 --measurement-time 1 cuda
-  # The large MLP's training step with each pipelined GEMM family in place of the default
+  # The large MLP's training step with pipelined GEMM families in place of the default
   # (kept apart from the main criterion output, so the table below holds the defaults).
-  for fam in pipe8 pipe16; do
+  for fam in pipe16 wide8 wide16; do
     CRITERION_HOME=target/criterion-$fam TESSERA_GEMM_KERNEL=$fam \
       run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 "cuda/784-4096"
   done

@@ -5,7 +5,8 @@
 //! CPU: `matrixmultiply` (measured fastest here, see `bench/gemm.rs`) with a rayon epilogue.
 //! CUDA: `kernels/gemm.cu`, a 128x128 register-blocked tile, or 64x64 where the big tile
 //! would leave SMs idle ([`GemmKernel::Auto`]); the pipelined 128x128 candidates
-//! (`gemm_pipe8_*`, `gemm_pipe16_*`) run when asked for by [`Gemm::kernel`].
+//! (`gemm_pipe8_*`, `gemm_pipe16_*`, `gemm_wide8_*`, `gemm_wide16_*`) run when asked for by
+//! [`Gemm::kernel`] or `TESSERA_GEMM_KERNEL`.
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
@@ -40,14 +41,26 @@ pub enum GemmKernel {
     Pipe8,
     /// `gemm_pipe16_*`: the 128x128 tile with BK = 16 and two stages filled by asynchronous copies.
     Pipe16,
+    /// `gemm_wide8_*`: the 128x128 tile computed by 128 threads of 8x16 outputs, BK = 8, three
+    /// stages filled by asynchronous copies.
+    Wide8,
+    /// `gemm_wide16_*`: as `Wide8` with BK = 16 and two stages.
+    Wide16,
 }
 
 impl GemmKernel {
     /// Every family, [`GemmKernel::Auto`] first.
-    pub const ALL: [GemmKernel; 5] =
-        [GemmKernel::Auto, GemmKernel::Tiled, GemmKernel::Small, GemmKernel::Pipe8, GemmKernel::Pipe16];
+    pub const ALL: [GemmKernel; 7] = [
+        GemmKernel::Auto,
+        GemmKernel::Tiled,
+        GemmKernel::Small,
+        GemmKernel::Pipe8,
+        GemmKernel::Pipe16,
+        GemmKernel::Wide8,
+        GemmKernel::Wide16,
+    ];
 
-    /// The kernel-name stem: `auto`, `tiled`, `small`, `pipe8`, `pipe16`.
+    /// The kernel-name stem: `auto`, `tiled`, `small`, `pipe8`, `pipe16`, `wide8`, `wide16`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::Auto => "auto",
@@ -55,6 +68,8 @@ impl GemmKernel {
             GemmKernel::Small => "small",
             GemmKernel::Pipe8 => "pipe8",
             GemmKernel::Pipe16 => "pipe16",
+            GemmKernel::Wide8 => "wide8",
+            GemmKernel::Wide16 => "wide16",
         }
     }
 }
@@ -63,13 +78,15 @@ impl std::str::FromStr for GemmKernel {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         GemmKernel::ALL.into_iter().find(|k| k.name() == s.trim().to_ascii_lowercase()).ok_or_else(|| {
-            Error::Invalid(format!("unknown GEMM kernel family `{s}`: use auto, tiled, small, pipe8 or pipe16"))
+            Error::Invalid(format!(
+                "unknown GEMM kernel family `{s}`: use auto, tiled, small, pipe8, pipe16, wide8 or wide16"
+            ))
         })
     }
 }
 
 /// What [`GemmKernel::Auto`] resolves to on a GPU: `TESSERA_GEMM_KERNEL` (`tiled`, `small`,
-/// `pipe8`, `pipe16`; read once) when set, so a whole training run can be timed with one
+/// `pipe8`, `pipe16`, `wide8`, `wide16`; read once) when set, so a whole training run can be timed with one
 /// family; else the size heuristic. A bad value is an error at the first GEMM.
 fn auto_kernel() -> Result<GemmKernel> {
     static CHOICE: std::sync::OnceLock<std::result::Result<GemmKernel, String>> = std::sync::OnceLock::new();
@@ -291,10 +308,12 @@ macro_rules! gpu_impl {
                     GemmKernel::Auto => GemmKernel::Tiled,
                     k => k,
                 };
-                let (bm, bn, threads) = if kernel == GemmKernel::Small {
-                    (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
-                } else {
-                    (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS)
+                let (bm, bn, threads) = match kernel {
+                    GemmKernel::Small => (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS),
+                    GemmKernel::Wide8 | GemmKernel::Wide16 => {
+                        (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_WIDE_THREADS)
+                    }
+                    _ => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS),
                 };
                 let cfg = LaunchConfig {
                     grid_dim: (
@@ -339,6 +358,14 @@ macro_rules! gpu_impl {
                         (Pipe16, false, true) => launch!(gemm_pipe16_nt),
                         (Pipe16, true, false) => launch!(gemm_pipe16_tn),
                         (Pipe16, true, true) => launch!(gemm_pipe16_tt),
+                        (Wide8, false, false) => launch!(gemm_wide8_nn),
+                        (Wide8, false, true) => launch!(gemm_wide8_nt),
+                        (Wide8, true, false) => launch!(gemm_wide8_tn),
+                        (Wide8, true, true) => launch!(gemm_wide8_tt),
+                        (Wide16, false, false) => launch!(gemm_wide16_nn),
+                        (Wide16, false, true) => launch!(gemm_wide16_nt),
+                        (Wide16, true, false) => launch!(gemm_wide16_tn),
+                        (Wide16, true, true) => launch!(gemm_wide16_tt),
                     }
                 };
                 r.map_err(Error::driver("launching gemm"))
