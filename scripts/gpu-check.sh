@@ -44,7 +44,7 @@ done
 run "$bin/tessera" train --device cuda --json
 run "$bin/tessera" train --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200 --json
 if [ "${1:-}" != quick ]; then
-  run "$bin/bench-gemm" --bench --warm-up-time 1 --measurement-time 2 cuda
+  run "$bin/bench-gemm" --bench --warm-up-time 1 --measurement-time 1 cuda
   run "$bin/bench-elementwise" --bench --warm-up-time 1 --measurement-time 1 cuda
   run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 cuda
   run "$bin/bench-parallel" --bench --warm-up-time 1 --measurement-time 1 cuda
