@@ -48,6 +48,10 @@
 // col_sum: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(cols / 32), 1, 1).
 #define TESSERA_COLSUM_COLS 32
 #define TESSERA_COLSUM_ROWS 8
+// col_sum_seg: rows per segment (grid.y = ceil(rows / TESSERA_COLSUM_SEG)); the host sums tall
+// inputs (rows >= TESSERA_COLSUM_TWO_PASS_ROWS) in two passes, col_sum_seg then col_sum.
+#define TESSERA_COLSUM_SEG 64
+#define TESSERA_COLSUM_TWO_PASS_ROWS 256
 // partial_sum / mse_partial: exactly grid (TESSERA_REDUCE_BLOCKS,1,1), block (TESSERA_REDUCE_THREADS,1,1).
 // final_sum: grid (1,1,1), block (TESSERA_REDUCE_THREADS,1,1).
 #define TESSERA_REDUCE_BLOCKS 512

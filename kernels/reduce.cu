@@ -7,6 +7,13 @@
 //       ty, ty+8, ty+16, ... of column blockIdx.x*32 + tx into four accumulators (rows in turn), then
 //       one thread per column adds the 8 partials in order ty = 0..7. Fixed order, no atomics:
 //       the result depends only on rows, cols and the data. When beta == 0, out is not read.
+//   col_sum_seg(rows, cols, x, partials)   partials[s*cols + j] = sum of x[i*cols + j] over the rows i of
+//       segment s = [s*TESSERA_COLSUM_SEG, (s+1)*TESSERA_COLSUM_SEG) that exist. Launch: block (32, 8, 1),
+//       grid (ceil(cols / 32), ceil(rows / TESSERA_COLSUM_SEG), 1); the same per-thread order as
+//       col_sum within the segment. The host then runs col_sum over the segments x cols partials:
+//       for tall inputs (rows >= TESSERA_COLSUM_TWO_PASS_ROWS) the grid has ceil(rows / 64) times
+//       the blocks, enough to keep every SM's loads in flight. The choice and the segments depend
+//       only on rows, so the result still depends only on rows, cols and the data.
 //   sum_scaled(k, n, srcs, scale, out)       out[i] = scale * (srcs[0][i] + srcs[1][i] + ... + srcs[k-1][i]),
 //       added left to right. srcs is a device array of k device pointers; out may alias srcs[0]
 //       (each element is read and written by the same thread). k = 0 writes zeros.
@@ -81,6 +88,41 @@ extern "C" __global__ __launch_bounds__(256) void col_sum(int rows, int cols, co
 #pragma unroll
     for (int r = 1; r < TESSERA_COLSUM_ROWS; ++r) t += part[r][tx];
     out[j] = beta != 0.0f ? beta * out[j] + t : t;
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void col_sum_seg(int rows, int cols, const float* x, float* partials) {
+  __shared__ float part[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int j = blockIdx.x * TESSERA_COLSUM_COLS + tx;
+  const int r0 = blockIdx.y * TESSERA_COLSUM_SEG;
+  const int r1 = min(rows, r0 + TESSERA_COLSUM_SEG);
+  float s = 0.0f;
+  if (j < cols) {
+    const long long step = (long long)cols * TESSERA_COLSUM_ROWS;
+    const float* p = x + (long long)(r0 + ty) * cols + j;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int i = r0 + ty;
+    for (; i + 3 * TESSERA_COLSUM_ROWS < r1; i += 4 * TESSERA_COLSUM_ROWS) {
+      s0 += __ldg(p);
+      s1 += __ldg(p + step);
+      s2 += __ldg(p + 2 * step);
+      s3 += __ldg(p + 3 * step);
+      p += 4 * step;
+    }
+    for (; i < r1; i += TESSERA_COLSUM_ROWS) {
+      s0 += __ldg(p);
+      p += step;
+    }
+    s = (s0 + s1) + (s2 + s3);
+  }
+  part[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && j < cols) {
+    float t = part[0][tx];
+#pragma unroll
+    for (int r = 1; r < TESSERA_COLSUM_ROWS; ++r) t += part[r][tx];
+    partials[(long long)blockIdx.y * cols + j] = t;
   }
 }
 

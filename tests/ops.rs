@@ -181,7 +181,9 @@ fn activations<B: Ops>(d: &B) {
 }
 
 fn reductions<B: Ops>(d: &B) {
-    for (i, &(rows, cols)) in [(1, 1), (1, 33), (7, 1), (13, 31), (129, 65), (1000, 10), (3, 1031)].iter().enumerate() {
+    for (i, &(rows, cols)) in
+        [(1, 1), (1, 33), (7, 1), (13, 31), (129, 65), (1000, 10), (3, 1031), (256, 40), (4097, 33)].iter().enumerate()
+    {
         let x = inputs(i as u64 + 11, rows * cols, 1.0);
         let o0 = inputs(i as u64 + 12, cols, 1.0);
         let xb = up(d, &x);

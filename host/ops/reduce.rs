@@ -154,15 +154,33 @@ macro_rules! gpu_impl {
                 if cols == 0 {
                     return Ok(());
                 }
-                let cfg = LaunchConfig {
-                    grid_dim: (as_u32("col_sum", "column blocks", cols.div_ceil(32))?, 1, 1),
-                    block_dim: (32, consts::COLSUM_ROWS as u32, 1),
-                    shared_mem_bytes: 0,
-                };
+                let col_blocks = as_u32("col_sum", "column blocks", cols.div_ceil(consts::COLSUM_COLS as usize))?;
+                let block_dim = (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1);
                 let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
-                // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
-                unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
-                    .map_err(Error::driver("launching col_sum"))
+                if rows < consts::COLSUM_TWO_PASS_ROWS as usize {
+                    let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
+                    // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
+                    return unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
+                        .map_err(Error::driver("launching col_sum"));
+                }
+                // Tall: per-segment partials (one block per 32 columns x 64 rows), then their column sums.
+                let segs = rows.div_ceil(consts::COLSUM_SEG as usize);
+                if segs > 65535 {
+                    return Err(Error::shape("col_sum", format!("{rows} rows need more than 65535 segments")));
+                }
+                let mut partials = self.alloc::<f32>(segs * cols)?;
+                let cfg = LaunchConfig { grid_dim: (col_blocks, segs as u32, 1), block_dim, shared_mem_bytes: 0 };
+                // SAFETY: x holds rows*cols elements, partials segs*cols; block (bx, s) reads rows
+                // [64 s, min(rows, 64 s + 64)) of columns [32 bx, 32 bx + 32) below cols, and
+                // writes partials[s*cols + j] for those columns.
+                unsafe { self.kernels().reduce.col_sum_seg(self.stream(), cfg, r, c, x, &mut partials.as_view_mut()) }
+                    .map_err(Error::driver("launching col_sum_seg"))?;
+                let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
+                // SAFETY: partials holds segs*cols, out cols elements; grid covers cols in 32s.
+                unsafe {
+                    self.kernels().reduce.col_sum(self.stream(), cfg, segs as i32, c, &partials.as_view(), beta, out)
+                }
+                .map_err(Error::driver("launching col_sum"))
             }
 
             fn sum_scaled(&self, srcs: &[&$view<'_, f32>], scale: f32, out: &mut $view_mut<'_, f32>) -> Result<()> {
