@@ -56,47 +56,14 @@ __device__ __forceinline__ float strided_sum(long long n, long long start, long 
   return acc;
 }
 
-}  // namespace
-
-extern "C" __global__ __launch_bounds__(256) void col_sum(int rows, int cols, const float* x, float beta, float* out) {
-  __shared__ float part[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+// The sum of rows [r0, r1) of column j (j < cols) of a row-major matrix, for a (32, 8) block:
+// thread (tx, ty) adds rows r0+ty, r0+ty+8, ... into four accumulators (rows in turn), the
+// block's 8 partials of each column meet in `part`, and thread (tx, 0) returns their sum in
+// order ty = 0..7 (other threads return 0). Fixed order: the result depends only on the rows,
+// the columns and the data.
+__device__ __forceinline__ float column_segment_sum(int r0, int r1, int cols, const float* x, int j,
+                                                    float (*part)[TESSERA_COLSUM_COLS + 1]) {
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int j = blockIdx.x * TESSERA_COLSUM_COLS + tx;
-  float s = 0.0f;
-  if (j < cols) {
-    const long long step = (long long)cols * TESSERA_COLSUM_ROWS;
-    const float* p = x + (long long)ty * cols + j;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    int i = ty;
-    for (; i + 3 * TESSERA_COLSUM_ROWS < rows; i += 4 * TESSERA_COLSUM_ROWS) {
-      s0 += __ldg(p);
-      s1 += __ldg(p + step);
-      s2 += __ldg(p + 2 * step);
-      s3 += __ldg(p + 3 * step);
-      p += 4 * step;
-    }
-    for (; i < rows; i += TESSERA_COLSUM_ROWS) {
-      s0 += __ldg(p);
-      p += step;
-    }
-    s = (s0 + s1) + (s2 + s3);
-  }
-  part[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && j < cols) {
-    float t = part[0][tx];
-#pragma unroll
-    for (int r = 1; r < TESSERA_COLSUM_ROWS; ++r) t += part[r][tx];
-    out[j] = beta != 0.0f ? beta * out[j] + t : t;
-  }
-}
-
-extern "C" __global__ __launch_bounds__(256) void col_sum_seg(int rows, int cols, const float* x, float* partials) {
-  __shared__ float part[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int j = blockIdx.x * TESSERA_COLSUM_COLS + tx;
-  const int r0 = blockIdx.y * TESSERA_COLSUM_SEG;
-  const int r1 = min(rows, r0 + TESSERA_COLSUM_SEG);
   float s = 0.0f;
   if (j < cols) {
     const long long step = (long long)cols * TESSERA_COLSUM_ROWS;
@@ -118,12 +85,30 @@ extern "C" __global__ __launch_bounds__(256) void col_sum_seg(int rows, int cols
   }
   part[ty][tx] = s;
   __syncthreads();
+  float t = 0.0f;
   if (ty == 0 && j < cols) {
-    float t = part[0][tx];
+    t = part[0][tx];
 #pragma unroll
     for (int r = 1; r < TESSERA_COLSUM_ROWS; ++r) t += part[r][tx];
-    partials[(long long)blockIdx.y * cols + j] = t;
   }
+  return t;
+}
+
+}  // namespace
+
+extern "C" __global__ __launch_bounds__(256) void col_sum(int rows, int cols, const float* x, float beta, float* out) {
+  __shared__ float part[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+  const int j = blockIdx.x * TESSERA_COLSUM_COLS + threadIdx.x;
+  const float t = column_segment_sum(0, rows, cols, x, j, part);
+  if (threadIdx.y == 0 && j < cols) out[j] = beta != 0.0f ? beta * out[j] + t : t;
+}
+
+extern "C" __global__ __launch_bounds__(256) void col_sum_seg(int rows, int cols, const float* x, float* partials) {
+  __shared__ float part[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+  const int j = blockIdx.x * TESSERA_COLSUM_COLS + threadIdx.x;
+  const int r0 = blockIdx.y * TESSERA_COLSUM_SEG;
+  const float t = column_segment_sum(r0, min(rows, r0 + TESSERA_COLSUM_SEG), cols, x, j, part);
+  if (threadIdx.y == 0 && j < cols) partials[(long long)blockIdx.y * cols + j] = t;
 }
 
 extern "C" __global__ __launch_bounds__(256) void sum_scaled(int k, long long n, const float* const* srcs, float scale, float* out) {
