@@ -418,6 +418,14 @@ __device__ __forceinline__ void gemm_async_body(int m, int n, int k, float alpha
   epilogue<BM, BN, TM, TN, THREADS, kSmemFloats>(smem, acc, ty, tx, m0, n0, m, n, alpha, beta, c, bias, act, act_out);
 }
 
+// The block shapes the host launches (common.cuh) are the ones the templates below compute.
+static_assert(TESSERA_GEMM_BM == 128 && TESSERA_GEMM_BN == 128, "gemm_*, gemm_pipe*, gemm_wide*: 128 x 128 tiles");
+static_assert((128 / 8) * (128 / 8) == TESSERA_GEMM_THREADS, "gemm_*, gemm_pipe*: 8 x 8 outputs per thread");
+static_assert((128 / 8) * (128 / 16) == TESSERA_GEMM_WIDE_THREADS, "gemm_wide*: 8 x 16 outputs per thread");
+static_assert(TESSERA_GEMM_SMALL_BM == 64 && TESSERA_GEMM_SMALL_BN == 64 &&
+                  (64 / 4) * (64 / 4) == TESSERA_GEMM_SMALL_THREADS,
+              "gemm_small_*: 64 x 64 tiles, 4 x 4 outputs per thread");
+
 }  // namespace
 
 // ---- 128 x 128 tiles --------------------------------------------------------------------------

@@ -245,14 +245,11 @@ fn asynchronous_copies_land_at_their_wait() {
     unsafe { k.async_reverse_ok(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut()) }.unwrap();
     let got = d.download(&out.as_view()).unwrap();
     for (j, g) in got.iter().enumerate() {
-        let (b, t) = (j / 256, 255 - j % 256);
-        let i = b * 256 + t;
-        // Past n the copy zero-fills.
-        assert_eq!(*g, if i < n { x[i] } else { 0.0 }, "async_reverse_ok at {j}");
+        // out[j] = tile[255 - t] for j = b*256 + 255 - t: thread 255 - t's copy, i.e. x[j].
+        assert_eq!(*g, x[j], "async_reverse_ok at {j}");
     }
-    // Without the wait, the copies land when their threads exit, after the barrier; thread 128
-    // reads tile[127] after thread 127's copy landed with no barrier between: a race, named as
-    // a copy's landing.
+    // Without the wait, thread 0 reads tile[255] after the barrier while thread 255's copy is
+    // still in flight (it lands at thread 255's wait, which never comes before its exit).
     let r = unsafe {
         k.async_reverse_missing_wait(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
     };
@@ -260,12 +257,13 @@ fn asynchronous_copies_land_at_their_wait() {
         r,
         &[
             "kernel async_reverse_missing_wait",
-            "data race on shared tile[",
-            "thread (128,0,0) reads it",
-            "landing of an asynchronous copy",
+            "block (0,0,0), thread (0,0,0)",
+            "data race on shared tile[255]",
+            "thread (255,0,0)'s asynchronous copy into it (issued at planted.cu:",
+            "is in flight",
         ],
     );
-    // Reading one's own copy before waiting for it.
+    // Two groups, __pipeline_wait_prior(1): the older landed (reading it is fine), the newer not.
     let r = unsafe {
         k.async_read_before_wait(d.stream(), cfg(2, 256, 0), n as i32, &xb.as_view(), &mut out.as_view_mut())
     };
@@ -274,7 +272,7 @@ fn asynchronous_copies_land_at_their_wait() {
         &[
             "kernel async_read_before_wait",
             "block (0,0,0), thread (0,0,0)",
-            "read of shared tile[0]",
+            "read of shared tile2[0]",
             "in flight",
             "__pipeline_wait_prior",
         ],

@@ -2,7 +2,8 @@
 //! optional activation, all row-major f32, any M, N, K. A Linear layer's forward is one call
 //! (one launch on a GPU): the pre-activation goes to `c`, the activation to `act_out`.
 //!
-//! CPU: `matrixmultiply` (measured fastest here, see `bench/gemm.rs`) with a rayon epilogue.
+//! CPU: `matrixmultiply` or the `gemm` crate, whichever measured faster for the shape (see
+//! [`cpu_gemm_crate_for`]), with a rayon epilogue.
 //! CUDA: `kernels/gemm.cu`, a 128x128 register-blocked tile, or 64x64 where the big tile
 //! would leave SMs idle ([`GemmKernel::Auto`]); the pipelined 128x128 candidates
 //! (`gemm_pipe8_*`, `gemm_pipe16_*`, `gemm_wide8_*`, `gemm_wide16_*`) run when asked for by
@@ -192,6 +193,16 @@ impl Gemm {
     }
 }
 
+/// Whether the CPU runs `g` with the `gemm` crate (else `matrixmultiply`). Measured on the
+/// 2-core AVX2 machine (best of 6 interleaved rounds, 2026-11-26): the `gemm` crate was 1.1-1.3x
+/// faster for A used as stored (`nn`, `nt`) up to 512^3 multiply-adds (128x512x784: 149 against
+/// 112 GFLOP/s), `matrixmultiply` 1.05-1.15x faster with A transposed (the weight gradients,
+/// 784x512x128: 126 against 115) and at 1024^3 (127 against 112). The choice depends only on the
+/// shape, so a result depends only on the shape and the data.
+pub fn cpu_gemm_crate_for(g: &Gemm) -> bool {
+    !g.trans_a && (g.m as f64) * (g.n as f64) * (g.k as f64) <= 512.0 * 512.0 * 512.0
+}
+
 /// Matrix multiply with the fused bias and activation epilogue.
 pub trait GemmOps: Backend {
     /// `c = alpha*op(a)*op(b) + beta*c + bias`; then, if `act_out` is given,
@@ -225,6 +236,36 @@ impl GemmOps for CpuDevice {
         if k == 0 {
             let beta = g.beta;
             c.par_iter_mut().for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+        } else if cpu_gemm_crate_for(g) {
+            let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
+            let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
+            // SAFETY: the strides address exactly the m*k, k*n and m*n elements of a, b and c
+            // (lengths checked above); c does not overlap a or b (a `&mut` borrow). The crate
+            // computes dst = alpha*dst + beta*(lhs rhs) and reads dst only when told to: when
+            // our beta is non-zero, so a C holding NaN is never read otherwise.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    g.beta != 0.0,
+                    a.as_ptr(),
+                    csa,
+                    rsa,
+                    b.as_ptr(),
+                    csb,
+                    rsb,
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
         } else {
             let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
             let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
@@ -299,6 +340,10 @@ macro_rules! gpu_impl {
                     return Ok(());
                 }
                 let (m, n, k) = (as_i32("gemm", "m", g.m)?, as_i32("gemm", "n", g.n)?, as_i32("gemm", "k", g.k)?);
+                // The kernels step k in tiles of up to 16 with int arithmetic.
+                if g.k > (i32::MAX - 64) as usize {
+                    return Err(Error::shape("gemm", format!("k = {} is beyond the CUDA kernels' 2^31 - 65", g.k)));
+                }
                 let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
                 let asked = if g.kernel == GemmKernel::Auto { auto_kernel()? } else { g.kernel };
                 let kernel = match asked {

@@ -157,17 +157,16 @@ macro_rules! gpu_impl {
                 let col_blocks = as_u32("col_sum", "column blocks", cols.div_ceil(consts::COLSUM_COLS as usize))?;
                 let block_dim = (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1);
                 let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
-                if rows < consts::COLSUM_TWO_PASS_ROWS as usize {
+                let segs = rows.div_ceil(consts::COLSUM_SEG as usize);
+                // One pass for short inputs, and for inputs too tall for a grid of segments
+                // (grid.y <= 65535): both choices depend only on rows.
+                if rows < consts::COLSUM_TWO_PASS_ROWS as usize || segs > 65535 {
                     let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
                     // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
                     return unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
                         .map_err(Error::driver("launching col_sum"));
                 }
                 // Tall: per-segment partials (one block per 32 columns x 64 rows), then their column sums.
-                let segs = rows.div_ceil(consts::COLSUM_SEG as usize);
-                if segs > 65535 {
-                    return Err(Error::shape("col_sum", format!("{rows} rows need more than 65535 segments")));
-                }
                 let mut partials = self.alloc::<f32>(segs * cols)?;
                 let cfg = LaunchConfig { grid_dim: (col_blocks, segs as u32, 1), block_dim, shared_mem_bytes: 0 };
                 // SAFETY: x holds rows*cols elements, partials segs*cols; block (bx, s) reads rows

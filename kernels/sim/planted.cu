@@ -151,8 +151,9 @@ extern "C" __global__ __launch_bounds__(256) void async_reverse_ok(int n, const 
   __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
+  // Each thread reads another thread's copy: published by that thread's wait and the barrier.
   const int j = blockIdx.x * 256 + (255 - t);
-  if (j < n) out[j] = tile[t];
+  if (j < n) out[j] = tile[255 - t];
 }
 
 // PLANTED BUG: the wait is missing. The barrier orders the issues, not the arrivals: thread
@@ -172,18 +173,20 @@ extern "C" __global__ __launch_bounds__(256) void async_reverse_missing_wait(int
   if (j < n) out[j] = tile[255 - t];
 }
 
-// PLANTED BUG: a thread reads the element its own copy is still bringing in (the wait is for
-// an older group only).
+// PLANTED BUG: two commit groups (tile, then tile2); __pipeline_wait_prior(1) lands only the
+// older one, so reading tile[t] is right and reading tile2[t] reads a copy still in flight.
 extern "C" __global__ __launch_bounds__(256) void async_read_before_wait(int n, const float* x, float* out) {
   __shared__ __align__(16) float tile[256];
+  __shared__ __align__(16) float tile2[256];
   const int t = threadIdx.x;
   const int i = blockIdx.x * 256 + t;
-  if (i < n) {
-    __pipeline_memcpy_async(&tile[t], x + i, 4);
-  } else {
-    __pipeline_memcpy_async(&tile[t], x, 4, 4);
-  }
+  const float* src = i < n ? x + i : x;
+  const size_t fill = i < n ? 0 : 4;
+  __pipeline_memcpy_async(&tile[t], src, 4, fill);
+  __pipeline_commit();
+  __pipeline_memcpy_async(&tile2[t], src, 4, fill);
   __pipeline_commit();
   __pipeline_wait_prior(1);
-  if (i < n) out[i] = tile[t];
+  const float first = tile[t];
+  if (i < n) out[i] = first + tile2[t];
 }

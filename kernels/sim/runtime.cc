@@ -221,6 +221,8 @@ struct Shadow {
   int32_t rwarp;                // the readers' warp, or -2 if several warps read
   bool watomic;                 // the last write was an atomic
   bool wasync;                  // the last write was an asynchronous copy landing
+  uint32_t inflight;            // linear id + 1 of the thread whose asynchronous copy into this
+                                // word is in flight (0: none)
 };
 
 struct State {
@@ -251,6 +253,7 @@ struct State {
   int bar_acc = 0;
   bool failed = false;
   std::string error;
+  std::vector<size_t> inflight_words;  // shadow words marked in flight (cleared per block)
   const char* landing_file = nullptr;  // set while an asynchronous copy lands (for messages)
   int landing_line = 0;
   std::vector<char*> stacks;
@@ -440,16 +443,29 @@ void check_access(const void* p, size_t size, bool write, bool aligned = true, b
     if (aligned && a % std::min<size_t>(size, 16) != 0)
       fail(fmt("misaligned %zu-byte %s of shared memory at byte offset %zu", size, write ? "write" : "read",
                size_t(a - arena)));
-    for (const PendingCopy& c : f->copies)
-      if (a < c.dst + c.size && c.dst < a + size) {
-        std::string what = fmt("shared memory at byte offset %zu", size_t(a - arena));
-        for (const SharedVar& v : s.svars)
-          if (a - arena >= v.off && a - arena < v.off + v.size)
-            what = fmt("shared %s[%zu]", v.name, (a - arena - v.off) / v.elem);
-        fail(fmt("%s of %s while this thread's asynchronous copy into it (issued at %s:%d) is in flight: wait for "
-                 "it first (__pipeline_wait_prior)",
-                 write ? "write" : "read", what.c_str(), base_name(c.file), c.line));
-      }
+    // A word an asynchronous copy is still bringing in may not be touched by anyone, whatever
+    // barriers came between (the copy lands at its thread's wait, not before).
+    for (size_t w = (a - arena) / 4; w < (a - arena + size + 3) / 4; ++w) {
+      const uint32_t owner = s.shadow[w].inflight;
+      if (owner == 0) continue;
+      const PendingCopy* c = nullptr;
+      for (const PendingCopy& p : s.fibers[owner - 1].copies)
+        if (w * 4 >= p.dst - arena && w * 4 < p.dst - arena + p.size) c = &p;
+      std::string what = fmt("shared memory at byte offset %zu", size_t(a - arena));
+      for (const SharedVar& v : s.svars)
+        if (a - arena >= v.off && a - arena < v.off + v.size)
+          what = fmt("shared %s[%zu]", v.name, (a - arena - v.off) / v.elem);
+      const std::string issued = c ? fmt("issued at %s:%d", base_name(c->file), c->line) : std::string("issued");
+      if (owner - 1 == linear_of(f))
+        fail(fmt("%s of %s while this thread's asynchronous copy into it (%s) is in flight: wait for it first "
+                 "(__pipeline_wait_prior)",
+                 write ? "write" : "read", what.c_str(), issued.c_str()));
+      fail(fmt("data race on %s: thread %s %s it while thread %s's asynchronous copy into it (%s) is in flight: "
+               "the copy lands at that thread's __pipeline_wait_prior, and a __syncthreads after that wait must "
+               "come before any other thread touches it",
+               what.c_str(), tid_str(f->tid).c_str(), write ? "writes" : "reads", tid_str(tid_of(owner - 1)).c_str(),
+               issued.c_str()));
+    }
     shared_access(a, size, write, atomic);
     return;
   }
@@ -745,6 +761,8 @@ void land_copies(Fiber* f, uint32_t upto) {
   }
   f->copies.resize(kept);
   for (const PendingCopy& c : landing) {
+    const size_t off = c.dst - (uintptr_t)g_arena;
+    for (size_t w = off / 4; w < (off + c.size + 3) / 4; ++w) s.shadow[w].inflight = 0;
     s.landing_file = c.file;
     s.landing_line = c.line;
     check_access((void*)c.dst, c.size, true, false);
@@ -827,6 +845,8 @@ bool run_block() {
   s.waiting_bar = 0;
   s.exited = 0;
   ++s.epoch;
+  for (size_t w : s.inflight_words) s.shadow[w].inflight = 0;  // a failed block may leave some
+  s.inflight_words.clear();
   // Shared memory starts each block as garbage: NaN bytes, so a kernel that reads before it
   // writes is loud.
   for (const SharedVar& v : s.svars) std::memset(g_arena + v.off, 0xff, v.size);
@@ -1018,6 +1038,10 @@ void tsim_pipeline_memcpy_async(const char* file, int line, void* dst, const voi
     fail(fmt("__pipeline_memcpy_async at %s: a %zu-byte copy needs %zu-byte aligned addresses (source %p, shared "
              "offset %zu)",
              site(file, line).c_str(), size, size, src, size_t(d - (uintptr_t)g_arena)));
+  if ((a >= (uintptr_t)g_arena && a < (uintptr_t)g_arena + kArenaBytes) ||
+      (a >= (uintptr_t)f->stack_lo && a < (uintptr_t)f->stack_hi))
+    fail(fmt("__pipeline_memcpy_async at %s: the source %p is not global memory (cp.async copies global -> shared)",
+             site(file, line).c_str(), src));
   const size_t n = size - zfill;
   if (n > 0) check_access(src, n, false, false);  // the source is read now
   check_access(dst, size, true, false);           // and the destination is being written from now on
@@ -1030,6 +1054,11 @@ void tsim_pipeline_memcpy_async(const char* file, int line, void* dst, const voi
   c.file = file;
   c.line = line;
   f->copies.push_back(c);
+  const uint32_t me = uint32_t(linear_of(f)) + 1;
+  for (size_t w = (d - (uintptr_t)g_arena) / 4; w < (d - (uintptr_t)g_arena + size + 3) / 4; ++w) {
+    s.shadow[w].inflight = me;
+    s.inflight_words.push_back(w);
+  }
 }
 void tsim_pipeline_commit() {
   if (Fiber* f = S().cur) ++f->commits;
@@ -1037,7 +1066,9 @@ void tsim_pipeline_commit() {
 void tsim_pipeline_wait_prior(size_t prior) {
   Fiber* f = S().cur;
   if (!f || S().failed) return;
-  // Every committed group but the newest `prior` has landed when this returns.
+  // Every committed group but the newest `prior` has landed when this returns. CUDA's header
+  // waits for at most 8 pending groups (a larger `prior` counts as 8).
+  prior = std::min<size_t>(prior, 8);
   if (f->commits > prior) land_copies(f, uint32_t(f->commits - prior));
 }
 
