@@ -12,6 +12,9 @@
 #   time and a first start of a few minutes, run the full script once, directly)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# On the device tool's machine, everything printed also goes to $OUT/gpu-check.log, which comes
+# back whole (the tool's reply keeps only the tail of the output).
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/gpu-check.log") 2>&1; fi
 bin=gpu-bin
 if [ ! -x "$bin/tessera" ] && [ -f gpu-bin.tar.gz ]; then tar -xzf gpu-bin.tar.gz; fi
 [ -x "$bin/tessera" ] || { echo "gpu-check: $bin/ is missing: run scripts/build-gpu-bins.sh where Rust is" >&2; exit 2; }
@@ -68,7 +71,10 @@ if [ "${1:-}" != quick ]; then
   card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
   python3 bench/results.py --peers "$peers" --out "bench/results/$(date -u +%Y-%m-%d)-gpu.md" \
     --title "tessera on ${card:-a GPU}: kernels against cuBLAS and copies, training against PyTorch" --command "scripts/gpu-check.sh"
-  if [ -n "${OUT:-}" ]; then cp bench/results/*-gpu.md "$OUT"/ && cp -r target/criterion "$OUT"/criterion; fi
+  if [ -n "${OUT:-}" ]; then
+    cp bench/results/*-gpu.md "$OUT"/
+    for d in target/criterion target/criterion-*; do [ -d "$d" ] && cp -r "$d" "$OUT/$(basename "$d")"; done
+  fi
 else
   TESSERA_REPORT_QUICK=1 run "$bin/bench-report" --bench
 fi
