@@ -2,8 +2,10 @@
 //
 //   xent_fwd:     row_loss[r] = logsumexp(logits[r,:]) - logits[r, labels[r]]
 //   xent_fwd_bwd: the same, plus dlogits[r,c] = scale * (softmax(logits[r,:])[c] - (c == labels[r]))
-// logsumexp is computed stably as max + log(sum_c exp(x_c - max)); the loss is written as
-// (max - x_label) + log(sum), and softmax as exp(x_c - max) / sum.
+// logsumexp is computed stably as max + log(sum_c exp(x_c - max)), the max and the sum in one
+// pass over the row (each lane rescales its running sum when its running max grows); the loss
+// is written as (max - x_label) + log(sum), and softmax as exp(x_c - max) / sum (a second pass,
+// the backward only).
 // (The MSE kernels, mse_partial and mse_bwd, live in reduce.cu next to partial_sum.)
 //
 // Layout: logits and dlogits are rows x cols row-major f32 (ld = cols); labels has rows int32
@@ -50,18 +52,24 @@ __device__ __forceinline__ void xent_row(int rows, int cols, const float* logits
   // picked up by its owning lane in the first pass and handed to the others through the
   // shuffle tree (the other lanes add exact zeros). So no lane reads a column another lane may
   // already have overwritten when dlogits aliases logits (lanes are not lock-step).
-  float mx = -INFINITY;
+  // One pass for the max and the sum ("online" softmax): each lane keeps its running max m and
+  // s = sum exp(x - m), rescaling s when m grows; the lanes then meet at the row's max.
+  float m = -INFINITY, s = 0.0f;
   float xl = 0.0f;
   for (int c = lane; c < cols; c += 32) {
     const float v = x[c];
-    mx = fmaxf(mx, v);
     if (c == label) xl = v;
+    if (v > m) {
+      s = s * expf(m - v) + 1.0f;  // exp(-inf) = 0 for the lane's first column
+      m = v;
+    } else {
+      s += expf(v - m);  // a NaN logit lands here and makes the row's loss NaN
+    }
   }
-  mx = tessera_warp_max(mx);
+  const float mx = tessera_warp_max(m);
   xl = tessera_warp_sum(xl);
-  float s = 0.0f;
-  for (int c = lane; c < cols; c += 32) s += expf(x[c] - mx);
-  s = tessera_warp_sum(s);
+  // Lanes without columns (cols < 32) hold m = -inf and s = 0, and add nothing.
+  s = tessera_warp_sum(m == -INFINITY ? 0.0f : s * expf(m - mx));
   if (lane == 0) row_loss[row] = (mx - xl) + logf(s);
 
   if (BWD) {
