@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, here (where Rust is), every binary that scripts/gpu-check.sh runs on a GPU machine
 # (which may have CUDA but no Rust toolchain), stripped, into gpu-bin/, and packs them into
-# gpu-bin.tar.gz (both git-ignored; about 30 MB). Pass gpu-bin.tar.gz to the device tool's
+# gpu-bin.tar.gz (both git-ignored; about 37 MB). Pass gpu-bin.tar.gz to the device tool's
 # `carry` (its limit is 64 MiB); scripts/gpu-check.sh unpacks it.
 # Built without the `mpi` feature: the GPU machine has no Open MPI (the binaries would not load
 # without libmpi.so); NCCL is loaded at run time and needs no feature.
