@@ -233,12 +233,13 @@ impl GemmOps for CpuDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // Row and column strides of A and B as stored (the transposes are strides).
+        let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
+        let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
         if k == 0 {
             let beta = g.beta;
             c.par_iter_mut().for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
         } else if cpu_gemm_crate_for(g) {
-            let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
-            let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
             // SAFETY: the strides address exactly the m*k, k*n and m*n elements of a, b and c
             // (lengths checked above); c does not overlap a or b (a `&mut` borrow). The crate
             // computes dst = alpha*dst + beta*(lhs rhs) and reads dst only when told to: when
@@ -267,8 +268,6 @@ impl GemmOps for CpuDevice {
                 );
             }
         } else {
-            let (rsa, csa) = if g.trans_a { (1, m as isize) } else { (k as isize, 1) };
-            let (rsb, csb) = if g.trans_b { (1, k as isize) } else { (n as isize, 1) };
             // SAFETY: lengths checked above: a holds m*k, b k*n, c m*n elements, and the strides
             // address exactly those elements; matrixmultiply does not read c when beta == 0.
             unsafe {

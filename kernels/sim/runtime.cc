@@ -751,16 +751,15 @@ unsigned long long warp_op(const char* file, int line, unsigned mask, int op, un
 // write of the issuing thread, checked for races like any other.
 void land_copies(Fiber* f, uint32_t upto) {
   State& s = S();
-  std::vector<PendingCopy> landing;
+  // In issue order: land the waited-for copies, keep the others (the in-flight markers, not
+  // this list, say which words are still arriving).
   size_t kept = 0;
   for (size_t i = 0; i < f->copies.size(); ++i) {
-    if (f->copies[i].group < upto)
-      landing.push_back(f->copies[i]);
-    else
-      f->copies[kept++] = f->copies[i];
-  }
-  f->copies.resize(kept);
-  for (const PendingCopy& c : landing) {
+    const PendingCopy c = f->copies[i];
+    if (c.group >= upto) {
+      f->copies[kept++] = c;
+      continue;
+    }
     const size_t off = c.dst - (uintptr_t)g_arena;
     for (size_t w = off / 4; w < (off + c.size + 3) / 4; ++w) s.shadow[w].inflight = 0;
     s.landing_file = c.file;
@@ -769,6 +768,7 @@ void land_copies(Fiber* f, uint32_t upto) {
     std::memcpy((void*)c.dst, c.data, c.size - c.fill);
     std::memset((void*)(c.dst + c.size - c.fill), 0, c.fill);
   }
+  f->copies.resize(kept);
   s.landing_file = nullptr;
 }
 
