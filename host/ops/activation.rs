@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cpu::{wide, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -185,9 +185,9 @@ impl ActivationOps for CpuDevice {
         // One loop per activation (the match outside), so each loop vectorises.
         macro_rules! each {
             ($f:expr) => {
-                y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                    y.iter_mut().zip(x).for_each(|(y, x)| *y = $f(*x));
-                })
+                y.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(y, x)| wide(|| y.iter_mut().zip(x).for_each(|(y, x)| *y = $f(*x))))
             };
         }
         match act {
@@ -205,9 +205,11 @@ impl ActivationOps for CpuDevice {
         macro_rules! each {
             ($a:expr) => {
                 dx.par_chunks_mut(CHUNK).zip(z.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (z, dy))| {
-                    for ((dx, z), dy) in dx.iter_mut().zip(z).zip(dy) {
-                        *dx = dy * $a.grad(*z);
-                    }
+                    wide(|| {
+                        for ((dx, z), dy) in dx.iter_mut().zip(z).zip(dy) {
+                            *dx = dy * $a.grad(*z);
+                        }
+                    })
                 })
             };
         }
@@ -277,5 +279,25 @@ mod tests {
         assert!(worst.2 < 6e-7, "erf absolute error {}", worst.2);
         assert_eq!(fast_exp(-200.0), fast_exp(-87.0));
         assert!(fast_exp(200.0).is_finite());
+    }
+
+    /// The CPU loops run in 8-lane AVX2 code where the CPU has it (`wide`); the scalar
+    /// functions here are compiled for the baseline. Both must give the same bits.
+    #[test]
+    fn wide_loops_give_the_scalar_bits() {
+        let dev = CpuDevice::new(0);
+        let n = 3 * CHUNK + 77;
+        let z: Vec<f32> = (0..n).map(|i| ((i * 7919 % 20011) as f32 - 10005.0) / 997.0).collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i % 29) as f32 - 14.0) / 3.0).collect();
+        for act in Activation::ALL {
+            let mut y = vec![0f32; n];
+            dev.act_forward(act, &z.as_slice(), &mut y.as_mut_slice()).unwrap();
+            let mut dx = vec![0f32; n];
+            dev.act_backward(act, &z.as_slice(), &dy.as_slice(), &mut dx.as_mut_slice()).unwrap();
+            for i in 0..n {
+                assert_eq!(y[i].to_bits(), act.apply(z[i]).to_bits(), "{act} forward at z={}", z[i]);
+                assert_eq!(dx[i].to_bits(), (dy[i] * act.grad(z[i])).to_bits(), "{act} backward at z={}", z[i]);
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{lane_max, lane_sum, lane_sum2, CpuDevice, CHUNK};
+use crate::backend::cpu::{lane_max, lane_sum, lane_sum2, wide, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -64,6 +64,7 @@ fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<
 /// Loss of one row; writes the scaled gradient when `grad` is given (one `exp` per element:
 /// the exponentials are kept in the gradient row, then normalised).
 /// The max and the sum run in independent lanes (`lane_max`, `lane_sum`), so they vectorise.
+#[inline(always)]
 fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
     let max = lane_max(row);
     let sum = match grad {
@@ -94,7 +95,7 @@ impl LossOps for CpuDevice {
             return Err(Error::Label { row, label: label as i64, classes: cols });
         }
         let losses: Vec<f32> =
-            logits.par_chunks(cols).zip(labels.par_iter()).map(|(r, &l)| xent_row(r, l, None)).collect();
+            logits.par_chunks(cols).zip(labels.par_iter()).map(|(r, &l)| wide(|| xent_row(r, l, None))).collect();
         Ok(self.sum(&losses.as_slice(), false)? / rows.max(1) as f32)
     }
 
@@ -116,7 +117,7 @@ impl LossOps for CpuDevice {
             .par_chunks(cols)
             .zip(labels.par_iter())
             .zip(dlogits.par_chunks_mut(cols))
-            .map(|((r, &l), g)| xent_row(r, l, Some((g, scale))))
+            .map(|((r, &l), g)| wide(|| xent_row(r, l, Some((g, scale)))))
             .collect();
         Ok(self.sum(&losses.as_slice(), false)? * scale)
     }
@@ -126,7 +127,7 @@ impl LossOps for CpuDevice {
         let parts: Vec<f64> = pred
             .par_chunks(CHUNK)
             .zip(target.par_chunks(CHUNK))
-            .map(|(p, t)| lane_sum2(p, t, |p, t| ((p - t) as f64).powi(2)))
+            .map(|(p, t)| wide(|| lane_sum2(p, t, |p, t| ((p - t) as f64).powi(2))))
             .collect();
         Ok((parts.iter().sum::<f64>() / pred.len().max(1) as f64) as f32)
     }
@@ -137,9 +138,11 @@ impl LossOps for CpuDevice {
         let scale = 2.0 / pred.len().max(1) as f32;
         dpred.par_chunks_mut(CHUNK).zip(pred.par_chunks(CHUNK).zip(target.par_chunks(CHUNK))).for_each(
             |(d, (p, t))| {
-                for ((d, p), t) in d.iter_mut().zip(p).zip(t) {
-                    *d = scale * (p - t);
-                }
+                wide(|| {
+                    for ((d, p), t) in d.iter_mut().zip(p).zip(t) {
+                        *d = scale * (p - t);
+                    }
+                })
             },
         );
         Ok(loss)

@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaView, CudaViewMut};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{CpuDevice, CHUNK};
+use crate::backend::cpu::{wide, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -129,11 +129,13 @@ impl OptimOps for CpuDevice {
         check_sizes("sgd_step", w.len(), &[("gradient", g.len()), ("momentum", mom.len())])?;
         let (lr, mu, wd) = (opt.lr, opt.momentum, opt.weight_decay);
         w.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(mom.par_chunks_mut(CHUNK))).for_each(|(w, (g, m))| {
-            for ((w, g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
-                let gg = s * g + wd * *w;
-                *m = mu * *m + gg;
-                *w -= lr * *m;
-            }
+            wide(|| {
+                for ((w, g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+                    let gg = s * g + wd * *w;
+                    *m = mu * *m + gg;
+                    *w -= lr * *m;
+                }
+            })
         });
         Ok(())
     }
@@ -160,12 +162,14 @@ impl OptimOps for CpuDevice {
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
             .for_each(|((w, g), (m, v))| {
-                for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let gg = s * g;
-                    *m = o.beta1 * *m + (1.0 - o.beta1) * gg;
-                    *v = o.beta2 * *v + (1.0 - o.beta2) * gg * gg;
-                    *w = *w * (1.0 - o.lr * o.weight_decay) - o.lr * (*m / bc1) / ((*v / bc2).sqrt() + o.eps);
-                }
+                wide(|| {
+                    for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                        let gg = s * g;
+                        *m = o.beta1 * *m + (1.0 - o.beta1) * gg;
+                        *v = o.beta2 * *v + (1.0 - o.beta2) * gg * gg;
+                        *w = *w * (1.0 - o.lr * o.weight_decay) - o.lr * (*m / bc1) / ((*v / bc2).sqrt() + o.eps);
+                    }
+                })
             });
         Ok(())
     }

@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{lane_sum, CpuDevice, CHUNK};
+use crate::backend::cpu::{lane_sum, wide, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
@@ -52,9 +52,11 @@ impl ReduceOps for CpuDevice {
             .par_chunks(rows_per * cols)
             .map(|blk| {
                 let mut acc = vec![0f32; cols];
-                for row in blk.chunks(cols) {
-                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                }
+                wide(|| {
+                    for row in blk.chunks(cols) {
+                        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                    }
+                });
                 acc
             })
             .collect();
@@ -89,7 +91,7 @@ impl ReduceOps for CpuDevice {
     fn axpy(&self, a: f32, x: &&[f32], y: &mut &mut [f32]) -> Result<()> {
         check_len("axpy", "y", y.len(), x.len())?;
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+            wide(|| y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x));
         });
         Ok(())
     }
@@ -102,7 +104,7 @@ impl ReduceOps for CpuDevice {
     fn sum(&self, x: &&[f32], squared: bool) -> Result<f32> {
         let parts: Vec<f64> = x
             .par_chunks(CHUNK)
-            .map(|c| if squared { lane_sum(c, |v| v as f64 * v as f64) } else { lane_sum(c, |v| v as f64) })
+            .map(|c| wide(|| if squared { lane_sum(c, |v| v as f64 * v as f64) } else { lane_sum(c, |v| v as f64) }))
             .collect();
         Ok(parts.iter().sum::<f64>() as f32)
     }
