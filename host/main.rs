@@ -636,7 +636,13 @@ fn train_mpi(
         _ => {}
     }
     if w.rank() == 0 && !a.json {
-        eprintln!("mpi: {} ranks; device per rank: {spec}", w.size());
+        let per_rank = match spec {
+            DeviceSpec::Cpu { .. } => "the CPU".to_string(),
+            DeviceSpec::Sim { .. } => "a simulated GPU".to_string(),
+            DeviceSpec::Cuda { ordinal, .. } if explicit_gpu => format!("GPU {ordinal}"),
+            DeviceSpec::Cuda { .. } | DeviceSpec::Auto => "the GPU of its local rank (the CPU without one)".to_string(),
+        };
+        eprintln!("mpi: {} ranks; each runs on {per_rank}", w.size());
         eprintln!("{}", run_line(&cfg, batch, data_name, train_set, test_set));
     }
     let nccl = match a.allreduce.as_deref() {

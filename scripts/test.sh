@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (scripts/setup.sh), then runs formatting,
+# The test command: installs what the tests need (scripts/setup.sh; a one-node Slurm cluster
+# with scripts/slurm-local.sh, as root), then runs formatting,
 # lints, every test, checks that the crate builds and explains itself without nvcc, and
 # builds the benches. CI runs exactly this (.ci/run).
 set -euo pipefail
@@ -7,6 +8,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 scripts/setup.sh
+
+# A one-node Slurm cluster for the srun tests of tests/mpi.rs (root only: it starts daemons).
+# Where it cannot start, those tests say they were skipped; TESSERA_SKIP_SLURM=1 skips it.
+if [ "${TESSERA_SKIP_SLURM:-0}" != 1 ] && [ "$(id -u)" = 0 ]; then
+  if slurm_out="$(scripts/slurm-local.sh)"; then
+    echo "$slurm_out" | head -n -1
+    eval "$(echo "$slurm_out" | tail -n 1)"
+    export TESSERA_SLURM_TESTS=1
+  else
+    echo "WARNING: scripts/slurm-local.sh failed; the srun tests will be skipped" >&2
+  fi
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --check

@@ -5,6 +5,8 @@
 //!
 //! These tests need Open MPI's `mpirun` (scripts/setup.sh installs it). Where it is missing
 //! they fail, saying so, unless TESSERA_SKIP_MPI_TESTS=1 (or the build has no `mpi` feature).
+//! The same runs under Slurm's `srun --mpi=pmix` where a Slurm controller answers
+//! (scripts/slurm-local.sh starts a one-node cluster; scripts/test.sh does).
 
 mod common;
 
@@ -307,6 +309,124 @@ fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
     eprintln!("{out}");
     let e = rel_err(&params(&nccl), &params(&reference));
     assert!(e <= 1e-5, "NCCL-backed step vs plain: {e:.3e}");
+}
+
+/// Whether a Slurm controller answers (`sinfo`), for the `srun` tests. scripts/test.sh starts a
+/// one-node cluster with scripts/slurm-local.sh and sets TESSERA_SLURM_TESTS=1, which makes a
+/// missing cluster a failure rather than a skip.
+fn slurm_present() -> bool {
+    if !cfg!(feature = "mpi") {
+        eprintln!("skipped: built without the `mpi` feature");
+        return false;
+    }
+    let answers = Command::new("sinfo").arg("-h").output().is_ok_and(|o| o.status.success());
+    if answers {
+        return true;
+    }
+    if std::env::var("TESSERA_SLURM_TESTS").as_deref() == Ok("1") {
+        panic!("TESSERA_SLURM_TESTS=1 but no Slurm controller answers sinfo: run scripts/slurm-local.sh and export the SLURM_CONF it prints");
+    }
+    eprintln!("skipped: no Slurm controller answers (scripts/slurm-local.sh starts a one-node one)");
+    false
+}
+
+/// `srun -n N --mpi=pmix tessera ARGS`: Slurm starts the ranks and hands them their rank and
+/// size through PMIx, as on a cluster; no mpirun anywhere.
+fn srun_cmd(np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("srun");
+    c.args(["-n", &np.to_string(), "--mpi=pmix", "--quiet"])
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .arg(tessera_bin())
+        .args(args);
+    c
+}
+
+#[test]
+fn ranks_under_slurm_srun_match_the_single_device_run() {
+    if !slurm_present() {
+        return;
+    }
+    let want = reference("8", &tmp("srun-ref8.safetensors"));
+    for (np, mesh) in [(2, &["--dp", "2"][..]), (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"][..])] {
+        let out = tmp(&format!("srun-{np}-{}.safetensors", mesh.join("")));
+        let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
+        a.extend_from_slice(mesh);
+        let o = srun_cmd(np, &a).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run srun");
+        let (stdout, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "srun -n {np} {mesh:?} failed:\n{err}");
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
+        assert_eq!(j["steps"], 8);
+        assert_eq!(j["device"], "rank0:cpu:0", "rank 0 prints, once: {stdout}");
+        let e = rel_err(&params(&out), &want);
+        eprintln!("srun -n {np} {mesh:?}: ||w - w_ref|| / ||w_ref|| = {e:.2e}");
+        assert!(e <= 1e-5, "srun -n {np} {mesh:?}: relative error {e:.3e}");
+    }
+}
+
+/// The rank processes of a job: `tessera` processes whose environment holds `mark`.
+fn processes_marked(mark: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "tessera" {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|kv| kv == mark.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
+#[test]
+fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
+    if !slurm_present() {
+        return;
+    }
+    let mark = format!("TESSERA_TEST_JOB=srun-kill-{}", std::process::id());
+    let (k, v) = mark.split_once('=').unwrap();
+    let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
+    let mut child = srun_cmd(4, &a)
+        .env("TESSERA_COMM_TIMEOUT", "20")
+        .env(k, v)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run srun");
+    let started = Instant::now();
+    let mut pids = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) && pids.len() < 4 {
+        std::thread::sleep(Duration::from_millis(500));
+        pids = processes_marked(&mark);
+    }
+    assert_eq!(pids.len(), 4, "expected 4 rank processes under srun, found {pids:?}");
+    std::thread::sleep(Duration::from_secs(2)); // training, not starting up
+    assert!(Command::new("kill").args(["-9", &pids[2].to_string()]).status().unwrap().success());
+    let killed = Instant::now();
+    let mut status = None;
+    while killed.elapsed() < Duration::from_secs(90) {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the srun job still ran 90 s after a rank was killed");
+    };
+    let took = killed.elapsed();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("after kill -9 of one rank, srun exited in {took:?} with {status}:\n{err}");
+    assert!(!status.success());
+    assert!(took <= Duration::from_secs(60), "took {took:?}");
+    assert!(err.contains("task") && err.contains("Killed"), "srun does not name the killed task:\n{err}");
+    assert!(processes_marked(&mark).is_empty(), "ranks left running after the job ended");
 }
 
 #[test]
