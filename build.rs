@@ -67,7 +67,9 @@ fn main() {
         }
     }
 
-    let nvcc = if env::var("TESSERA_NO_NVCC").is_ok() { None } else { find_nvcc(&root) };
+    // TESSERA_NO_NVCC=1 (any value but empty or 0) builds without kernels, as where nvcc is missing.
+    let no_nvcc = env::var("TESSERA_NO_NVCC").is_ok_and(|v| !v.is_empty() && v != "0");
+    let nvcc = if no_nvcc { None } else { find_nvcc(&root) };
     let build = match &nvcc {
         Some(nvcc) => Some(compile_all(nvcc, &kdir, &out, &families, &archs)),
         None => {

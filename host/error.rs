@@ -32,7 +32,7 @@ pub enum Error {
         reason: String,
     },
     /// No CUDA driver library on this machine.
-    #[error("no CUDA driver found (libcuda.so could not be loaded): install the NVIDIA driver, or put the directory holding libcuda.so.1 on LD_LIBRARY_PATH, or run on the CPU with --device cpu")]
+    #[error("no CUDA driver found (libcuda.so.1 could not be loaded): install the NVIDIA driver, or put the directory holding libcuda.so.1 on LD_LIBRARY_PATH, or run on the CPU with --device cpu")]
     NoDriver,
     /// The CUDA kernels were not compiled because nvcc was missing at build time.
     #[error("the CUDA kernels were not built: nvcc was not found when tessera was compiled. Run scripts/setup.sh (it installs the pinned CUDA compiler into .toolchain/cuda), then rebuild; or set NVCC=/path/to/nvcc and rebuild")]

@@ -97,19 +97,19 @@ struct TrainArgs {
     /// Optimizer [default: adamw].
     #[arg(long, value_enum)]
     optimizer: Option<OptName>,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f32,
+    /// SGD momentum [default: 0.9] (sgd only).
+    #[arg(long)]
+    momentum: Option<f32>,
     /// Weight decay [default: 0.01 for adamw (decoupled), 0 for sgd].
     #[arg(long)]
     weight_decay: Option<f32>,
     /// Learning-rate schedule [default: constant].
     #[arg(long, value_enum)]
     lr_schedule: Option<SchedName>,
-    /// Warm-up steps of the cosine schedule.
-    #[arg(long, default_value_t = 0)]
-    warmup: u64,
-    /// Clip the global gradient norm to this value.
+    /// Warm-up steps of the cosine schedule [default: 0] (cosine only).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Clip the global gradient norm to this value (positive).
     #[arg(long)]
     clip: Option<f32>,
     /// Seed of the initialisation and the data order [default: 0].
@@ -135,17 +135,26 @@ struct TrainArgs {
     mesh: MeshArgs,
 }
 
+/// A count of at least 1 (`--dp`, `--pp`, `--microbatches`, `--accumulate`).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
 /// How to spread a step over the devices.
 #[derive(clap::Args, Debug, Clone)]
 struct MeshArgs {
     /// Data-parallel replicas (default: devices / pp).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     dp: Option<usize>,
     /// Pipeline stages per replica [default: 1].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pp: Option<usize>,
     /// Microbatches per replica per step [default: 1, or pp x 2 when pp > 1].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     microbatches: Option<usize>,
     /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
     #[arg(long)]
@@ -153,10 +162,11 @@ struct MeshArgs {
     /// Layers per stage, e.g. 1,2 (default: balanced by FLOPs).
     #[arg(long)]
     layers_per_stage: Option<String>,
-    /// Pipeline passes whose gradients accumulate before the all-reduce [default: 1].
-    #[arg(long, default_value_t = 1)]
+    /// Pipeline passes whose gradients accumulate before the all-reduce.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     accumulate: usize,
-    /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and microbatches.
+    /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and
+    /// microbatches; `manual`: the flags (and their defaults) decide.
     #[arg(long, default_value = "auto")]
     plan: String,
     /// Memory per device for the planner, e.g. 2GiB [default: the device's memory, shared
@@ -407,6 +417,32 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
         if a.lr.is_some_and(|lr| lr != cc.optimizer.lr()) {
             conflicts.push(format!("--lr (checkpoint: {})", cc.optimizer.lr()));
         }
+        let (wd, momentum) = match &cc.optimizer {
+            OptimizerConfig::AdamW(o) => (o.weight_decay, None),
+            OptimizerConfig::Sgd(o) => (o.weight_decay, Some(o.momentum)),
+        };
+        if a.weight_decay.is_some_and(|w| w != wd) {
+            conflicts.push(format!("--weight-decay (checkpoint: {wd})"));
+        }
+        if a.momentum.is_some_and(|m| Some(m) != momentum) {
+            conflicts.push(match momentum {
+                Some(m) => format!("--momentum (checkpoint: {m})"),
+                None => "--momentum (the checkpoint's optimizer is adamw, which has none)".to_string(),
+            });
+        }
+        let cosine = matches!(cc.schedule, LrSchedule::Cosine { .. });
+        if a.lr_schedule.is_some_and(|s| (s == SchedName::Cosine) != cosine) {
+            conflicts.push(format!("--lr-schedule (checkpoint: {})", cc.schedule));
+        }
+        if let Some(w) = a.warmup {
+            if !matches!(cc.schedule, LrSchedule::Cosine { warmup, .. } if warmup == w) {
+                conflicts.push(format!("--warmup (checkpoint: {})", cc.schedule));
+            }
+        }
+        if a.clip != cc.clip_norm && a.clip.is_some() {
+            let was = cc.clip_norm.map_or("no clipping".to_string(), |c| c.to_string());
+            conflicts.push(format!("--clip (checkpoint: {was})"));
+        }
         if !conflicts.is_empty() {
             return Err(Error::Checkpoint {
                 path: a.resume.as_ref().unwrap().display().to_string(),
@@ -419,7 +455,19 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
         return Ok((cc.clone(), c.batch));
     }
     let model = MlpConfig::new(widths.unwrap_or_else(|| vec![784, 512, 512, 10]), act.unwrap_or(Activation::Relu))?;
-    let optimizer = match a.optimizer.unwrap_or(OptName::Adamw) {
+    let opt = a.optimizer.unwrap_or(OptName::Adamw);
+    if opt == OptName::Adamw && a.momentum.is_some() {
+        return Err(Error::Invalid(
+            "--momentum is for --optimizer sgd (AdamW's moments are fixed by its betas)".into(),
+        ));
+    }
+    let cosine = a.lr_schedule == Some(SchedName::Cosine);
+    if a.warmup.is_some() && !cosine {
+        return Err(Error::Invalid(
+            "--warmup is the warm-up of --lr-schedule cosine: add that, or leave --warmup out".into(),
+        ));
+    }
+    let optimizer = match opt {
         OptName::Adamw => OptimizerConfig::AdamW(AdamW {
             lr: a.lr.unwrap_or(1e-3),
             weight_decay: a.weight_decay.unwrap_or(0.01),
@@ -427,14 +475,14 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
         }),
         OptName::Sgd => OptimizerConfig::Sgd(Sgd {
             lr: a.lr.unwrap_or(0.05),
-            momentum: a.momentum,
+            momentum: a.momentum.unwrap_or(0.9),
             weight_decay: a.weight_decay.unwrap_or(0.0),
         }),
     };
     let schedule = match a.lr_schedule.unwrap_or(SchedName::Constant) {
         SchedName::Constant => LrSchedule::Constant,
         // The total is filled in once the data (and so the steps per epoch) is known.
-        SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup, total: 0, min_factor: 0.0 },
+        SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup.unwrap_or(0), total: 0, min_factor: 0.0 },
     };
     let batch = a.batch.unwrap_or(128);
     if batch == 0 {
@@ -444,7 +492,11 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
 }
 
 fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
-    let ckpt = a.resume.as_deref().map(Checkpoint::load).transpose()?;
+    let ckpt = a
+        .resume
+        .as_deref()
+        .map(|p| Checkpoint::load(p).map_err(|e| Error::Invalid(format!("--resume: {e}"))))
+        .transpose()?;
     let (mut cfg, batch) = train_config(&a, ckpt.as_ref())?;
     let (train_set, test_set, data_name) = match &a.data {
         Some(dir) => {
@@ -469,7 +521,35 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         )));
     }
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
-    let total_steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    let mut total_steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    if let Some(c) = &ckpt {
+        let path = a.resume.as_ref().unwrap().display().to_string();
+        // A cosine schedule fixed the run's length when it started: the resumed run ends there.
+        if let LrSchedule::Cosine { total, .. } = c.config.schedule {
+            match a.steps {
+                Some(s) if s != total => {
+                    return Err(Error::Checkpoint {
+                        path,
+                        reason: format!(
+                            "--steps {s}: its run's cosine schedule ends at step {total}, so the resumed run \
+                             does too. Leave --steps out (or start a new run for another length)"
+                        ),
+                    })
+                }
+                _ => total_steps = total,
+            }
+        }
+        if total_steps < c.step {
+            return Err(Error::Checkpoint {
+                path,
+                reason: format!(
+                    "it is at step {}, past the {total_steps} steps asked for (--steps and --epochs count the \
+                     whole run, the steps before --resume included): ask for more",
+                    c.step
+                ),
+            });
+        }
+    }
     if let LrSchedule::Cosine { total, .. } = &mut cfg.schedule {
         if *total == 0 {
             *total = total_steps;
@@ -754,6 +834,9 @@ fn make_plan<B: Ops>(
     sharing: usize,
 ) -> tessera::Result<(Plan, String, Option<Budget>)> {
     let n = devs.len();
+    if let Some(g) = gflops.filter(|g| !(*g > 0.0 && g.is_finite())) {
+        return Err(Error::Invalid(format!("--gflops {g}: a device's GEMM rate must be positive, e.g. 100")));
+    }
     let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
     let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;
     if m.plan != "auto" && m.plan != "manual" {
@@ -795,7 +878,7 @@ fn make_plan<B: Ops>(
         (p, format!("planner: {why}"), Some(budget))
     };
     if let Some(lps) = &m.layers_per_stage {
-        let counts = MlpConfig::parse_widths(lps)?;
+        let counts = MlpConfig::parse_widths(lps).map_err(|e| Error::Invalid(format!("--layers-per-stage: {e}")))?;
         plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?;
@@ -905,6 +988,13 @@ fn run_training<T: Run>(
     test_set: &Dataset,
 ) -> tessera::Result<()> {
     let root = trainer.root();
+    if root {
+        for (flag, path) in [("--save", &a.save), ("--timeline", &a.timeline)] {
+            if let Some(p) = path {
+                check_output(flag, p)?;
+            }
+        }
+    }
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
     let start_step = trainer.steps();
     let pb = if a.json || !root {
@@ -966,26 +1056,27 @@ fn run_training<T: Run>(
             );
         }
     }
-    if let Some(path) = &a.save {
-        // Every rank takes part in gathering the parameters; rank 0 writes them.
-        let c = Checkpoint {
+    // Every rank takes part in gathering the parameters; rank 0 writes them, after the result.
+    let gathered = match &a.save {
+        Some(_) => Some(Checkpoint {
             config: trainer.config().clone(),
             batch,
             step: trainer.steps(),
             cursor,
             params: trainer.params()?,
             state: trainer.optimizer_state()?,
-        };
-        if !root {
-            return Ok(());
-        }
-        c.save(path)?;
-        if !a.json {
-            eprintln!("saved {} (step {})", path.display(), trainer.steps());
-        }
-    }
+        }),
+        None => None,
+    };
     if !root {
         return Ok(());
+    }
+    if !eval.loss.is_finite() {
+        eprintln!(
+            "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
+             rate (--lr) or clip gradients (--clip 1.0)",
+            eval.loss
+        );
     }
     let steps_run = trainer.steps() - start_step;
     let rate = samples as f64 / train_time.max(1e-9);
@@ -1024,6 +1115,32 @@ fn run_training<T: Run>(
             rate,
             wall
         );
+    }
+    if let (Some(path), Some(c)) = (&a.save, gathered) {
+        c.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
+        if !a.json {
+            eprintln!("saved {} (step {})", path.display(), c.step);
+        }
+    }
+    Ok(())
+}
+
+/// Checks before training that an output file of `flag` can be written where it is asked for
+/// (its directory exists), so that a run does not fail at its end for a typo.
+fn check_output(flag: &str, path: &std::path::Path) -> tessera::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{flag} {}: the directory {} does not exist (create it first, or give another path)",
+            path.display(),
+            dir.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Error::Invalid(format!("{flag} {}: that is a directory; give a file name", path.display())));
     }
     Ok(())
 }

@@ -54,15 +54,23 @@ impl MlpConfig {
         Ok(MlpConfig { widths, act })
     }
 
-    /// Parses `784,512,512,10` (also `784-512-512-10`).
+    /// Parses `784,512,512,10` (also `784-512-512-10` or `784x512x10`, one separator kind per
+    /// list). An empty item (`784,,10`) or a sign is an error, not skipped.
     pub fn parse_widths(s: &str) -> Result<Vec<usize>> {
-        s.split([',', '-', 'x'])
-            .map(|t| t.trim())
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                t.parse::<usize>().map_err(|_| {
-                    Error::Invalid(format!("width list `{s}`: `{t}` is not a whole number (example: 784,512,512,10)"))
-                })
+        let bad = |why: String| Error::Invalid(format!("width list `{s}`: {why} (example: 784,512,512,10)"));
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(bad("it is empty".into()));
+        }
+        // One separator for the whole list, so that `784,-3,10` is not read as 784, 3, 10.
+        let sep = [',', 'x', '-'].into_iter().find(|&c| t.contains(c)).unwrap_or(',');
+        t.split(sep)
+            .map(|item| {
+                let item = item.trim();
+                if item.is_empty() {
+                    return Err(bad("an empty item (two separators in a row, or one at an end)".into()));
+                }
+                item.parse::<usize>().map_err(|_| bad(format!("`{item}` is not a whole number")))
             })
             .collect()
     }
@@ -578,5 +586,27 @@ impl<B: Ops> Mlp<B> {
         let rows = self.rows;
         let loss = self.stage.backward(dev, 0, None, 1.0 / rows.max(1) as f32, &mut |_, _| Ok(()))?;
         Ok(loss.unwrap_or(f32::NAN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn width_lists_parse_with_one_separator_and_refuse_gaps_and_signs() {
+        for s in ["784,512,10", "784-512-10", "784x512x10", " 784, 512 ,10 "] {
+            assert_eq!(MlpConfig::parse_widths(s).unwrap(), vec![784, 512, 10], "{s}");
+        }
+        for (s, why) in [
+            ("784,-3,10", "`-3` is not a whole number"),
+            ("784,,10", "an empty item"),
+            ("784,10,", "an empty item"),
+            ("", "it is empty"),
+            ("784,abc", "`abc` is not a whole number"),
+        ] {
+            let err = MlpConfig::parse_widths(s).unwrap_err().to_string();
+            assert!(err.contains(why), "{s}: {err}");
+        }
     }
 }

@@ -110,6 +110,22 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+impl TrainConfig {
+    /// Checks the optimizer's hyper-parameters and the clipping norm (positive and finite).
+    /// Every trainer and engine calls it before it takes the configuration.
+    pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
+        if let Some(c) = self.clip_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "gradient clipping norm (--clip) {c}: must be a positive number, e.g. 1 (leave it out for no clipping)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
@@ -166,12 +182,7 @@ impl<B: Ops> Trainer<B> {
 
     /// A run restored from parameters, optimizer state (one vector per slot) and step.
     pub fn from_parts(dev: &B, cfg: TrainConfig, model: Mlp<B>, state: Option<&[Vec<f32>]>, step: u64) -> Result<Self> {
-        cfg.optimizer.validate()?;
-        if let Some(c) = cfg.clip_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(Error::Invalid(format!("gradient clipping norm {c} must be positive")));
-            }
-        }
+        cfg.validate()?;
         let n = cfg.model.param_count();
         let slots = cfg.optimizer.slots().len();
         let state = match state {
@@ -211,7 +222,8 @@ impl<B: Ops> Trainer<B> {
     }
 
     /// One step on a batch (`x`: `labels.len() x inputs`): forward, loss, backward, clipping,
-    /// optimizer update. Returns the batch's mean loss.
+    /// optimizer update. Returns what the step did: the batch's mean loss, the learning rate
+    /// used and, with clipping, the gradient norm.
     pub fn step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         let dev = &self.dev;
         self.model.load_batch(dev, x, labels)?;

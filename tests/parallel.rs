@@ -123,8 +123,16 @@ fn batches_too_small_for_the_plan_are_refused_clearly() {
             && err.contains("at least 8"),
         "{err}"
     );
-    let err = Engine::new(&devs[..3], cfg, plan).err().unwrap().to_string();
+    let err = Engine::new(&devs[..3], cfg.clone(), plan.clone()).err().unwrap().to_string();
     assert!(err.contains("needs 4 devices, 3 given"), "{err}");
+    // A clipping norm that would stop (0) or reverse (< 0) every update is refused, as by the
+    // one-device trainer.
+    for c in [0.0, -1.0, f32::NAN] {
+        let bad = TrainConfig { clip_norm: Some(c), ..cfg.clone() };
+        let err = Engine::new(&devs, bad.clone(), plan.clone()).err().unwrap().to_string();
+        assert!(err.contains("must be a positive number"), "{err}");
+        assert!(Trainer::new(&devs[0], bad).is_err());
+    }
 }
 
 #[test]

@@ -329,6 +329,91 @@ fn cli_refuses_bad_input_in_plain_words() {
     assert!(err.contains("--widths (checkpoint: 784-32-10)"), "{err}");
 }
 
+/// Flags that would train wrongly, or be silently ignored, are refused before any training;
+/// so are the settings of a resumed run that are not its own, and outputs that cannot be
+/// written.
+#[test]
+fn cli_refuses_settings_that_would_mislead() {
+    let refused = |args: &[&str], want: &str| {
+        let mut a = vec!["train", "--steps", "2"];
+        for (flag, default) in [("--device", "cpu"), ("--widths", "784,16,10")] {
+            if !args.contains(&flag) {
+                a.extend_from_slice(&[flag, default]);
+            }
+        }
+        a.extend_from_slice(args);
+        let (ok, out, err) = tessera(&a);
+        assert!(!ok, "{args:?} was accepted: {out}");
+        assert!(err.contains(want), "{args:?}: expected `{want}` in:\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    refused(&["--clip", "0"], "--clip) 0: must be a positive number");
+    refused(&["--clip=-1"], "--clip) -1: must be a positive number");
+    refused(&["--momentum", "0.5"], "--momentum is for --optimizer sgd");
+    refused(&["--warmup", "3"], "--warmup is the warm-up of --lr-schedule cosine");
+    refused(&["--widths", "784,-3,10"], "`-3` is not a whole number");
+    refused(&["--widths", "784,,10"], "an empty item");
+    refused(&["--device", "cpu:2", "--dp", "0"], "'--dp <DP>': must be at least 1");
+    refused(&["--save", "/nonexistent-dir/x.safetensors"], "--save /nonexistent-dir/x.safetensors: the directory");
+    refused(&["--resume", "/nonexistent-dir/x.safetensors"], "--resume: /nonexistent-dir/x.safetensors");
+
+    // A cosine run stopped at step 4 of 10: its length and settings are its own.
+    let half = tmp("cosine-4-of-10.safetensors");
+    let (ok, _, err) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--widths",
+        "784,16,10",
+        "--steps",
+        "10",
+        "--stop-at",
+        "4",
+        "--lr-schedule",
+        "cosine",
+        "--save",
+        half.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let resumed = |args: &[&str]| {
+        let mut a = vec!["train", "--device", "cpu", "--resume", half.to_str().unwrap(), "--json"];
+        a.extend_from_slice(args);
+        tessera(&a)
+    };
+    let (ok, _, err) = resumed(&["--steps", "20"]);
+    assert!(!ok && err.contains("--steps 20: its run's cosine schedule ends at step 10"), "{err}");
+    let (ok, _, err) = resumed(&["--clip", "0.5", "--weight-decay", "0.5", "--warmup", "3", "--momentum", "0.1"]);
+    assert!(!ok, "{err}");
+    for flag in ["--clip (checkpoint: no clipping)", "--weight-decay (checkpoint: 0.01)", "--warmup", "--momentum"] {
+        assert!(err.contains(flag), "{flag} not named:\n{err}");
+    }
+    let (ok, _, err) = resumed(&["--lr-schedule", "constant"]);
+    assert!(!ok && err.contains("--lr-schedule (checkpoint: cosine"), "{err}");
+    // Left out, the run ends where its schedule does.
+    let (ok, out, err) = resumed(&[]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((j["steps"].as_u64(), j["steps_this_run"].as_u64()), (Some(10), Some(6)), "{j}");
+    // And a run cannot be resumed backwards.
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--resume", half.to_str().unwrap(), "--steps", "10"]);
+    assert!(ok, "{err}");
+    let const4 = tmp("constant-4.safetensors");
+    let (ok, _, err) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--widths",
+        "784,16,10",
+        "--steps",
+        "4",
+        "--save",
+        const4.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tessera(&["train", "--device", "cpu", "--resume", const4.to_str().unwrap(), "--steps", "3"]);
+    assert!(!ok && err.contains("it is at step 4, past the 3 steps asked for"), "{err}");
+}
+
 #[test]
 fn the_researcher_example_builds_and_learns() {
     // `cargo test` builds the examples next to the test binaries.

@@ -124,7 +124,9 @@ impl<B: Ops> RingComm<B, LocalWire<B>> {
                     rank,
                     to: senders[rank].iter_mut().map(|s| s.take().unwrap()).collect(),
                     from: receivers[rank].iter_mut().map(|r| r.take().unwrap()).collect(),
-                    timeout: Duration::from_secs(120),
+                    // TESSERA_COMM_TIMEOUT (an engine checks the value before it builds a group).
+                    timeout: crate::parallel::engine::comm_timeout()
+                        .unwrap_or(crate::parallel::engine::DEFAULT_COMM_TIMEOUT),
                 };
                 RingComm::new(rank, n, dev.clone(), wire)
             })

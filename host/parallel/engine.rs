@@ -258,7 +258,9 @@ impl<B: Ops> Engine<B> {
         step: u64,
         mut make: Option<&mut CommMaker<'_, B>>,
     ) -> Result<Self> {
+        cfg.validate()?;
         plan.validate(&cfg.model)?;
+        comm_timeout()?;
         let n = cfg.model.param_count();
         if params.len() != n {
             return Err(Error::shape("Engine", format!("{} parameters for a model of {n}", params.len())));
@@ -601,9 +603,16 @@ pub(crate) fn run_worker<B: Ops>(
     result
 }
 
-/// How long a worker waits for its all-reduce thread: `TESSERA_COMM_TIMEOUT` seconds, default 120.
-pub(crate) fn comm_timeout() -> std::time::Duration {
-    std::env::var("TESSERA_COMM_TIMEOUT").ok().and_then(|v| parse_comm_timeout(&v)).unwrap_or(DEFAULT_COMM_TIMEOUT)
+/// How long a worker waits for its all-reduce thread (and, across processes, any MPI wait):
+/// `TESSERA_COMM_TIMEOUT` seconds, default 120; a value that is not a positive number is an
+/// error, in one process as under MPI.
+pub(crate) fn comm_timeout() -> Result<std::time::Duration> {
+    match std::env::var("TESSERA_COMM_TIMEOUT") {
+        Ok(v) => parse_comm_timeout(&v).ok_or_else(|| {
+            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
+        }),
+        Err(_) => Ok(DEFAULT_COMM_TIMEOUT),
+    }
 }
 
 /// The default of `TESSERA_COMM_TIMEOUT`.
@@ -611,7 +620,7 @@ pub(crate) const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration
 
 /// A `TESSERA_COMM_TIMEOUT` value (seconds), or `None` if it is not a positive number.
 pub(crate) fn parse_comm_timeout(v: &str) -> Option<std::time::Duration> {
-    v.parse::<f64>().ok().and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+    v.trim().parse::<f64>().ok().and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -709,7 +718,7 @@ fn worker_actions<B: Ops>(
                     // Collect the reduced buckets and put them back.
                     let mut comm_spans = Vec::new();
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
-                        let limit = comm_timeout();
+                        let limit = comm_timeout()?;
                         let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
                                 "the gradient all-reduce did not finish within {limit:?} (TESSERA_COMM_TIMEOUT): a peer stopped or hung"

@@ -98,12 +98,7 @@ pub fn init() -> Result<MpiRuntime> {
     let size = world.size() as usize;
     let node = world.split_shared(world.rank());
     let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
-    let timeout = match std::env::var("TESSERA_COMM_TIMEOUT") {
-        Ok(v) => crate::parallel::engine::parse_comm_timeout(&v).ok_or_else(|| {
-            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
-        })?,
-        Err(_) => crate::parallel::engine::DEFAULT_COMM_TIMEOUT,
-    };
+    let timeout = crate::parallel::engine::comm_timeout()?;
     let world = Arc::new(MpiWorld {
         world: Shared(world),
         rank,
@@ -597,6 +592,7 @@ impl<B: Ops> DistEngine<B> {
         all_reduce: AllReduce<B>,
     ) -> Result<Self> {
         let plan = agree_on_plan(world, plan);
+        cfg.validate()?;
         plan.validate(&cfg.model)?;
         let mesh = plan.mesh;
         if mesh.devices() != world.size {
