@@ -144,9 +144,10 @@ impl Checkpoint {
         if format != FORMAT {
             return Err(err(format!("format `{format}` is not {FORMAT}")));
         }
-        let widths = MlpConfig::parse_widths(&get("widths")?)?;
-        let act: Activation = get("activation")?.parse()?;
-        let model = MlpConfig::new(widths, act)?;
+        let meta_err = |k: &str, e: Error| err(format!("metadata `{k}`: {e}"));
+        let widths = MlpConfig::parse_widths(&get("widths")?).map_err(|e| meta_err("widths", e))?;
+        let act: Activation = get("activation")?.parse().map_err(|e| meta_err("activation", e))?;
+        let model = MlpConfig::new(widths, act).map_err(|e| meta_err("widths", e))?;
         let optimizer = match get("optimizer")?.as_str() {
             "sgd" => OptimizerConfig::Sgd(Sgd {
                 lr: num("lr")? as f32,
@@ -270,5 +271,12 @@ mod tests {
         let foreign = safetensors::serialize(vec![("w".to_string(), t)], None).unwrap();
         let e = Checkpoint::from_bytes("x", &foreign).unwrap_err().to_string();
         assert!(e.contains("metadata `format` is missing"), "{e}");
+        // Metadata that tessera cannot read names the file and the key.
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let at = text.find("\"activation\":\"").expect("activation in the header") + "\"activation\":\"".len();
+        let mut edited = bytes.clone();
+        edited[at..at + 4].copy_from_slice(b"tanh"); // same length: the header stays valid
+        let e = Checkpoint::from_bytes("x", &edited).unwrap_err().to_string();
+        assert!(e.starts_with("checkpoint x: metadata `activation`:") && e.contains("tanh"), "{e}");
     }
 }
