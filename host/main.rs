@@ -81,9 +81,9 @@ struct TrainArgs {
     /// Samples per step [default: 128].
     #[arg(long)]
     batch: Option<usize>,
-    /// Passes over the training set (ignored when --steps is given).
-    #[arg(long, default_value_t = 15)]
-    epochs: u64,
+    /// Passes over the training set [default: 15] (ignored when --steps is given).
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Total optimizer steps (overrides --epochs; counts steps done before a --resume).
     #[arg(long)]
     steps: Option<u64>,
@@ -521,11 +521,21 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         )));
     }
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
-    let mut total_steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    let mut total_steps = a.steps.unwrap_or(a.epochs.unwrap_or(15) * per_epoch);
     if let Some(c) = &ckpt {
         let path = a.resume.as_ref().unwrap().display().to_string();
         // A cosine schedule fixed the run's length when it started: the resumed run ends there.
         if let LrSchedule::Cosine { total, .. } = c.config.schedule {
+            if let Some(e) = a.epochs.filter(|e| a.steps.is_none() && e * per_epoch != total) {
+                return Err(Error::Checkpoint {
+                    path,
+                    reason: format!(
+                        "--epochs {e} ({} steps): its run's cosine schedule ends at step {total}, so the resumed \
+                         run does too. Leave --epochs out (or start a new run for another length)",
+                        e * per_epoch
+                    ),
+                });
+            }
             match a.steps {
                 Some(s) if s != total => {
                     return Err(Error::Checkpoint {
@@ -1126,7 +1136,7 @@ fn run_training<T: Run>(
 }
 
 /// Checks before training that an output file of `flag` can be written where it is asked for
-/// (its directory exists), so that a run does not fail at its end for a typo.
+/// (its directory exists and takes a file), so that a run does not fail at its end for a typo.
 fn check_output(flag: &str, path: &std::path::Path) -> tessera::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -1142,5 +1152,10 @@ fn check_output(flag: &str, path: &std::path::Path) -> tessera::Result<()> {
     if path.is_dir() {
         return Err(Error::Invalid(format!("{flag} {}: that is a directory; give a file name", path.display())));
     }
+    // Writable: a probe file made and removed there.
+    let probe = dir.join(format!(".tessera-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| Error::Invalid(format!("{flag} {}: cannot write in {}: {e}", path.display(), dir.display())))?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }

@@ -70,7 +70,11 @@ impl MlpConfig {
                 if item.is_empty() {
                     return Err(bad("an empty item (two separators in a row, or one at an end)".into()));
                 }
-                item.parse::<usize>().map_err(|_| bad(format!("`{item}` is not a whole number")))
+                // Digits only: `+512` would parse, and a sign is no part of a width.
+                if !item.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad(format!("`{item}` is not a whole number")));
+                }
+                item.parse::<usize>().map_err(|_| bad(format!("`{item}` is too large")))
             })
             .collect()
     }
@@ -604,6 +608,7 @@ mod tests {
             ("784,10,", "an empty item"),
             ("", "it is empty"),
             ("784,abc", "`abc` is not a whole number"),
+            ("784,+512,10", "`+512` is not a whole number"),
         ] {
             let err = MlpConfig::parse_widths(s).unwrap_err().to_string();
             assert!(err.contains(why), "{s}: {err}");

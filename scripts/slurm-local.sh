@@ -9,8 +9,9 @@
 # /etc/slurm is touched. Installs slurm-wlm, munge and libpmix-dev with apt when missing, and starts
 # munged (with a key made here if the package made none), slurmctld and slurmd as root.
 #
-# Prints `export SLURM_CONF=...` last; scripts/test.sh evaluates it. Exits non-zero, saying
-# why, when the cluster does not come up.
+# Prints `export SLURM_CONF=...` last (the configuration is always .toolchain/slurm/slurm.conf).
+# Exits non-zero, saying why, when the cluster does not come up. The daemons stay up after the
+# tests (a later run finds them); `pkill slurmctld; pkill slurmd` stops them.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="$root/.toolchain/slurm"
@@ -25,15 +26,27 @@ fi
 missing=()
 command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || missing+=(munge)
-ldconfig -p 2>/dev/null | grep -q 'libpmix\.so ' || missing+=(libpmix-dev)
+# (grep reads all of ldconfig's output: `ldconfig -p | grep -q` can fail on SIGPIPE under pipefail.)
+grep -q 'libpmix\.so ' < <(ldconfig -p 2>/dev/null) || missing+=(libpmix-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "slurm-local: installing ${missing[*]} with apt"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -f "$conf" ] && timeout 10 sinfo -h >/dev/null 2>&1; then
-  echo "slurm-local: the controller in $dir answers"
+# Whether our daemon $1 runs (its pid file names a live process of that name: a pid file may
+# outlive a restart).
+running() {
+  local pid
+  pid="$(cat "$dir/$1.pid" 2>/dev/null)" || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+}
+
+# Ours, both daemons alive, and the node ready for jobs (the controller goes on reporting a
+# node whose slurmd died as idle for minutes: then start again).
+if [ -f "$conf" ] && running slurmctld && running slurmd \
+  && [[ "$(timeout 10 sinfo -h -o %t 2>/dev/null)" =~ ^(idle|mix|alloc)$ ]]; then
+  echo "slurm-local: the cluster in $dir is up"
   echo "export SLURM_CONF=$conf"
   exit 0
 fi
@@ -56,11 +69,21 @@ munge -n | unmunge >/dev/null || {
   exit 1
 }
 
-# Old daemons of ours (a configuration from another checkout or host name) go first.
-for pidfile in "$dir/slurmctld.pid" "$dir/slurmd.pid"; do
-  if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
+# Our old daemons (a node that went down, another host name) go first: only processes that
+# still are slurmctld or slurmd (a pid file may outlive a restart), and until they are gone.
+for daemon in slurmctld slurmd; do
+  if running "$daemon"; then
+    pid="$(cat "$dir/$daemon.pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  fi
 done
-sleep 1
+for port in 16817 16818; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "slurm-local: port $port is in use by another program; this cluster needs 16817 and 16818" >&2
+    exit 1
+  fi
+done
 rm -rf "$dir"
 mkdir -p "$dir/state" "$dir/spool"
 host="$(hostname -s)"

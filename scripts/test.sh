@@ -12,9 +12,8 @@ scripts/setup.sh
 # A one-node Slurm cluster for the srun tests of tests/mpi.rs (root only: it starts daemons).
 # Where it cannot start, those tests say they were skipped; TESSERA_SKIP_SLURM=1 skips it.
 if [ "${TESSERA_SKIP_SLURM:-0}" != 1 ] && [ "$(id -u)" = 0 ]; then
-  if slurm_out="$(scripts/slurm-local.sh)"; then
-    echo "$slurm_out" | head -n -1
-    eval "$(echo "$slurm_out" | tail -n 1)"
+  if scripts/slurm-local.sh | grep -v '^export '; then
+    export SLURM_CONF="$PWD/.toolchain/slurm/slurm.conf"
     export TESSERA_SLURM_TESTS=1
   else
     echo "WARNING: scripts/slurm-local.sh failed; the srun tests will be skipped" >&2

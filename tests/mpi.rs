@@ -311,30 +311,47 @@ fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
     assert!(e <= 1e-5, "NCCL-backed step vs plain: {e:.3e}");
 }
 
-/// Whether a Slurm controller answers (`sinfo`), for the `srun` tests. scripts/test.sh starts a
-/// one-node cluster with scripts/slurm-local.sh and sets TESSERA_SLURM_TESTS=1, which makes a
-/// missing cluster a failure rather than a skip.
+/// Whether to run the `srun` tests: only where asked (TESSERA_SLURM_TESTS=1, which
+/// scripts/test.sh sets after scripts/slurm-local.sh started a one-node cluster), so that
+/// `cargo test` on a cluster's login node never submits jobs to a real partition. Asked for,
+/// a cluster that does not answer is a failure.
 fn slurm_present() -> bool {
     if !cfg!(feature = "mpi") {
         eprintln!("skipped: built without the `mpi` feature");
         return false;
     }
+    if std::env::var("TESSERA_SLURM_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "skipped: TESSERA_SLURM_TESTS is not 1 (scripts/test.sh starts a one-node Slurm cluster and sets it)"
+        );
+        return false;
+    }
     let answers = Command::new("sinfo").arg("-h").output().is_ok_and(|o| o.status.success());
-    if answers {
-        return true;
-    }
-    if std::env::var("TESSERA_SLURM_TESTS").as_deref() == Ok("1") {
-        panic!("TESSERA_SLURM_TESTS=1 but no Slurm controller answers sinfo: run scripts/slurm-local.sh and export the SLURM_CONF it prints");
-    }
-    eprintln!("skipped: no Slurm controller answers (scripts/slurm-local.sh starts a one-node one)");
-    false
+    assert!(
+        answers,
+        "TESSERA_SLURM_TESTS=1 but no Slurm controller answers sinfo: run scripts/slurm-local.sh and set SLURM_CONF \
+         to the configuration it prints"
+    );
+    true
 }
 
-/// `srun -n N --mpi=pmix tessera ARGS`: Slurm starts the ranks and hands them their rank and
-/// size through PMIx, as on a cluster; no mpirun anywhere.
-fn srun_cmd(np: usize, args: &[&str]) -> Command {
+/// The srun tests one at a time: each takes the one-node cluster's 4 CPUs.
+static SLURM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Cancels the Slurm job named `0` when dropped (a failed test leaves no job holding the node).
+struct CancelJob(String);
+impl Drop for CancelJob {
+    fn drop(&mut self) {
+        let _ = Command::new("scancel").args(["--name", &self.0]).output();
+    }
+}
+
+/// `srun -n N --mpi=pmix tessera ARGS` as job `name`: Slurm starts the ranks and hands them
+/// their rank and size through PMIx, as on a cluster; no mpirun anywhere. A job that cannot get
+/// the node within 60 s fails instead of queueing.
+fn srun_cmd(np: usize, name: &str, args: &[&str]) -> Command {
     let mut c = Command::new("srun");
-    c.args(["-n", &np.to_string(), "--mpi=pmix", "--quiet"])
+    c.args(["-n", &np.to_string(), "--mpi=pmix", "--quiet", "--immediate=60", "-J", name])
         .env("OMPI_MCA_btl", "self,vader,tcp")
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .arg(tessera_bin())
@@ -347,12 +364,15 @@ fn ranks_under_slurm_srun_match_the_single_device_run() {
     if !slurm_present() {
         return;
     }
+    let _one_at_a_time = SLURM.lock().unwrap_or_else(|e| e.into_inner());
+    let name = format!("tessera-test-match-{}", std::process::id());
+    let _cancel = CancelJob(name.clone());
     let want = reference("8", &tmp("srun-ref8.safetensors"));
     for (np, mesh) in [(2, &["--dp", "2"][..]), (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"][..])] {
         let out = tmp(&format!("srun-{np}-{}.safetensors", mesh.join("")));
         let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
         a.extend_from_slice(mesh);
-        let o = srun_cmd(np, &a).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run srun");
+        let o = srun_cmd(np, &name, &a).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run srun");
         let (stdout, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         assert!(o.status.success(), "srun -n {np} {mesh:?} failed:\n{err}");
         let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
@@ -387,10 +407,12 @@ fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
     if !slurm_present() {
         return;
     }
+    let _one_at_a_time = SLURM.lock().unwrap_or_else(|e| e.into_inner());
     let mark = format!("TESSERA_TEST_JOB=srun-kill-{}", std::process::id());
     let (k, v) = mark.split_once('=').unwrap();
+    let _cancel = CancelJob(v.to_string());
     let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
-    let mut child = srun_cmd(4, &a)
+    let mut child = srun_cmd(4, v, &a)
         .env("TESSERA_COMM_TIMEOUT", "20")
         .env(k, v)
         .stdout(Stdio::piped())

@@ -352,6 +352,7 @@ fn cli_refuses_settings_that_would_mislead() {
     refused(&["--momentum", "0.5"], "--momentum is for --optimizer sgd");
     refused(&["--warmup", "3"], "--warmup is the warm-up of --lr-schedule cosine");
     refused(&["--widths", "784,-3,10"], "`-3` is not a whole number");
+    refused(&["--widths", "784,+3,10"], "`+3` is not a whole number");
     refused(&["--widths", "784,,10"], "an empty item");
     refused(&["--device", "cpu:2", "--dp", "0"], "'--dp <DP>': must be at least 1");
     refused(&["--save", "/nonexistent-dir/x.safetensors"], "--save /nonexistent-dir/x.safetensors: the directory");
@@ -382,6 +383,8 @@ fn cli_refuses_settings_that_would_mislead() {
     };
     let (ok, _, err) = resumed(&["--steps", "20"]);
     assert!(!ok && err.contains("--steps 20: its run's cosine schedule ends at step 10"), "{err}");
+    let (ok, _, err) = resumed(&["--epochs", "3"]);
+    assert!(!ok && err.contains("--epochs 3 (189 steps): its run's cosine schedule ends at step 10"), "{err}");
     let (ok, _, err) = resumed(&["--clip", "0.5", "--weight-decay", "0.5", "--warmup", "3", "--momentum", "0.1"]);
     assert!(!ok, "{err}");
     for flag in ["--clip (checkpoint: no clipping)", "--weight-decay (checkpoint: 0.01)", "--warmup", "--momentum"] {
