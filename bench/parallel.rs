@@ -1,7 +1,8 @@
 //! The parallel engine's numbers, each beside its reference from the same run:
-//! - `allreduce/<backend>`: the in-process ring all-reduce's bus bandwidth (criterion's bytes/s
-//!   counts `size * 2(n-1)/n`, the algorithm bandwidth times 2(n-1)/n) next to a plain copy of
-//!   the same buffer (bytes/s counts its size);
+//! - `allreduce/<backend>`: the in-process all-reduce's bus bandwidth (criterion's bytes/s
+//!   counts `size * 2(n-1)/n`, the algorithm bandwidth times 2(n-1)/n): the ring over messages
+//!   and, on the CPU, the shared-memory group the engine uses, next to a plain copy of the same
+//!   buffer (bytes/s counts its size);
 //! - `train_plans/<backend>`: samples/s (elem/s) of one training step of the default model
 //!   (784-512-512-10, batch 128) for several plans on logical devices; after each plan the
 //!   measured idle fraction of a step is printed next to GPipe's bubble (p-1)/(m+p-1).
@@ -21,8 +22,7 @@ use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::{Activation, AdamW, CpuDevice, Ops};
 
 /// Times `iters` all-reduces of `len` floats over the group (all ranks in their threads).
-fn all_reduce_time<B: Ops>(devs: &[B], len: usize, iters: u64) -> Duration {
-    let comms = LocalComm::group(devs);
+fn all_reduce_time<B: Ops>(comms: Vec<Box<dyn Communicator<B>>>, devs: &[B], len: usize, iters: u64) -> Duration {
     let times: Vec<Duration> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
@@ -45,7 +45,9 @@ fn all_reduce_time<B: Ops>(devs: &[B], len: usize, iters: u64) -> Duration {
     times.into_iter().max().unwrap()
 }
 
-fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B]) {
+/// The ring over messages (`LocalComm`), and where `shared` the group the engine uses on this
+/// backend (`local_group`: on the CPU the shared-memory all-reduce with the ring's bits).
+fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B], shared: bool) {
     let len = 1 << 22;
     let mut g = c.benchmark_group(name);
     g.sample_size(10);
@@ -55,9 +57,17 @@ fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B]) {
             continue;
         }
         g.throughput(Throughput::Bytes(bytes * 2 * (n as u64 - 1) / n as u64));
+        let ring = |d: &[B]| -> Vec<Box<dyn Communicator<B>>> {
+            LocalComm::group(d).into_iter().map(|c| Box::new(c) as Box<dyn Communicator<B>>).collect()
+        };
         g.bench_function(format!("ring n={n} {} MiB (bus bandwidth)", bytes >> 20), |b| {
-            b.iter_custom(|iters| all_reduce_time(&devs[..n], len, iters))
+            b.iter_custom(|iters| all_reduce_time(ring(&devs[..n]), &devs[..n], len, iters))
         });
+        if shared {
+            g.bench_function(format!("shared n={n} {} MiB (bus bandwidth)", bytes >> 20), |b| {
+                b.iter_custom(|iters| all_reduce_time(B::local_group(&devs[..n]), &devs[..n], len, iters))
+            });
+        }
     }
     g.throughput(Throughput::Bytes(bytes));
     let d = &devs[0];
@@ -122,7 +132,7 @@ fn plans_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B]) {
 fn parallel(c: &mut Criterion) {
     eprintln!("this machine: {} cores for rayon", rayon::current_num_threads());
     let cpus: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
-    allreduce_group(c, "allreduce/cpu", &cpus);
+    allreduce_group(c, "allreduce/cpu", &cpus, true);
     plans_group(c, "train_plans/cpu", &cpus);
     if tessera::backend::cuda::gpu_count().unwrap_or(0) > 0 {
         let g0 = tessera::CudaDevice::new(0).unwrap();
@@ -130,7 +140,7 @@ fn parallel(c: &mut Criterion) {
         for i in 1..4 {
             gpus.push(g0.logical(i).unwrap());
         }
-        allreduce_group(c, "allreduce/cuda-logical", &gpus);
+        allreduce_group(c, "allreduce/cuda-logical", &gpus, false);
         plans_group(c, "train_plans/cuda-logical", &gpus);
     } else {
         eprintln!("skipped: no CUDA device (cuda groups not run)");

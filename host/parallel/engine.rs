@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::nn::Stage;
 use crate::ops::Ops;
-use crate::parallel::comm::{Communicator, LocalComm};
+use crate::parallel::comm::Communicator;
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
@@ -311,8 +311,8 @@ impl<B: Ops> Engine<B> {
                 // Each communicator gets its own queue, so its additions overlap backward.
                 let devs: Vec<B> =
                     (0..mesh.dp).map(|r| devices[mesh.device(r, s)].with_own_queue()).collect::<Result<_>>()?;
-                for (r, c) in LocalComm::group(&devs).into_iter().enumerate() {
-                    workers[mesh.device(r, s)].comm = Some(Box::new(c));
+                for (r, c) in B::local_group(&devs).into_iter().enumerate() {
+                    workers[mesh.device(r, s)].comm = Some(c);
                 }
             }
         }
