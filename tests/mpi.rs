@@ -111,25 +111,13 @@ fn ranks_across_processes_match_the_single_device_run() {
     }
 }
 
-#[test]
-fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
-    if !mpirun_present() {
-        return;
-    }
-    let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
-    let mut child = mpirun_cmd(4, &a)
-        .env("TESSERA_COMM_TIMEOUT", "20")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mpirun");
-    // Let the ranks start training, then kill one of them (rank processes are mpirun's
-    // children running the tessera binary).
-    std::thread::sleep(Duration::from_secs(4));
-    let out = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().expect("pgrep");
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
-    assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
-    let victim = &pids[2];
+/// `kill -9 victim`, then waits (90 s at most) for the launcher `child` to end: its status, the
+/// time it took after the kill, and its stderr.
+fn kill_rank_and_wait(
+    mut child: std::process::Child,
+    victim: &str,
+    launcher: &str,
+) -> (std::process::ExitStatus, Duration, String) {
     assert!(Command::new("kill").args(["-9", victim]).status().unwrap().success());
     let killed = Instant::now();
     let mut status = None;
@@ -142,12 +130,34 @@ fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
     }
     let Some(status) = status else {
         let _ = child.kill();
-        panic!("the job still ran 90 s after a rank was killed");
+        panic!("the {launcher} job still ran 90 s after a rank was killed");
     };
     let took = killed.elapsed();
     let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("after kill -9 of one rank, mpirun exited in {took:?} with {status}:\n{err}");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    eprintln!("after kill -9 of one rank, {launcher} exited in {took:?} with {status}:\n{err}");
+    (status, took, err)
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
+    if !mpirun_present() {
+        return;
+    }
+    let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
+    let child = mpirun_cmd(4, &a)
+        .env("TESSERA_COMM_TIMEOUT", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mpirun");
+    // Let the ranks start training, then kill one of them (rank processes are mpirun's
+    // children running the tessera binary).
+    std::thread::sleep(Duration::from_secs(4));
+    let out = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
+    let (status, took, err) = kill_rank_and_wait(child, &pids[2], "mpirun");
     assert!(!status.success());
     assert!(took <= Duration::from_secs(60), "took {took:?}");
     // Named: by the launcher (the rank that died) and by tessera on the survivors.
@@ -412,7 +422,7 @@ fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
     let (k, v) = mark.split_once('=').unwrap();
     let _cancel = CancelJob(v.to_string());
     let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
-    let mut child = srun_cmd(4, v, &a)
+    let child = srun_cmd(4, v, &a)
         .env("TESSERA_COMM_TIMEOUT", "20")
         .env(k, v)
         .stdout(Stdio::piped())
@@ -427,24 +437,7 @@ fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
     }
     assert_eq!(pids.len(), 4, "expected 4 rank processes under srun, found {pids:?}");
     std::thread::sleep(Duration::from_secs(2)); // training, not starting up
-    assert!(Command::new("kill").args(["-9", &pids[2].to_string()]).status().unwrap().success());
-    let killed = Instant::now();
-    let mut status = None;
-    while killed.elapsed() < Duration::from_secs(90) {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let Some(status) = status else {
-        let _ = child.kill();
-        panic!("the srun job still ran 90 s after a rank was killed");
-    };
-    let took = killed.elapsed();
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("after kill -9 of one rank, srun exited in {took:?} with {status}:\n{err}");
+    let (status, took, err) = kill_rank_and_wait(child, &pids[2].to_string(), "srun");
     assert!(!status.success());
     assert!(took <= Duration::from_secs(60), "took {took:?}");
     assert!(err.contains("task") && err.contains("Killed"), "srun does not name the killed task:\n{err}");

@@ -286,6 +286,15 @@ fn cli_save_and_resume_match_an_uninterrupted_run() {
     assert_eq!(ca.params, cc.params);
 }
 
+/// `tessera train --device cpu ARGS --save path`, which must succeed.
+fn saved_run(args: &[&str], path: &std::path::Path) {
+    let mut a = vec!["train", "--device", "cpu"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--save", path.to_str().unwrap()]);
+    let (ok, _, err) = tessera(&a);
+    assert!(ok, "{args:?}: {err}");
+}
+
 #[test]
 fn cli_refuses_bad_input_in_plain_words() {
     let bad = tmp("bad.safetensors");
@@ -311,18 +320,7 @@ fn cli_refuses_bad_input_in_plain_words() {
     assert!(err.contains("train-images-idx3-ubyte"), "{err}");
 
     let good = tmp("good.safetensors");
-    let (ok, _, err) = tessera(&[
-        "train",
-        "--device",
-        "cpu",
-        "--widths",
-        "784,32,10",
-        "--steps",
-        "2",
-        "--save",
-        good.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    saved_run(&["--widths", "784,32,10", "--steps", "2"], &good);
     let (ok, _, err) =
         tessera(&["train", "--device", "cpu", "--resume", good.to_str().unwrap(), "--widths", "784,64,10"]);
     assert!(!ok);
@@ -360,22 +358,7 @@ fn cli_refuses_settings_that_would_mislead() {
 
     // A cosine run stopped at step 4 of 10: its length and settings are its own.
     let half = tmp("cosine-4-of-10.safetensors");
-    let (ok, _, err) = tessera(&[
-        "train",
-        "--device",
-        "cpu",
-        "--widths",
-        "784,16,10",
-        "--steps",
-        "10",
-        "--stop-at",
-        "4",
-        "--lr-schedule",
-        "cosine",
-        "--save",
-        half.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    saved_run(&["--widths", "784,16,10", "--steps", "10", "--stop-at", "4", "--lr-schedule", "cosine"], &half);
     let resumed = |args: &[&str]| {
         let mut a = vec!["train", "--device", "cpu", "--resume", half.to_str().unwrap(), "--json"];
         a.extend_from_slice(args);
@@ -401,18 +384,7 @@ fn cli_refuses_settings_that_would_mislead() {
     let (ok, _, err) = tessera(&["train", "--device", "cpu", "--resume", half.to_str().unwrap(), "--steps", "10"]);
     assert!(ok, "{err}");
     let const4 = tmp("constant-4.safetensors");
-    let (ok, _, err) = tessera(&[
-        "train",
-        "--device",
-        "cpu",
-        "--widths",
-        "784,16,10",
-        "--steps",
-        "4",
-        "--save",
-        const4.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    saved_run(&["--widths", "784,16,10", "--steps", "4"], &const4);
     let (ok, _, err) = tessera(&["train", "--device", "cpu", "--resume", const4.to_str().unwrap(), "--steps", "3"]);
     assert!(!ok && err.contains("it is at step 4, past the 3 steps asked for"), "{err}");
 }
