@@ -98,11 +98,18 @@ def main():
                     out.append(f"| {label} | {t:,.1f} | {name} | {pr:,.1f} | {t / pr:.2f} |")
             else:
                 out.append(f"| {label} | {t:,.1f} | | | |")
-        # Groups without the tessera/peer naming (all-reduce, plans, train steps).
+        # Groups without the tessera/peer naming (all-reduce, plans, train steps). In an
+        # all-reduce group the copy of the same buffer is every row's peer.
+        copy = next((f for f in fns if group.startswith("allreduce/") and f.startswith("copy ")), None)
         for fn in sorted(fns):
-            if fn in ours or fn.partition(" ")[2] in cases:
+            if fn in ours or fn.partition(" ")[2] in cases or fn == copy:
                 continue
-            out.append(f"| {fn} | {fns[fn]['rate'] / scale:,.1f} | | | |")
+            t = fns[fn]["rate"] / scale
+            if copy:
+                c = fns[copy]["rate"] / scale
+                out.append(f"| {fn} | {t:,.1f} | copy | {c:,.1f} | {t / c:.2f} |")
+            else:
+                out.append(f"| {fn} | {t:,.1f} | | | |")
         out.append("")
 
     if a.peers and os.path.exists(a.peers):
