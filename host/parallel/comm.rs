@@ -257,6 +257,32 @@ struct Rendezvous {
     timeout: Duration,
 }
 
+/// A rank's buffer, published to the others for one collective.
+#[derive(Clone, Copy)]
+struct BufPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced inside a collective, in the disjoint or
+// rendezvous-ordered ranges that `SharedComm::all_reduce_sum` gives each rank.
+unsafe impl Send for BufPtr {}
+
+/// Held while a rank is inside a phase (and forgotten when it leaves normally): if the phase
+/// panicked, the group is broken and the unwinding waits until no rank reads this rank's
+/// buffer any more, before the buffer can be freed.
+struct PhaseGuard<'a> {
+    rv: &'a Rendezvous,
+    rank: usize,
+}
+
+impl Drop for PhaseGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = self.rv.lock();
+        Rendezvous::leave_phase(&mut s);
+        if s.broken.is_none() {
+            s.broken = Some(format!("rank {} failed inside an all-reduce", self.rank));
+        }
+        let _ = self.rv.fail(s, String::new());
+    }
+}
+
 struct RendezvousState {
     arrived: usize,
     generation: u64,
@@ -266,7 +292,7 @@ struct RendezvousState {
     /// loops over memory: they end in bounded time).
     busy: usize,
     /// Each rank's buffer for the collective in progress: (address, length).
-    bufs: Vec<(usize, usize)>,
+    bufs: Vec<(BufPtr, usize)>,
 }
 
 impl Rendezvous {
@@ -366,7 +392,7 @@ impl SharedComm {
                 generation: 0,
                 broken: None,
                 busy: 0,
-                bufs: vec![(0, 0); n],
+                bufs: vec![(BufPtr(std::ptr::null_mut()), 0); n],
             }),
             cv: Condvar::new(),
             ranks: n,
@@ -405,18 +431,55 @@ impl Communicator<crate::CpuDevice> for SharedComm {
         }
         // From here until the last rendezvous this rank touches its buffer only through `base`,
         // and every rank reads or writes only what the phases below give it, with a rendezvous
-        // (a mutex and condition variable: it orders the memory) between the phases.
+        // (a mutex and condition variable: it orders the memory) between the phases. Every rank
+        // goes through all three, whatever happens in the phases, so the ranks stay in step.
         let base = buf.as_mut_ptr();
         let len = buf.len();
-        self.rv.lock().bufs[me] = (base as usize, len);
+        self.rv.lock().bufs[me] = (BufPtr(base), len);
         self.rv.wait(me, false, true)?;
+        // No rank publishes again before every rank has passed the last rendezvous, so all
+        // see the same buffers and lengths.
         let bufs = self.rv.lock().bufs.clone();
-        if bufs.iter().any(|b| b.1 != len) {
-            // Every rank sees the same lengths, so every rank stops here with the same error,
-            // and none reads another's buffer.
-            let mut s = self.rv.lock();
-            Rendezvous::leave_phase(&mut s);
-            self.rv.cv.notify_all();
+        let same_length = bufs.iter().all(|b| b.1 == len);
+        let guard = PhaseGuard { rv: &self.rv, rank: me };
+        let c = chunks(len, n);
+        if same_length {
+            // Reduce: chunk `me`, in the ring's order, into this rank's own buffer. No other
+            // rank reads chunk `me` of any buffer, or writes anything, in this phase.
+            let mine = c[me].clone();
+            for start in (mine.start..mine.end).step_by(SHARED_BLOCK) {
+                let end = (start + SHARED_BLOCK).min(mine.end);
+                // SAFETY: [start, end) lies in this rank's buffer (len elements, and every
+                // buffer holds len); in this phase only this rank accesses chunk `me` of any
+                // buffer.
+                let acc = unsafe { std::slice::from_raw_parts_mut(base.add(start), end - start) };
+                for j in 1..n {
+                    let src = bufs[(me + j) % n].0 .0;
+                    // SAFETY: rank (me + j) % n's buffer holds len elements and stays alive and
+                    // unwritten in [start, end) until the last rendezvous.
+                    let src = unsafe { std::slice::from_raw_parts(src.add(start).cast_const(), end - start) };
+                    // acc = x_{me+j} + acc, as the ring's axpy adds the received partial sum
+                    // (an f32 addition is commutative, bit for bit).
+                    crate::backend::cpu::wide(|| acc.iter_mut().zip(src).for_each(|(a, x)| *a += x));
+                }
+            }
+        }
+        std::mem::forget(guard);
+        self.rv.wait(me, true, true)?;
+        let guard = PhaseGuard { rv: &self.rv, rank: me };
+        if same_length {
+            // Gather: every other chunk from its owner, which does not write its own chunk now.
+            for (k, ck) in c.iter().enumerate().filter(|(k, ck)| *k != me && !ck.is_empty()) {
+                let src = bufs[k].0 .0;
+                // SAFETY: chunk k of rank k's buffer is final and only read in this phase; this
+                // rank's chunk k is written only by this rank, and read by no other now.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(ck.start).cast_const(), base.add(ck.start), ck.len()) };
+            }
+        }
+        std::mem::forget(guard);
+        // Nobody returns (and writes its buffer again) while another may still read it.
+        self.rv.wait(me, true, false)?;
+        if !same_length {
             let lens: Vec<String> = bufs.iter().map(|b| b.1.to_string()).collect();
             return Err(Error::shape(
                 "all-reduce",
@@ -426,37 +489,7 @@ impl Communicator<crate::CpuDevice> for SharedComm {
                 ),
             ));
         }
-        let c = chunks(len, n);
-        // Reduce: chunk `me`, in the ring's order, into this rank's own buffer. No other rank
-        // reads chunk `me` of any buffer, or writes anything, in this phase.
-        let mine = c[me].clone();
-        for start in (mine.start..mine.end).step_by(SHARED_BLOCK) {
-            let end = (start + SHARED_BLOCK).min(mine.end);
-            // SAFETY: [start, end) lies in this rank's buffer (len elements, checked above);
-            // in this phase only this rank accesses chunk `me` of any buffer.
-            let acc = unsafe { std::slice::from_raw_parts_mut(base.add(start), end - start) };
-            for j in 1..n {
-                let (addr, _) = bufs[(me + j) % n];
-                // SAFETY: rank (me + j) % n's buffer holds len elements (checked) and stays
-                // alive and unwritten in [start, end) until the last rendezvous.
-                let src = unsafe { std::slice::from_raw_parts((addr as *const f32).add(start), end - start) };
-                // acc = x_{me+j} + acc, as the ring's axpy adds the received partial sum (an
-                // f32 addition is commutative, bit for bit).
-                crate::backend::cpu::wide(|| acc.iter_mut().zip(src).for_each(|(a, x)| *a += x));
-            }
-        }
-        self.rv.wait(me, true, true)?;
-        // Gather: every other chunk from its owner, which does not write its own chunk now.
-        for (k, ck) in c.iter().enumerate().filter(|(k, ck)| *k != me && !ck.is_empty()) {
-            let (addr, _) = bufs[k];
-            // SAFETY: chunk k of rank k's buffer is final and only read in this phase; this
-            // rank's chunk k is written only by this rank, and read by no other in this phase.
-            unsafe {
-                std::ptr::copy_nonoverlapping((addr as *const f32).add(ck.start), base.add(ck.start), ck.len());
-            }
-        }
-        // Nobody returns (and writes its buffer again) while another may still read it.
-        self.rv.wait(me, true, false)
+        Ok(())
     }
 
     fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
@@ -531,7 +564,14 @@ mod tests {
         let devs: Vec<CpuDevice> = (0..3).map(CpuDevice::new).collect();
         let errs = on_threads(SharedComm::group(&devs), |r, mut c| {
             let mut v = vec![1.0f32; 10 + (r == 2) as usize];
-            c.all_reduce_sum(&mut v).unwrap_err().to_string()
+            let e = c.all_reduce_sum(&mut v).unwrap_err().to_string();
+            // The ranks stay in step: the group goes on working, again and again.
+            for round in 0..50 {
+                let mut w = vec![(r + round) as f32; 7 + round % 5];
+                c.all_reduce_sum(&mut w).unwrap();
+                assert!(w.iter().all(|&x| x == (3 * round + 3) as f32), "round {round}: {w:?}");
+            }
+            e
         });
         for e in &errs {
             assert!(e.contains("ranks 0..3 hold 10, 10, 11 elements"), "{e}");
