@@ -85,30 +85,42 @@ fn reference(steps: &str, path: &Path) -> Vec<f32> {
     params(path)
 }
 
+/// 8 steps on `np` ranks started by `launch(np, args)` (-> ok, stdout, stderr) for each mesh,
+/// against the single-process run: rank 0 alone prints the result, and the weights are within
+/// the oracle's 1e-5.
+fn ranks_match_one_process(
+    launcher: &str,
+    meshes: &[(usize, &[&str])],
+    launch: impl Fn(usize, &[&str]) -> (bool, String, String),
+) {
+    let want = reference("8", &tmp(&format!("{launcher}-ref8.safetensors")));
+    for &(np, mesh) in meshes {
+        let out = tmp(&format!("{launcher}-{np}-{}.safetensors", mesh.join("")));
+        let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
+        a.extend_from_slice(mesh);
+        let (ok, stdout, err) = launch(np, &a);
+        assert!(ok, "{launcher} -n {np} {mesh:?} failed:\n{err}");
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
+        assert_eq!(j["steps"], 8);
+        assert_eq!(j["device"], "rank0:cpu:0", "rank 0 prints, once: {stdout}");
+        let e = rel_err(&params(&out), &want);
+        eprintln!("{launcher} -n {np} {mesh:?}: ||w - w_ref|| / ||w_ref|| = {e:.2e}");
+        assert!(e <= 1e-5, "{launcher} -n {np} {mesh:?}: relative error {e:.3e}");
+    }
+}
+
 #[test]
 fn ranks_across_processes_match_the_single_device_run() {
     if !mpirun_present() {
         return;
     }
-    let want = reference("8", &tmp("ref8.safetensors"));
-    for (np, mesh) in [
-        (2, &["--dp", "2"][..]),
-        (2, &["--pp", "2", "--microbatches", "3"][..]),
-        (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"][..]),
-        (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"][..]),
-    ] {
-        let out = tmp(&format!("mpi-{np}-{}.safetensors", mesh.join("")));
-        let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
-        a.extend_from_slice(mesh);
-        let (ok, stdout, err) = mpirun(np, &a);
-        assert!(ok, "mpirun -np {np} {mesh:?} failed:\n{err}");
-        // Rank 0 alone prints the result.
-        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
-        assert_eq!(j["steps"], 8);
-        let e = rel_err(&params(&out), &want);
-        eprintln!("mpirun -np {np} {mesh:?}: ||w - w_ref|| / ||w_ref|| = {e:.2e}");
-        assert!(e <= 1e-5, "mpirun -np {np} {mesh:?}: relative error {e:.3e}");
-    }
+    let meshes: [(usize, &[&str]); 4] = [
+        (2, &["--dp", "2"]),
+        (2, &["--pp", "2", "--microbatches", "3"]),
+        (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"]),
+        (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"]),
+    ];
+    ranks_match_one_process("mpirun", &meshes, mpirun);
 }
 
 /// `kill -9 victim`, then waits (90 s at most) for the launcher `child` to end: its status, the
@@ -356,6 +368,15 @@ impl Drop for CancelJob {
     }
 }
 
+/// The node for one srun test, as job `name` (`None`: the srun tests are not asked for). Holds
+/// the lock that runs them one at a time, and cancels the job when the test ends, failed or not.
+fn slurm_job(name: &str) -> Option<(std::sync::MutexGuard<'static, ()>, CancelJob)> {
+    if !slurm_present() {
+        return None;
+    }
+    Some((SLURM.lock().unwrap_or_else(|e| e.into_inner()), CancelJob(name.to_string())))
+}
+
 /// `srun -n N --mpi=pmix tessera ARGS` as job `name`: Slurm starts the ranks and hands them
 /// their rank and size through PMIx, as on a cluster; no mpirun anywhere. A job that cannot get
 /// the node within 60 s fails instead of queueing.
@@ -371,27 +392,13 @@ fn srun_cmd(np: usize, name: &str, args: &[&str]) -> Command {
 
 #[test]
 fn ranks_under_slurm_srun_match_the_single_device_run() {
-    if !slurm_present() {
-        return;
-    }
-    let _one_at_a_time = SLURM.lock().unwrap_or_else(|e| e.into_inner());
     let name = format!("tessera-test-match-{}", std::process::id());
-    let _cancel = CancelJob(name.clone());
-    let want = reference("8", &tmp("srun-ref8.safetensors"));
-    for (np, mesh) in [(2, &["--dp", "2"][..]), (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"][..])] {
-        let out = tmp(&format!("srun-{np}-{}.safetensors", mesh.join("")));
-        let mut a = args(&["--steps", "8", "--save", out.to_str().unwrap(), "--json"]);
-        a.extend_from_slice(mesh);
-        let o = srun_cmd(np, &name, &a).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run srun");
-        let (stdout, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(o.status.success(), "srun -n {np} {mesh:?} failed:\n{err}");
-        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
-        assert_eq!(j["steps"], 8);
-        assert_eq!(j["device"], "rank0:cpu:0", "rank 0 prints, once: {stdout}");
-        let e = rel_err(&params(&out), &want);
-        eprintln!("srun -n {np} {mesh:?}: ||w - w_ref|| / ||w_ref|| = {e:.2e}");
-        assert!(e <= 1e-5, "srun -n {np} {mesh:?}: relative error {e:.3e}");
-    }
+    let Some(_job) = slurm_job(&name) else { return };
+    let meshes: [(usize, &[&str]); 2] = [(2, &["--dp", "2"]), (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"])];
+    ranks_match_one_process("srun", &meshes, |np, a| {
+        let o = srun_cmd(np, &name, a).env("TESSERA_COMM_TIMEOUT", "60").output().expect("run srun");
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    });
 }
 
 /// The rank processes of a job: `tessera` processes whose environment holds `mark`.
@@ -414,13 +421,9 @@ fn processes_marked(mark: &str) -> Vec<u32> {
 
 #[test]
 fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
-    if !slurm_present() {
-        return;
-    }
-    let _one_at_a_time = SLURM.lock().unwrap_or_else(|e| e.into_inner());
     let mark = format!("TESSERA_TEST_JOB=srun-kill-{}", std::process::id());
     let (k, v) = mark.split_once('=').unwrap();
-    let _cancel = CancelJob(v.to_string());
+    let Some(_job) = slurm_job(v) else { return };
     let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
     let child = srun_cmd(4, v, &a)
         .env("TESSERA_COMM_TIMEOUT", "20")
