@@ -717,8 +717,8 @@ fn worker_actions<B: Ops>(
                     }
                     // Collect the reduced buckets and put them back.
                     let mut comm_spans = Vec::new();
+                    let limit = comm_timeout()?;
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
-                        let limit = comm_timeout()?;
                         let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
                                 "the gradient all-reduce did not finish within {limit:?} (TESSERA_COMM_TIMEOUT): a peer stopped or hung"
