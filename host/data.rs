@@ -28,47 +28,58 @@ fn bad(path: &str, what: impl Into<String>) -> Error {
     Error::Data { path: path.to_string(), reason: what.into() }
 }
 
-/// Unpacks gzip (recognised by its magic bytes) or returns raw bytes unchanged.
-fn maybe_gunzip(path: &str, bytes: &[u8]) -> Result<Vec<u8>> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(path, format!("corrupt gzip stream: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(bytes.to_vec())
-    }
-}
-
-/// Parses an IDX file: returns its dimensions and the u8 payload. Only unsigned-byte data
-/// (type 0x08), as MNIST uses, is accepted.
+/// Parses an IDX file, raw or gzip (recognised by its magic bytes; multi-member gzip, as pigz
+/// and bgzip write, is read whole): returns its dimensions and the u8 payload. Only
+/// unsigned-byte data (type 0x08), as MNIST uses, is accepted. The header is read first, and a
+/// gzip stream is decompressed no further than the size it declares (and one byte more, to tell
+/// a file that holds more than its header says), so a small file cannot expand without bound;
+/// dimensions whose product overflows are refused while parsing.
 pub fn parse_idx(path: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>)> {
-    let raw = maybe_gunzip(path, bytes)?;
-    if raw.len() < 4 || raw[0] != 0 || raw[1] != 0 {
+    let gz = bytes.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read + '_> =
+        if gz { Box::new(flate2::read::MultiGzDecoder::new(bytes)) } else { Box::new(bytes) };
+    let corrupt = |e: std::io::Error| bad(path, format!("corrupt gzip stream: {e}"));
+    // Reads up to `n` bytes (fewer only at the end of the data).
+    let take = |reader: &mut Box<dyn Read + '_>, n: usize| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        reader.take(n as u64).read_to_end(&mut out).map_err(corrupt)?;
+        Ok(out)
+    };
+    let magic = take(&mut reader, 4)?;
+    if magic.len() < 4 || magic[0] != 0 || magic[1] != 0 {
         return Err(bad(path, "not an IDX file (the magic number must start with two zero bytes)"));
     }
-    if raw[2] != 0x08 {
+    if magic[2] != 0x08 {
         return Err(bad(
             path,
-            format!("IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", raw[2]),
+            format!("IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", magic[2]),
         ));
     }
-    let ndim = raw[3] as usize;
-    let header = 4 + 4 * ndim;
-    if raw.len() < header {
+    let ndim = magic[3] as usize;
+    let header = take(&mut reader, 4 * ndim)?;
+    if header.len() < 4 * ndim {
         return Err(bad(path, "IDX header is truncated"));
     }
-    let dims: Vec<usize> =
-        (0..ndim).map(|i| u32::from_be_bytes(raw[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
-    let count: usize = dims.iter().product();
-    if raw.len() - header != count {
+    let dims: Vec<usize> = header.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().unwrap()) as usize).collect();
+    // The payload may not exceed what a 64-bit process could address as one buffer.
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d).filter(|&c| c <= isize::MAX as usize))
+        .ok_or_else(|| bad(path, format!("IDX dimensions {dims:?} describe more data than can be held")))?;
+    let data = take(&mut reader, count.saturating_add(1))?;
+    if data.len() > count {
         return Err(bad(
             path,
-            format!("IDX dimensions {dims:?} need {count} bytes of data, the file has {}", raw.len() - header),
+            format!("IDX dimensions {dims:?} need {count} bytes of data, the file holds more: it is not one IDX array"),
         ));
     }
-    Ok((dims, raw[header..].to_vec()))
+    if data.len() != count {
+        return Err(bad(
+            path,
+            format!("IDX dimensions {dims:?} need {count} bytes of data, the file has {}", data.len()),
+        ));
+    }
+    Ok((dims, data))
 }
 
 impl Dataset {
@@ -96,7 +107,11 @@ impl Dataset {
             return Err(bad(labels_path, format!("{} labels for {} images in {images_path}", ldims[0], idims[0])));
         }
         let dim = idims[1..].iter().product();
-        let classes = lab.iter().copied().max().map(|m| m as usize + 1).unwrap_or(0).max(10);
+        if dim == 0 {
+            return Err(bad(images_path, format!("images of dimensions {idims:?} have no pixels")));
+        }
+        // As many classes as the labels use: 0..=max.
+        let classes = lab.iter().copied().max().map(|m| m as usize + 1).unwrap_or(0);
         Ok(Dataset {
             x: pixels.iter().map(|&p| p as f32 / 255.0).collect(),
             y: lab.iter().map(|&l| l as i32).collect(),
@@ -119,17 +134,33 @@ impl Dataset {
     /// Full MNIST from a directory holding `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
     /// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte` (each optionally `.gz`).
     pub fn mnist_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
+        let dir_name = dir.display().to_string();
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(bad(&dir_name, "does not exist; --data expects a directory with the four MNIST IDX files"))
+            }
+            Err(e) => return Err(bad(&dir_name, format!("cannot read it: {e}"))),
+            Ok(m) if !m.is_dir() => {
+                return Err(bad(
+                    &dir_name,
+                    "is not a directory; --data expects a directory with the four MNIST IDX files",
+                ))
+            }
+            Ok(_) => {}
+        }
+        // Listing it tells an unreadable directory ("cannot read") from missing files.
+        std::fs::read_dir(dir).map_err(|e| bad(&dir_name, format!("cannot read it: {e}")))?;
         let read = |stem: &str| -> Result<(String, Vec<u8>)> {
             for name in [format!("{stem}.gz"), stem.to_string()] {
                 let p = dir.join(&name);
-                if p.is_file() {
-                    let bytes =
-                        std::fs::read(&p).map_err(|source| Error::Io { path: p.display().to_string(), source })?;
-                    return Ok((p.display().to_string(), bytes));
+                match std::fs::read(&p) {
+                    Ok(bytes) => return Ok((p.display().to_string(), bytes)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(bad(&p.display().to_string(), format!("cannot read it: {e}"))),
                 }
             }
             Err(bad(
-                &dir.display().to_string(),
+                &dir_name,
                 format!("neither {stem} nor {stem}.gz is there; --data expects the four MNIST IDX files"),
             ))
         };
@@ -259,8 +290,73 @@ mod tests {
         assert!(e.contains("need 3 bytes of data, the file has 2"), "{e}");
         let e = parse_idx("f", &[0x1f, 0x8b, 0, 0]).unwrap_err().to_string();
         assert!(e.contains("corrupt gzip"), "{e}");
+        let e = parse_idx("f", &[0, 0, 8, 1, 0, 0, 0, 1, 1, 2]).unwrap_err().to_string();
+        assert!(e.contains("holds more"), "{e}");
+        // Four dimensions of 2^32 - 1: the product overflows; refused while parsing the header.
+        let mut huge = vec![0, 0, 8, 4];
+        huge.extend([0xff; 16]);
+        let e = parse_idx("f", &huge).unwrap_err().to_string();
+        assert!(e.contains("more data than can be held"), "{e}");
         let (d, v) = parse_idx("f", &[0, 0, 8, 2, 0, 0, 0, 1, 0, 0, 0, 2, 7, 9]).unwrap();
         assert_eq!((d, v), (vec![1, 2], vec![7, 9]));
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A gzip bomb: a header declaring 10 bytes, then a megabyte of zeros. It is refused after
+    /// 11 bytes of output, not decompressed whole.
+    #[test]
+    fn gzip_is_decompressed_only_as_far_as_the_header_declares() {
+        let mut raw = vec![0u8, 0, 8, 1, 0, 0, 0, 10];
+        raw.extend(vec![0u8; 1 << 20]);
+        let e = parse_idx("bomb.gz", &gzip(&raw)).unwrap_err().to_string();
+        assert!(e.contains("holds more"), "{e}");
+        // A declared size far beyond the stream: "the file has" what it really had.
+        let raw = [0u8, 0, 8, 1, 0x7f, 0xff, 0xff, 0xff, 1, 2, 3];
+        let e = parse_idx("short.gz", &gzip(&raw)).unwrap_err().to_string();
+        assert!(e.contains("the file has 3"), "{e}");
+    }
+
+    /// Multi-member gzip (pigz, bgzip): every member is read, not only the first.
+    #[test]
+    fn multi_member_gzip_is_read_whole() {
+        let raw = [0u8, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6];
+        let mut two = gzip(&raw[..10]);
+        two.extend(gzip(&raw[10..]));
+        let (d, v) = parse_idx("two.gz", &two).unwrap();
+        assert_eq!((d, v), (vec![2, 3], vec![1, 2, 3, 4, 5, 6]));
+    }
+
+    #[test]
+    fn classes_are_what_the_labels_use() {
+        let images = [0u8, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 2, 1, 2, 3, 4, 5, 6];
+        let labels = [0u8, 0, 8, 1, 0, 0, 0, 3, 0, 4, 2];
+        let d = Dataset::from_idx("i", &images, "l", &labels).unwrap();
+        assert_eq!((d.classes, d.dim, d.len()), (5, 2, 3));
+    }
+
+    #[test]
+    fn directories_that_cannot_be_read_say_so() {
+        let dir = std::env::temp_dir().join(format!("tessera-data-test-{}", std::process::id()));
+        let e = Dataset::mnist_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::write(&dir, b"x").unwrap();
+        let e = Dataset::mnist_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let e = Dataset::mnist_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("neither train-images-idx3-ubyte"), "{e}");
+        // A file that exists but cannot be read (a directory in its place): "cannot read".
+        std::fs::create_dir(dir.join("train-images-idx3-ubyte.gz")).unwrap();
+        let e = Dataset::mnist_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("cannot read it"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -155,7 +155,10 @@ impl DeviceSpec {
             )),
             DeviceSpec::Auto => {
                 let why_not = match cuda::gpu_count() {
-                    Ok(0) if !cuda::driver_present() => "no CUDA driver on this machine".to_string(),
+                    Ok(0) if !cuda::driver_present() => match cuda::driver_problem() {
+                        Some(why) if why.contains("lacks") => why,
+                        _ => "no CUDA driver on this machine".to_string(),
+                    },
                     Ok(0) => "the CUDA driver sees no GPU".to_string(),
                     Ok(_) => match CudaDevice::new(0) {
                         Ok(d) => {

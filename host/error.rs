@@ -34,6 +34,17 @@ pub enum Error {
     /// No CUDA driver library on this machine.
     #[error("no CUDA driver found (libcuda.so.1 could not be loaded): install the NVIDIA driver, or put the directory holding libcuda.so.1 on LD_LIBRARY_PATH, or run on the CPU with --device cpu")]
     NoDriver,
+    /// A CUDA driver library that loads but cannot be used (it lacks entry points).
+    #[error("{0}; or run on the CPU with --device cpu")]
+    BadDriver(String),
+    /// A run stopped by a signal at a step boundary (its checkpoint saved when one was asked for).
+    #[error("interrupted by {signal} at step {step}")]
+    Interrupted {
+        /// `SIGINT` or `SIGTERM`.
+        signal: &'static str,
+        /// Steps done when it stopped.
+        step: u64,
+    },
     /// The CUDA kernels were not compiled because nvcc was missing at build time.
     #[error("the CUDA kernels were not built: nvcc was not found when tessera was compiled. Run scripts/setup.sh (it installs the pinned CUDA compiler into .toolchain/cuda), then rebuild; or set NVCC=/path/to/nvcc and rebuild")]
     KernelsNotBuilt,

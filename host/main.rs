@@ -1,14 +1,16 @@
 //! The `tessera` command line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera::backend::cuda;
 use tessera::backend::sim::SIM_KERNELS;
-use tessera::checkpoint::Checkpoint;
+use tessera::checkpoint::{Checkpoint, DataId};
 use tessera::data::{batches_per_epoch, Dataset};
 use tessera::kernels::{KERNELS, MANIFEST};
 use tessera::nn::MlpConfig;
@@ -19,6 +21,81 @@ use tessera::parallel::timeline::Timeline;
 use tessera::parallel::{Plan, ScheduleKind};
 use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
+
+/// Set once stdout (or stderr) is found closed under us, e.g. by `| head -1`: printing to it then
+/// stops quietly, and the run goes on (a checkpoint is still saved). Rust ignores SIGPIPE, so a
+/// closed pipe is a write error here, which `println!` would turn into a panic.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes to stdout or stderr; a failed write (a closed pipe) marks the stream gone.
+fn emit(to_stderr: bool, args: std::fmt::Arguments<'_>, newline: bool) {
+    let gone = if to_stderr { &STDERR_GONE } else { &STDOUT_GONE };
+    if gone.load(Ordering::Relaxed) {
+        return;
+    }
+    let ok = if to_stderr {
+        let mut e = std::io::stderr().lock();
+        e.write_fmt(args).and_then(|_| if newline { e.write_all(b"\n") } else { Ok(()) })
+    } else {
+        let mut o = std::io::stdout().lock();
+        o.write_fmt(args).and_then(|_| if newline { o.write_all(b"\n") } else { o.flush() })
+    };
+    if ok.is_err() {
+        gone.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `println!` that never panics on a closed stdout.
+macro_rules! outln {
+    () => { emit(false, format_args!(""), true) };
+    ($($t:tt)*) => { emit(false, format_args!($($t)*), true) };
+}
+/// `print!` that never panics on a closed stdout.
+macro_rules! out {
+    ($($t:tt)*) => { emit(false, format_args!($($t)*), false) };
+}
+/// `eprintln!` that never panics on a closed stderr.
+macro_rules! errln {
+    ($($t:tt)*) => { emit(true, format_args!($($t)*), true) };
+}
+
+/// SIGINT and SIGTERM during a single-process run: the first asks the run to stop at the next
+/// step boundary (and save, when `--save` was given); a second exits at once.
+mod interrupt {
+    use super::{AtomicI32, Ordering};
+
+    static CAUGHT: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        if CAUGHT.swap(sig, Ordering::SeqCst) != 0 {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(128 + sig) };
+        }
+        let msg: &[u8] = b"\ninterrupted: stopping after this step (a second Ctrl-C quits at once)\n";
+        // SAFETY: write(2) is async-signal-safe; the buffer is a static string.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    }
+
+    /// Installs the handler for SIGINT and SIGTERM.
+    pub fn install() {
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: the handler only touches an atomic and calls async-signal-safe functions.
+            unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+        }
+    }
+
+    /// The signal caught, if any: its name and the exit status it asks for (128 + number).
+    pub fn caught() -> Option<(&'static str, u8)> {
+        match CAUGHT.load(Ordering::SeqCst) {
+            0 => None,
+            s if s == libc::SIGINT => Some(("SIGINT", 130)),
+            s if s == libc::SIGTERM => Some(("SIGTERM", 143)),
+            s => Some(("a signal", (128 + s).clamp(0, 255) as u8)),
+        }
+    }
+}
 
 /// tessera: hand-written CUDA kernels and a host library for training on CPU and GPU devices.
 #[derive(Parser)]
@@ -218,7 +295,7 @@ fn main() -> ExitCode {
         match tessera::parallel::mpi::init() {
             Ok(rt) => Some(rt),
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -248,13 +325,15 @@ fn main() -> ExitCode {
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        // Already reported, with what was saved; the status says which signal (130, 143).
+        Err(Error::Interrupted { .. }) => ExitCode::from(interrupt::caught().map_or(130, |(_, code)| code)),
         Err(e) => {
             #[cfg(feature = "mpi")]
             if let Some(w) = &world {
                 // The other ranks would wait for this one: stop them all, saying why.
                 w.abort(&e.to_string());
             }
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -314,24 +393,47 @@ fn manifest_line() -> String {
 
 fn devices() -> tessera::Result<()> {
     let threads = rayon::current_num_threads();
-    println!("CPU: {} ({} threads)", cpu_model(), threads);
-    println!("  features: {}", cpu_features().join(" "));
-    println!("  devices: cpu, cpu:N (N logical devices sharing these cores)");
-    println!("  simulator: sim, sim:N (the CUDA kernels run on the CPU with every access checked; slow)");
-    println!("CUDA kernels: {}", manifest_line());
-    if !cuda::driver_present() {
-        println!("CUDA driver: not found (libcuda.so.1 could not be loaded); no GPU can be used");
+    outln!("CPU: {} ({} threads)", cpu_model(), threads);
+    outln!("  features: {}", cpu_features().join(" "));
+    outln!("  devices: cpu, cpu:N (N logical devices sharing these cores)");
+    outln!("  simulator: sim, sim:N (the CUDA kernels run on the CPU with every access checked; slow)");
+    outln!("CUDA kernels: {}", manifest_line());
+    // What the driver says is reported, never an error: this command says what is there.
+    if let Some(why) = cuda::driver_problem() {
+        if why.contains("lacks") {
+            outln!("CUDA driver: unusable: {why}; no GPU can be used");
+        } else {
+            outln!("CUDA driver: not found (libcuda.so.1 could not be loaded); no GPU can be used");
+        }
         return Ok(());
     }
-    let v = cuda::driver_version()?;
-    println!("CUDA driver: {} (CUDA {}.{})", v, v / 1000, (v % 1000) / 10);
-    let n = cuda::gpu_count()?;
+    let v = match cuda::driver_version() {
+        Ok(v) => v,
+        Err(e) => {
+            outln!("CUDA driver: unusable: {e}");
+            return Ok(());
+        }
+    };
+    outln!("CUDA driver: {} (CUDA {}.{})", v, v / 1000, (v % 1000) / 10);
+    let n = match cuda::gpu_count() {
+        Ok(n) => n,
+        Err(e) => {
+            outln!("GPUs: none usable: {e}");
+            return Ok(());
+        }
+    };
     if n == 0 {
-        println!("GPUs: none visible to the driver");
+        outln!("GPUs: none visible to the driver");
     }
     for i in 0..n {
-        let g = cuda::describe(i)?;
-        println!(
+        let g = match cuda::describe(i) {
+            Ok(g) => g,
+            Err(e) => {
+                outln!("GPU {i}: cannot be queried: {e}");
+                continue;
+            }
+        };
+        outln!(
             "GPU {i}: {}, {:.1} GiB, compute capability {}.{}, {} SMs; kernels: {}",
             g.name,
             g.total_mem as f64 / (1u64 << 30) as f64,
@@ -348,45 +450,45 @@ fn devices() -> tessera::Result<()> {
 }
 
 fn kernels(verbose: bool) -> tessera::Result<()> {
-    println!("manifest: {}", manifest_line());
+    outln!("manifest: {}", manifest_line());
     if let Some(d) = MANIFEST.min_driver() {
-        println!("needs: a driver for CUDA {}.{} or newer", d / 1000, (d % 1000) / 10);
+        outln!("needs: a driver for CUDA {}.{} or newer", d / 1000, (d % 1000) / 10);
     }
     let sass: Vec<&str> = MANIFEST.archs.iter().copied().filter(|a| a.starts_with("sm_")).collect();
-    print!("{:<28} {:<16} {:<18} {:<4}", "kernel", "file", "hash", "sim");
+    out!("{:<28} {:<16} {:<18} {:<4}", "kernel", "file", "hash", "sim");
     for a in &sass {
-        print!(" {:>22}", format!("{a} regs/smem/spill"));
+        out!(" {:>22}", format!("{a} regs/smem/spill"));
     }
-    println!();
+    outln!();
     for k in KERNELS {
         let hash = k.hash.map(|h| format!("{h:016x}")).unwrap_or_else(|| "-".into());
         let sim = match SIM_KERNELS.iter().find(|s| s.name == k.name).and_then(|s| s.unsupported.map(|_| ())) {
             None => "yes",
             Some(()) => "NO",
         };
-        print!("{:<28} {:<16} {:<18} {sim:<4}", k.name, k.file, hash);
+        out!("{:<28} {:<16} {:<18} {sim:<4}", k.name, k.file, hash);
         for a in &sass {
             let cell = match k.ptxas.iter().find(|p| p.arch == *a) {
                 Some(p) => format!("{}/{}/{}", p.registers, p.smem_bytes, p.spill_stores + p.spill_loads),
                 None => "-".into(),
             };
-            print!(" {cell:>22}");
+            out!(" {cell:>22}");
         }
-        println!();
+        outln!();
     }
-    println!("{} kernels", KERNELS.len());
+    outln!("{} kernels", KERNELS.len());
     // The simulator: every kernel it cannot run is listed with the reason, never skipped quietly.
     let cannot: Vec<String> =
         SIM_KERNELS.iter().filter_map(|s| s.unsupported.map(|why| format!("{} ({}: {why})", s.name, s.file))).collect();
     if cannot.is_empty() {
-        println!("simulator (--device sim): runs all {} kernels", KERNELS.len());
+        outln!("simulator (--device sim): runs all {} kernels", KERNELS.len());
     } else {
-        println!("simulator (--device sim): cannot run {}: {}", cannot.len(), cannot.join(", "));
+        outln!("simulator (--device sim): cannot run {}: {}", cannot.len(), cannot.join(", "));
     }
     let planted: Vec<&str> = SIM_KERNELS.iter().filter(|s| s.planted).map(|s| s.name).collect();
-    println!("simulator test kernels (kernels/sim/planted.cu, simulator only): {}", planted.join(", "));
+    outln!("simulator test kernels (kernels/sim/planted.cu, simulator only): {}", planted.join(", "));
     if verbose {
-        println!("\n{}", tessera::kernels::ptxas_report());
+        outln!("\n{}", tessera::kernels::ptxas_report());
     }
     Ok(())
 }
@@ -508,6 +610,37 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
             (tr, te, "mnist-10k (vendored)".to_string())
         }
     };
+    if test_set.is_empty() {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: "the test set is empty: there is nothing to measure the run on".into(),
+        });
+    }
+    if test_set.dim != train_set.dim {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: format!(
+                "the test images have {} pixels, the training images {}: they are not the same kind of data",
+                test_set.dim, train_set.dim
+            ),
+        });
+    }
+    if train_set.is_empty() {
+        return Err(Error::Data { path: data_name.clone(), reason: "the training set is empty".into() });
+    }
+    let data_id = DataId::of(&data_name, &train_set, &test_set);
+    if let Some(c) = &ckpt {
+        if c.data.crc32 != data_id.crc32 {
+            return Err(Error::Checkpoint {
+                path: a.resume.as_ref().unwrap().display().to_string(),
+                reason: format!(
+                    "it was trained on {}, and this run's data is {}: resume on the same data (the same --data, or \
+                     none for the vendored digits), or start a new run",
+                    c.data, data_id
+                ),
+            });
+        }
+    }
     if train_set.dim != cfg.model.inputs() || train_set.classes > cfg.model.outputs() {
         return Err(Error::Invalid(format!(
             "the data has {} features and {} classes; the widths {} take {} inputs and give {} outputs (use --widths {},...,{})",
@@ -520,19 +653,41 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
             train_set.classes
         )));
     }
+    if let Some(&top) = test_set.y.iter().max().filter(|&&l| l as usize >= cfg.model.outputs()) {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: format!(
+                "the test set has label {top}, but the model ({}) gives {} outputs (labels 0..{}): use --widths \
+                 ...,{} or other data",
+                cfg.model.widths_string(),
+                cfg.model.outputs(),
+                cfg.model.outputs() - 1,
+                top + 1
+            ),
+        });
+    }
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
-    let mut total_steps = a.steps.unwrap_or(a.epochs.unwrap_or(15) * per_epoch);
+    let epochs = a.epochs.unwrap_or(15);
+    let mut total_steps = match a.steps {
+        Some(s) => s,
+        None => epochs.checked_mul(per_epoch).ok_or_else(|| {
+            Error::Invalid(format!(
+                "--epochs {epochs} is {epochs} x {per_epoch} steps, more than the step counter holds (2^64 - 1): ask \
+                 for fewer"
+            ))
+        })?,
+    };
     if let Some(c) = &ckpt {
         let path = a.resume.as_ref().unwrap().display().to_string();
         // A cosine schedule fixed the run's length when it started: the resumed run ends there.
         if let LrSchedule::Cosine { total, .. } = c.config.schedule {
-            if let Some(e) = a.epochs.filter(|e| a.steps.is_none() && e * per_epoch != total) {
+            if let Some(e) = a.epochs.filter(|e| a.steps.is_none() && e.checked_mul(per_epoch) != Some(total)) {
                 return Err(Error::Checkpoint {
                     path,
                     reason: format!(
                         "--epochs {e} ({} steps): its run's cosine schedule ends at step {total}, so the resumed \
                          run does too. Leave --epochs out (or start a new run for another length)",
-                        e * per_epoch
+                        e.saturating_mul(per_epoch)
                     ),
                 });
             }
@@ -560,15 +715,32 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
             });
         }
     }
-    if let LrSchedule::Cosine { total, .. } = &mut cfg.schedule {
+    if let LrSchedule::Cosine { total, warmup, .. } = &mut cfg.schedule {
         if *total == 0 {
             *total = total_steps;
+        }
+        if *warmup > *total {
+            return Err(Error::Invalid(format!(
+                "--warmup {warmup} is longer than the run ({total} steps): the learning rate would never reach its \
+                 peak. Give fewer warm-up steps, or more --steps / --epochs"
+            )));
+        }
+    }
+    if let Some(c) = &ckpt {
+        if c.cursor.batch > per_epoch {
+            return Err(Error::Checkpoint {
+                path: a.resume.as_ref().unwrap().display().to_string(),
+                reason: format!(
+                    "it is at batch {} of an epoch, but batch {batch} over this data gives {per_epoch} batches an epoch",
+                    c.cursor.batch
+                ),
+            });
         }
     }
     let spec: DeviceSpec = a.device.parse()?;
     #[cfg(feature = "mpi")]
     if let Some(w) = world {
-        return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, &data_name);
+        return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
     }
     let _ = world;
     if let Some(ar) = &a.allreduce {
@@ -578,14 +750,15 @@ fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         )));
     }
     let (devices, chosen) = spec.open()?;
+    interrupt::install();
     if !a.json {
-        eprintln!("{chosen}");
-        eprintln!("{}", run_line(&cfg, batch, &data_name, &train_set, &test_set));
+        errln!("{chosen}");
+        errln!("{}", run_line(&cfg, batch, &data_name, &train_set, &test_set));
     }
     match devices {
-        Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
-        Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
-        Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set),
+        Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+        Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+        Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
     }
 }
 
@@ -667,16 +840,17 @@ fn train_local<B: Ops>(
     total_steps: u64,
     train_set: &Dataset,
     test_set: &Dataset,
+    data: DataId,
 ) -> tessera::Result<()> {
     let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None, devs.len())?;
     if !a.json && devs.len() > 1 {
-        eprintln!("plan: {} ({why})", plan.describe());
+        errln!("plan: {} ({why})", plan.describe());
     }
     let (trainer, cursor) = match ckpt {
         Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
         None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
     };
-    run_training(trainer, cursor, a, batch, total_steps, train_set, test_set)
+    run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data)
 }
 
 /// `mpirun -np N tessera train ...`: this process is one rank of the mesh.
@@ -692,8 +866,9 @@ fn train_mpi(
     total_steps: u64,
     train_set: &Dataset,
     test_set: &Dataset,
-    data_name: &str,
+    data: DataId,
 ) -> tessera::Result<()> {
+    let data_name = data.name.clone();
     let one = |count: usize| -> tessera::Result<()> {
         if count != 1 {
             return Err(Error::Invalid(format!(
@@ -732,8 +907,8 @@ fn train_mpi(
             DeviceSpec::Cuda { ordinal, .. } if explicit_gpu => format!("GPU {ordinal}"),
             DeviceSpec::Cuda { .. } | DeviceSpec::Auto => "the GPU of its local rank (the CPU without one)".to_string(),
         };
-        eprintln!("mpi: {} ranks; each runs on {per_rank}", w.size());
-        eprintln!("{}", run_line(&cfg, batch, data_name, train_set, test_set));
+        errln!("mpi: {} ranks; each runs on {per_rank}", w.size());
+        errln!("{}", run_line(&cfg, batch, &data_name, train_set, test_set));
     }
     let nccl = match a.allreduce.as_deref() {
         None => None,
@@ -750,7 +925,7 @@ fn train_mpi(
             let devs = vec![dev.clone(); w.size()];
             let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None, $sharing)?;
             if w.rank() == 0 && !a.json {
-                eprintln!("plan: {} ({why}), one rank per device", plan.describe());
+                errln!("plan: {} ({why}), one rank per device", plan.describe());
             }
             let cfg = cfg.clone();
             let (params, state, step, cursor) = match ckpt {
@@ -768,7 +943,7 @@ fn train_mpi(
                 $all_reduce,
             )?;
             tessera::parallel::mpi::install_termination_notice(w);
-            run_training(trainer, cursor, a, batch, total_steps, train_set, test_set)
+            run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data.clone())
         }};
     }
     use tessera::parallel::mpi::{AllReduce, StageGroup};
@@ -844,8 +1019,14 @@ fn make_plan<B: Ops>(
     sharing: usize,
 ) -> tessera::Result<(Plan, String, Option<Budget>)> {
     let n = devs.len();
-    if let Some(g) = gflops.filter(|g| !(*g > 0.0 && g.is_finite())) {
-        return Err(Error::Invalid(format!("--gflops {g}: a device's GEMM rate must be positive, e.g. 100")));
+    // A rate outside this range makes every estimate 0 or infinite: no plan can be told apart.
+    if let Some(g) = gflops.filter(|g| !(1e-3..=1e9).contains(g)) {
+        return Err(Error::Invalid(format!(
+            "--gflops {g}: a device's GEMM rate in GFLOP/s, between 0.001 and 1e9 (e.g. 100)"
+        )));
+    }
+    if batch == 0 {
+        return Err(Error::Invalid("--batch must be at least 1".into()));
     }
     let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
     let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;
@@ -892,6 +1073,15 @@ fn make_plan<B: Ops>(
         plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?;
+    if manual {
+        // The planner checked its own choice; a plan given by the flags (or one device) is
+        // checked here, before anything is allocated.
+        let memory = match &m.memory {
+            Some(s) => parse_bytes(s)?,
+            None => device_memory(devs, sharing),
+        };
+        planner::check_fits(cfg, batch, &plan.0, memory)?;
+    }
     Ok(plan)
 }
 
@@ -904,7 +1094,7 @@ fn plan(a: PlanArgs) -> tessera::Result<()> {
     let cfg = TrainConfig { model, optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
     let spec: DeviceSpec = a.device.parse()?;
     let (devices, chosen) = spec.open()?;
-    println!("{chosen}");
+    outln!("{chosen}");
     match devices {
         Devices::Cpu(d) => print_plan(&d, &a, &cfg),
         Devices::Cuda(d) => print_plan(&d, &a, &cfg),
@@ -930,27 +1120,27 @@ fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::R
     };
     let est = planner::estimate(cfg, a.batch, &plan, &budget);
     let mesh = plan.mesh;
-    println!(
+    outln!(
         "model: {} ({} parameters), {}, batch {}",
         cfg.model.widths_string(),
         cfg.model.param_count(),
         cfg.optimizer.name(),
         a.batch
     );
-    println!("plan: {} ({why})", plan.describe());
-    println!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
+    outln!("plan: {} ({why})", plan.describe());
+    outln!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
     for r in 0..mesh.dp {
         let names: Vec<String> = (0..mesh.pp).map(|s| devs[mesh.device(r, s)].name()).collect();
-        println!("  replica {r}: {}", names.join(" -> "));
+        outln!("  replica {r}: {}", names.join(" -> "));
     }
     let layout = cfg.model.layout();
-    println!("stages:");
+    outln!("stages:");
     for (s, layers) in plan.stages.iter().enumerate() {
         let params: usize = layout[layers.clone()].iter().map(|l| l.bias.end - l.weight.start).sum();
         let shapes: Vec<String> =
             layout[layers.clone()].iter().map(|l| format!("{}x{}", l.fan_in, l.fan_out)).collect();
         let m = &est.memory[s];
-        println!(
+        outln!(
             "  stage {s}: layers {layers:?} ({}), {params} parameters; memory {} (weights {}, gradients {}, optimizer {}, activations {})",
             shapes.join(", "),
             human_bytes(m.total()),
@@ -963,9 +1153,9 @@ fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::R
     let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
     let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
     let stats = schedule.check()?;
-    println!("schedule: {} (checked: sound; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
-    print!("{}", schedule.chart());
-    println!(
+    outln!("schedule: {} (checked: sound; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
+    out!("{}", schedule.chart());
+    outln!(
         "estimate: step {:.2} ms = pipeline {:.2} ms + transfers {:.2} ms + all-reduce {:.2} ms; bubble (p-1)/(m+p-1) = {:.1}%; device budget {} at {:.1} GFLOP/s, links {:.1} GB/s",
         est.step * 1e3,
         est.pipeline * 1e3,
@@ -982,7 +1172,7 @@ fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::R
         let title = format!("planned {} for {}", plan.schedule, plan.describe());
         std::fs::write(path, t.to_svg(&title, "units"))
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -996,6 +1186,7 @@ fn run_training<T: Run>(
     total_steps: u64,
     train_set: &Dataset,
     test_set: &Dataset,
+    data: DataId,
 ) -> tessera::Result<()> {
     let root = trainer.root();
     if root {
@@ -1024,7 +1215,7 @@ fn run_training<T: Run>(
     let mut last_loss = f32::NAN;
     let mut ema = None::<f32>;
     let stop = a.stop_at.map_or(total_steps, |s| s.min(total_steps));
-    fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
+    let fitted = fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
         samples += rows;
         last_loss = stats.loss;
         if !stats.loss.is_finite() {
@@ -1040,8 +1231,36 @@ fn run_training<T: Run>(
         pb.set_prefix(format!("{}", t.steps().div_ceil(per_epoch)));
         let rate = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
+        // A signal stops the run here, at a step boundary: the cursor and the step agree.
+        if let Some((signal, _)) = interrupt::caught() {
+            return Err(Error::Interrupted { signal, step: t.steps() });
+        }
         Ok(())
-    })?;
+    });
+    let checkpoint = |trainer: &T, cursor: Cursor| -> tessera::Result<Checkpoint> {
+        Ok(Checkpoint {
+            config: trainer.config().clone(),
+            batch,
+            step: trainer.steps(),
+            cursor,
+            params: trainer.params()?,
+            state: trainer.optimizer_state()?,
+            data: data.clone(),
+        })
+    };
+    if let Err(Error::Interrupted { signal, step }) = fitted {
+        pb.finish_and_clear();
+        let saved = match &a.save {
+            Some(path) => {
+                checkpoint(&trainer, cursor)?.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
+                format!("saved {} (continue the run with --resume {})", path.display(), path.display())
+            }
+            None => "nothing saved (give --save FILE to keep a run's progress)".to_string(),
+        };
+        errln!("interrupted by {signal} at step {step} of {total_steps}: {saved}");
+        return Err(Error::Interrupted { signal, step });
+    }
+    fitted?;
     let train_time = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let eval = trainer.evaluate(test_set, 1000)?;
@@ -1057,7 +1276,7 @@ fn run_training<T: Run>(
         std::fs::write(path, t.to_svg(&title, "s"))
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         if !a.json {
-            eprintln!(
+            errln!(
                 "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
                 path.display(),
                 100.0 * t.idle_fraction(),
@@ -1068,21 +1287,14 @@ fn run_training<T: Run>(
     }
     // Every rank takes part in gathering the parameters; rank 0 writes them, after the result.
     let gathered = match &a.save {
-        Some(_) => Some(Checkpoint {
-            config: trainer.config().clone(),
-            batch,
-            step: trainer.steps(),
-            cursor,
-            params: trainer.params()?,
-            state: trainer.optimizer_state()?,
-        }),
+        Some(_) => Some(checkpoint(&trainer, cursor)?),
         None => None,
     };
     if !root {
         return Ok(());
     }
     if !eval.loss.is_finite() {
-        eprintln!(
+        errln!(
             "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
              rate (--lr) or clip gradients (--clip 1.0)",
             eval.loss
@@ -1110,9 +1322,9 @@ fn run_training<T: Run>(
             "train_seconds": train_time,
             "wall_seconds": wall,
         });
-        println!("{j}");
+        outln!("{j}");
     } else {
-        println!(
+        outln!(
             "test accuracy {:.2}% ({}/{}), test loss {:.4}; {} steps ({:.1} epochs) on {} in {:.1} s ({:.0} samples/s), wall {:.1} s",
             100.0 * eval.accuracy(),
             eval.correct,
@@ -1129,7 +1341,7 @@ fn run_training<T: Run>(
     if let (Some(path), Some(c)) = (&a.save, gathered) {
         c.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
         if !a.json {
-            eprintln!("saved {} (step {})", path.display(), c.step);
+            errln!("saved {} (step {})", path.display(), c.step);
         }
     }
     Ok(())
@@ -1149,8 +1361,15 @@ fn check_output(flag: &str, path: &std::path::Path) -> tessera::Result<()> {
             dir.display()
         )));
     }
-    if path.is_dir() {
-        return Err(Error::Invalid(format!("{flag} {}: that is a directory; give a file name", path.display())));
+    // Following a symbolic link: the file it names is what would be replaced.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(Error::Invalid(format!(
+                "{flag} {}: that is {}, not a regular file; give the path of a file to write",
+                path.display(),
+                tessera::checkpoint::file_kind(&meta)
+            )));
+        }
     }
     // Writable: a probe file made and removed there.
     let probe = dir.join(format!(".tessera-write-probe-{}", std::process::id()));

@@ -51,6 +51,18 @@ impl MlpConfig {
         if let Some(i) = widths.iter().position(|&w| w == 0) {
             return Err(Error::Invalid(format!("width {i} of {widths:?} is 0; every layer needs at least one unit")));
         }
+        // The kernels index with 32-bit integers; the parameter count must fit an address.
+        if let Some(&w) = widths.iter().find(|&&w| w > i32::MAX as usize) {
+            return Err(Error::Invalid(format!("width {w} is beyond the kernels' limit of {} units", i32::MAX)));
+        }
+        let params = widths.windows(2).try_fold(0u64, |acc, w| {
+            (w[0] as u64).checked_mul(w[1] as u64)?.checked_add(w[1] as u64)?.checked_add(acc)
+        });
+        if params.is_none_or(|p| p > (isize::MAX as u64) / 16) {
+            return Err(Error::Invalid(format!(
+                "widths {widths:?} describe more parameters than any machine can hold"
+            )));
+        }
         Ok(MlpConfig { widths, act })
     }
 

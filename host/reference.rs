@@ -5,38 +5,42 @@ use crate::ops::activation::Activation;
 use crate::ops::gemm::Gemm;
 use crate::ops::optim::{AdamW, Sgd};
 
-/// `act(z)` in f64.
+/// `act(z)` in f64, in forms that do not cancel in the tails (GELU through `erfc` and a
+/// sigmoid, not `1 + erf` and `1 + tanh`), so they are exact to f64 rounding wherever the f32
+/// result is representable.
 pub fn act(a: Activation, z: f64) -> f64 {
     let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
     match a {
         Activation::None => z,
         Activation::Relu => z.max(0.0),
-        Activation::GeluTanh => {
-            0.5 * z * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z * z * z)).tanh())
-        }
-        Activation::GeluErf => 0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => z * sig(2.0 * gelu_tanh_u(z)),
+        Activation::GeluErf => 0.5 * z * libm::erfc(-z / std::f64::consts::SQRT_2),
         Activation::Silu => z * sig(z),
     }
 }
 
-/// `act'(z)` in f64, analytically (`relu'(0) = 0`).
+/// `sqrt(2/pi) (z + 0.044715 z^3)`, the argument of GELU's tanh.
+fn gelu_tanh_u(z: f64) -> f64 {
+    (2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z * z * z)
+}
+
+/// `act'(z)` in f64, analytically (`relu'(0) = 0`), in the same tail-safe forms as [`act`].
 pub fn act_grad(a: Activation, z: f64) -> f64 {
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
     match a {
         Activation::None => 1.0,
         Activation::Relu => (z > 0.0) as i32 as f64,
         Activation::GeluTanh => {
+            // d/dz z sigmoid(2u) = s + z 2 s (1 - s) du/dz, with 1 - s = sigmoid(-2u).
+            let u = gelu_tanh_u(z);
             let c = (2.0 / std::f64::consts::PI).sqrt();
-            let t = (c * (z + 0.044715 * z * z * z)).tanh();
-            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
+            sig(2.0 * u) + 2.0 * z * sig(2.0 * u) * sig(-2.0 * u) * c * (1.0 + 3.0 * 0.044715 * z * z)
         }
         Activation::GeluErf => {
-            0.5 * (1.0 + erf(z / std::f64::consts::SQRT_2))
+            0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
                 + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
         }
-        Activation::Silu => {
-            let s = 1.0 / (1.0 + (-z).exp());
-            s * (1.0 + z * (1.0 - s))
-        }
+        Activation::Silu => sig(z) * (1.0 + z * sig(-z)),
     }
 }
 
@@ -104,7 +108,10 @@ pub fn xent(rows: usize, cols: usize, logits: &[f32], labels: &[i32], scale: f64
         let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = row.iter().map(|x| (x - max).exp()).sum();
         let l = labels[r] as usize;
-        loss.push(max + sum.ln() - row[l]);
+        // log1p of the other classes' terms relative to the label's: no cancellation when the
+        // label holds the largest logit and the loss is small.
+        let others: f64 = row.iter().enumerate().filter(|&(c, _)| c != l).map(|(_, x)| (x - row[l]).exp()).sum();
+        loss.push(if max - row[l] < 30.0 { others.ln_1p() } else { max + sum.ln() - row[l] });
         for c in 0..cols {
             grad[r * cols + c] = scale * ((row[c] - max).exp() / sum - if c == l { 1.0 } else { 0.0 });
         }

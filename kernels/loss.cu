@@ -4,8 +4,11 @@
 //   xent_fwd_bwd: the same, plus dlogits[r,c] = scale * (softmax(logits[r,:])[c] - (c == labels[r]))
 // logsumexp is computed stably as max + log(sum_c exp(x_c - max)), the max and the sum in one
 // pass over the row (each lane rescales its running sum when its running max grows); the loss
-// is written as (max - x_label) + log(sum), and softmax as exp(x_c - max) / sum (a second pass,
-// the backward only).
+// is written as log1p(others * exp(max - x_label)) while max - x_label <= 16 (others: the sum
+// without the label's term, kept apart in the same pass), so that a row whose label holds the
+// largest logit (loss about 0.01) does not lose its digits to log(sum) cancelling against
+// max - x_label; as (max - x_label) + log(sum) above. Softmax is exp(x_c - max) / sum (a second
+// pass, the backward only).
 // (The MSE kernels, mse_partial and mse_bwd, live in reduce.cu next to partial_sum.)
 //
 // Layout: logits and dlogits are rows x cols row-major f32 (ld = cols); labels has rows int32
@@ -54,23 +57,32 @@ __device__ __forceinline__ void xent_row(int rows, int cols, const float* logits
   // already have overwritten when dlogits aliases logits (lanes are not lock-step).
   // One pass for the max and the sum ("online" softmax): each lane keeps its running max m and
   // s = sum exp(x - m), rescaling s when m grows; the lanes then meet at the row's max.
-  float m = -INFINITY, s = 0.0f;
+  // so: the same sum without the label's term.
+  float m = -INFINITY, s = 0.0f, so = 0.0f;
   float xl = 0.0f;
   for (int c = lane; c < cols; c += 32) {
     const float v = x[c];
+    const float other = c == label ? 0.0f : 1.0f;
     if (c == label) xl = v;
     if (v > m) {
-      s = s * expf(m - v) + 1.0f;  // exp(-inf) = 0 for the lane's first column
+      const float r = expf(m - v);  // exp(-inf) = 0 for the lane's first column
+      s = s * r + 1.0f;
+      so = so * r + other;
       m = v;
     } else {
-      s += expf(v - m);  // a NaN logit lands here and makes the row's loss NaN
+      const float e = expf(v - m);  // a NaN logit lands here and makes the row's loss NaN
+      s += e;
+      so += other * e;
     }
   }
   const float mx = tessera_warp_max(m);
   xl = tessera_warp_sum(xl);
   // Lanes without columns (cols < 32) hold m = -inf and s = 0, and add nothing.
-  s = tessera_warp_sum(m == -INFINITY ? 0.0f : s * expf(m - mx));
-  if (lane == 0) row_loss[row] = (mx - xl) + logf(s);
+  const float r = m == -INFINITY ? 0.0f : expf(m - mx);
+  s = tessera_warp_sum(s * r);
+  so = tessera_warp_sum(so * r);
+  const float d = mx - xl;
+  if (lane == 0) row_loss[row] = d <= 16.0f ? log1pf(so * expf(d)) : d + logf(s);
 
   if (BWD) {
     float* d = dlogits + base;

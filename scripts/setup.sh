@@ -29,7 +29,9 @@ fi
 if ! command -v mpirun >/dev/null 2>&1; then apt_missing+=(openmpi-bin); fi
 if ! command -v pgrep >/dev/null 2>&1; then apt_missing+=(procps); fi  # tests/mpi.rs finds rank processes
 if ! command -v mpicc >/dev/null 2>&1; then apt_missing+=(libopenmpi-dev); fi
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then
+# What bindgen (rsmpi's build) really loads, searched as clang-sys searches: libclang-cpp.so.14,
+# which other packages bring, is not it.
+if ! "$root/scripts/find-libclang.sh" >/dev/null; then
   apt_missing+=(libclang-dev)
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
@@ -38,6 +40,11 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+  if [[ " ${apt_missing[*]} " == *" libclang-dev "* ]] && ! "$root/scripts/find-libclang.sh" >/dev/null; then
+    echo "setup: libclang-dev is installed but no libclang that bindgen loads was found;" \
+      "set LIBCLANG_PATH to the folder holding libclang.so" >&2
+    exit 1
+  fi
 else
   echo "setup: g++, Open MPI and libclang present"
 fi

@@ -182,6 +182,81 @@ fn activations<B: Ops>(d: &B) {
     assert!(e.to_string().contains("y has 3 elements, expected 4"), "{e}");
 }
 
+/// Every activation, forward and backward, at the tails and over a random bulk, against the
+/// tail-safe f64 reference: within 1e-6 relative wherever the exact value is a normal f32, within
+/// two subnormal steps where it is subnormal, and the correctly signed zero where it underflows.
+/// Near a root of the derivative (GELU's at z = -0.75, SiLU's at -1.28) no f32 formula keeps
+/// relative accuracy, so there the bound is 1e-6 of the size of the terms that cancel.
+fn activation_tails<B: Ops>(d: &B) {
+    let mut z: Vec<f32> = vec![0.0, -0.0];
+    for v in [1e-8f32, 1.4, 5.6, 10.0, 30.0, 88.0, 1e4, 0.5, 2.0, 3.0, 7.0, 8.5, 13.0, 20.0, 87.0, 90.0, 104.0, 200.0] {
+        z.push(v);
+        z.push(-v);
+    }
+    // Every point where GELU's negative tail passes from normal to subnormal to zero.
+    z.extend((0..2000).map(|i| -9.0 - i as f32 * 0.003));
+    z.extend((0..2000).map(|i| -12.0 - i as f32 * 0.001));
+    z.extend(inputs(91, 20_000, 12.0));
+    z.extend(inputs(92, 5_000, 120.0));
+    let n = z.len();
+    let zb = up(d, &z);
+    let ones = up(d, &vec![1.0; n]);
+    let tiny = f32::from_bits(1) as f64; // the smallest subnormal, 2^-149
+    let check = |what: &str, got: &[f32], want: &dyn Fn(f64) -> (f64, f64)| {
+        let mut bad = Vec::new();
+        for (i, &zi) in z.iter().enumerate() {
+            let (r, scale) = want(zi as f64);
+            let g = got[i];
+            let ok = if r.abs() >= f32::MIN_POSITIVE as f64 {
+                (g as f64 - r).abs() <= 1e-6 * r.abs().max(scale)
+            } else if r == 0.0 {
+                g == 0.0
+            } else if r.abs() < tiny / 2.0 {
+                g == 0.0 && g.is_sign_negative() == (r < 0.0)
+            } else {
+                // Subnormal: two steps of 2^-149 (the last rounding lands on an already rounded
+                // product).
+                (g as f64 - r).abs() <= 2.0 * tiny
+            };
+            if !ok {
+                bad.push(format!("z = {zi:e}: {g:e} ({:#x}) vs {r:e}", g.to_bits()));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{} {what}: {} of {n} outside the bounds, first: {:?}",
+            d.name(),
+            bad.len(),
+            &bad[..bad.len().min(8)]
+        );
+    };
+    for act in Activation::ALL {
+        let mut y = poisoned(d, n);
+        d.act_forward(act, &B::view(&zb), &mut B::view_mut(&mut y)).unwrap();
+        check(&format!("{act} forward"), &down(d, &y), &|z| (r::act(act, z), 0.0));
+        let mut dx = poisoned(d, n);
+        d.act_backward(act, &B::view(&zb), &B::view(&ones), &mut B::view_mut(&mut dx)).unwrap();
+        // The size of the two terms of each derivative (what cancels at its root).
+        let terms = move |z: f64| -> f64 {
+            let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+            match act {
+                Activation::GeluErf => {
+                    0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
+                        + (z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()).abs()
+                }
+                Activation::GeluTanh => {
+                    let c = (2.0 / std::f64::consts::PI).sqrt();
+                    let u = c * (z + 0.044715 * z * z * z);
+                    sig(2.0 * u) + (2.0 * z * sig(2.0 * u) * sig(-2.0 * u) * c * (1.0 + 0.134145 * z * z)).abs()
+                }
+                Activation::Silu => sig(z) * (1.0 + (z * sig(-z)).abs()),
+                _ => 0.0,
+            }
+        };
+        check(&format!("{act} backward"), &down(d, &dx), &|z| (r::act_grad(act, z), terms(z)));
+    }
+}
+
 fn reductions<B: Ops>(d: &B) {
     for (i, &(rows, cols)) in
         [(1, 1), (1, 33), (7, 1), (13, 31), (129, 65), (1000, 10), (3, 1031), (256, 40), (4097, 33)].iter().enumerate()
@@ -247,6 +322,35 @@ fn reductions<B: Ops>(d: &B) {
     assert!(e.to_string().contains("source 0 has 4 elements, expected 5"), "{e}");
     let e = d.col_sum(3, 2, &B::view(&one), 0.0, &mut B::view_mut(&mut out)).unwrap_err();
     assert!(e.to_string().contains("x (3x2) has 4 elements, expected 6"), "{e}");
+}
+
+/// Rows whose label holds the largest logit by a wide margin: the loss is small (1e-2 down to
+/// 1e-7) and must keep its relative accuracy (log(sum) would cancel against max - x_label), at
+/// 65 classes (a character vocabulary) and 50,257 (GPT-2's).
+fn cross_entropy_confident_rows<B: Ops>(d: &B) {
+    for cols in [2usize, 10, 65, 50_257] {
+        for margin in [5.0f32, 9.0, 13.0, 18.0, 25.0] {
+            let mut logits = inputs(cols as u64, cols, 0.5);
+            let label = cols / 3;
+            logits[label] = margin;
+            let (want, _) = r::xent(1, cols, &logits, &[label as i32], 1.0);
+            let lb = up(d, &logits);
+            let yb = d.upload(&[label as i32]).unwrap();
+            let got = d.xent(1, cols, &B::view(&lb), &B::view(&yb)).unwrap() as f64;
+            let mut g = poisoned(d, cols);
+            let got_b =
+                d.xent_backward(1, cols, &B::view(&lb), &B::view(&yb), &mut B::view_mut(&mut g)).unwrap() as f64;
+            for (what, v) in [("xent", got), ("xent_backward", got_b)] {
+                assert!(
+                    (v - want[0]).abs() <= 2e-6 * want[0],
+                    "{} {what} {cols} classes, margin {margin}: {v:e} vs {:e} (relative {:e})",
+                    d.name(),
+                    want[0],
+                    (v - want[0]).abs() / want[0]
+                );
+            }
+        }
+    }
 }
 
 fn labels_for(seed: u64, rows: usize, cols: usize) -> Vec<i32> {
@@ -464,8 +568,10 @@ on_every_backend!(
     gemm_epilogue,
     gemm_rejects_bad_shapes,
     activations,
+    activation_tails,
     reductions,
     cross_entropy,
+    cross_entropy_confident_rows,
     cross_entropy_rejects_bad_labels,
     mean_squared_error,
     optimizers,

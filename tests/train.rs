@@ -71,6 +71,7 @@ fn resuming_from_a_checkpoint_continues_exactly() {
         cursor,
         params: first.model().download_params(&dev).unwrap(),
         state: first.optimizer_state().unwrap(),
+        data: tessera::checkpoint::DataId { name: "synthetic".into(), crc32: 7 },
     };
     let ck = Checkpoint::from_bytes("mem", &ck.to_bytes().unwrap()).unwrap();
     let model = Mlp::with_params(&dev, ck.config.model.clone(), &ck.params).unwrap();
@@ -317,7 +318,7 @@ fn cli_refuses_bad_input_in_plain_words() {
 
     let (ok, _, err) = tessera(&["train", "--device", "cpu", "--data", "/nonexistent-dir"]);
     assert!(!ok);
-    assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+    assert!(err.contains("/nonexistent-dir: does not exist") && err.contains("MNIST IDX files"), "{err}");
 
     let good = tmp("good.safetensors");
     saved_run(&["--widths", "784,32,10", "--steps", "2"], &good);

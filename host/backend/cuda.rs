@@ -55,16 +55,102 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
-/// Whether the CUDA driver library can be loaded on this machine.
+/// The driver entry points tessera's CUDA path reaches through cudarc. cudarc looks each one up
+/// on its first call and panics when it is missing, so a library that lacks any of them (a
+/// toolkit's stub, a partial or foreign install) is refused before the first call instead.
+pub const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
+    "cuCtxSynchronize",
+    "cuStreamCreate",
+    "cuStreamSynchronize",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventDestroy_v2",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuLaunchKernel",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemsetD8Async",
+    "cuMemGetInfo_v2",
+    "cuGetErrorString",
+    "cuGetErrorName",
+];
+
+/// Why the CUDA driver library cannot be used, or `None` when it loads (the first of the names
+/// cudarc tries, in cudarc's order) and has every symbol of [`REQUIRED_DRIVER_SYMBOLS`].
+/// Checked once per process.
+pub fn driver_problem() -> Option<String> {
+    static PROBLEM: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PROBLEM.get_or_init(|| check_driver_library(&cudarc::get_lib_name_candidates("cuda"))).clone()
+}
+
+/// The check behind [`driver_problem`], over the library names `candidates` (tried in order, as
+/// the dynamic loader finds them).
+pub fn check_driver_library(candidates: &[String]) -> Option<String> {
+    for name in candidates {
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else { continue };
+        // SAFETY: dlopen with a NUL-terminated name; RTLD_LAZY | RTLD_LOCAL binds nothing global.
+        // The handle is kept open for the life of the process (cudarc opens the same library).
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            continue;
+        }
+        let missing: Vec<&str> = REQUIRED_DRIVER_SYMBOLS
+            .iter()
+            .copied()
+            .filter(|sym| {
+                let s = std::ffi::CString::new(*sym).expect("symbol names have no NUL");
+                // SAFETY: the handle is open; dlsym only looks the name up.
+                unsafe { libc::dlsym(handle, s.as_ptr()) }.is_null()
+            })
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        return Some(format!(
+            "the CUDA driver library {name} lacks {} of the entry points tessera needs ({}{}): it is not a complete \
+             NVIDIA driver (a toolkit's stub library, or a partial install). Install the NVIDIA driver, or take the \
+             folder holding that library off LD_LIBRARY_PATH",
+            missing.len(),
+            missing[..missing.len().min(4)].join(", "),
+            if missing.len() > 4 { ", ..." } else { "" }
+        ));
+    }
+    Some("libcuda.so.1 could not be loaded".to_string())
+}
+
+/// Whether a usable CUDA driver library is on this machine (it loads and has every entry point
+/// tessera calls; see [`driver_problem`]).
 pub fn driver_present() -> bool {
+    driver_problem().is_none()
+}
+
+/// Whether a CUDA driver library loads at all (complete or not).
+fn driver_library_loads() -> bool {
     // SAFETY: only tries to dlopen the library; no driver call is made.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
 /// The driver's version (e.g. 13000), or `NoDriver`.
 pub fn driver_version() -> Result<i32> {
-    if !driver_present() {
-        return Err(Error::NoDriver);
+    if let Some(why) = driver_problem() {
+        return Err(if driver_library_loads() { Error::BadDriver(why) } else { Error::NoDriver });
     }
     let mut v = 0i32;
     // SAFETY: the library is present (checked above); cuDriverGetVersion only writes `v`.
@@ -72,12 +158,16 @@ pub fn driver_version() -> Result<i32> {
     Ok(v)
 }
 
-/// Number of GPUs the driver sees (0 where there is no driver).
+/// Number of GPUs the driver sees (0 where there is no usable driver, and where the driver says
+/// there is no device: `cuInit` returning CUDA_ERROR_NO_DEVICE).
 pub fn gpu_count() -> Result<usize> {
     if !driver_present() {
         return Ok(0);
     }
-    cudarc::driver::result::init().map_err(Error::driver("cuInit"))?;
+    match cudarc::driver::result::init() {
+        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Ok(0),
+        r => r.map_err(Error::driver("cuInit"))?,
+    }
     let n = cudarc::driver::result::device::get_count().map_err(Error::driver("cuDeviceGetCount"))?;
     Ok(n.max(0) as usize)
 }
@@ -140,8 +230,8 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 impl CudaDevice {
     /// Opens GPU `ordinal`, checks that it can run this build's kernels and loads them.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::NoDriver);
+        if let Some(why) = driver_problem() {
+            return Err(if driver_library_loads() { Error::BadDriver(why) } else { Error::NoDriver });
         }
         if !MANIFEST.built {
             return Err(Error::KernelsNotBuilt);

@@ -63,25 +63,48 @@ fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<
 
 /// Loss of one row; writes the scaled gradient when `grad` is given (one `exp` per element:
 /// the exponentials are kept in the gradient row, then normalised).
-/// The max and the sum run in independent lanes (`lane_max`, `lane_sum`), so they vectorise.
+/// The max and the sums run in independent lanes (`lane_max`, `lane_sum`), so they vectorise.
+/// The sum of the other classes' terms is kept apart from the label's, so that a row whose label
+/// holds (nearly) the largest logit, whose loss is small, is `log1p(others)` with no cancellation
+/// ([`row_loss`]).
 #[inline(always)]
 fn xent_row(row: &[f32], label: i32, grad: Option<(&mut [f32], f32)>) -> f32 {
+    let l = label as usize;
     let max = lane_max(row);
-    let sum = match grad {
+    // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
+    let d = max - row[l];
+    match grad {
         Some((g, scale)) => {
-            for (g, &x) in g.iter_mut().zip(row) {
+            for (g, &x) in g.iter_mut().zip(row.iter()) {
                 *g = fast_exp(x - max);
             }
-            let sum = lane_sum(g, |e| e as f64) as f32;
+            let el = g[l];
+            let others = lane_sum(&g[..l], |e| e as f64) + lane_sum(&g[l + 1..], |e| e as f64);
+            let sum = (others + el as f64) as f32;
             let k = scale / sum;
             g.iter_mut().for_each(|g| *g *= k);
-            g[label as usize] -= scale;
-            sum
+            g[l] -= scale;
+            row_loss(d, others, sum)
         }
-        None => lane_sum(row, |x| fast_exp(x - max) as f64) as f32,
-    };
-    // (max - x[label]) is exact for nearby floats; adding max first would round at large logits.
-    (max - row[label as usize]) + sum.ln()
+        None => {
+            let f = |x: f32| fast_exp(x - max) as f64;
+            let others = lane_sum(&row[..l], f) + lane_sum(&row[l + 1..], f);
+            row_loss(d, others, (others + fast_exp(row[l] - max) as f64) as f32)
+        }
+    }
+}
+
+/// `log(sum_c exp(x_c - max)) + (max - x_label)` from `d = max - x_label`, the sum of the other
+/// classes' `exp(x_c - max)` and the whole sum: `log1p(others * e^d)` while `d` is small (the loss
+/// is then small and `log(sum)` would cancel against `d`), `d + log(sum)` above (the loss is then
+/// at least `d`, and `others * e^d` could overflow).
+#[inline(always)]
+fn row_loss(d: f32, others: f64, sum: f32) -> f32 {
+    if d <= 16.0 {
+        (others * (d as f64).exp()).ln_1p() as f32
+    } else {
+        d + sum.ln()
+    }
 }
 
 fn first_bad_label(labels: &[i32], cols: usize) -> Option<(usize, i32)> {

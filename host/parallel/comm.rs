@@ -147,8 +147,11 @@ impl<B: Backend> Wire<B> for LocalWire<B> {
     fn take(&mut self, dev: &B, from: usize) -> Result<B::Buf<f32>> {
         let m = self.from[from].recv_timeout(self.timeout).map_err(|_| {
             Error::Parallel(format!(
-                "rank {} waited {:?} for rank {from}, which stopped or hung",
-                self.rank, self.timeout
+                "rank {} waited {:?} for rank {from}, which stopped or hung. If it was only slow, allow more time: \
+                 TESSERA_COMM_TIMEOUT={} (seconds)",
+                self.rank,
+                self.timeout,
+                (self.timeout.as_secs() * 4).max(600)
             ))
         })?;
         // Usable here as it is, or copied here (a peer copy where the sender is another GPU).
@@ -353,9 +356,10 @@ impl Rendezvous {
             let now = std::time::Instant::now();
             if now >= deadline {
                 let why = format!(
-                    "rank {rank} waited {:?} for the others in an all-reduce: a rank stopped or hung \
-                     (TESSERA_COMM_TIMEOUT)",
-                    self.timeout
+                    "rank {rank} waited {:?} for the others in an all-reduce: a rank stopped or hung. If it was \
+                     only slow, allow more time: TESSERA_COMM_TIMEOUT={} (seconds)",
+                    self.timeout,
+                    (self.timeout.as_secs() * 4).max(600)
                 );
                 s.broken = Some(why.clone());
                 s.arrived -= 1;

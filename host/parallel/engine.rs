@@ -721,7 +721,7 @@ fn worker_actions<B: Ops>(
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
                         let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
-                                "the gradient all-reduce did not finish within {limit:?} (TESSERA_COMM_TIMEOUT): a peer stopped or hung"
+                                "the gradient all-reduce did not finish within {limit:?}: a peer stopped or hung. If it was only slow, allow more time: TESSERA_COMM_TIMEOUT={} (seconds)", (limit.as_secs() * 4).max(600)
                             )),
                             std::sync::mpsc::RecvTimeoutError::Disconnected => closed("all-reduce thread"),
                         })?;

@@ -68,6 +68,9 @@ pub struct MpiWorld {
     timeout: Duration,
     /// The mesh, once an engine is built: names ranks as (replica, stage) in messages.
     mesh: Mutex<Option<crate::parallel::Mesh>>,
+    /// The other ranks on this node, as (world rank, pid): a rank that waits too long looks
+    /// for a stopped one among them, to name it rather than blame whoever waits on whom.
+    node_peers: Vec<(usize, u32)>,
 }
 
 /// MPI, initialised: keep it alive for the whole run (dropping it finalises MPI).
@@ -99,6 +102,12 @@ pub fn init() -> Result<MpiRuntime> {
     let node = world.split_shared(world.rank());
     let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
     let timeout = crate::parallel::engine::comm_timeout()?;
+    // Who shares this node, and their pids (one gather over the node, at start-up).
+    let me = [rank as u64, std::process::id() as u64];
+    let mut all = vec![0u64; 2 * local_size];
+    node.all_gather_into(&me[..], &mut all[..]);
+    let node_peers: Vec<(usize, u32)> =
+        all.chunks_exact(2).map(|c| (c[0] as usize, c[1] as u32)).filter(|&(r, _)| r != rank).collect();
     let world = Arc::new(MpiWorld {
         world: Shared(world),
         rank,
@@ -107,8 +116,18 @@ pub fn init() -> Result<MpiRuntime> {
         local_size,
         timeout,
         mesh: Mutex::new(None),
+        node_peers,
     });
     Ok(MpiRuntime { world, _universe: universe })
+}
+
+/// Whether process `pid` (on this machine) is stopped: state `T` (a signal) or `t` (a tracer)
+/// in `/proc/PID/stat`.
+pub fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string)))
+        .is_some_and(|state| state == "T" || state == "t")
 }
 
 fn backoff(spins: &mut u32) {
@@ -148,6 +167,33 @@ impl MpiWorld {
             Some(m) if m.pp > 0 => format!("rank {rank} (replica {}, stage {})", rank / m.pp, rank % m.pp),
             _ => format!("rank {rank}"),
         }
+    }
+
+    /// Stops the job after a wait of `what` ran past the timeout. A rank on this node that is
+    /// stopped (SIGSTOP, a debugger) is named as the cause, whoever this rank waited on (in a
+    /// ring, every rank waits on a neighbour, so the first to give up is seldom the culprit's
+    /// peer); otherwise the wait is described, with how to allow more time.
+    pub fn abort_wait(&self, what: &str) -> ! {
+        let stopped: Vec<String> = self
+            .node_peers
+            .iter()
+            .filter(|&&(_, pid)| process_stopped(pid))
+            .map(|&(r, pid)| format!("{} (pid {pid})", self.describe(r)))
+            .collect();
+        if !stopped.is_empty() {
+            self.abort(&format!(
+                "{} {} stopped (SIGSTOP, or held by a debugger), so the job cannot go on: resume it with kill -CONT \
+                 before the timeout ({:?}, TESSERA_COMM_TIMEOUT), or end the job. (This rank {what}.)",
+                stopped.join(", "),
+                if stopped.len() == 1 { "is" } else { "are" },
+                self.timeout
+            ));
+        }
+        self.abort(&format!(
+            "{what}. If the job is only slow, allow more time: TESSERA_COMM_TIMEOUT={} (seconds; now {})",
+            (self.timeout.as_secs() * 4).max(600),
+            self.timeout.as_secs_f64()
+        ))
     }
 
     /// Prints `what` as this rank's error and stops every rank of the job.
@@ -195,7 +241,7 @@ impl MpiWorld {
                 return probed.matched_receive_vec::<T>().0;
             }
             if Instant::now() > deadline {
-                self.abort(&format!(
+                self.abort_wait(&format!(
                     "waited {:?} for {what} from {}, which stopped or hung",
                     self.timeout,
                     self.describe(from_world)
@@ -315,7 +361,7 @@ impl Outbox {
     fn progress(&mut self) {
         self.pending.retain_mut(|p| !p.done());
         if let Some((to, what)) = self.pending.iter().find_map(|p| p.overdue()) {
-            self.world.abort(&format!(
+            self.world.abort_wait(&format!(
                 "waited {:?} for {} to take {what}: it stopped or hung",
                 self.world.timeout,
                 self.world.describe(to)
@@ -846,8 +892,8 @@ pub fn install_termination_notice(world: &MpiWorld) {
     use std::sync::OnceLock;
     static MSG: OnceLock<Vec<u8>> = OnceLock::new();
     let msg = format!(
-        "error: {}: stopped by the launcher (SIGTERM): another rank of the job failed or was killed; its \
-         rank is in the launcher's message\n",
+        "error: {}: stopped by the launcher (SIGTERM): the job was interrupted (Ctrl-C, or a time limit), or \
+         another rank of the job failed or was killed; the launcher's message says which\n",
         world.describe(world.rank)
     );
     let _ = MSG.set(msg.into_bytes());
@@ -860,8 +906,23 @@ pub fn install_termination_notice(world: &MpiWorld) {
             }
         }
     }
-    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    static INT: OnceLock<Vec<u8>> = OnceLock::new();
+    let _ = INT.set(
+        format!("error: {}: interrupted (SIGINT, Ctrl-C): the job was stopped\n", world.describe(world.rank))
+            .into_bytes(),
+    );
+    extern "C" fn on_int(_: libc::c_int) {
+        if let Some(m) = INT.get() {
+            // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is static.
+            unsafe {
+                libc::write(2, m.as_ptr() as *const libc::c_void, m.len());
+                libc::_exit(130);
+            }
+        }
+    }
+    // SAFETY: installs handlers that only call async-signal-safe functions.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_int as *const () as libc::sighandler_t);
     }
 }

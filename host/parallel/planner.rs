@@ -119,6 +119,12 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     let (num, unit) = t.split_at(split);
     let x: f64 =
         num.trim().parse().map_err(|_| Error::Invalid(format!("`{s}` is not a size: use e.g. 2GiB, 512MiB")))?;
+    if x.is_sign_negative() && x != 0.0 {
+        return Err(Error::Invalid(format!("`{s}` is negative: a size is 0 or more, e.g. 2GiB")));
+    }
+    if !x.is_finite() {
+        return Err(Error::Invalid(format!("`{s}` is not a size: use e.g. 2GiB, 512MiB")));
+    }
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1u64,
         "k" | "kb" | "kib" => 1 << 10,
@@ -127,7 +133,11 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "t" | "tb" | "tib" => 1 << 40,
         other => return Err(Error::Invalid(format!("unknown size unit `{other}` in `{s}`: use KiB, MiB, GiB"))),
     };
-    Ok((x * mult as f64) as u64)
+    let bytes = x * mult as f64;
+    if bytes >= 2f64.powi(63) {
+        return Err(Error::Invalid(format!("`{s}` is more memory than any machine has (at most 8 EiB)")));
+    }
+    Ok(bytes as u64)
 }
 
 /// Estimates memory and step time of `plan` for `cfg` at global batch `batch`.
@@ -178,6 +188,32 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
     }
 }
 
+/// An error unless `plan` fits in `memory` bytes per device: what its fullest device needs
+/// (weights, gradients, optimizer state, activations) against what it has, and what to do.
+pub fn check_fits(cfg: &TrainConfig, batch: usize, plan: &Plan, memory: u64) -> Result<()> {
+    let budget = Budget { memory, flops: 1e12, link: 1e10, overhead: 0.0 };
+    let est = estimate(cfg, batch, plan, &budget);
+    let Some((s, m)) = est.memory.iter().enumerate().max_by_key(|(_, m)| m.total()) else { return Ok(()) };
+    if m.total() <= memory {
+        return Ok(());
+    }
+    Err(Error::Parallel(format!(
+        "{} in {} at batch {batch} does not fit: {} ({}stage {s}) needs {} (weights {}, gradients {}, optimizer {}, \
+         activations {}), the device has {}: use narrower --widths, a smaller --batch, more pipeline stages (--pp) \
+         on more devices, or say how much memory there is with --memory",
+        cfg.model.widths_string(),
+        cfg.optimizer.name(),
+        plan.describe(),
+        if plan.mesh.pp > 1 { "its fullest device, " } else { "" },
+        human_bytes(m.total()),
+        human_bytes(m.weights),
+        human_bytes(m.grads),
+        human_bytes(m.optimizer),
+        human_bytes(m.activations),
+        human_bytes(memory)
+    )))
+}
+
 /// Chooses dp, pp and microbatches for `devices` devices: the fastest estimated plan that fits
 /// in memory. `schedule` fixes the pipeline schedule (default 1F1B, which holds fewer
 /// activations). Returns the plan, its estimate and the reasons.
@@ -190,6 +226,12 @@ pub fn choose(
 ) -> Result<(Plan, Estimate, String)> {
     let model = &cfg.model;
     let kind = schedule.unwrap_or(ScheduleKind::OneFOneB);
+    if batch == 0 {
+        return Err(Error::Invalid("the batch must hold at least one sample (--batch 1 or more)".into()));
+    }
+    if devices == 0 {
+        return Err(Error::Invalid("no devices to plan for".into()));
+    }
     let mut candidates = Vec::new();
     for pp in (1..=devices.min(model.depth())).filter(|p| devices % p == 0) {
         let dp = devices / pp;
@@ -201,19 +243,31 @@ pub fn choose(
             candidates.push(estimate(cfg, batch, &plan, budget));
         }
     }
+    if candidates.is_empty() {
+        // Every plan needs dp x pp = devices, dp at most the batch (a sample per replica) and pp
+        // at most the layers: say which of these rules out every split.
+        let max_pp = (1..=devices.min(model.depth())).filter(|p| devices % p == 0).max().unwrap_or(1);
+        return Err(Error::Parallel(format!(
+            "no plan splits batch {batch} over {devices} devices: every replica needs at least one sample, and the \
+             {} layers of {} allow at most {max_pp} pipeline stages dividing {devices}, so at least {} replicas. Use \
+             --batch {} or more, or fewer devices (e.g. --device cpu:{})",
+            model.depth(),
+            model.widths_string(),
+            devices / max_pp,
+            devices / max_pp,
+            (batch * max_pp).min(devices).max(1)
+        )));
+    }
     let replica = estimate(cfg, batch, &Plan::new(model, 1, 1, 1, kind)?, budget);
     let need_one = replica.memory[0].total();
     let fits: Vec<&Estimate> =
         candidates.iter().filter(|e| e.memory.iter().all(|m| m.total() <= budget.memory)).collect();
-    let best =
-        fits.iter().min_by(|a, b| a.step.partial_cmp(&b.step).unwrap().then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)));
+    let best = fits.iter().min_by(|a, b| a.step.total_cmp(&b.step).then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)));
     let opt = cfg.optimizer.name();
     let Some(best) = best else {
-        let least = candidates
-            .iter()
-            .min_by_key(|e| e.memory.iter().map(|m| m.total()).max().unwrap())
-            .expect("at least the single-stage plan");
-        let worst = least.memory.iter().map(|m| m.total()).max().unwrap();
+        let fullest = |e: &Estimate| e.memory.iter().map(|m| m.total()).max().unwrap_or(0);
+        let least = candidates.iter().min_by_key(|e| fullest(e)).unwrap_or(&replica);
+        let worst = fullest(least);
         return Err(Error::Parallel(format!(
             "{} in {opt} at batch {batch} does not fit: the leanest plan over {devices} device(s) ({}) needs {} on its fullest device, {} per device given: short by {}",
             model.widths_string(),
@@ -223,7 +277,7 @@ pub fn choose(
             human_bytes(worst - budget.memory)
         )));
     };
-    let fullest = best.memory.iter().map(|m| m.total()).max().unwrap();
+    let fullest = best.memory.iter().map(|m| m.total()).max().unwrap_or(0);
     let mut why = format!(
         "{} in {opt} at batch {batch} needs {} per replica ({} weights, {} gradients, {} optimizer state, {} activations); {} per device given",
         model.widths_string(),
@@ -278,6 +332,9 @@ mod tests {
         assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("2 parsecs").is_err());
+        assert!(parse_bytes("-5GiB").unwrap_err().to_string().contains("negative"));
+        assert!(parse_bytes("nan").is_err() && parse_bytes("inf GiB").is_err());
+        assert!(parse_bytes("99999999999 TiB").unwrap_err().to_string().contains("more memory"));
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
@@ -301,6 +358,24 @@ mod tests {
         let tiny = Budget { memory: 10 << 20, ..budget };
         let e = choose(&c, 256, 2, &tiny, None).unwrap_err().to_string();
         assert!(e.contains("does not fit") && e.contains("short by"), "{e}");
+    }
+
+    /// More devices than the batch can feed, a batch of 0: an error that says why, never a panic.
+    #[test]
+    fn impossible_splits_are_explained() {
+        let c = cfg(vec![784, 512, 512, 10]);
+        let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10, overhead: 50e-6 };
+        for (batch, devices) in [(128, 1000), (1, 4), (3, 1000)] {
+            let e = choose(&c, batch, devices, &budget, None).unwrap_err().to_string();
+            assert!(e.contains("no plan splits batch") && e.contains("--batch"), "{e}");
+        }
+        let e = choose(&c, 0, 2, &budget, None).unwrap_err().to_string();
+        assert!(e.contains("at least one sample"), "{e}");
+        // One device that cannot hold the model: the bytes against the device's.
+        let big = cfg(vec![784, 100_000_000, 10]);
+        let e = check_fits(&big, 128, &Plan::single(&big.model), 23 << 30).unwrap_err().to_string();
+        assert!(e.contains("does not fit") && e.contains("the device has 23.0 GiB"), "{e}");
+        assert!(check_fits(&c, 128, &Plan::single(&c.model), 1 << 30).is_ok());
     }
 
     #[test]
