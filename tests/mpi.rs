@@ -180,6 +180,73 @@ fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
     assert!(err.contains("error: rank"), "no tessera error from a surviving rank:\n{err}");
 }
 
+/// The rank processes of a launcher (its children running tessera), after giving them `wait`.
+fn rank_pids(child: &std::process::Child, wait: Duration) -> Vec<String> {
+    std::thread::sleep(wait);
+    let out = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+}
+
+/// Waits (90 s at most) for `child` to end: its status and stderr.
+fn wait_job(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(90) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        panic!("the job still ran 90 s on");
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A rank stopped with SIGSTOP: the job ends after the timeout, and the message names the stopped
+/// rank's process (found on the node), not whichever neighbour waited on whom; it says how to
+/// resume it and how to allow more time.
+#[test]
+fn a_stopped_rank_is_named() {
+    if !mpirun_present() {
+        return;
+    }
+    let a = args(&["--dp", "2", "--pp", "2", "--steps", "100000"]);
+    let child = mpirun_cmd(4, &a)
+        .env("TESSERA_COMM_TIMEOUT", "4")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mpirun");
+    let pids = rank_pids(&child, Duration::from_secs(4));
+    assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
+    assert!(Command::new("kill").args(["-STOP", &pids[1]]).status().unwrap().success());
+    let (status, err) = wait_job(child);
+    let _ = Command::new("kill").args(["-9", &pids[1]]).status();
+    assert!(!status.success());
+    assert!(err.contains(&format!("(pid {}) is stopped", pids[1])), "the stopped rank is not named:\n{err}");
+    assert!(err.contains("kill -CONT") && err.contains("TESSERA_COMM_TIMEOUT"), "{err}");
+    let other = pids.iter().filter(|p| **p != pids[1]).find(|p| err.contains(&format!("(pid {p}) is stopped")));
+    assert!(other.is_none(), "a running rank was named as stopped:\n{err}");
+}
+
+/// Ctrl-C on mpirun: the ranks say the job was interrupted, not that a peer failed.
+#[test]
+fn ctrl_c_on_mpirun_says_the_job_was_interrupted() {
+    if !mpirun_present() {
+        return;
+    }
+    let a = args(&["--dp", "2", "--steps", "100000"]);
+    let child = mpirun_cmd(2, &a).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run mpirun");
+    let pids = rank_pids(&child, Duration::from_secs(4));
+    assert!(pids.len() >= 2, "{pids:?}");
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let (status, err) = wait_job(child);
+    assert!(!status.success());
+    assert!(err.contains("the job was interrupted") && !err.contains("failed or was killed"), "{err}");
+}
+
 #[test]
 fn a_checkpoint_from_four_ranks_resumes_on_one_process_and_on_another_plan() {
     if !mpirun_present() {

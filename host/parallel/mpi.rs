@@ -890,15 +890,33 @@ impl<B: Ops> Steps for DistEngine<B> {
 /// which rank was stopped and why before the process exits, instead of vanishing silently.
 pub fn install_termination_notice(world: &MpiWorld) {
     use std::sync::OnceLock;
-    static MSG: OnceLock<Vec<u8>> = OnceLock::new();
-    let msg = format!(
-        "error: {}: stopped by the launcher (SIGTERM): the job was interrupted (Ctrl-C, or a time limit), or \
-         another rank of the job failed or was killed; the launcher's message says which\n",
-        world.describe(world.rank)
+    // Which message fits is decided in the handler: when every other rank on this node is still
+    // alive, nothing failed here and the launcher was interrupted (Ctrl-C turns into SIGTERM for
+    // the ranks) or hit a time limit; when one is gone, a rank failed. kill(pid, 0) is
+    // async-signal-safe.
+    static PEERS: OnceLock<Vec<libc::pid_t>> = OnceLock::new();
+    static INTERRUPTED: OnceLock<Vec<u8>> = OnceLock::new();
+    static FAILED: OnceLock<Vec<u8>> = OnceLock::new();
+    let _ = PEERS.set(world.node_peers.iter().map(|&(_, pid)| pid as libc::pid_t).collect());
+    let me = world.describe(world.rank);
+    let _ = INTERRUPTED.set(
+        format!(
+            "error: {me}: stopped by the launcher (SIGTERM) while every rank on this node was running: the job \
+             was interrupted (Ctrl-C on the launcher, or a time limit)\n"
+        )
+        .into_bytes(),
     );
-    let _ = MSG.set(msg.into_bytes());
+    let _ = FAILED.set(
+        format!(
+            "error: {me}: stopped by the launcher (SIGTERM): another rank of the job failed or was killed; its rank \
+             is in the launcher's message\n"
+        )
+        .into_bytes(),
+    );
     extern "C" fn on_term(_: libc::c_int) {
-        if let Some(m) = MSG.get() {
+        // SAFETY: kill(pid, 0) only asks whether the process exists; async-signal-safe.
+        let all_alive = PEERS.get().is_some_and(|p| p.iter().all(|&pid| unsafe { libc::kill(pid, 0) } == 0));
+        if let Some(m) = if all_alive { INTERRUPTED.get() } else { FAILED.get() } {
             // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is static.
             unsafe {
                 libc::write(2, m.as_ptr() as *const libc::c_void, m.len());
