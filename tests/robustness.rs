@@ -204,7 +204,7 @@ fn a_checkpoint_is_not_resumed_on_other_data() {
     // And one directory's files from another's.
     let other = fresh_dir("other-data-2");
     write_mnist_dir(&other, 300, 100, 10, 784);
-    std::fs::write(other.join("t10k-labels-idx1-ubyte"), idx(&[100], &vec![3u8; 100])).unwrap();
+    std::fs::write(other.join("t10k-labels-idx1-ubyte"), idx(&[100], &[3u8; 100])).unwrap();
     let ck2 = dir.join("dir.st");
     let (ok, _, err) = small(&["--steps", "2", "--save", s(&ck2), "--data", s(&dir)]);
     assert!(ok, "{err}");

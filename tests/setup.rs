@@ -112,7 +112,9 @@ fn what_is_found_here_is_what_bindgen_loads() {
     let o = Command::new("bash").arg(script()).output().unwrap();
     if !o.status.success() {
         // Built with --no-default-features (no rsmpi): nothing needs libclang.
-        assert!(!cfg!(feature = "mpi"), "rsmpi was built, so a libclang exists, but the script found none");
+        if cfg!(feature = "mpi") {
+            panic!("rsmpi was built, so a libclang exists, but the script found none");
+        }
         eprintln!("skipped: no libclang on this machine (built without the mpi feature)");
         return;
     }
