@@ -195,7 +195,7 @@ pub fn memory_cases<B: Ops>(d: &B, n: usize) -> Vec<Case> {
             peer: Some(("copy", copy_run(d, copy_n))),
         });
     };
-    for act in [Activation::Relu, Activation::GeluTanh] {
+    for act in [Activation::Relu, Activation::GeluTanh, Activation::GeluErf, Activation::Silu] {
         let dd = d.clone();
         let (x, mut y) = (buf(d, 1, n), buf(d, 2, n));
         add(
