@@ -179,9 +179,120 @@ impl Activation {
         }) as i32
     }
 
-    /// `act(z)` in f32, as the CPU backend computes it.
-    #[inline]
+    /// Below this the fast path's f32 arithmetic could lose the 1e-6 relative accuracy (the
+    /// argument of an exponential rounded in f32 at large `|z|`, or `e^z` subnormal), and
+    /// [`Activation::apply_tail`] takes over; `-inf` for activations without a tail.
+    #[inline(always)]
+    pub fn tail_below(self) -> f32 {
+        match self {
+            Activation::None | Activation::Relu => f32::NEG_INFINITY,
+            Activation::GeluTanh => -2.5,
+            Activation::GeluErf => -2.0,
+            Activation::Silu => -80.0,
+        }
+    }
+
+    /// `act(z)` in f32, as the CPU backend computes it: [`Activation::apply_fast`] above
+    /// [`Activation::tail_below`], [`Activation::apply_tail`] below (the CPU's loops run the
+    /// fast path over everything, then redo the few tail elements). Within 1e-6 relative of the
+    /// exact value wherever that is a normal float; the signed zero where it underflows.
+    #[inline(always)]
     pub fn apply(self, z: f32) -> f32 {
+        if z < self.tail_below() {
+            self.apply_tail(z)
+        } else {
+            self.apply_fast(z)
+        }
+    }
+
+    /// `act'(z)` in f32 (`relu'(0) = 0`), as [`Activation::apply`]: fast path, then tail.
+    #[inline(always)]
+    pub fn grad(self, z: f32) -> f32 {
+        if z < self.tail_below() {
+            self.grad_tail(z)
+        } else {
+            self.grad_fast(z)
+        }
+    }
+
+    /// `act(z)` in plain f32, accurate from [`Activation::tail_below`] up. Always inlined: the
+    /// CPU's loops are compiled for AVX2 around it (`wide`) and vectorise only with its body inside.
+    #[inline(always)]
+    pub fn apply_fast(self, z: f32) -> f32 {
+        match self {
+            Activation::None => z,
+            Activation::Relu => z.max(0.0),
+            Activation::GeluTanh => {
+                // z sigmoid(2u) = z / (1 + e) for u >= 0, z e / (1 + e) below, e = exp(-2|u|).
+                let u = SQRT_2_OVER_PI as f32 * (z + 0.044715 * z * z * z);
+                let e = fast_exp(-2.0 * u.abs());
+                z * if u >= 0.0 { 1.0 } else { e } / (1.0 + e)
+            }
+            Activation::GeluErf => {
+                let g = fast_exp(-0.5 * z * z);
+                let w = 0.5 * erfcx(z.abs() * std::f32::consts::FRAC_1_SQRT_2);
+                if z < 0.0 {
+                    z * (g * w)
+                } else {
+                    z * (1.0 - g * w)
+                }
+            }
+            Activation::Silu => {
+                let e = fast_exp(-z.abs());
+                z * if z < 0.0 { e } else { 1.0 } / (1.0 + e)
+            }
+        }
+    }
+
+    /// `act'(z)` in plain f32, accurate from [`Activation::tail_below`] up.
+    #[inline(always)]
+    pub fn grad_fast(self, z: f32) -> f32 {
+        match self {
+            Activation::None => 1.0,
+            Activation::Relu => {
+                if z > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::GeluTanh => {
+                let c = SQRT_2_OVER_PI as f32;
+                let u = c * (z + 0.044715 * z * z * z);
+                let e = fast_exp(-2.0 * u.abs());
+                let d = 1.0 + e;
+                let h = if u >= 0.0 { 1.0 } else { e } / d;
+                h + 2.0 * z * (e / (d * d)) * c * (1.0 + 3.0 * 0.044715 * z * z)
+            }
+            Activation::GeluErf => {
+                let g = fast_exp(-0.5 * z * z);
+                let w = 0.5 * erfcx(z.abs() * std::f32::consts::FRAC_1_SQRT_2);
+                if z < 0.0 {
+                    g * (w + z * INV_SQRT_2PI)
+                } else {
+                    1.0 - g * (w - z * INV_SQRT_2PI)
+                }
+            }
+            Activation::Silu => {
+                // s (1 + z (1 - s)) from e = e^-|z|: s = 1 / (1 + e) and 1 - s = e / (1 + e) above 0,
+                // the other way round below (no 1 - s to cancel).
+                let e = fast_exp(-z.abs());
+                let d = 1.0 + e;
+                if z < 0.0 {
+                    e * (1.0 + z / d) / d
+                } else {
+                    (1.0 + z * e / d) / d
+                }
+            }
+        }
+    }
+
+    /// `act(z)` in f32 on the tail path: the argument of GELU (tanh) in f64, `-z^2/2` as an exact
+    /// sum of two floats, and the exponential applied last ([`Exp`]), so the result keeps 1e-6
+    /// relative accuracy wherever it is a normal float and is the signed zero where it
+    /// underflows. About four times the work of [`Activation::apply_fast`].
+    #[inline(always)]
+    pub fn apply_tail(self, z: f32) -> f32 {
         match self {
             Activation::None => z,
             Activation::Relu => z.max(0.0),
@@ -221,9 +332,9 @@ impl Activation {
         }
     }
 
-    /// `act'(z)` in f32 (`relu'(0) = 0`).
-    #[inline]
-    pub fn grad(self, z: f32) -> f32 {
+    /// `act'(z)` on the tail path, as [`Activation::apply_tail`].
+    #[inline(always)]
+    pub fn grad_tail(self, z: f32) -> f32 {
         match self {
             Activation::None => 1.0,
             Activation::Relu => {
@@ -314,23 +425,60 @@ pub trait ActivationOps: Backend {
     ) -> Result<()>;
 }
 
+/// Calls `f(i)` for every `x[i] < t`, cheaply where there is none: a vectorised test over
+/// blocks of 64 first, then a look at each element of the blocks that have one. (A plain
+/// conditional loop would be vectorised by computing the tail path for every element.)
+#[inline(always)]
+fn for_tail(x: &[f32], t: f32, mut f: impl FnMut(usize)) {
+    if t == f32::NEG_INFINITY {
+        return;
+    }
+    for (b, block) in x.chunks(64).enumerate() {
+        // An OR of comparisons vectorises (a minimum, with its NaN rules, does not).
+        if block.iter().fold(false, |any, &v| any | (v < t)) {
+            for (i, &v) in block.iter().enumerate() {
+                if v < t {
+                    f(b * 64 + i);
+                }
+            }
+        }
+    }
+}
+
+/// [`Activation::apply_tail`] kept out of line, so the loop that calls it for the rare tail
+/// elements stays a loop of calls rather than a vector loop computing it everywhere.
+#[inline(never)]
+fn tail_apply(a: Activation, z: f32) -> f32 {
+    a.apply_tail(z)
+}
+
+/// [`Activation::grad_tail`] out of line, as [`tail_apply`].
+#[inline(never)]
+fn tail_grad(a: Activation, z: f32) -> f32 {
+    a.grad_tail(z)
+}
+
 impl ActivationOps for CpuDevice {
     fn act_forward(&self, act: Activation, x: &&[f32], y: &mut &mut [f32]) -> Result<()> {
         check_len("act_forward", "y", y.len(), x.len())?;
-        // One loop per activation (the match outside), so each loop vectorises.
+        // One loop per activation (the match outside), so each loop vectorises: the fast path over
+        // every element, then the few below the activation's tail threshold again, accurately.
         macro_rules! each {
-            ($f:expr) => {
-                y.par_chunks_mut(CHUNK)
-                    .zip(x.par_chunks(CHUNK))
-                    .for_each(|(y, x)| wide(|| y.iter_mut().zip(x).for_each(|(y, x)| *y = $f(*x))))
+            ($a:expr) => {
+                y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+                    wide(|| {
+                        y.iter_mut().zip(x).for_each(|(y, x)| *y = $a.apply_fast(*x));
+                        for_tail(x, $a.tail_below(), |i| y[i] = tail_apply($a, x[i]));
+                    })
+                })
             };
         }
         match act {
-            Activation::None => each!(|z: f32| z),
-            Activation::Relu => each!(|z: f32| Activation::Relu.apply(z)),
-            Activation::GeluTanh => each!(|z: f32| Activation::GeluTanh.apply(z)),
-            Activation::GeluErf => each!(|z: f32| Activation::GeluErf.apply(z)),
-            Activation::Silu => each!(|z: f32| Activation::Silu.apply(z)),
+            Activation::None => y.copy_from_slice(x),
+            Activation::Relu => each!(Activation::Relu),
+            Activation::GeluTanh => each!(Activation::GeluTanh),
+            Activation::GeluErf => each!(Activation::GeluErf),
+            Activation::Silu => each!(Activation::Silu),
         }
         Ok(())
     }
@@ -342,8 +490,9 @@ impl ActivationOps for CpuDevice {
                 dx.par_chunks_mut(CHUNK).zip(z.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (z, dy))| {
                     wide(|| {
                         for ((dx, z), dy) in dx.iter_mut().zip(z).zip(dy) {
-                            *dx = dy * $a.grad(*z);
+                            *dx = dy * $a.grad_fast(*z);
                         }
+                        for_tail(z, $a.tail_below(), |i| dx[i] = dy[i] * tail_grad($a, z[i]));
                     })
                 })
             };
