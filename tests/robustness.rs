@@ -188,6 +188,38 @@ fn a_signal_stops_the_run_at_a_step_and_saves_it() {
     }
 }
 
+/// A second Ctrl-C while the first waits for the step to end: exit at once (130), nothing saved.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = fresh_dir("second-signal");
+    let part = dir.join("never.st");
+    // Steps of a wide model on a large batch take tens of milliseconds: both signals land in one.
+    let mut child = Command::new(tessera_bin())
+        .args(["train", "--device", "cpu", "--widths", "784,4096,10", "--batch", "8000", "--steps", "1000"])
+        .args(["--save", s(&part)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("model:") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended before training");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child, twice.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(!err.contains("interrupted by SIGINT at step"), "the run went on to its step boundary:\n{err}");
+    assert!(!part.exists());
+}
+
 // ---- 3. Loading ------------------------------------------------------------------------------
 
 /// A checkpoint remembers its data: resuming on other data is refused, naming both.
