@@ -587,8 +587,16 @@ fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(Tr
         SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup.unwrap_or(0), total: 0, min_factor: 0.0 },
     };
     let batch = a.batch.unwrap_or(128);
-    if batch == 0 {
-        return Err(Error::Invalid("--batch must be at least 1".into()));
+    if batch == 0 || batch > tessera::checkpoint::MAX_BATCH {
+        return Err(Error::Invalid(format!(
+            "--batch {batch}: a batch holds at least 1 and at most {} samples",
+            tessera::checkpoint::MAX_BATCH
+        )));
+    }
+    // The optimizer's settings are checked before anything is loaded or printed.
+    match &optimizer {
+        OptimizerConfig::AdamW(o) => o.validate()?,
+        OptimizerConfig::Sgd(o) => o.validate()?,
     }
     Ok((TrainConfig { model, optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
 }
@@ -1025,8 +1033,11 @@ fn make_plan<B: Ops>(
             "--gflops {g}: a device's GEMM rate in GFLOP/s, between 0.001 and 1e9 (e.g. 100)"
         )));
     }
-    if batch == 0 {
-        return Err(Error::Invalid("--batch must be at least 1".into()));
+    if batch == 0 || batch > tessera::checkpoint::MAX_BATCH {
+        return Err(Error::Invalid(format!(
+            "--batch {batch}: a batch holds at least 1 and at most {} samples",
+            tessera::checkpoint::MAX_BATCH
+        )));
     }
     let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
     let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;

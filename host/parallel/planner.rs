@@ -94,9 +94,9 @@ pub struct MemoryUse {
 }
 
 impl MemoryUse {
-    /// All of it.
+    /// All of it (saturating).
     pub fn total(&self) -> u64 {
-        self.weights + self.grads + self.optimizer + self.activations
+        self.weights.saturating_add(self.grads).saturating_add(self.optimizer).saturating_add(self.activations)
     }
 }
 
@@ -159,10 +159,13 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
             + layout[layers.clone()].iter().map(|l| 2 * l.fan_out as u64).sum::<u64>();
         let widest = *model.widths[layers.start..=layers.end].iter().max().unwrap() as u64;
         memory.push(MemoryUse {
-            weights: 4 * params,
-            grads: 4 * params * if dp > 1 { 2 } else { 1 },
-            optimizer: 4 * params * slots,
-            activations: 4 * rows * (per_row * peak[s] as u64 + 2 * widest),
+            weights: 4u64.saturating_mul(params),
+            grads: 4u64.saturating_mul(params).saturating_mul(if dp > 1 { 2 } else { 1 }),
+            optimizer: 4u64.saturating_mul(params).saturating_mul(slots),
+            // Saturating: an absurd batch or width reads as "does not fit", never an overflow.
+            activations: 4u64.saturating_mul(rows).saturating_mul(
+                per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2)),
+            ),
         });
         let flops: f64 =
             layout[layers.clone()].iter().map(|l| 2.0 * (rows as f64) * (l.fan_in * l.fan_out) as f64).sum();
