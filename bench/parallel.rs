@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera::data::Dataset;
 use tessera::nn::MlpConfig;
-use tessera::parallel::comm::{Communicator, LocalComm};
+use tessera::parallel::comm::{Communicator, LocalComm, LocalGroup};
 use tessera::parallel::engine::Engine;
 use tessera::parallel::schedule::bubble_fraction;
 use tessera::parallel::{Plan, ScheduleKind};
@@ -47,7 +47,7 @@ fn all_reduce_time<B: Ops>(comms: Vec<Box<dyn Communicator<B>>>, devs: &[B], len
 
 /// The ring over messages (`LocalComm`), and where `shared` the group the engine uses on this
 /// backend (`local_group`: on the CPU the shared-memory all-reduce with the ring's bits).
-fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B], shared: bool) {
+fn allreduce_group<B: LocalGroup>(c: &mut Criterion, name: &str, devs: &[B], shared: bool) {
     let len = 1 << 22;
     let mut g = c.benchmark_group(name);
     g.sample_size(10);
@@ -65,7 +65,14 @@ fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B], shared: bo
         });
         if shared {
             g.bench_function(format!("shared n={n} {} MiB (bus bandwidth)", bytes >> 20), |b| {
-                b.iter_custom(|iters| all_reduce_time(B::local_group(&devs[..n]), &devs[..n], len, iters))
+                b.iter_custom(|iters| {
+                    all_reduce_time(
+                        B::local_group(&devs[..n], tessera::parallel::DEFAULT_COMM_TIMEOUT),
+                        &devs[..n],
+                        len,
+                        iters,
+                    )
+                })
             });
         }
     }
@@ -87,7 +94,7 @@ fn allreduce_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B], shared: bo
     g.finish();
 }
 
-fn plans_group<B: Ops>(c: &mut Criterion, name: &str, devs: &[B]) {
+fn plans_group<B: LocalGroup>(c: &mut Criterion, name: &str, devs: &[B]) {
     let cfg = TrainConfig {
         model: MlpConfig::new(vec![784, 512, 512, 10], Activation::Relu).unwrap(),
         optimizer: OptimizerConfig::AdamW(AdamW::default()),

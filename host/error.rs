@@ -155,9 +155,3 @@ impl DeviceFailure for cudarc::driver::DriverError {
         Error::Driver { during, source: self }
     }
 }
-
-impl DeviceFailure for crate::backend::sim::SimError {
-    fn into_error(self, during: String) -> Error {
-        Error::Sim { during, detail: self.0 }
-    }
-}

@@ -14,6 +14,7 @@ use tessera::checkpoint::{Checkpoint, DataId};
 use tessera::data::{batches_per_epoch, Dataset};
 use tessera::kernels::{KERNELS, MANIFEST};
 use tessera::nn::MlpConfig;
+use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
 use tessera::parallel::planner::{self, human_bytes, parse_bytes, Budget};
 use tessera::parallel::schedule::Schedule;
@@ -292,7 +293,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(feature = "mpi")]
     let runtime = if tessera::parallel::mpi::launched() {
-        match tessera::parallel::mpi::init() {
+        let timeout = match comm_timeout() {
+            Ok(t) => t,
+            Err(e) => {
+                errln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match tessera::parallel::mpi::init_with_timeout(timeout) {
             Ok(rt) => Some(rt),
             Err(e) => {
                 errln!("error: {e}");
@@ -336,6 +344,17 @@ fn main() -> ExitCode {
             errln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `TESSERA_COMM_TIMEOUT` (seconds; default 120): how long a wait on another device or rank may
+/// last. Read here, in the command line only; the library takes it as a parameter.
+fn comm_timeout() -> tessera::Result<std::time::Duration> {
+    match std::env::var("TESSERA_COMM_TIMEOUT") {
+        Ok(v) => tessera::parallel::parse_comm_timeout(&v).ok_or_else(|| {
+            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
+        }),
+        Err(_) => Ok(tessera::parallel::DEFAULT_COMM_TIMEOUT),
     }
 }
 
@@ -801,8 +820,8 @@ trait Run: tessera::train::Steps {
 
 /// Both engines have these methods, under the same names.
 macro_rules! impl_run {
-    ($ty:ty, |$me:ident| $root:expr) => {
-        impl<B: Ops> Run for $ty {
+    ($ty:ty, $bound:path, |$me:ident| $root:expr) => {
+        impl<B: $bound> Run for $ty {
             fn steps(&self) -> u64 {
                 <$ty>::steps(self)
             }
@@ -834,12 +853,12 @@ macro_rules! impl_run {
         }
     };
 }
-impl_run!(Engine<B>, |_e| true);
+impl_run!(Engine<B>, LocalGroup, |_e| true);
 #[cfg(feature = "mpi")]
-impl_run!(tessera::parallel::mpi::DistEngine<B>, |e| e.world().rank() == 0);
+impl_run!(tessera::parallel::mpi::DistEngine<B>, Ops, |e| e.world().rank() == 0);
 
 #[allow(clippy::too_many_arguments)]
-fn train_local<B: Ops>(
+fn train_local<B: LocalGroup>(
     devs: &[B],
     a: &TrainArgs,
     cfg: TrainConfig,
@@ -1083,7 +1102,7 @@ fn make_plan<B: Ops>(
         let counts = MlpConfig::parse_widths(lps).map_err(|e| Error::Invalid(format!("--layers-per-stage: {e}")))?;
         plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
     }
-    plan.0 = plan.0.with_accumulate(m.accumulate)?;
+    plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
     if manual {
         // The planner checked its own choice; a plan given by the flags (or one device) is
         // checked here, before anything is allocated.

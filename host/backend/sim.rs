@@ -44,6 +44,12 @@ const ALIGN: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimError(pub String);
 
+impl crate::error::DeviceFailure for SimError {
+    fn into_error(self, during: String) -> Error {
+        Error::Sim { during, detail: self.0 }
+    }
+}
+
 impl SimError {
     /// A kernel that the simulator cannot run.
     pub fn unsupported(kernel: &str, why: &str) -> Self {

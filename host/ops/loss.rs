@@ -5,13 +5,13 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
+use crate::backend::cpu::math::fast_exp;
 use crate::backend::cpu::{lane_max, lane_sum, lane_sum2, wide, CpuDevice, CHUNK};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
-use crate::ops::activation::fast_exp;
 use crate::ops::reduce::ReduceOps;
 use crate::ops::{as_i32, as_i64, as_u32, elementwise_cfg};
 

@@ -37,30 +37,9 @@ pub trait ReduceOps: Backend {
     fn l2_norm(&self, x: &Self::Ref<'_, f32>) -> Result<f32> {
         Ok(self.sum(x, true)?.sqrt())
     }
-    /// The communicators that the in-process engine gives the ranks of one data-parallel group
-    /// on `devices` (one per device, in order; hand each to its own thread): the ring of
-    /// [`LocalComm`](crate::parallel::comm::LocalComm), or on the CPU
-    /// [`SharedComm`](crate::parallel::comm::SharedComm), which sums in the ring's order
-    /// straight from the other ranks' buffers (same bits, no copies through messages).
-    fn local_group(devices: &[Self]) -> Vec<Box<dyn crate::parallel::comm::Communicator<Self>>>
-    where
-        Self: crate::ops::Ops,
-    {
-        crate::parallel::comm::LocalComm::group(devices)
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn crate::parallel::comm::Communicator<Self>>)
-            .collect()
-    }
 }
 
 impl ReduceOps for CpuDevice {
-    fn local_group(devices: &[Self]) -> Vec<Box<dyn crate::parallel::comm::Communicator<Self>>> {
-        crate::parallel::comm::SharedComm::group(devices)
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn crate::parallel::comm::Communicator<Self>>)
-            .collect()
-    }
-
     fn col_sum(&self, rows: usize, cols: usize, x: &&[f32], beta: f32, out: &mut &mut [f32]) -> Result<()> {
         check_len("col_sum", &format!("x ({rows}x{cols})"), x.len(), rows * cols)?;
         check_len("col_sum", "out", out.len(), cols)?;

@@ -105,7 +105,13 @@ pub fn chunks(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 
 impl<B: Ops> RingComm<B, LocalWire<B>> {
     /// A group over `devices`: rank `i` runs on `devices[i]`. Hand each to its own thread.
+    /// A wait on another rank lasts at most [`DEFAULT_COMM_TIMEOUT`](crate::parallel::DEFAULT_COMM_TIMEOUT).
     pub fn group(devices: &[B]) -> Vec<LocalComm<B>> {
+        Self::group_with_timeout(devices, crate::parallel::DEFAULT_COMM_TIMEOUT)
+    }
+
+    /// A group whose waits on another rank last at most `timeout`.
+    pub fn group_with_timeout(devices: &[B], timeout: Duration) -> Vec<LocalComm<B>> {
         let n = devices.len();
         // chans[from][to]
         let mut senders: Vec<Vec<Option<Sender<Msg<B>>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
@@ -126,12 +132,36 @@ impl<B: Ops> RingComm<B, LocalWire<B>> {
                     rank,
                     to: senders[rank].iter_mut().map(|s| s.take().unwrap()).collect(),
                     from: receivers[rank].iter_mut().map(|r| r.take().unwrap()).collect(),
-                    // TESSERA_COMM_TIMEOUT (an engine checks the value before it builds a group).
-                    timeout: crate::parallel::engine::comm_timeout()
-                        .unwrap_or(crate::parallel::engine::DEFAULT_COMM_TIMEOUT),
+                    timeout,
                 };
                 RingComm::new(rank, n, dev.clone(), wire)
             })
+            .collect()
+    }
+}
+
+/// How a backend's devices in one process form a data-parallel group: the communicators the
+/// in-process engine gives the ranks (one per device, in order; hand each to its own thread),
+/// each waiting at most `timeout` on another. The ring of [`LocalComm`] by default; on the CPU
+/// [`SharedComm`], which sums in the ring's order straight from the other ranks' buffers (same
+/// bits, no copies through messages).
+pub trait LocalGroup: Ops {
+    /// The group over `devices`.
+    fn local_group(devices: &[Self], timeout: Duration) -> Vec<Box<dyn Communicator<Self>>> {
+        LocalComm::group_with_timeout(devices, timeout)
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator<Self>>)
+            .collect()
+    }
+}
+
+impl LocalGroup for crate::CudaDevice {}
+impl LocalGroup for crate::SimDevice {}
+impl LocalGroup for crate::CpuDevice {
+    fn local_group(devices: &[Self], timeout: Duration) -> Vec<Box<dyn Communicator<Self>>> {
+        SharedComm::group_with_timeout(devices, timeout)
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator<Self>>)
             .collect()
     }
 }
@@ -387,9 +417,14 @@ pub struct SharedComm {
 
 impl SharedComm {
     /// A group over `devices`: rank `i` runs on `devices[i]`. Hand each to its own thread.
+    /// A wait on another rank lasts at most [`DEFAULT_COMM_TIMEOUT`](crate::parallel::DEFAULT_COMM_TIMEOUT).
     pub fn group(devices: &[crate::CpuDevice]) -> Vec<SharedComm> {
+        Self::group_with_timeout(devices, crate::parallel::DEFAULT_COMM_TIMEOUT)
+    }
+
+    /// A group whose waits on another rank last at most `timeout`.
+    pub fn group_with_timeout(devices: &[crate::CpuDevice], timeout: Duration) -> Vec<SharedComm> {
         let n = devices.len();
-        let timeout = crate::parallel::engine::comm_timeout().unwrap_or(crate::parallel::engine::DEFAULT_COMM_TIMEOUT);
         let rv = std::sync::Arc::new(Rendezvous {
             state: Mutex::new(RendezvousState {
                 arrived: 0,
@@ -402,7 +437,7 @@ impl SharedComm {
             ranks: n,
             timeout,
         });
-        LocalComm::group(devices)
+        LocalComm::group_with_timeout(devices, timeout)
             .into_iter()
             .enumerate()
             .map(|(rank, ring)| SharedComm { rank, size: n, dev: devices[rank].clone(), rv: rv.clone(), ring })

@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::nn::Stage;
 use crate::ops::Ops;
-use crate::parallel::comm::Communicator;
+use crate::parallel::comm::{Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
@@ -118,6 +118,7 @@ pub(crate) struct StepCtx<'a> {
     m: usize,
     pp: usize,
     t0: Instant,
+    comm_timeout: std::time::Duration,
 }
 
 pub(crate) struct WorkerOut {
@@ -192,6 +193,7 @@ impl<'a> StepCtx<'a> {
             m: plan.microbatches,
             pp: plan.mesh.pp,
             t0,
+            comm_timeout: plan.comm_timeout,
         }
     }
 }
@@ -209,7 +211,7 @@ pub struct Engine<B: Ops> {
     timeline: Option<Timeline>,
 }
 
-impl<B: Ops> Engine<B> {
+impl<B: LocalGroup> Engine<B> {
     /// A fresh run: the model's seeded initial parameters on every replica.
     pub fn new(devices: &[B], cfg: TrainConfig, plan: Plan) -> Result<Self> {
         let params = cfg.model.init(cfg.seed);
@@ -260,7 +262,6 @@ impl<B: Ops> Engine<B> {
     ) -> Result<Self> {
         cfg.validate()?;
         plan.validate(&cfg.model)?;
-        comm_timeout()?;
         let n = cfg.model.param_count();
         if params.len() != n {
             return Err(Error::shape("Engine", format!("{} parameters for a model of {n}", params.len())));
@@ -311,7 +312,7 @@ impl<B: Ops> Engine<B> {
                 // Each communicator gets its own queue, so its additions overlap backward.
                 let devs: Vec<B> =
                     (0..mesh.dp).map(|r| devices[mesh.device(r, s)].with_own_queue()).collect::<Result<_>>()?;
-                for (r, c) in B::local_group(&devs).into_iter().enumerate() {
+                for (r, c) in B::local_group(&devs, plan.comm_timeout).into_iter().enumerate() {
                     workers[mesh.device(r, s)].comm = Some(c);
                 }
             }
@@ -525,7 +526,7 @@ impl<B: Ops> Engine<B> {
     }
 }
 
-impl<B: Ops> Steps for Engine<B> {
+impl<B: LocalGroup> Steps for Engine<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
     }
@@ -601,26 +602,6 @@ pub(crate) fn run_worker<B: Ops>(
         }
     }
     result
-}
-
-/// How long a worker waits for its all-reduce thread (and, across processes, any MPI wait):
-/// `TESSERA_COMM_TIMEOUT` seconds, default 120; a value that is not a positive number is an
-/// error, in one process as under MPI.
-pub(crate) fn comm_timeout() -> Result<std::time::Duration> {
-    match std::env::var("TESSERA_COMM_TIMEOUT") {
-        Ok(v) => parse_comm_timeout(&v).ok_or_else(|| {
-            Error::Invalid(format!("TESSERA_COMM_TIMEOUT={v}: expected a positive number of seconds, e.g. 120"))
-        }),
-        Err(_) => Ok(DEFAULT_COMM_TIMEOUT),
-    }
-}
-
-/// The default of `TESSERA_COMM_TIMEOUT`.
-pub(crate) const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// A `TESSERA_COMM_TIMEOUT` value (seconds), or `None` if it is not a positive number.
-pub(crate) fn parse_comm_timeout(v: &str) -> Option<std::time::Duration> {
-    v.trim().parse::<f64>().ok().and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -717,7 +698,7 @@ fn worker_actions<B: Ops>(
                     }
                     // Collect the reduced buckets and put them back.
                     let mut comm_spans = Vec::new();
-                    let limit = comm_timeout()?;
+                    let limit = ctx.comm_timeout;
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
                         let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(

@@ -56,6 +56,18 @@ pub struct Plan {
     /// Pipeline passes per step whose gradients accumulate before the one all-reduce
     /// (gradient accumulation; 1: none).
     pub accumulate: usize,
+    /// How long any wait on another device or rank may last before the step fails with an
+    /// error naming it ([`DEFAULT_COMM_TIMEOUT`] unless set with [`Plan::with_comm_timeout`];
+    /// the command line reads `TESSERA_COMM_TIMEOUT`).
+    pub comm_timeout: std::time::Duration,
+}
+
+/// The default of [`Plan::comm_timeout`]: two minutes.
+pub const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A timeout in seconds (`120`, `0.5`), or `None` if it is not a positive number.
+pub fn parse_comm_timeout(v: &str) -> Option<std::time::Duration> {
+    v.trim().parse::<f64>().ok().and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero())
 }
 
 impl Plan {
@@ -73,7 +85,14 @@ impl Plan {
                 model.widths_string()
             )));
         }
-        Ok(Plan { mesh: Mesh { dp, pp }, stages: balance(model, pp), microbatches, schedule, accumulate: 1 })
+        Ok(Plan {
+            mesh: Mesh { dp, pp },
+            stages: balance(model, pp),
+            microbatches,
+            schedule,
+            accumulate: 1,
+            comm_timeout: DEFAULT_COMM_TIMEOUT,
+        })
     }
 
     /// The single-device plan.
@@ -99,6 +118,15 @@ impl Plan {
                 r
             })
             .collect();
+        Ok(self)
+    }
+
+    /// Sets how long a wait on another device or rank may last.
+    pub fn with_comm_timeout(mut self, timeout: std::time::Duration) -> Result<Self> {
+        if timeout.is_zero() {
+            return Err(Error::Invalid("the communication timeout must be positive".into()));
+        }
+        self.comm_timeout = timeout;
         Ok(self)
     }
 

@@ -86,8 +86,15 @@ impl MpiRuntime {
     }
 }
 
-/// Initialises MPI with `MPI_THREAD_MULTIPLE`.
+/// Initialises MPI with `MPI_THREAD_MULTIPLE`; any wait on another rank lasts at most
+/// [`DEFAULT_COMM_TIMEOUT`](crate::parallel::DEFAULT_COMM_TIMEOUT).
 pub fn init() -> Result<MpiRuntime> {
+    init_with_timeout(crate::parallel::DEFAULT_COMM_TIMEOUT)
+}
+
+/// As [`init`], with waits on another rank lasting at most `timeout` (after which the job is
+/// stopped with a message naming the rank waited for).
+pub fn init_with_timeout(timeout: Duration) -> Result<MpiRuntime> {
     let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
         .ok_or_else(|| Error::Parallel("MPI was already initialised in this process".into()))?;
     if threading != Threading::Multiple {
@@ -101,7 +108,9 @@ pub fn init() -> Result<MpiRuntime> {
     let size = world.size() as usize;
     let node = world.split_shared(world.rank());
     let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
-    let timeout = crate::parallel::engine::comm_timeout()?;
+    if timeout.is_zero() {
+        return Err(Error::Invalid("the communication timeout must be positive".into()));
+    }
     // Who shares this node, and their pids (one gather over the node, at start-up).
     let me = [rank as u64, std::process::id() as u64];
     let mut all = vec![0u64; 2 * local_size];
@@ -415,6 +424,7 @@ fn plan_from(v: &[f64]) -> Plan {
         stages,
         microbatches: v[2] as usize,
         accumulate: v[3] as usize,
+        comm_timeout: crate::parallel::DEFAULT_COMM_TIMEOUT,
         schedule: if v[4] == 0.0 {
             crate::parallel::ScheduleKind::GPipe
         } else {
@@ -431,7 +441,8 @@ pub fn agree_on_plan(world: &Arc<MpiWorld>, plan: Plan) -> Plan {
     if all[world.rank] == all[0] {
         plan
     } else {
-        plan_from(&all[0])
+        // The timeout is each rank's own (its world's), not part of the agreement.
+        Plan { comm_timeout: plan.comm_timeout, ..plan_from(&all[0]) }
     }
 }
 

@@ -163,9 +163,9 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
             grads: 4u64.saturating_mul(params).saturating_mul(if dp > 1 { 2 } else { 1 }),
             optimizer: 4u64.saturating_mul(params).saturating_mul(slots),
             // Saturating: an absurd batch or width reads as "does not fit", never an overflow.
-            activations: 4u64.saturating_mul(rows).saturating_mul(
-                per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2)),
-            ),
+            activations: 4u64
+                .saturating_mul(rows)
+                .saturating_mul(per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2))),
         });
         let flops: f64 =
             layout[layers.clone()].iter().map(|l| 2.0 * (rows as f64) * (l.fan_in * l.fan_out) as f64).sum();

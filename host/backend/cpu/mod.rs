@@ -3,6 +3,8 @@
 //! `cpu:N` makes N logical CPU devices that share the machine's cores; they are real devices
 //! for every purpose of the parallel engine (own buffers, copies between them).
 
+pub mod math;
+
 use std::ops::Range;
 
 use crate::backend::{check_len, Backend, Elem};
@@ -103,7 +105,7 @@ pub(crate) const CHUNK: usize = 1 << 14;
 
 /// Runs `f` with its loops compiled for AVX2 and FMA where this CPU has them (checked once, at
 /// run time), and for the baseline x86-64 (SSE2) elsewhere. Elementwise loops over
-/// [`fast_exp`](crate::ops::activation::fast_exp) and friends are compute-bound at 4 lanes;
+/// [`math::fast_exp`] and friends are compute-bound at 4 lanes;
 /// 8 lanes roughly double them. The results are the same bits either way: Rust never fuses a
 /// multiply and an add on its own, and the lane reductions fix their order by the length.
 #[inline(always)]
