@@ -22,7 +22,7 @@ fn layer(path: &[&str]) -> Option<f64> {
         ["parallel", "engine", ..] => 6.3,
         ["parallel", "mpi", ..] => 6.4,
         ["parallel", ..] => 6.0,
-        ["lib"] | ["main", ..] => 9.0,
+        ["lib"] | ["main", ..] | ["cli", ..] => 9.0,
         // The crate root's re-exports, by what they are.
         ["Error" | "Result", ..] => 0.0,
         ["CpuDevice" | "CudaDevice" | "SimDevice" | "Backend" | "Elem" | "ViewLen" | "Tensor" | "DeviceSpec"

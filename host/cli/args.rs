@@ -1,0 +1,185 @@
+//! The command line's arguments (clap).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// tessera: hand-written CUDA kernels and a host library for training on CPU and GPU devices.
+#[derive(Parser)]
+#[command(name = "tessera", version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// What is there: the CPU and its features, GPUs with name, memory, compute capability and
+    /// driver version, and whether this build's kernels can run on them.
+    Devices,
+    /// Every kernel with its ptxas report (registers, shared memory, spills) and the build's
+    /// compatibility manifest.
+    Kernels {
+        /// Also print nvcc's whole `ptxas -v` output.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Train an MLP classifier (by default 784-512-512-10 on the 10,000 vendored MNIST digits:
+    /// 8,000 to train, 2,000 to test) and report the test accuracy.
+    Train(TrainArgs),
+    /// Print the plan of a run over several devices (mesh, stages, schedule chart, memory per
+    /// device, estimated step time and bubble) without training.
+    Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum OptName {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum SchedName {
+    Constant,
+    Cosine,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct TrainArgs {
+    /// Device: auto, cpu, cpu:N, cuda, cuda:K, cuda:KxN, sim, sim:N (the kernels in the CUDA simulator).
+    #[arg(long, default_value = "auto")]
+    pub(crate) device: String,
+    /// Gradient all-reduce across processes (under mpirun/srun): ring (tessera's ring over MPI
+    /// messages) or nccl (GPUs; the default there). `nccl` with --dp 1 still routes the
+    /// gradients through a one-rank NCCL communicator, to check NCCL on one GPU.
+    #[arg(long)]
+    pub(crate) allreduce: Option<String>,
+    /// Layer widths from inputs to classes [default: 784,512,512,10].
+    #[arg(long)]
+    pub(crate) widths: Option<String>,
+    /// Activation between layers: relu, gelu, gelu-erf, silu [default: relu].
+    #[arg(long)]
+    pub(crate) activation: Option<String>,
+    /// Samples per step [default: 128].
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
+    /// Passes over the training set [default: 15] (ignored when --steps is given).
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
+    /// Total optimizer steps (overrides --epochs; counts steps done before a --resume).
+    #[arg(long)]
+    pub(crate) steps: Option<u64>,
+    /// Stop after this many steps in all (to resume later with --resume): the run, its
+    /// schedule included, is still the one of --steps / --epochs.
+    #[arg(long)]
+    pub(crate) stop_at: Option<u64>,
+    /// Learning rate [default: 1e-3 for adamw, 0.05 for sgd].
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// Optimizer [default: adamw].
+    #[arg(long, value_enum)]
+    pub(crate) optimizer: Option<OptName>,
+    /// SGD momentum [default: 0.9] (sgd only).
+    #[arg(long)]
+    pub(crate) momentum: Option<f32>,
+    /// Weight decay [default: 0.01 for adamw (decoupled), 0 for sgd].
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f32>,
+    /// Learning-rate schedule [default: constant].
+    #[arg(long, value_enum)]
+    pub(crate) lr_schedule: Option<SchedName>,
+    /// Warm-up steps of the cosine schedule [default: 0] (cosine only).
+    #[arg(long)]
+    pub(crate) warmup: Option<u64>,
+    /// Clip the global gradient norm to this value (positive).
+    #[arg(long)]
+    pub(crate) clip: Option<f32>,
+    /// Seed of the initialisation and the data order [default: 0].
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// A directory with full MNIST (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],
+    /// t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) instead of the vendored 10k.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Write a checkpoint (safetensors) here at the end.
+    #[arg(long)]
+    pub(crate) save: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint.
+    #[arg(long)]
+    pub(crate) resume: Option<PathBuf>,
+    /// Print a machine-readable summary (JSON) instead of the progress bar and text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Write an SVG of what each device did during the last step.
+    #[arg(long)]
+    pub(crate) timeline: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) mesh: MeshArgs,
+}
+
+/// A count of at least 1 (`--dp`, `--pp`, `--microbatches`, `--accumulate`).
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// How to spread a step over the devices.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct MeshArgs {
+    /// Data-parallel replicas (default: devices / pp).
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) dp: Option<usize>,
+    /// Pipeline stages per replica [default: 1].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) pp: Option<usize>,
+    /// Microbatches per replica per step [default: 1, or pp x 2 when pp > 1].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) microbatches: Option<usize>,
+    /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
+    #[arg(long)]
+    pub(crate) schedule: Option<String>,
+    /// Layers per stage, e.g. 1,2 (default: balanced by FLOPs).
+    #[arg(long)]
+    pub(crate) layers_per_stage: Option<String>,
+    /// Pipeline passes whose gradients accumulate before the all-reduce.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub(crate) accumulate: usize,
+    /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and
+    /// microbatches; `manual`: the flags (and their defaults) decide.
+    #[arg(long, default_value = "auto")]
+    pub(crate) plan: String,
+    /// Memory per device for the planner, e.g. 2GiB [default: the device's memory, shared
+    /// among logical devices].
+    #[arg(long)]
+    pub(crate) memory: Option<String>,
+}
+
+/// `tessera plan`: what a run would do, without running it.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PlanArgs {
+    /// Devices: cpu:N, cuda:KxN, sim:N, ...
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+    /// Layer widths from inputs to classes.
+    #[arg(long, default_value = "784,512,512,10")]
+    pub(crate) widths: String,
+    /// Optimizer (its state is part of the memory).
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub(crate) optimizer: OptName,
+    /// Samples per step.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) batch: usize,
+    /// Sustained GEMM rate of one device in GFLOP/s (default: measured).
+    #[arg(long)]
+    pub(crate) gflops: Option<f64>,
+    /// Draw the planned schedule as an SVG.
+    #[arg(long)]
+    pub(crate) svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) mesh: MeshArgs,
+}

@@ -1,0 +1,206 @@
+//! `tessera plan`, and the plan of a training run: from the flags, or from the planner.
+
+use tessera::nn::MlpConfig;
+use tessera::parallel::planner::{self, human_bytes, parse_bytes, Budget};
+use tessera::parallel::schedule::Schedule;
+use tessera::parallel::timeline::Timeline;
+use tessera::parallel::{Plan, ScheduleKind};
+use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig};
+use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
+
+use super::args::{MeshArgs, OptName, PlanArgs};
+use super::comm_timeout;
+
+/// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
+/// shared evenly.
+pub(crate) fn device_memory<B: Ops>(devs: &[B], sharing: usize) -> u64 {
+    let any: &dyn std::any::Any = &devs[0];
+    let total = if let Some(g) = any.downcast_ref::<tessera::CudaDevice>() {
+        g.info().total_mem as u64
+    } else {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(8 << 30)
+    };
+    total / sharing.max(1) as u64
+}
+
+/// The plan for `devs` from the flags, or from the planner; returns it with a line of reasons.
+/// `sharing`: how many of the devices share one piece of hardware (its memory and speed):
+/// all of them in one process (logical devices), the ranks on a node under MPI for the CPU, one
+/// for a GPU per rank.
+pub(crate) fn make_plan<B: Ops>(
+    devs: &[B],
+    m: &MeshArgs,
+    cfg: &TrainConfig,
+    batch: usize,
+    gflops: Option<f64>,
+    sharing: usize,
+) -> tessera::Result<(Plan, String, Option<Budget>)> {
+    let n = devs.len();
+    // A rate outside this range makes every estimate 0 or infinite: no plan can be told apart.
+    if let Some(g) = gflops.filter(|g| !(1e-3..=1e9).contains(g)) {
+        return Err(Error::Invalid(format!(
+            "--gflops {g}: a device's GEMM rate in GFLOP/s, between 0.001 and 1e9 (e.g. 100)"
+        )));
+    }
+    if batch == 0 || batch > tessera::checkpoint::MAX_BATCH {
+        return Err(Error::Invalid(format!(
+            "--batch {batch}: a batch holds at least 1 and at most {} samples",
+            tessera::checkpoint::MAX_BATCH
+        )));
+    }
+    let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
+    let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;
+    if m.plan != "auto" && m.plan != "manual" {
+        return Err(Error::Invalid(format!(
+            "--plan {}: use auto (the planner decides) or give --dp/--pp/--microbatches",
+            m.plan
+        )));
+    }
+    let mut plan = if manual {
+        let pp = m.pp.unwrap_or(1);
+        if pp == 0 || (m.dp.is_none() && n % pp != 0) {
+            return Err(Error::Invalid(format!("--pp {pp} does not divide the {n} devices opened")));
+        }
+        let dp = m.dp.unwrap_or(n / pp);
+        if dp * pp != n {
+            return Err(Error::Invalid(format!(
+                "--dp {dp} x --pp {pp} needs {} devices, but --device opened {n}: use --device cpu:{} (or cuda:0x{})",
+                dp * pp,
+                dp * pp,
+                dp * pp
+            )));
+        }
+        let micro = m.microbatches.unwrap_or(if pp > 1 { 2 * pp } else { 1 });
+        (
+            Plan::new(&cfg.model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?,
+            "given by the flags".to_string(),
+            None,
+        )
+    } else {
+        let memory = match &m.memory {
+            Some(s) => parse_bytes(s)?,
+            None => device_memory(devs, sharing),
+        };
+        let mut budget = Budget::measure(&devs[0], memory, sharing)?;
+        if let Some(g) = gflops {
+            budget.flops = g * 1e9;
+        }
+        let (p, _, why) = planner::choose(cfg, batch, n, &budget, kind)?;
+        (p, format!("planner: {why}"), Some(budget))
+    };
+    if let Some(lps) = &m.layers_per_stage {
+        let counts = MlpConfig::parse_widths(lps).map_err(|e| Error::Invalid(format!("--layers-per-stage: {e}")))?;
+        plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
+    }
+    plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
+    if manual {
+        // The planner checked its own choice; a plan given by the flags (or one device) is
+        // checked here, before anything is allocated.
+        let memory = match &m.memory {
+            Some(s) => parse_bytes(s)?,
+            None => device_memory(devs, sharing),
+        };
+        planner::check_fits(cfg, batch, &plan.0, memory)?;
+    }
+    Ok(plan)
+}
+
+pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
+    let model = MlpConfig::new(MlpConfig::parse_widths(&a.widths)?, Activation::Relu)?;
+    let optimizer = match a.optimizer {
+        OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
+        OptName::Sgd => OptimizerConfig::Sgd(Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 }),
+    };
+    let cfg = TrainConfig { model, optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
+    let spec: DeviceSpec = a.device.parse()?;
+    let (devices, chosen) = spec.open()?;
+    outln!("{chosen}");
+    match devices {
+        Devices::Cpu(d) => print_plan(&d, &a, &cfg),
+        Devices::Cuda(d) => print_plan(&d, &a, &cfg),
+        Devices::Sim(d) => print_plan(&d, &a, &cfg),
+    }
+}
+
+pub(crate) fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::Result<()> {
+    let (plan, why, budget) = make_plan(devs, &a.mesh, cfg, a.batch, a.gflops, devs.len())?;
+    let budget = match budget {
+        Some(b) => b,
+        None => {
+            let memory = match &a.mesh.memory {
+                Some(s) => parse_bytes(s)?,
+                None => device_memory(devs, devs.len()),
+            };
+            let mut b = Budget::measure(&devs[0], memory, devs.len())?;
+            if let Some(g) = a.gflops {
+                b.flops = g * 1e9;
+            }
+            b
+        }
+    };
+    let est = planner::estimate(cfg, a.batch, &plan, &budget);
+    let mesh = plan.mesh;
+    outln!(
+        "model: {} ({} parameters), {}, batch {}",
+        cfg.model.widths_string(),
+        cfg.model.param_count(),
+        cfg.optimizer.name(),
+        a.batch
+    );
+    outln!("plan: {} ({why})", plan.describe());
+    outln!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
+    for r in 0..mesh.dp {
+        let names: Vec<String> = (0..mesh.pp).map(|s| devs[mesh.device(r, s)].name()).collect();
+        outln!("  replica {r}: {}", names.join(" -> "));
+    }
+    let layout = cfg.model.layout();
+    outln!("stages:");
+    for (s, layers) in plan.stages.iter().enumerate() {
+        let params: usize = layout[layers.clone()].iter().map(|l| l.bias.end - l.weight.start).sum();
+        let shapes: Vec<String> =
+            layout[layers.clone()].iter().map(|l| format!("{}x{}", l.fan_in, l.fan_out)).collect();
+        let m = &est.memory[s];
+        outln!(
+            "  stage {s}: layers {layers:?} ({}), {params} parameters; memory {} (weights {}, gradients {}, optimizer {}, activations {})",
+            shapes.join(", "),
+            human_bytes(m.total()),
+            human_bytes(m.weights),
+            human_bytes(m.grads),
+            human_bytes(m.optimizer),
+            human_bytes(m.activations)
+        );
+    }
+    let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
+    let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
+    let stats = schedule.check()?;
+    outln!("schedule: {} (checked: sound; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
+    out!("{}", schedule.chart());
+    outln!(
+        "estimate: step {:.2} ms = pipeline {:.2} ms + transfers {:.2} ms + all-reduce {:.2} ms; bubble (p-1)/(m+p-1) = {:.1}%; device budget {} at {:.1} GFLOP/s, links {:.1} GB/s",
+        est.step * 1e3,
+        est.pipeline * 1e3,
+        est.transfer * 1e3,
+        est.all_reduce * 1e3,
+        100.0 * est.bubble,
+        human_bytes(budget.memory),
+        budget.flops / 1e9,
+        budget.link / 1e9
+    );
+    if let Some(path) = &a.svg {
+        let names: Vec<String> = (0..mesh.pp).map(|s| format!("stage {s} ({})", devs[s].name())).collect();
+        let t = Timeline::from_schedule(&schedule, &vec![1.0; mesh.pp], &vec![2.0; mesh.pp], &names);
+        let title = format!("planned {} for {}", plan.schedule, plan.describe());
+        std::fs::write(path, t.to_svg(&title, "units"))
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
+}

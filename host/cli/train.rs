@@ -1,0 +1,730 @@
+//! `tessera train`: the run's config (from the flags or a checkpoint), its data and devices, the
+//! training loop with its progress, the result, the checkpoint.
+
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera::backend::cuda;
+use tessera::checkpoint::{Checkpoint, DataId};
+use tessera::data::{batches_per_epoch, Dataset};
+use tessera::nn::MlpConfig;
+use tessera::parallel::comm::LocalGroup;
+use tessera::parallel::engine::Engine;
+use tessera::parallel::timeline::Timeline;
+use tessera::parallel::Plan;
+use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
+use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
+
+use super::args::{OptName, SchedName, TrainArgs};
+use super::interrupt;
+use super::plan::make_plan;
+use super::World;
+
+/// The run's config from the flags, or from a checkpoint being resumed (flags that contradict
+/// it are an error: the resumed run would not be the same run).
+pub(crate) fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(TrainConfig, usize)> {
+    let widths = a.widths.as_deref().map(MlpConfig::parse_widths).transpose()?;
+    let act = a.activation.as_deref().map(|s| s.parse::<Activation>()).transpose()?;
+    if let Some(c) = ckpt {
+        let mut conflicts = Vec::new();
+        let cc = &c.config;
+        if widths.as_ref().is_some_and(|w| *w != cc.model.widths) {
+            conflicts.push(format!("--widths (checkpoint: {})", cc.model.widths_string()));
+        }
+        if act.is_some_and(|x| x != cc.model.act) {
+            conflicts.push(format!("--activation (checkpoint: {})", cc.model.act));
+        }
+        if a.batch.is_some_and(|b| b != c.batch) {
+            conflicts.push(format!("--batch (checkpoint: {})", c.batch));
+        }
+        if a.seed.is_some_and(|s| s != cc.seed) {
+            conflicts.push(format!("--seed (checkpoint: {})", cc.seed));
+        }
+        if a.optimizer.is_some_and(|o| (o == OptName::Sgd) != matches!(cc.optimizer, OptimizerConfig::Sgd(_))) {
+            conflicts.push(format!("--optimizer (checkpoint: {})", cc.optimizer.name()));
+        }
+        if a.lr.is_some_and(|lr| lr != cc.optimizer.lr()) {
+            conflicts.push(format!("--lr (checkpoint: {})", cc.optimizer.lr()));
+        }
+        let (wd, momentum) = match &cc.optimizer {
+            OptimizerConfig::AdamW(o) => (o.weight_decay, None),
+            OptimizerConfig::Sgd(o) => (o.weight_decay, Some(o.momentum)),
+        };
+        if a.weight_decay.is_some_and(|w| w != wd) {
+            conflicts.push(format!("--weight-decay (checkpoint: {wd})"));
+        }
+        if a.momentum.is_some_and(|m| Some(m) != momentum) {
+            conflicts.push(match momentum {
+                Some(m) => format!("--momentum (checkpoint: {m})"),
+                None => "--momentum (the checkpoint's optimizer is adamw, which has none)".to_string(),
+            });
+        }
+        let cosine = matches!(cc.schedule, LrSchedule::Cosine { .. });
+        if a.lr_schedule.is_some_and(|s| (s == SchedName::Cosine) != cosine) {
+            conflicts.push(format!("--lr-schedule (checkpoint: {})", cc.schedule));
+        }
+        if let Some(w) = a.warmup {
+            if !matches!(cc.schedule, LrSchedule::Cosine { warmup, .. } if warmup == w) {
+                conflicts.push(format!("--warmup (checkpoint: {})", cc.schedule));
+            }
+        }
+        if a.clip != cc.clip_norm && a.clip.is_some() {
+            let was = cc.clip_norm.map_or("no clipping".to_string(), |c| c.to_string());
+            conflicts.push(format!("--clip (checkpoint: {was})"));
+        }
+        if !conflicts.is_empty() {
+            return Err(Error::Checkpoint {
+                path: a.resume.as_ref().unwrap().display().to_string(),
+                reason: format!(
+                    "it was saved by a run with other settings: {}. Leave these flags out to continue that run",
+                    conflicts.join(", ")
+                ),
+            });
+        }
+        return Ok((cc.clone(), c.batch));
+    }
+    let model = MlpConfig::new(widths.unwrap_or_else(|| vec![784, 512, 512, 10]), act.unwrap_or(Activation::Relu))?;
+    let opt = a.optimizer.unwrap_or(OptName::Adamw);
+    if opt == OptName::Adamw && a.momentum.is_some() {
+        return Err(Error::Invalid(
+            "--momentum is for --optimizer sgd (AdamW's moments are fixed by its betas)".into(),
+        ));
+    }
+    let cosine = a.lr_schedule == Some(SchedName::Cosine);
+    if a.warmup.is_some() && !cosine {
+        return Err(Error::Invalid(
+            "--warmup is the warm-up of --lr-schedule cosine: add that, or leave --warmup out".into(),
+        ));
+    }
+    let optimizer = match opt {
+        OptName::Adamw => OptimizerConfig::AdamW(AdamW {
+            lr: a.lr.unwrap_or(1e-3),
+            weight_decay: a.weight_decay.unwrap_or(0.01),
+            ..AdamW::default()
+        }),
+        OptName::Sgd => OptimizerConfig::Sgd(Sgd {
+            lr: a.lr.unwrap_or(0.05),
+            momentum: a.momentum.unwrap_or(0.9),
+            weight_decay: a.weight_decay.unwrap_or(0.0),
+        }),
+    };
+    let schedule = match a.lr_schedule.unwrap_or(SchedName::Constant) {
+        SchedName::Constant => LrSchedule::Constant,
+        // The total is filled in once the data (and so the steps per epoch) is known.
+        SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup.unwrap_or(0), total: 0, min_factor: 0.0 },
+    };
+    let batch = a.batch.unwrap_or(128);
+    if batch == 0 || batch > tessera::checkpoint::MAX_BATCH {
+        return Err(Error::Invalid(format!(
+            "--batch {batch}: a batch holds at least 1 and at most {} samples",
+            tessera::checkpoint::MAX_BATCH
+        )));
+    }
+    // The optimizer's settings are checked before anything is loaded or printed.
+    match &optimizer {
+        OptimizerConfig::AdamW(o) => o.validate()?,
+        OptimizerConfig::Sgd(o) => o.validate()?,
+    }
+    Ok((TrainConfig { model, optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
+}
+
+pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
+    let ckpt = a
+        .resume
+        .as_deref()
+        .map(|p| Checkpoint::load(p).map_err(|e| Error::Invalid(format!("--resume: {e}"))))
+        .transpose()?;
+    let (mut cfg, batch) = train_config(&a, ckpt.as_ref())?;
+    let (train_set, test_set, data_name) = match &a.data {
+        Some(dir) => {
+            let (tr, te) = Dataset::mnist_dir(dir)?;
+            (tr, te, dir.display().to_string())
+        }
+        None => {
+            let (tr, te) = Dataset::mnist_10k()?;
+            (tr, te, "mnist-10k (vendored)".to_string())
+        }
+    };
+    if test_set.is_empty() {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: "the test set is empty: there is nothing to measure the run on".into(),
+        });
+    }
+    if test_set.dim != train_set.dim {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: format!(
+                "the test images have {} pixels, the training images {}: they are not the same kind of data",
+                test_set.dim, train_set.dim
+            ),
+        });
+    }
+    if train_set.is_empty() {
+        return Err(Error::Data { path: data_name.clone(), reason: "the training set is empty".into() });
+    }
+    let data_id = DataId::of(&data_name, &train_set, &test_set);
+    if let Some(c) = &ckpt {
+        if c.data.crc32 != data_id.crc32 {
+            return Err(Error::Checkpoint {
+                path: a.resume.as_ref().unwrap().display().to_string(),
+                reason: format!(
+                    "it was trained on {}, and this run's data is {}: resume on the same data (the same --data, or \
+                     none for the vendored digits), or start a new run",
+                    c.data, data_id
+                ),
+            });
+        }
+    }
+    if train_set.dim != cfg.model.inputs() || train_set.classes > cfg.model.outputs() {
+        return Err(Error::Invalid(format!(
+            "the data has {} features and {} classes; the widths {} take {} inputs and give {} outputs (use --widths {},...,{})",
+            train_set.dim,
+            train_set.classes,
+            cfg.model.widths_string(),
+            cfg.model.inputs(),
+            cfg.model.outputs(),
+            train_set.dim,
+            train_set.classes
+        )));
+    }
+    if let Some(&top) = test_set.y.iter().max().filter(|&&l| l as usize >= cfg.model.outputs()) {
+        return Err(Error::Data {
+            path: data_name.clone(),
+            reason: format!(
+                "the test set has label {top}, but the model ({}) gives {} outputs (labels 0..{}): use --widths \
+                 ...,{} or other data",
+                cfg.model.widths_string(),
+                cfg.model.outputs(),
+                cfg.model.outputs() - 1,
+                top + 1
+            ),
+        });
+    }
+    let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
+    let epochs = a.epochs.unwrap_or(15);
+    let mut total_steps = match a.steps {
+        Some(s) => s,
+        None => epochs.checked_mul(per_epoch).ok_or_else(|| {
+            Error::Invalid(format!(
+                "--epochs {epochs} is {epochs} x {per_epoch} steps, more than the step counter holds (2^64 - 1): ask \
+                 for fewer"
+            ))
+        })?,
+    };
+    if let Some(c) = &ckpt {
+        let path = a.resume.as_ref().unwrap().display().to_string();
+        // A cosine schedule fixed the run's length when it started: the resumed run ends there.
+        if let LrSchedule::Cosine { total, .. } = c.config.schedule {
+            if let Some(e) = a.epochs.filter(|e| a.steps.is_none() && e.checked_mul(per_epoch) != Some(total)) {
+                return Err(Error::Checkpoint {
+                    path,
+                    reason: format!(
+                        "--epochs {e} ({} steps): its run's cosine schedule ends at step {total}, so the resumed \
+                         run does too. Leave --epochs out (or start a new run for another length)",
+                        e.saturating_mul(per_epoch)
+                    ),
+                });
+            }
+            match a.steps {
+                Some(s) if s != total => {
+                    return Err(Error::Checkpoint {
+                        path,
+                        reason: format!(
+                            "--steps {s}: its run's cosine schedule ends at step {total}, so the resumed run \
+                             does too. Leave --steps out (or start a new run for another length)"
+                        ),
+                    })
+                }
+                _ => total_steps = total,
+            }
+        }
+        if total_steps < c.step {
+            return Err(Error::Checkpoint {
+                path,
+                reason: format!(
+                    "it is at step {}, past the {total_steps} steps asked for (--steps and --epochs count the \
+                     whole run, the steps before --resume included): ask for more",
+                    c.step
+                ),
+            });
+        }
+    }
+    if let LrSchedule::Cosine { total, warmup, .. } = &mut cfg.schedule {
+        if *total == 0 {
+            *total = total_steps;
+        }
+        if *warmup > *total {
+            return Err(Error::Invalid(format!(
+                "--warmup {warmup} is longer than the run ({total} steps): the learning rate would never reach its \
+                 peak. Give fewer warm-up steps, or more --steps / --epochs"
+            )));
+        }
+    }
+    if let Some(c) = &ckpt {
+        if c.cursor.batch > per_epoch {
+            return Err(Error::Checkpoint {
+                path: a.resume.as_ref().unwrap().display().to_string(),
+                reason: format!(
+                    "it is at batch {} of an epoch, but batch {batch} over this data gives {per_epoch} batches an epoch",
+                    c.cursor.batch
+                ),
+            });
+        }
+    }
+    let spec: DeviceSpec = a.device.parse()?;
+    #[cfg(feature = "mpi")]
+    if let Some(w) = world {
+        return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
+    }
+    let _ = world;
+    if let Some(ar) = &a.allreduce {
+        return Err(Error::Invalid(format!(
+            "--allreduce {ar} is for runs across processes (mpirun -np N tessera train ...); in one process the \
+             gradients are reduced by the in-process ring"
+        )));
+    }
+    let (devices, chosen) = spec.open()?;
+    interrupt::install();
+    if !a.json {
+        errln!("{chosen}");
+        errln!("{}", run_line(&cfg, batch, &data_name, &train_set, &test_set));
+    }
+    match devices {
+        Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+        Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+        Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+    }
+}
+
+/// `model: MLP 784-512-512-10 (relu), ... parameters; adamw lr ...; batch ...; data: ...`.
+pub(crate) fn run_line(
+    cfg: &TrainConfig,
+    batch: usize,
+    data_name: &str,
+    train_set: &Dataset,
+    test_set: &Dataset,
+) -> String {
+    format!(
+        "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
+        cfg.model.widths_string(),
+        cfg.model.act,
+        cfg.model.param_count(),
+        cfg.optimizer.name(),
+        cfg.optimizer.lr(),
+        cfg.schedule,
+        train_set.len(),
+        test_set.len()
+    )
+}
+
+/// What the training command needs of an engine: the in-process one or the MPI one.
+pub(crate) trait Run: tessera::train::Steps {
+    fn steps(&self) -> u64;
+    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval>;
+    fn timeline(&self) -> Option<&Timeline>;
+    fn plan(&self) -> &Plan;
+    fn device_names(&self) -> Vec<String>;
+    fn config(&self) -> &TrainConfig;
+    fn params(&self) -> tessera::Result<Vec<f32>>;
+    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>>;
+    /// Whether this process prints and writes files (rank 0, or the only process).
+    fn root(&self) -> bool;
+}
+
+/// Both engines have these methods, under the same names.
+macro_rules! impl_run {
+    ($ty:ty, $bound:path, |$me:ident| $root:expr) => {
+        impl<B: $bound> Run for $ty {
+            fn steps(&self) -> u64 {
+                <$ty>::steps(self)
+            }
+            fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
+                <$ty>::evaluate(self, data, batch)
+            }
+            fn timeline(&self) -> Option<&Timeline> {
+                <$ty>::timeline(self)
+            }
+            fn plan(&self) -> &Plan {
+                <$ty>::plan(self)
+            }
+            fn device_names(&self) -> Vec<String> {
+                <$ty>::device_names(self)
+            }
+            fn config(&self) -> &TrainConfig {
+                <$ty>::config(self)
+            }
+            fn params(&self) -> tessera::Result<Vec<f32>> {
+                <$ty>::params(self)
+            }
+            fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
+                <$ty>::optimizer_state(self)
+            }
+            fn root(&self) -> bool {
+                let $me = self;
+                $root
+            }
+        }
+    };
+}
+impl_run!(Engine<B>, LocalGroup, |_e| true);
+#[cfg(feature = "mpi")]
+impl_run!(tessera::parallel::mpi::DistEngine<B>, Ops, |e| e.world().rank() == 0);
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_local<B: LocalGroup>(
+    devs: &[B],
+    a: &TrainArgs,
+    cfg: TrainConfig,
+    batch: usize,
+    ckpt: Option<Checkpoint>,
+    total_steps: u64,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    data: DataId,
+) -> tessera::Result<()> {
+    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None, devs.len())?;
+    if !a.json && devs.len() > 1 {
+        errln!("plan: {} ({why})", plan.describe());
+    }
+    let (trainer, cursor) = match ckpt {
+        Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
+        None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
+    };
+    run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data)
+}
+
+/// `mpirun -np N tessera train ...`: this process is one rank of the mesh.
+#[cfg(feature = "mpi")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_mpi(
+    a: &TrainArgs,
+    w: &std::sync::Arc<tessera::parallel::mpi::MpiWorld>,
+    spec: DeviceSpec,
+    cfg: TrainConfig,
+    batch: usize,
+    ckpt: Option<Checkpoint>,
+    total_steps: u64,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    data: DataId,
+) -> tessera::Result<()> {
+    let data_name = data.name.clone();
+    let one = |count: usize| -> tessera::Result<()> {
+        if count != 1 {
+            return Err(Error::Invalid(format!(
+                "--device {spec}: under MPI each rank runs one device; use --device cpu, cuda (GPU = the local rank) or sim"
+            )));
+        }
+        Ok(())
+    };
+    let gpu = |ordinal: Option<usize>| -> tessera::Result<tessera::CudaDevice> {
+        // `cuda` takes the GPU of the local rank (modulo the GPUs this process sees: a launcher
+        // that gives each rank one GPU shows it as GPU 0); `cuda:K` pins GPU K.
+        let visible = cuda::gpu_count().unwrap_or(0).max(1);
+        let k = ordinal.unwrap_or(w.local_rank() % visible);
+        tessera::CudaDevice::new(k)
+    };
+    let explicit_gpu = a.device.contains(':');
+    let pp = a.mesh.pp.unwrap_or(1);
+    match a.mesh.dp {
+        Some(dp) if dp * pp != w.size() => {
+            return Err(Error::Invalid(format!(
+                "--dp {dp} x --pp {pp} needs {} ranks, but the job has {} (use mpirun -np {})",
+                dp * pp,
+                w.size(),
+                dp * pp
+            )))
+        }
+        None if pp == 0 || w.size() % pp != 0 => {
+            return Err(Error::Invalid(format!("--pp {pp} does not divide the job's {} ranks", w.size())))
+        }
+        _ => {}
+    }
+    if w.rank() == 0 && !a.json {
+        let per_rank = match spec {
+            DeviceSpec::Cpu { .. } => "the CPU".to_string(),
+            DeviceSpec::Sim { .. } => "a simulated GPU".to_string(),
+            DeviceSpec::Cuda { ordinal, .. } if explicit_gpu => format!("GPU {ordinal}"),
+            DeviceSpec::Cuda { .. } | DeviceSpec::Auto => "the GPU of its local rank (the CPU without one)".to_string(),
+        };
+        errln!("mpi: {} ranks; each runs on {per_rank}", w.size());
+        errln!("{}", run_line(&cfg, batch, &data_name, train_set, test_set));
+    }
+    let nccl = match a.allreduce.as_deref() {
+        None => None,
+        Some("ring") => Some(false),
+        Some("nccl") => Some(true),
+        Some(other) => return Err(Error::Invalid(format!("--allreduce {other}: use ring or nccl"))),
+    };
+    if nccl == Some(true) && !matches!(spec, DeviceSpec::Cuda { .. } | DeviceSpec::Auto) {
+        return Err(Error::Invalid("--allreduce nccl needs GPUs (--device cuda)".into()));
+    }
+    macro_rules! go {
+        ($dev:expr, $all_reduce:expr, $sharing:expr) => {{
+            let dev = $dev;
+            let devs = vec![dev.clone(); w.size()];
+            let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None, $sharing)?;
+            if w.rank() == 0 && !a.json {
+                errln!("plan: {} ({why}), one rank per device", plan.describe());
+            }
+            let cfg = cfg.clone();
+            let (params, state, step, cursor) = match ckpt {
+                Some(c) => (c.params, Some(c.state), c.step, c.cursor),
+                None => (cfg.model.init(cfg.seed), None, 0, Cursor::default()),
+            };
+            let trainer = tessera::parallel::mpi::DistEngine::with_all_reduce(
+                w,
+                &dev,
+                cfg,
+                plan,
+                &params,
+                state.as_deref(),
+                step,
+                $all_reduce,
+            )?;
+            tessera::parallel::mpi::install_termination_notice(w);
+            run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data.clone())
+        }};
+    }
+    use tessera::parallel::mpi::{AllReduce, StageGroup};
+    let gpu_all_reduce = |nccl: Option<bool>| -> AllReduce<tessera::CudaDevice> {
+        if nccl == Some(false) {
+            return AllReduce::Ring;
+        }
+        AllReduce::Custom {
+            make: Box::new(|g: StageGroup, dev: &tessera::CudaDevice| {
+                let id = if g.rank == 0 { Some(tessera::parallel::nccl::new_id()?) } else { None };
+                let id = g.share_bytes(id);
+                let c = tessera::parallel::nccl::NcclComm::new(dev, g.rank, g.size, &id)?;
+                Ok(Box::new(c) as Box<dyn tessera::parallel::comm::Communicator<tessera::CudaDevice>>)
+            }),
+            force: nccl == Some(true),
+        }
+    };
+    match spec {
+        DeviceSpec::Cpu { count } => {
+            one(count)?;
+            go!(tessera::CpuDevice::new(0), AllReduce::Ring, w.local_size())
+        }
+        DeviceSpec::Sim { count } => {
+            one(count)?;
+            go!(tessera::SimDevice::new(0), AllReduce::Ring, w.local_size())
+        }
+        DeviceSpec::Cuda { ordinal, count } => {
+            one(count)?;
+            go!(gpu(explicit_gpu.then_some(ordinal))?, gpu_all_reduce(nccl), 1)
+        }
+        DeviceSpec::Auto => {
+            if cuda::gpu_count().unwrap_or(0) > 0 {
+                go!(gpu(None)?, gpu_all_reduce(nccl), 1)
+            } else if nccl == Some(true) {
+                Err(Error::Invalid("--allreduce nccl: this rank sees no GPU (--device auto chose the CPU)".into()))
+            } else {
+                go!(tessera::CpuDevice::new(0), AllReduce::Ring, w.local_size())
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_training<T: Run>(
+    mut trainer: T,
+    mut cursor: Cursor,
+    a: &TrainArgs,
+    batch: usize,
+    total_steps: u64,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    data: DataId,
+) -> tessera::Result<()> {
+    let root = trainer.root();
+    if root {
+        for (flag, path) in [("--save", &a.save), ("--timeline", &a.timeline)] {
+            if let Some(p) = path {
+                check_output(flag, p)?;
+            }
+        }
+    }
+    let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
+    let start_step = trainer.steps();
+    let pb = if a.json || !root {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(a.stop_at.map_or(total_steps, |s| s.min(total_steps)))
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  epoch {prefix}  loss {msg}  [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
+    );
+    pb.set_position(start_step);
+    let t0 = Instant::now();
+    let mut samples = 0usize;
+    let mut last_loss = f32::NAN;
+    let mut ema = None::<f32>;
+    let stop = a.stop_at.map_or(total_steps, |s| s.min(total_steps));
+    let fitted = fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
+        samples += rows;
+        last_loss = stats.loss;
+        if !stats.loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "the loss became {} at step {}: lower the learning rate (--lr) or clip gradients (--clip 1.0)",
+                stats.loss,
+                t.steps()
+            )));
+        }
+        let e = ema.map_or(stats.loss, |e| 0.95 * e + 0.05 * stats.loss);
+        ema = Some(e);
+        pb.set_position(t.steps());
+        pb.set_prefix(format!("{}", t.steps().div_ceil(per_epoch)));
+        let rate = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
+        // A signal stops the run here, at a step boundary: the cursor and the step agree.
+        if let Some((signal, _)) = interrupt::caught() {
+            return Err(Error::Interrupted { signal, step: t.steps() });
+        }
+        Ok(())
+    });
+    let checkpoint = |trainer: &T, cursor: Cursor| -> tessera::Result<Checkpoint> {
+        Ok(Checkpoint {
+            config: trainer.config().clone(),
+            batch,
+            step: trainer.steps(),
+            cursor,
+            params: trainer.params()?,
+            state: trainer.optimizer_state()?,
+            data: data.clone(),
+        })
+    };
+    if let Err(Error::Interrupted { signal, step }) = fitted {
+        pb.finish_and_clear();
+        let saved = match &a.save {
+            Some(path) => {
+                checkpoint(&trainer, cursor)?.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
+                format!("saved {} (continue the run with --resume {})", path.display(), path.display())
+            }
+            None => "nothing saved (give --save FILE to keep a run's progress)".to_string(),
+        };
+        errln!("interrupted by {signal} at step {step} of {total_steps}: {saved}");
+        return Err(Error::Interrupted { signal, step });
+    }
+    fitted?;
+    let train_time = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let eval = trainer.evaluate(test_set, 1000)?;
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(path) = a.timeline.as_ref().filter(|_| root) {
+        let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
+        let title = format!(
+            "step {} of {} on {}",
+            trainer.steps(),
+            trainer.plan().describe(),
+            trainer.device_names().join(", ")
+        );
+        std::fs::write(path, t.to_svg(&title, "s"))
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        if !a.json {
+            errln!(
+                "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
+                path.display(),
+                100.0 * t.idle_fraction(),
+                100.0
+                    * tessera::parallel::schedule::bubble_fraction(trainer.plan().mesh.pp, trainer.plan().microbatches)
+            );
+        }
+    }
+    // Every rank takes part in gathering the parameters; rank 0 writes them, after the result.
+    let gathered = match &a.save {
+        Some(_) => Some(checkpoint(&trainer, cursor)?),
+        None => None,
+    };
+    if !root {
+        return Ok(());
+    }
+    if !eval.loss.is_finite() {
+        errln!(
+            "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
+             rate (--lr) or clip gradients (--clip 1.0)",
+            eval.loss
+        );
+    }
+    let steps_run = trainer.steps() - start_step;
+    let rate = samples as f64 / train_time.max(1e-9);
+    if a.json {
+        let j = serde_json::json!({
+            "device": trainer.device_names().join(","),
+            "plan": trainer.plan().describe(),
+            "widths": trainer.config().model.widths,
+            "activation": trainer.config().model.act.to_string(),
+            "optimizer": trainer.config().optimizer.name(),
+            "batch": batch,
+            "steps": trainer.steps(),
+            "steps_this_run": steps_run,
+            "epochs": trainer.steps() as f64 / per_epoch as f64,
+            "final_train_loss": last_loss,
+            "test_loss": eval.loss,
+            "test_accuracy": eval.accuracy(),
+            "test_correct": eval.correct,
+            "test_total": eval.total,
+            "samples_per_second": rate,
+            "train_seconds": train_time,
+            "wall_seconds": wall,
+        });
+        outln!("{j}");
+    } else {
+        outln!(
+            "test accuracy {:.2}% ({}/{}), test loss {:.4}; {} steps ({:.1} epochs) on {} in {:.1} s ({:.0} samples/s), wall {:.1} s",
+            100.0 * eval.accuracy(),
+            eval.correct,
+            eval.total,
+            eval.loss,
+            steps_run,
+            steps_run as f64 / per_epoch as f64,
+            trainer.device_names().join(","),
+            train_time,
+            rate,
+            wall
+        );
+    }
+    if let (Some(path), Some(c)) = (&a.save, gathered) {
+        c.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
+        if !a.json {
+            errln!("saved {} (step {})", path.display(), c.step);
+        }
+    }
+    Ok(())
+}
+
+/// Checks before training that an output file of `flag` can be written where it is asked for
+/// (its directory exists and takes a file), so that a run does not fail at its end for a typo.
+pub(crate) fn check_output(flag: &str, path: &std::path::Path) -> tessera::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{flag} {}: the directory {} does not exist (create it first, or give another path)",
+            path.display(),
+            dir.display()
+        )));
+    }
+    // Following a symbolic link: the file it names is what would be replaced.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(Error::Invalid(format!(
+                "{flag} {}: that is {}, not a regular file; give the path of a file to write",
+                path.display(),
+                tessera::checkpoint::file_kind(&meta)
+            )));
+        }
+    }
+    // Writable: a probe file made and removed there.
+    let probe = dir.join(format!(".tessera-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| Error::Invalid(format!("{flag} {}: cannot write in {}: {e}", path.display(), dir.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
