@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+#[cfg(feature = "mpi")]
 use tessera::backend::cuda;
 use tessera::checkpoint::{Checkpoint, DataId};
 use tessera::data::{batches_per_epoch, Dataset};
@@ -13,7 +14,9 @@ use tessera::parallel::engine::Engine;
 use tessera::parallel::timeline::Timeline;
 use tessera::parallel::Plan;
 use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
-use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
+#[cfg(feature = "mpi")]
+use tessera::Ops;
+use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Sgd};
 
 use super::args::{OptName, SchedName, TrainArgs};
 use super::interrupt;
