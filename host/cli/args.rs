@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tessera::nn::MlpConfig;
+use tessera::parallel::planner::parse_bytes;
+use tessera::parallel::ScheduleKind;
+use tessera::{Activation, DeviceSpec};
 
 /// tessera: hand-written CUDA kernels and a host library for training on CPU and GPU devices.
 #[derive(Parser)]
@@ -46,22 +50,86 @@ pub(crate) enum SchedName {
     Cosine,
 }
 
+/// `--allreduce`: the gradient all-reduce across processes.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum AllReduceName {
+    /// tessera's ring over MPI messages.
+    Ring,
+    /// NCCL (GPUs).
+    Nccl,
+}
+
+impl std::fmt::Display for AllReduceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AllReduceName::Ring => "ring",
+            AllReduceName::Nccl => "nccl",
+        })
+    }
+}
+
+/// `--plan`: who decides dp, pp and microbatches.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum PlanMode {
+    /// The planner, with several devices and no --dp/--pp/--microbatches.
+    Auto,
+    /// The flags and their defaults.
+    Manual,
+}
+
+/// `--device`: the library's [`DeviceSpec`], and whether a GPU ordinal was written out
+/// (`cuda:1`, not `cuda`: under MPI, `cuda` means the GPU of the local rank).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DeviceArg {
+    pub(crate) spec: DeviceSpec,
+    pub(crate) explicit: bool,
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = tessera::Error;
+    fn from_str(s: &str) -> tessera::Result<Self> {
+        Ok(DeviceArg { spec: s.parse()?, explicit: s.contains(':') })
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.spec.fmt(f)
+    }
+}
+
+/// A list of whole numbers: `--widths 784,512,10`, `--layers-per-stage 1,2`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Counts(pub(crate) Vec<usize>);
+
+impl std::str::FromStr for Counts {
+    type Err = tessera::Error;
+    fn from_str(s: &str) -> tessera::Result<Self> {
+        MlpConfig::parse_widths(s).map(Counts)
+    }
+}
+
+/// A size in bytes: `2GiB`, `512MiB`, `3000000`.
+pub(crate) fn bytes_arg(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct TrainArgs {
     /// Device: auto, cpu, cpu:N, cuda, cuda:K, cuda:KxN, sim, sim:N (the kernels in the CUDA simulator).
     #[arg(long, default_value = "auto")]
-    pub(crate) device: String,
+    pub(crate) device: DeviceArg,
     /// Gradient all-reduce across processes (under mpirun/srun): ring (tessera's ring over MPI
     /// messages) or nccl (GPUs; the default there). `nccl` with --dp 1 still routes the
     /// gradients through a one-rank NCCL communicator, to check NCCL on one GPU.
-    #[arg(long)]
-    pub(crate) allreduce: Option<String>,
+    #[arg(long, value_enum)]
+    pub(crate) allreduce: Option<AllReduceName>,
     /// Layer widths from inputs to classes [default: 784,512,512,10].
     #[arg(long)]
-    pub(crate) widths: Option<String>,
+    pub(crate) widths: Option<Counts>,
     /// Activation between layers: relu, gelu, gelu-erf, silu [default: relu].
     #[arg(long)]
-    pub(crate) activation: Option<String>,
+    pub(crate) activation: Option<Activation>,
     /// Samples per step [default: 128].
     #[arg(long)]
     pub(crate) batch: Option<usize>,
@@ -142,21 +210,21 @@ pub(crate) struct MeshArgs {
     pub(crate) microbatches: Option<usize>,
     /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
     #[arg(long)]
-    pub(crate) schedule: Option<String>,
+    pub(crate) schedule: Option<ScheduleKind>,
     /// Layers per stage, e.g. 1,2 (default: balanced by FLOPs).
     #[arg(long)]
-    pub(crate) layers_per_stage: Option<String>,
+    pub(crate) layers_per_stage: Option<Counts>,
     /// Pipeline passes whose gradients accumulate before the all-reduce.
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub(crate) accumulate: usize,
     /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and
     /// microbatches; `manual`: the flags (and their defaults) decide.
-    #[arg(long, default_value = "auto")]
-    pub(crate) plan: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) plan: PlanMode,
     /// Memory per device for the planner, e.g. 2GiB [default: the device's memory, shared
     /// among logical devices].
-    #[arg(long)]
-    pub(crate) memory: Option<String>,
+    #[arg(long, value_parser = bytes_arg)]
+    pub(crate) memory: Option<u64>,
 }
 
 /// `tessera plan`: what a run would do, without running it.
@@ -164,10 +232,10 @@ pub(crate) struct MeshArgs {
 pub(crate) struct PlanArgs {
     /// Devices: cpu:N, cuda:KxN, sim:N, ...
     #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
+    pub(crate) device: DeviceArg,
     /// Layer widths from inputs to classes.
     #[arg(long, default_value = "784,512,512,10")]
-    pub(crate) widths: String,
+    pub(crate) widths: Counts,
     /// Optimizer (its state is part of the memory).
     #[arg(long, value_enum, default_value = "adamw")]
     pub(crate) optimizer: OptName,

@@ -1,14 +1,14 @@
 //! `tessera plan`, and the plan of a training run: from the flags, or from the planner.
 
 use tessera::nn::MlpConfig;
-use tessera::parallel::planner::{self, human_bytes, parse_bytes, Budget};
+use tessera::parallel::planner::{self, human_bytes, Budget};
 use tessera::parallel::schedule::Schedule;
 use tessera::parallel::timeline::Timeline;
 use tessera::parallel::{Plan, ScheduleKind};
 use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
 
-use super::args::{MeshArgs, OptName, PlanArgs};
+use super::args::{MeshArgs, OptName, PlanArgs, PlanMode};
 use super::comm_timeout;
 
 /// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
@@ -56,14 +56,8 @@ pub(crate) fn make_plan<B: Ops>(
             tessera::checkpoint::MAX_BATCH
         )));
     }
-    let kind = m.schedule.as_deref().map(str::parse::<ScheduleKind>).transpose()?;
-    let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan != "auto" || n == 1;
-    if m.plan != "auto" && m.plan != "manual" {
-        return Err(Error::Invalid(format!(
-            "--plan {}: use auto (the planner decides) or give --dp/--pp/--microbatches",
-            m.plan
-        )));
-    }
+    let kind = m.schedule;
+    let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan == PlanMode::Manual || n == 1;
     let mut plan = if manual {
         let pp = m.pp.unwrap_or(1);
         if pp == 0 || (m.dp.is_none() && n % pp != 0) {
@@ -85,10 +79,7 @@ pub(crate) fn make_plan<B: Ops>(
             None,
         )
     } else {
-        let memory = match &m.memory {
-            Some(s) => parse_bytes(s)?,
-            None => device_memory(devs, sharing),
-        };
+        let memory = m.memory.unwrap_or_else(|| device_memory(devs, sharing));
         let mut budget = Budget::measure(&devs[0], memory, sharing)?;
         if let Some(g) = gflops {
             budget.flops = g * 1e9;
@@ -96,31 +87,27 @@ pub(crate) fn make_plan<B: Ops>(
         let (p, _, why) = planner::choose(cfg, batch, n, &budget, kind)?;
         (p, format!("planner: {why}"), Some(budget))
     };
-    if let Some(lps) = &m.layers_per_stage {
-        let counts = MlpConfig::parse_widths(lps).map_err(|e| Error::Invalid(format!("--layers-per-stage: {e}")))?;
-        plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts)?;
+    if let Some(counts) = &m.layers_per_stage {
+        plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts.0)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
     if manual {
         // The planner checked its own choice; a plan given by the flags (or one device) is
         // checked here, before anything is allocated.
-        let memory = match &m.memory {
-            Some(s) => parse_bytes(s)?,
-            None => device_memory(devs, sharing),
-        };
+        let memory = m.memory.unwrap_or_else(|| device_memory(devs, sharing));
         planner::check_fits(cfg, batch, &plan.0, memory)?;
     }
     Ok(plan)
 }
 
 pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
-    let model = MlpConfig::new(MlpConfig::parse_widths(&a.widths)?, Activation::Relu)?;
+    let model = MlpConfig::new(a.widths.0.clone(), Activation::Relu)?;
     let optimizer = match a.optimizer {
         OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
         OptName::Sgd => OptimizerConfig::Sgd(Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 }),
     };
     let cfg = TrainConfig { model, optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
-    let spec: DeviceSpec = a.device.parse()?;
+    let spec: DeviceSpec = a.device.spec;
     let (devices, chosen) = spec.open()?;
     outln!("{chosen}");
     match devices {
@@ -135,10 +122,7 @@ pub(crate) fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) ->
     let budget = match budget {
         Some(b) => b,
         None => {
-            let memory = match &a.mesh.memory {
-                Some(s) => parse_bytes(s)?,
-                None => device_memory(devs, devs.len()),
-            };
+            let memory = a.mesh.memory.unwrap_or_else(|| device_memory(devs, devs.len()));
             let mut b = Budget::measure(&devs[0], memory, devs.len())?;
             if let Some(g) = a.gflops {
                 b.flops = g * 1e9;

@@ -18,6 +18,8 @@ use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::Ops;
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Sgd};
 
+#[cfg(feature = "mpi")]
+use super::args::AllReduceName;
 use super::args::{OptName, SchedName, TrainArgs};
 use super::interrupt;
 use super::plan::make_plan;
@@ -26,8 +28,8 @@ use super::World;
 /// The run's config from the flags, or from a checkpoint being resumed (flags that contradict
 /// it are an error: the resumed run would not be the same run).
 pub(crate) fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(TrainConfig, usize)> {
-    let widths = a.widths.as_deref().map(MlpConfig::parse_widths).transpose()?;
-    let act = a.activation.as_deref().map(|s| s.parse::<Activation>()).transpose()?;
+    let widths = a.widths.as_ref().map(|w| w.0.clone());
+    let act = a.activation;
     if let Some(c) = ckpt {
         let mut conflicts = Vec::new();
         let cc = &c.config;
@@ -275,7 +277,7 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
             });
         }
     }
-    let spec: DeviceSpec = a.device.parse()?;
+    let spec: DeviceSpec = a.device.spec;
     #[cfg(feature = "mpi")]
     if let Some(w) = world {
         return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
@@ -428,7 +430,7 @@ pub(crate) fn train_mpi(
         let k = ordinal.unwrap_or(w.local_rank() % visible);
         tessera::CudaDevice::new(k)
     };
-    let explicit_gpu = a.device.contains(':');
+    let explicit_gpu = a.device.explicit;
     let pp = a.mesh.pp.unwrap_or(1);
     match a.mesh.dp {
         Some(dp) if dp * pp != w.size() => {
@@ -454,12 +456,7 @@ pub(crate) fn train_mpi(
         errln!("mpi: {} ranks; each runs on {per_rank}", w.size());
         errln!("{}", run_line(&cfg, batch, &data_name, train_set, test_set));
     }
-    let nccl = match a.allreduce.as_deref() {
-        None => None,
-        Some("ring") => Some(false),
-        Some("nccl") => Some(true),
-        Some(other) => return Err(Error::Invalid(format!("--allreduce {other}: use ring or nccl"))),
-    };
+    let nccl = a.allreduce.map(|r| r == AllReduceName::Nccl);
     if nccl == Some(true) && !matches!(spec, DeviceSpec::Cuda { .. } | DeviceSpec::Auto) {
         return Err(Error::Invalid("--allreduce nccl needs GPUs (--device cuda)".into()));
     }
