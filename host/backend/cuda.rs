@@ -308,6 +308,9 @@ impl Backend for CudaDevice {
     type Ref<'a, T: Elem> = CudaView<'a, T>;
     type Mut<'a, T: Elem> = CudaViewMut<'a, T>;
 
+    fn total_memory(&self) -> u64 {
+        self.info().total_mem as u64
+    }
     fn name(&self) -> String {
         if self.logical == 0 {
             format!("cuda:{}", self.inner.ordinal)

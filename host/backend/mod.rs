@@ -67,6 +67,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// A short name, e.g. `cpu:0` or `cuda:0`.
     fn name(&self) -> String;
+    /// The memory of the hardware this device runs on, bytes: the machine's for the CPU and
+    /// the simulator, the GPU's for CUDA (logical devices on one piece of hardware share it).
+    fn total_memory(&self) -> u64;
     /// A zero-filled buffer of `len` elements.
     fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
     /// A buffer holding a copy of `data`.
@@ -114,4 +117,15 @@ pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -
         return Err(crate::Error::shape(op, format!("{what} has {got} elements, expected {want}")));
     }
     Ok(())
+}
+
+/// The machine's memory (`MemTotal` of `/proc/meminfo`), bytes; 8 GiB where it cannot be read.
+pub(crate) fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.starts_with("MemTotal")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(8 << 30)
 }

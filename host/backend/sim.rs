@@ -430,6 +430,9 @@ impl Backend for SimDevice {
     type Ref<'a, T: Elem> = SimView<'a, T>;
     type Mut<'a, T: Elem> = SimViewMut<'a, T>;
 
+    fn total_memory(&self) -> u64 {
+        crate::backend::host_memory()
+    }
     fn name(&self) -> String {
         format!("sim:{}", self.index)
     }

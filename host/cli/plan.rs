@@ -14,21 +14,7 @@ use super::comm_timeout;
 /// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
 /// shared evenly.
 pub(crate) fn device_memory<B: Ops>(devs: &[B], sharing: usize) -> u64 {
-    let any: &dyn std::any::Any = &devs[0];
-    let total = if let Some(g) = any.downcast_ref::<tessera::CudaDevice>() {
-        g.info().total_mem as u64
-    } else {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .map(|kib| kib * 1024)
-            .unwrap_or(8 << 30)
-    };
-    total / sharing.max(1) as u64
+    devs[0].total_memory() / sharing.max(1) as u64
 }
 
 /// The plan for `devs` from the flags, or from the planner; returns it with a line of reasons.

@@ -39,6 +39,9 @@ impl Backend for CpuDevice {
     type Ref<'a, T: Elem> = &'a [T];
     type Mut<'a, T: Elem> = &'a mut [T];
 
+    fn total_memory(&self) -> u64 {
+        crate::backend::host_memory()
+    }
     fn name(&self) -> String {
         format!("cpu:{}", self.index)
     }
