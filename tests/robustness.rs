@@ -195,7 +195,7 @@ fn a_second_signal_exits_at_once() {
     let part = dir.join("never.st");
     // Steps of a wide model on a large batch take tens of milliseconds: both signals land in one.
     let mut child = Command::new(tessera_bin())
-        .args(["train", "--device", "cpu", "--widths", "784,4096,10", "--batch", "8000", "--steps", "1000"])
+        .args(["train", "--device", "cpu", "--widths", "784,8192,10", "--batch", "8000", "--steps", "1000"])
         .args(["--save", s(&part)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -207,10 +207,17 @@ fn a_second_signal_exits_at_once() {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended before training");
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: kill(2) on our own child, twice.
+    // The first step (about 100 GFLOP) has begun and is far from its end.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    // The second only once the first was taken (two pending SIGINTs would merge into one).
+    line.clear();
+    while !line.contains("stopping after this step") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended without taking the first signal");
+    }
+    // SAFETY: as above.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let mut err = String::new();
     stderr.read_to_string(&mut err).unwrap();
