@@ -62,6 +62,9 @@ pub struct Plan {
     pub comm_timeout: std::time::Duration,
 }
 
+/// The format tag of [`Plan::encode`].
+const PLAN_FORMAT: u64 = 0x7465_7373_706c_0001; // "tesspl", version 1
+
 /// The default of [`Plan::comm_timeout`]: two minutes.
 pub const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -119,6 +122,70 @@ impl Plan {
             })
             .collect();
         Ok(self)
+    }
+
+    /// The plan as integers, to send between processes: a format tag, dp, pp, microbatches,
+    /// accumulation passes, the schedule (0 GPipe, 1 1F1B), the number of stages, then each
+    /// stage's end layer. The timeout is each process's own and is not encoded.
+    pub fn encode(&self) -> Vec<u64> {
+        let mut v = vec![
+            PLAN_FORMAT,
+            self.mesh.dp as u64,
+            self.mesh.pp as u64,
+            self.microbatches as u64,
+            self.accumulate as u64,
+            match self.schedule {
+                ScheduleKind::GPipe => 0,
+                ScheduleKind::OneFOneB => 1,
+            },
+            self.stages.len() as u64,
+        ];
+        v.extend(self.stages.iter().map(|r| r.end as u64));
+        v
+    }
+
+    /// The plan [`Plan::encode`] wrote (with the default timeout), or an error saying what in
+    /// `v` is not a plan: another format, a wrong length, a zero count, an unknown schedule, or
+    /// stages that are not contiguous, non-empty and in order.
+    pub fn decode(v: &[u64]) -> Result<Plan> {
+        let bad = |why: String| Error::Parallel(format!("a plan received from another rank is not valid: {why}"));
+        if v.len() < 7 || v[0] != PLAN_FORMAT {
+            return Err(bad(format!("format {:?} (expected {PLAN_FORMAT}) in {} numbers", v.first(), v.len())));
+        }
+        let n = |x: u64| usize::try_from(x).map_err(|_| bad(format!("{x} does not fit this machine")));
+        let (dp, pp, microbatches, accumulate) = (n(v[1])?, n(v[2])?, n(v[3])?, n(v[4])?);
+        if dp == 0 || pp == 0 || microbatches == 0 || accumulate == 0 {
+            return Err(bad(format!(
+                "dp {dp}, pp {pp}, microbatches {microbatches}, passes {accumulate}: none may be 0"
+            )));
+        }
+        let schedule = match v[5] {
+            0 => ScheduleKind::GPipe,
+            1 => ScheduleKind::OneFOneB,
+            s => return Err(bad(format!("unknown schedule code {s}"))),
+        };
+        let stages = n(v[6])?;
+        if stages != pp || v.len() != 7 + stages {
+            return Err(bad(format!("{stages} stages for pp {pp} in {} numbers", v.len())));
+        }
+        let mut start = 0;
+        let mut ranges = Vec::with_capacity(stages);
+        for &end in &v[7..] {
+            let end = n(end)?;
+            if end <= start {
+                return Err(bad(format!("stage ending at layer {end} after one ending at {start}")));
+            }
+            ranges.push(start..end);
+            start = end;
+        }
+        Ok(Plan {
+            mesh: Mesh { dp, pp },
+            stages: ranges,
+            microbatches,
+            schedule,
+            accumulate,
+            comm_timeout: DEFAULT_COMM_TIMEOUT,
+        })
     }
 
     /// Sets how long a wait on another device or rank may last.
@@ -266,5 +333,33 @@ mod tests {
         let p = p.with_layers_per_stage(&m, &[2, 1]).unwrap();
         assert_eq!(p.stages, vec![0..2, 2..3]);
         assert!(Plan::new(&m, 1, 2, 1, ScheduleKind::GPipe).unwrap().with_layers_per_stage(&m, &[3, 1]).is_err());
+    }
+
+    #[test]
+    fn plans_travel_as_integers_and_bad_ones_are_refused() {
+        let m = MlpConfig::new(vec![8, 7, 6, 5, 4], crate::Activation::Relu).unwrap();
+        let p = Plan::new(&m, 2, 3, 4, ScheduleKind::GPipe).unwrap().with_accumulate(2).unwrap();
+        assert_eq!(Plan::decode(&p.encode()).unwrap(), p);
+        let q = Plan::new(&m, 1, 1, 1, ScheduleKind::OneFOneB).unwrap();
+        assert_eq!(Plan::decode(&q.encode()).unwrap(), q);
+        let good = p.encode();
+        let mut cases: Vec<(Vec<u64>, &str)> = vec![
+            (good[..6].to_vec(), "format"),
+            (vec![1; good.len()], "format"),
+            (good[..good.len() - 1].to_vec(), "stages for pp"),
+        ];
+        let mut zero = good.clone();
+        zero[1] = 0;
+        cases.push((zero, "none may be 0"));
+        let mut sched = good.clone();
+        sched[5] = 9;
+        cases.push((sched, "unknown schedule"));
+        let mut order = good.clone();
+        order[8] = order[7];
+        cases.push((order, "after one ending"));
+        for (v, says) in cases {
+            let e = Plan::decode(&v).unwrap_err().to_string();
+            assert!(e.contains(says), "{v:?}: {e}");
+        }
     }
 }

@@ -261,32 +261,54 @@ impl MpiWorld {
     }
 
     /// Every rank's `values`, in rank order, on every rank (gathered by rank 0 and sent back;
-    /// every wait bounded).
-    fn all_gather_f64(self: &Arc<Self>, comm: &Shared, values: &[f64], what: &'static str) -> Vec<Vec<f64>> {
+    /// every wait bounded). Rank 0 sends each rank's values after their count.
+    fn all_gather<T: Gathered>(self: &Arc<Self>, comm: &Shared, values: &[T], what: &'static str) -> Vec<Vec<T>> {
         const TAG: i32 = 7;
         if self.rank == 0 {
             let mut all = vec![values.to_vec()];
             for r in 1..self.size {
-                all.push(self.recv::<f64>(comm, r, r, TAG, what));
+                all.push(self.recv::<T>(comm, r, r, TAG, what));
             }
-            let flat: Vec<f64> =
-                all.iter().flat_map(|v| std::iter::once(v.len() as f64).chain(v.iter().copied())).collect();
+            let flat: Vec<T> =
+                all.iter().flat_map(|v| std::iter::once(T::from_count(v.len())).chain(v.iter().copied())).collect();
             for r in 1..self.size {
                 self.send(comm, r, r, TAG + 1, flat.clone(), what);
             }
             all
         } else {
             self.send(comm, 0, 0, TAG, values.to_vec(), what);
-            let flat = self.recv::<f64>(comm, 0, 0, TAG + 1, what);
+            let flat = self.recv::<T>(comm, 0, 0, TAG + 1, what);
             let mut all = Vec::with_capacity(self.size);
             let mut i = 0;
             while i < flat.len() {
-                let n = flat[i] as usize;
+                let n = flat[i].to_count();
                 all.push(flat[i + 1..i + 1 + n].to_vec());
                 i += 1 + n;
             }
             all
         }
+    }
+}
+
+/// What [`MpiWorld::all_gather`] gathers: numbers that also carry the counts of its framing.
+trait Gathered: Equivalence + Copy + 'static {
+    fn from_count(n: usize) -> Self;
+    fn to_count(self) -> usize;
+}
+impl Gathered for f64 {
+    fn from_count(n: usize) -> Self {
+        n as f64
+    }
+    fn to_count(self) -> usize {
+        self as usize
+    }
+}
+impl Gathered for u64 {
+    fn from_count(n: usize) -> Self {
+        n as u64
+    }
+    fn to_count(self) -> usize {
+        self as usize
     }
 }
 
@@ -394,55 +416,19 @@ impl Drop for Outbox {
     }
 }
 
-fn plan_numbers(p: &Plan) -> Vec<f64> {
-    let mut v = vec![
-        p.mesh.dp as f64,
-        p.mesh.pp as f64,
-        p.microbatches as f64,
-        p.accumulate as f64,
-        match p.schedule {
-            crate::parallel::ScheduleKind::GPipe => 0.0,
-            crate::parallel::ScheduleKind::OneFOneB => 1.0,
-        },
-    ];
-    v.extend(p.stages.iter().map(|r| r.end as f64));
-    v
-}
-
-fn plan_from(v: &[f64]) -> Plan {
-    let mut start = 0;
-    let stages = v[5..]
-        .iter()
-        .map(|&e| {
-            let r = start..e as usize;
-            start = e as usize;
-            r
-        })
-        .collect();
-    Plan {
-        mesh: crate::parallel::Mesh { dp: v[0] as usize, pp: v[1] as usize },
-        stages,
-        microbatches: v[2] as usize,
-        accumulate: v[3] as usize,
-        comm_timeout: crate::parallel::DEFAULT_COMM_TIMEOUT,
-        schedule: if v[4] == 0.0 {
-            crate::parallel::ScheduleKind::GPipe
-        } else {
-            crate::parallel::ScheduleKind::OneFOneB
-        },
-    }
-}
-
 /// Rank 0's plan, on every rank (collective). Ranks that plan for themselves (the planner
 /// times its own device) may choose differently; they must run one plan.
 pub fn agree_on_plan(world: &Arc<MpiWorld>, plan: Plan) -> Plan {
     let comm = world.dup();
-    let all = world.all_gather_f64(&comm, &plan_numbers(&plan), "the plan");
+    let all = world.all_gather(&comm, &plan.encode(), "the plan");
     if all[world.rank] == all[0] {
         plan
     } else {
         // The timeout is each rank's own (its world's), not part of the agreement.
-        Plan { comm_timeout: plan.comm_timeout, ..plan_from(&all[0]) }
+        match Plan::decode(&all[0]) {
+            Ok(p) => Plan { comm_timeout: plan.comm_timeout, ..p },
+            Err(e) => world.abort(&e.to_string()),
+        }
     }
 }
 
@@ -759,7 +745,7 @@ impl<B: Ops> DistEngine<B> {
         };
         links.out.flush();
         // The loss is the sum of the last stages' parts; every rank learns it.
-        let all = self.world.all_gather_f64(&self.ctrl, &[out.loss as f64], "the step's loss");
+        let all = self.world.all_gather(&self.ctrl, &[out.loss as f64], "the step's loss");
         let loss = all.iter().map(|v| v[0]).sum::<f64>() as f32;
         self.step += 1;
         let name = format!("{} (replica {r}, stage {s})", self.device_names()[0]);
@@ -833,7 +819,7 @@ impl<B: Ops> DistEngine<B> {
             eat(&self.worker.dev.download(&B::view(st))?);
         }
         // Split in two exact halves for f64 transport.
-        let all = self.world.all_gather_f64(&self.ctrl, &[(h >> 32) as f64, (h & 0xffff_ffff) as f64], "a state hash");
+        let all = self.world.all_gather(&self.ctrl, &[(h >> 32) as f64, (h & 0xffff_ffff) as f64], "a state hash");
         let pp = self.plan.mesh.pp;
         Ok((0..self.world.size).all(|q| all[q] == all[q % pp]))
     }
@@ -877,7 +863,7 @@ impl<B: Ops> DistEngine<B> {
             st.release(MB);
         }
         // Each replica's last stage has its share of the sums; everyone learns the totals.
-        let all = self.world.all_gather_f64(&self.ctrl, &[loss, correct as f64], "the evaluation");
+        let all = self.world.all_gather(&self.ctrl, &[loss, correct as f64], "the evaluation");
         let last: Vec<&Vec<f64>> = (0..dp).map(|q| &all[q * pp + pp - 1]).collect();
         let loss: f64 = last.iter().map(|v| v[0]).sum();
         let correct = last.iter().map(|v| v[1] as usize).sum();
