@@ -161,3 +161,10 @@ mod tests {
         assert!(e.contains("TESSERA_CUDA_ARCHS=sm_75"), "{e}");
     }
 }
+
+/// The build script's parser of the kernels' sources (`build/parse.rs`), compiled here to be
+/// unit-tested: cargo runs no tests of a build script.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../build/parse.rs"]
+mod build_parse;
