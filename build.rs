@@ -43,7 +43,17 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "TESSERA_CUDA_ARCHS", "TESSERA_NO_NVCC"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "TESSERA_CUDA_TOOLCHAIN",
+        "XDG_DATA_HOME",
+        "HOME",
+        "TESSERA_CUDA_ARCHS",
+        "TESSERA_NO_NVCC",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -90,8 +100,9 @@ fn main() {
         None => {
             println!(
                 "cargo:warning=tessera: nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, \
-                 .toolchain/cuda); CUDA kernels not built. Run scripts/setup.sh to install the pinned \
-                 CUDA compiler, then rebuild."
+                 $TESSERA_CUDA_TOOLCHAIN, tessera's .toolchain/cuda, ~/.local/share/tessera/cuda); CUDA \
+                 kernels not built (the CPU and the simulator work; --device cuda says how to get them). Run tessera's \
+                 scripts/setup.sh (--shared for a crate that depends on tessera through git), then rebuild."
             );
             None
         }

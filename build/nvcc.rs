@@ -27,6 +27,16 @@ pub(crate) struct Build {
     pub(crate) hashes: BTreeMap<String, u64>,
 }
 
+/// The shared toolchain folder: `$XDG_DATA_HOME/tessera/cuda`, else
+/// `$HOME/.local/share/tessera/cuda` (scripts/setup.sh computes the same).
+pub(crate) fn shared_toolchain() -> Option<PathBuf> {
+    let data = env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".local/share")))?;
+    Some(data.join("tessera/cuda"))
+}
+
 pub(crate) fn find_nvcc(root: &Path) -> Option<PathBuf> {
     let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
     let mut candidates: Vec<PathBuf> = Vec::new();
@@ -41,7 +51,17 @@ pub(crate) fn find_nvcc(root: &Path) -> Option<PathBuf> {
     if let Some(path) = env::var_os("PATH") {
         candidates.extend(env::split_paths(&path).map(|d| d.join(exe)));
     }
-    candidates.push(root.join(".toolchain/cuda/nvidia/cu13/bin").join(exe));
+    // The pinned wheels where scripts/setup.sh puts them: $TESSERA_CUDA_TOOLCHAIN, the
+    // project's .toolchain/cuda, and the shared folder (`setup.sh --shared`) that a crate
+    // depending on tessera through git (built from cargo's checkout) finds too.
+    let wheel = |dir: PathBuf| dir.join("nvidia/cu13/bin").join(exe);
+    if let Some(dir) = env::var_os("TESSERA_CUDA_TOOLCHAIN") {
+        candidates.push(wheel(PathBuf::from(dir)));
+    }
+    candidates.push(wheel(root.join(".toolchain/cuda")));
+    if let Some(shared) = shared_toolchain() {
+        candidates.push(wheel(shared));
+    }
     candidates.into_iter().find(|c| c.is_file())
 }
 

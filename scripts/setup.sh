@@ -4,7 +4,10 @@
 #     for the host;
 #   - Open MPI (openmpi-bin, libopenmpi-dev) and libclang-dev, from apt when missing: the `mpi`
 #     feature (on by default) builds rsmpi against them, and the tests run mpirun;
-#   - the pinned CUDA compiler wheels from PyPI into .toolchain/cuda (git-ignored).
+#   - the pinned CUDA compiler wheels from PyPI into .toolchain/cuda (git-ignored), or into
+#     $TESSERA_CUDA_TOOLCHAIN, or with --shared into ${XDG_DATA_HOME:-$HOME/.local/share}/tessera/cuda,
+#     where the build also looks: the place for a crate that depends on tessera through git
+#     (cargo builds it from its own checkout, which has no .toolchain).
 #     nvidia-nvvm is pinned too: left free, pip takes 13.5, whose PTX (ISA 9.5) the
 #     13.0 ptxas rejects.
 # A second run with everything in place returns in well under a second.
@@ -12,6 +15,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$root/.toolchain/cuda"
+if [ "${1:-}" = "--shared" ]; then
+  dest="${XDG_DATA_HOME:-$HOME/.local/share}/tessera/cuda"
+elif [ -n "${1:-}" ]; then
+  echo "setup: unknown argument $1 (use --shared, or no argument)" >&2
+  exit 2
+fi
+if [ -n "${TESSERA_CUDA_TOOLCHAIN:-}" ]; then dest="$TESSERA_CUDA_TOOLCHAIN"; fi
 pins=(
   nvidia-cuda-nvcc==13.0.88
   nvidia-cuda-crt==13.0.88
@@ -61,6 +71,12 @@ else
     exit 1
   fi
   echo "setup: installing ${pins[*]} into $dest"
+  # Only a folder this script made (it holds the stamp), or an empty or new one, is replaced:
+  # $TESSERA_CUDA_TOOLCHAIN may name any folder.
+  if [ -e "$dest" ] && [ ! -f "$stamp" ] && [ -n "$(ls -A "$dest" 2>/dev/null)" ]; then
+    echo "setup: $dest exists and was not made by scripts/setup.sh; give an empty or new folder" >&2
+    exit 1
+  fi
   rm -rf "$dest"
   mkdir -p "$dest"
   "$py" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" "${pins[@]}"

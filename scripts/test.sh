@@ -30,6 +30,10 @@ echo "== cargo doc (rustdoc warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 echo "== cargo test"
 cargo test -- --show-output
+echo "== a researcher's crate outside the package, depending on tessera by path: builds and trains"
+# tessera's lock pins the versions (cargo adds the crate itself); the target folder is shared.
+cp Cargo.lock tests/downstream/Cargo.lock
+cargo run --quiet --manifest-path tests/downstream/Cargo.toml --target-dir target
 echo "== without nvcc: the crate builds and says how to build the kernels"
 out="$(TESSERA_NO_NVCC=1 cargo run --quiet --target-dir target/no-nvcc -- devices 2>&1)"
 echo "$out"
