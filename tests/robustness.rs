@@ -140,6 +140,25 @@ fn a_reader_that_leaves_early_ends_printing_quietly() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// `tessera ARGS --save save`, started and read up to its run line (printed once the signal
+/// handler is in place): the child and the rest of its stderr.
+fn start_training(args: &[&str], save: &Path) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let mut child = Command::new(tessera_bin())
+        .args(args)
+        .args(["--save", s(save)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("model:") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended before training");
+    }
+    (child, stderr)
+}
+
 /// SIGINT (or SIGTERM) during a run: it stops at a step boundary, saves, says so and exits
 /// 130 (143); resuming gives exactly the weights of the uninterrupted run.
 #[test]
@@ -148,20 +167,8 @@ fn a_signal_stops_the_run_at_a_step_and_saves_it() {
     for (sig, code, name) in [(libc::SIGINT, 130, "SIGINT"), (libc::SIGTERM, 143, "SIGTERM")] {
         let part = dir.join(format!("part-{name}.st"));
         let args = ["train", "--device", "cpu", "--widths", "784,32,10", "--batch", "50", "--steps", "20000"];
-        let mut child = Command::new(tessera_bin())
-            .args(args)
-            .args(["--save", s(&part)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
         // The run line is printed once the handler is in place; then let it take some steps.
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.starts_with("model:") {
-            line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended before training");
-        }
+        let (mut child, mut stderr) = start_training(&args, &part);
         std::thread::sleep(std::time::Duration::from_millis(300));
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
@@ -194,19 +201,9 @@ fn a_second_signal_exits_at_once() {
     let dir = fresh_dir("second-signal");
     let part = dir.join("never.st");
     // Steps of a wide model on a large batch take tens of milliseconds: both signals land in one.
-    let mut child = Command::new(tessera_bin())
-        .args(["train", "--device", "cpu", "--widths", "784,8192,10", "--batch", "8000", "--steps", "1000"])
-        .args(["--save", s(&part)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let args = ["train", "--device", "cpu", "--widths", "784,8192,10", "--batch", "8000", "--steps", "1000"];
+    let (mut child, mut stderr) = start_training(&args, &part);
     let mut line = String::new();
-    while !line.starts_with("model:") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "tessera ended before training");
-    }
     // The first step (about 100 GFLOP) has begun and is far from its end.
     std::thread::sleep(std::time::Duration::from_millis(100));
     // SAFETY: kill(2) on our own child.
