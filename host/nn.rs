@@ -330,7 +330,7 @@ impl<B: Ops> Stage<B> {
     }
 
     /// The input buffer of microbatch `mb` (`rows x fan_in`), to be filled before its forward.
-    pub fn input_mut(&mut self, dev: &B, mb: usize, rows: usize) -> Result<&mut B::Buf<f32>> {
+    pub(crate) fn input_mut(&mut self, dev: &B, mb: usize, rows: usize) -> Result<&mut B::Buf<f32>> {
         Ok(&mut self.slot(dev, mb, rows)?.x)
     }
 

@@ -97,7 +97,7 @@ impl SimStream {
 /// Launch shape, as the runtime reads it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct SimLaunch {
+pub(crate) struct SimLaunch {
     grid: [u32; 3],
     block: [u32; 3],
     dyn_smem: u64,
@@ -106,7 +106,7 @@ pub struct SimLaunch {
 /// One kernel argument, as the runtime reads it (`tsim_arg` in `kernels/sim/cuda_sim.h`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct SimArg {
+pub(crate) struct SimArg {
     kind: i32,
     f: f32,
     i: i64,

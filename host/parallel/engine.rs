@@ -41,7 +41,7 @@ type Ends<B> = (Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>);
 /// How one worker of a step talks to the other stages of its replica: activations forward,
 /// their gradients backward, and the parts of the squared gradient norm. In one process the
 /// links are channels; across processes, MPI messages (`crate::parallel::mpi`).
-pub trait PipeLinks<B: Backend>: Send {
+pub(crate) trait PipeLinks<B: Backend>: Send {
     /// Hands microbatch `id`'s output activation to the next stage.
     fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()>;
     /// Microbatch `id`'s input activation from the previous stage, on `dev`.
