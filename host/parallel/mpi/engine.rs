@@ -1,0 +1,404 @@
+//! The distributed engine: one rank per device of the mesh, the in-process worker code, pipeline
+//! activations and gradients as MPI messages (`MpiLinks`), and the plan every rank agrees on.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::nn::Stage;
+use crate::ops::Ops;
+use crate::parallel::engine::{prepare_step, run_worker, PipeLinks, StepCtx, Worker};
+use crate::parallel::schedule::Schedule;
+use crate::parallel::timeline::{Lane, Timeline};
+use crate::parallel::Plan;
+use crate::train::{count_correct, Eval, StepStats, Steps, TrainConfig};
+
+use super::wire::{MakeComm, StageGroup};
+use super::world::{MpiWorld, Outbox, Shared};
+
+/// Rank 0's plan, on every rank (collective). Ranks that plan for themselves (the planner
+/// times its own device) may choose differently; they must run one plan.
+pub fn agree_on_plan(world: &Arc<MpiWorld>, plan: Plan) -> Plan {
+    let comm = world.dup();
+    let all = world.all_gather(&comm, &plan.encode(), "the plan");
+    if all[world.rank] == all[0] {
+        plan
+    } else {
+        // The timeout is each rank's own (its world's), not part of the agreement.
+        match Plan::decode(&all[0]) {
+            Ok(p) => Plan { comm_timeout: plan.comm_timeout, ..p },
+            Err(e) => world.abort(&e.to_string()),
+        }
+    }
+}
+
+/// Which communicator all-reduces the gradient buckets across processes.
+pub enum AllReduce<B: Ops> {
+    /// tessera's ring over MPI messages (any backend; bit-identical to the in-process run).
+    Ring,
+    /// A communicator built from the stage group by the given function (e.g. NCCL for GPUs).
+    /// `force` builds it even for dp = 1 (a one-rank group), to exercise it on one GPU.
+    Custom {
+        /// Builds this rank's communicator.
+        make: MakeComm<B>,
+        /// Use it even when dp = 1.
+        force: bool,
+    },
+}
+
+/// The pipeline links of one rank: activations and gradients to the neighbouring stages of
+/// its replica, norm parts to all of them.
+pub struct MpiLinks {
+    pub(crate) world: Arc<MpiWorld>,
+    pub(crate) pipe: Arc<Shared>,
+    pub(crate) rank: usize,
+    pub(crate) pp: usize,
+    pub(crate) out: Outbox,
+}
+
+pub(crate) const TAG_ACT: i32 = 0;
+
+pub(crate) const TAG_GRAD: i32 = 1;
+
+pub(crate) const TAG_NORM: i32 = 2;
+
+pub(crate) const TAG_EVAL: i32 = 3;
+
+pub(crate) fn tag(kind: i32, id: usize) -> i32 {
+    kind + 4 * (id % (1 << 20)) as i32
+}
+
+impl<B: Backend> PipeLinks<B> for MpiLinks {
+    fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
+        let host = dev.download(v)?;
+        self.out.send(&self.pipe, self.rank + 1, self.rank + 1, tag(TAG_ACT, id), host, "an activation");
+        Ok(())
+    }
+    fn recv_act(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
+        self.out.progress();
+        let v = self.world.recv::<f32>(&self.pipe, self.rank - 1, self.rank - 1, tag(TAG_ACT, id), "an activation");
+        dev.upload(&v)
+    }
+    fn send_grad(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
+        let host = dev.download(v)?;
+        self.out.send(&self.pipe, self.rank - 1, self.rank - 1, tag(TAG_GRAD, id), host, "a gradient");
+        Ok(())
+    }
+    fn recv_grad(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
+        self.out.progress();
+        let v = self.world.recv::<f32>(&self.pipe, self.rank + 1, self.rank + 1, tag(TAG_GRAD, id), "a gradient");
+        dev.upload(&v)
+    }
+    fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>> {
+        let first = self.rank - stage;
+        for s in (0..self.pp).filter(|&s| s != stage) {
+            self.out.send(&self.pipe, first + s, first + s, TAG_NORM, vec![local], "a gradient-norm part");
+        }
+        let mut parts = vec![(stage, local)];
+        for s in (0..self.pp).filter(|&s| s != stage) {
+            let v = self.world.recv::<f64>(&self.pipe, first + s, first + s, TAG_NORM, "a gradient-norm part");
+            parts.push((s, v[0]));
+        }
+        parts.sort_by_key(|p| p.0);
+        Ok(parts)
+    }
+}
+
+/// Data- and pipeline-parallel training across processes: this process is one rank of the
+/// mesh. The API follows the in-process [`Engine`](crate::parallel::engine::Engine); every
+/// rank calls every method (they communicate).
+pub struct DistEngine<B: Ops> {
+    pub(crate) world: Arc<MpiWorld>,
+    pub(crate) cfg: TrainConfig,
+    pub(crate) plan: Plan,
+    pub(crate) schedule: Schedule,
+    pub(crate) worker: Worker<B>,
+    pub(crate) pipe: Arc<Shared>,
+    pub(crate) ctrl: Shared,
+    pub(crate) step: u64,
+    pub(crate) timeline: Option<Timeline>,
+}
+
+impl<B: Ops> DistEngine<B> {
+    /// A fresh run: the seeded initial parameters, on this rank's `dev`.
+    pub fn new(world: &Arc<MpiWorld>, dev: &B, cfg: TrainConfig, plan: Plan) -> Result<Self> {
+        let params = cfg.model.init(cfg.seed);
+        Self::with_state(world, dev, cfg, plan, &params, None, 0)
+    }
+
+    /// A run from flat parameters, optimizer state and step count (e.g. from a checkpoint
+    /// written by any plan, on any number of processes).
+    pub fn with_state(
+        world: &Arc<MpiWorld>,
+        dev: &B,
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+    ) -> Result<Self> {
+        Self::with_all_reduce(world, dev, cfg, plan, params, state, step, AllReduce::Ring)
+    }
+
+    /// As [`DistEngine::with_state`], with the gradient all-reduce of `all_reduce`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_all_reduce(
+        world: &Arc<MpiWorld>,
+        dev: &B,
+        cfg: TrainConfig,
+        plan: Plan,
+        params: &[f32],
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+        all_reduce: AllReduce<B>,
+    ) -> Result<Self> {
+        let plan = agree_on_plan(world, plan);
+        cfg.validate()?;
+        plan.validate(&cfg.model)?;
+        let mesh = plan.mesh;
+        if mesh.devices() != world.size {
+            return Err(Error::Invalid(format!(
+                "--dp {} x --pp {} needs {} ranks, but the job has {} (mpirun -np {})",
+                mesh.dp,
+                mesh.pp,
+                mesh.devices(),
+                world.size,
+                mesh.devices()
+            )));
+        }
+        *world.mesh.lock().unwrap_or_else(|e| e.into_inner()) = Some(mesh);
+        let n = cfg.model.param_count();
+        if params.len() != n {
+            return Err(Error::shape("DistEngine", format!("{} parameters for a model of {n}", params.len())));
+        }
+        let slots = cfg.optimizer.slots().len();
+        if let Some(s) = state {
+            if s.len() != slots || s.iter().any(|v| v.len() != n) {
+                return Err(Error::shape("DistEngine", format!("optimizer state must be {slots} vectors of {n}")));
+            }
+        }
+        let (r, s) = (world.rank / mesh.pp, world.rank % mesh.pp);
+        let layout = cfg.model.layout();
+        let layers = plan.stages[s].clone();
+        let pr = layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
+        let reduce = mesh.dp > 1 || matches!(all_reduce, AllReduce::Custom { force: true, .. });
+        let buckets: Vec<usize> = plan.stages.iter().map(|l| if reduce { l.len() } else { 0 }).collect();
+        let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
+        schedule.check()?;
+        let stage = Stage::new(dev, cfg.model.clone(), layers, &params[pr.clone()])?;
+        let st = match state {
+            Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
+            None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
+        };
+        // Collective calls, in the same order on every rank.
+        let pipe = Arc::new(world.dup());
+        let ctrl = world.dup();
+        let group = StageGroup {
+            world: world.clone(),
+            comm: world.split(s, r),
+            rank: r,
+            size: mesh.dp,
+            world_ranks: (0..mesh.dp).map(|q| mesh.device(q, s)).collect(),
+        };
+        let comm: Option<Box<dyn crate::parallel::comm::Communicator<B>>> = match all_reduce {
+            _ if !reduce => None,
+            AllReduce::Ring => Some(Box::new(group.ring(dev)?)),
+            AllReduce::Custom { make, .. } => Some(make(group, dev)?),
+        };
+        let worker = Worker { dev: dev.clone(), stage, state: st, comm, comm_in_use: reduce };
+        Ok(DistEngine { world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    /// The run's config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    /// This rank's part of the last step.
+    pub fn timeline(&self) -> Option<&Timeline> {
+        self.timeline.as_ref()
+    }
+    /// The world.
+    pub fn world(&self) -> &Arc<MpiWorld> {
+        &self.world
+    }
+    /// This rank's device, named with the rank: `rank1:cpu:0`.
+    pub fn device_names(&self) -> Vec<String> {
+        vec![format!("rank{}:{}", self.world.rank, self.worker.dev.name())]
+    }
+
+    pub(crate) fn stage_of(&self, rank: usize) -> (usize, usize) {
+        (rank / self.plan.mesh.pp, rank % self.plan.mesh.pp)
+    }
+
+    /// One optimizer step on the whole batch (every rank passes the same batch; each uses its
+    /// replica's rows).
+    pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
+        let prep = prepare_step(&self.cfg, &self.plan, self.step, x, y)?;
+        let (r, s) = self.stage_of(self.world.rank);
+        let t0 = Instant::now();
+        let ctx = StepCtx::new(&self.schedule, &self.plan, &self.cfg, &prep, r, s, x, y, t0);
+        let mut links = MpiLinks {
+            world: self.world.clone(),
+            pipe: self.pipe.clone(),
+            rank: self.world.rank,
+            pp: self.plan.mesh.pp,
+            out: Outbox::new(&self.world),
+        };
+        let out = match run_worker(&mut self.worker, s, &ctx, &mut links) {
+            Ok(o) => o,
+            Err(e) => {
+                // The job is about to stop (the caller aborts it): do not wait for sends that
+                // no one may take, so this rank's own error is the one reported.
+                std::mem::forget(links);
+                return Err(e);
+            }
+        };
+        links.out.flush();
+        // The loss is the sum of the last stages' parts; every rank learns it.
+        let all = self.world.all_gather(&self.ctrl, &[out.loss as f64], "the step's loss");
+        let loss = all.iter().map(|v| v[0]).sum::<f64>() as f32;
+        self.step += 1;
+        let name = format!("{} (replica {r}, stage {s})", self.device_names()[0]);
+        self.timeline = Some(Timeline {
+            lanes: vec![Lane { name, spans: out.spans, comm: out.comm_spans }],
+            total: t0.elapsed().as_secs_f64(),
+        });
+        Ok(StepStats { loss, lr: prep.lr, grad_norm: out.grad_norm })
+    }
+
+    /// The flat vector made of each stage's part (replica 0's ranks hold them), on every rank.
+    pub(crate) fn gather_stages(&self, part: Option<Vec<f32>>, what: &'static str) -> Result<Vec<f32>> {
+        const TAG: i32 = 11;
+        let pp = self.plan.mesh.pp;
+        let me = self.world.rank;
+        if me == 0 {
+            let mut full = part.unwrap_or_default();
+            for s in 1..pp {
+                full.extend(self.world.recv::<f32>(&self.ctrl, s, s, TAG, what));
+            }
+            for q in 1..self.world.size {
+                self.world.send(&self.ctrl, q, q, TAG + 1, full.clone(), what);
+            }
+            Ok(full)
+        } else {
+            if me < pp {
+                self.world.send(&self.ctrl, 0, 0, TAG, part.unwrap_or_default(), what);
+            }
+            Ok(self.world.recv::<f32>(&self.ctrl, 0, 0, TAG + 1, what))
+        }
+    }
+
+    /// Flat parameters (the model's layout), from replica 0, on every rank.
+    pub fn params(&self) -> Result<Vec<f32>> {
+        let part = if self.world.rank < self.plan.mesh.pp {
+            Some(self.worker.dev.download(&B::view(self.worker.stage.params()))?)
+        } else {
+            None
+        };
+        self.gather_stages(part, "parameters")
+    }
+
+    /// Optimizer state as flat vectors (one per slot), from replica 0, on every rank.
+    pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        for k in 0..self.worker.state.len() {
+            let part = if self.world.rank < self.plan.mesh.pp {
+                Some(self.worker.dev.download(&B::view(&self.worker.state[k]))?)
+            } else {
+                None
+            };
+            out.push(self.gather_stages(part, "optimizer state")?);
+        }
+        Ok(out)
+    }
+
+    /// Whether every replica holds bit-identical parameters and optimizer state (compares a
+    /// hash of each rank's stage with replica 0's).
+    pub fn replicas_identical(&self) -> Result<bool> {
+        let mut h: u64 = 0xcbf29ce484222325;
+        let mut eat = |v: &[f32]| {
+            for x in v {
+                for b in x.to_bits().to_le_bytes() {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x100000001b3);
+                }
+            }
+        };
+        eat(&self.worker.dev.download(&B::view(self.worker.stage.params()))?);
+        for st in &self.worker.state {
+            eat(&self.worker.dev.download(&B::view(st))?);
+        }
+        // Split in two exact halves for f64 transport.
+        let all = self.world.all_gather(&self.ctrl, &[(h >> 32) as f64, (h & 0xffff_ffff) as f64], "a state hash");
+        let pp = self.plan.mesh.pp;
+        Ok((0..self.world.size).all(|q| all[q] == all[q % pp]))
+    }
+
+    /// Loss and accuracy over `data` in batches of `batch`: replica `r` takes batches `r`,
+    /// `r + dp`, ... through its pipeline; every rank gets the totals.
+    pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        const MB: usize = usize::MAX - 1;
+        let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
+        let (r, s) = self.stage_of(self.world.rank);
+        let classes = self.cfg.model.outputs();
+        let mut loss = 0f64;
+        let mut correct = 0usize;
+        let dev = self.worker.dev.clone();
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for (c, chunk) in idx.chunks(batch.max(1)).enumerate().filter(|(c, _)| c % dp == r) {
+            let (x, y) = data.gather(chunk);
+            let rows = chunk.len();
+            let st = &mut self.worker.stage;
+            if s == 0 {
+                st.load(&dev, MB, &x, &y)?;
+            } else {
+                let from = self.world.rank - 1;
+                let v = self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_EVAL, c), "an evaluation activation");
+                let input = st.input_mut(&dev, MB, rows)?;
+                dev.write(&mut B::view_mut(input), &v)?;
+                if s + 1 == pp {
+                    st.load_labels(&dev, MB, &y)?;
+                }
+            }
+            st.forward(&dev, MB)?;
+            if s + 1 < pp {
+                let out = dev.download(&B::view(st.output(MB)?))?;
+                let to = self.world.rank + 1;
+                self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), out, "an evaluation activation");
+            } else {
+                loss += st.loss(&dev, MB)? as f64 * rows as f64;
+                let logits = dev.download(&B::view(st.output(MB)?))?;
+                correct += count_correct(&logits, &y, classes);
+            }
+            st.release(MB);
+        }
+        // Each replica's last stage has its share of the sums; everyone learns the totals.
+        let all = self.world.all_gather(&self.ctrl, &[loss, correct as f64], "the evaluation");
+        let last: Vec<&Vec<f64>> = (0..dp).map(|q| &all[q * pp + pp - 1]).collect();
+        let loss: f64 = last.iter().map(|v| v[0]).sum();
+        let correct = last.iter().map(|v| v[1] as usize).sum();
+        Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
+    }
+}
+
+impl<B: Ops> Steps for DistEngine<B> {
+    fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
+        self.step(x, labels)
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+    fn train_config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+}
