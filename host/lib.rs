@@ -37,6 +37,7 @@ pub mod kernels;
 pub mod nn;
 pub mod ops;
 pub mod parallel;
+pub mod prelude;
 pub mod reference;
 pub mod rng;
 pub mod tensor;

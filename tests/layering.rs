@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 fn layer(path: &[&str]) -> Option<f64> {
     Some(match path {
         ["error" | "rng" | "data" | "check", ..] => 0.0,
+        ["prelude", ..] => 9.0,
         ["kernels", ..] => 1.0,
         ["backend" | "tensor" | "device", ..] => 2.0,
         ["ops", ..] => 3.0,

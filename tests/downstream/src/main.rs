@@ -1,13 +1,8 @@
-//! A trainer of a researcher's own, linked against tessera: a custom two-layer step written
-//! from tessera's ops (the loss must fall), then tessera's engine on `cpu:2` with two
-//! data-parallel replicas (bit-identical to one device's steps), and the same on the simulator.
+//! A trainer of a researcher's own, linked against tessera through `tessera::prelude`: the engine
+//! on `cpu:2` with two data-parallel replicas (the same weights as one device, and the loss must
+//! fall), and on the simulator's `sim:2` against the CPU.
 
-use tessera::data::Dataset;
-use tessera::nn::MlpConfig;
-use tessera::parallel::engine::Engine;
-use tessera::parallel::{Plan, ScheduleKind};
-use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig};
-use tessera::{Activation, CpuDevice, Error, Sgd, SimDevice};
+use tessera::prelude::*;
 
 fn config() -> Result<TrainConfig, Error> {
     Ok(TrainConfig {
@@ -20,7 +15,7 @@ fn config() -> Result<TrainConfig, Error> {
 }
 
 /// `steps` steps on `devices` with dp = devices: the losses and the final parameters.
-fn run<B: tessera::parallel::comm::LocalGroup>(devices: &[B], steps: usize) -> Result<(Vec<f32>, Vec<f32>), Error> {
+fn run<B: LocalGroup>(devices: &[B], steps: usize) -> Result<(Vec<f32>, Vec<f32>), Error> {
     let cfg = config()?;
     let data = Dataset::synthetic(64, &[12, 24, 4], 3)?;
     let plan = Plan::new(&cfg.model, devices.len(), 1, 1, ScheduleKind::OneFOneB)?;
