@@ -141,16 +141,13 @@ fn parallel(c: &mut Criterion) {
     let cpus: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
     allreduce_group(c, "allreduce/cpu", &cpus, true);
     plans_group(c, "train_plans/cpu", &cpus);
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) > 0 {
-        let g0 = tessera::CudaDevice::new(0).unwrap();
+    if let Some(g0) = tessera::check::gpu_or_skip("the cuda groups") {
         let mut gpus = vec![g0.clone()];
         for i in 1..4 {
             gpus.push(g0.logical(i).unwrap());
         }
         allreduce_group(c, "allreduce/cuda-logical", &gpus, false);
         plans_group(c, "train_plans/cuda-logical", &gpus);
-    } else {
-        eprintln!("skipped: no CUDA device (cuda groups not run)");
     }
 }
 

@@ -39,12 +39,9 @@ fn train_step(c: &mut Criterion) {
     let cpu = CpuDevice::new(0);
     eprintln!("cpu: {} rayon threads", rayon::current_num_threads());
     bench_model(c, "train_step/cpu", &cpu, &[784, 512, 512, 10], 128);
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) > 0 {
-        let gpu = tessera::CudaDevice::new(0).unwrap();
+    if let Some(gpu) = tessera::check::gpu_or_skip("train_step/cuda") {
         bench_model(c, "train_step/cuda", &gpu, &[784, 512, 512, 10], 128);
         bench_model(c, "train_step/cuda", &gpu, &[784, 4096, 4096, 4096, 10], 1024);
-    } else {
-        eprintln!("skipped: no CUDA device (train_step/cuda not run)");
     }
 }
 

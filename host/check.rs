@@ -104,6 +104,28 @@ pub fn finite_diff(f: impl Fn(&[f64]) -> f64, x: &[f64], i: usize, h: f64) -> f6
     (f(&xp) - f(&xm)) / (2.0 * h)
 }
 
+/// GPU 0 for a test or bench that needs one, or `None` after a line saying why it skipped (no
+/// driver, a driver that cannot be used, no GPU, `cuInit` failing as a toolkit's stub library
+/// does). With `TESSERA_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`) a missing GPU is a
+/// failure instead: on the machine that is meant to have one, a test that skips would pass
+/// silently. A GPU that is there but cannot run the kernels always fails.
+pub fn gpu_or_skip(what: &str) -> Option<crate::CudaDevice> {
+    let why = match crate::backend::cuda::gpu_count() {
+        Ok(0) => crate::backend::cuda::driver_problem().unwrap_or_else(|| "the driver sees no GPU".into()),
+        Ok(_) => {
+            return Some(
+                crate::CudaDevice::new(0).unwrap_or_else(|e| panic!("a GPU is present but tessera cannot use it: {e}")),
+            )
+        }
+        Err(e) => e.to_string(),
+    };
+    if std::env::var("TESSERA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("TESSERA_REQUIRE_GPU=1 but no usable GPU for {what}: {why}");
+    }
+    eprintln!("skipped: no CUDA device ({what}: {why})");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

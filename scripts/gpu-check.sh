@@ -26,6 +26,8 @@ for pat in 'libcuda.so.1' 'libcublas.so*' 'libcublasLt.so*' 'libnccl.so*'; do
                find /usr/lib /usr/lib64 /usr/local /opt /lib -name "$pat" 2>/dev/null; \
                python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null | xargs -r -I{} find {} -name "$pat" 2>/dev/null) | head -n 3); do
     d="$(dirname "$f")"
+    # A toolkit's stubs/ folder holds a libcuda whose cuInit fails: never put it on the path.
+    case "$d" in */stubs | */stubs/*) continue ;; esac
     case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs:$d" ;; esac
   done
 done
@@ -37,9 +39,17 @@ echo "== commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # The CLI tests run the prebuilt binary, the example test the prebuilt example. No Open MPI
 # here: the mpirun tests skip (they run in CI); NCCL runs in process (tests/mpi.rs, one rank).
 export TESSERA_BIN="$PWD/$bin/tessera" TESSERA_EXAMPLES_DIR="$PWD/$bin/examples" TESSERA_SKIP_MPI_TESTS=1
+# Every GPU test, bench and example fails instead of skipping when no usable GPU is found.
+export TESSERA_REQUIRE_GPU=1
 status=0
 run() { echo; echo "== $*"; "$@" || { echo "!! FAILED ($?): $*"; status=1; }; }
-run "$bin/tessera" devices
+echo; echo "== $bin/tessera devices"
+devs="$("$bin/tessera" devices 2>&1)"
+echo "$devs"
+if ! grep -q '^GPU 0: ' <<<"$devs"; then
+  echo "gpu-check: tessera sees no usable GPU (above: the driver line says why); stopping before the tests" >&2
+  exit 3
+fi
 run "$bin/tessera" kernels
 for t in "$bin"/test-*; do
   [ -x "$t" ] && run "$t" --test-threads=1

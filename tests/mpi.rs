@@ -300,8 +300,7 @@ fn a_mesh_that_does_not_match_the_ranks_is_refused_on_every_rank() {
 /// it (`mpirun -np 1 ... --allreduce nccl`), against the same run without NCCL.
 #[test]
 fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
-        eprintln!("skipped: no CUDA device");
+    if tessera::check::gpu_or_skip("NCCL with one rank").is_none() {
         return;
     }
     use tessera::parallel::comm::Communicator;

@@ -513,11 +513,7 @@ fn copies_between_devices<B: Ops>(a: &B, b: &B) {
 
 /// GPU 0 when there is one; `None` (and the test says it skipped) when not.
 fn gpu() -> Option<tessera::CudaDevice> {
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
-        eprintln!("skipped: no CUDA device");
-        return None;
-    }
-    Some(tessera::CudaDevice::new(0).expect("a GPU is present but tessera cannot use it"))
+    tessera::check::gpu_or_skip("the ops on the GPU")
 }
 
 macro_rules! on_every_backend {

@@ -260,11 +260,7 @@ fn cli_refuses_meshes_that_do_not_match_the_devices() {
 
 #[test]
 fn logical_devices_of_one_gpu_match_the_cpu_reference() {
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
-    let g0 = tessera::CudaDevice::new(0).unwrap();
+    let Some(g0) = tessera::check::gpu_or_skip("logical devices of one GPU") else { return };
     let mut gpus = vec![g0.clone()];
     for i in 1..4 {
         gpus.push(g0.logical(i).unwrap());

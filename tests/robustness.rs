@@ -425,3 +425,33 @@ fn devices_exits_0_when_the_driver_sees_no_gpu() {
     assert!(ok, "{err}");
     assert!(out.contains("CUDA driver: 13000") && out.contains("GPUs: none visible"), "{out}");
 }
+
+/// Run only by [`require_gpu_turns_a_skip_into_a_failure`], in a child process.
+#[test]
+#[ignore = "a probe run by require_gpu_turns_a_skip_into_a_failure"]
+fn require_gpu_probe() {
+    tessera::check::gpu_or_skip("the probe");
+}
+
+/// A GPU test that finds no usable GPU (here a stub libcuda put first on the path, as a
+/// toolkit's `stubs/` folder would be) says it skipped; with `TESSERA_REQUIRE_GPU=1`, as
+/// `scripts/gpu-check.sh` sets, it fails instead of passing silently.
+#[test]
+fn require_gpu_turns_a_skip_into_a_failure() {
+    let Some(dir) = fake_driver("require-gpu-libcuda", false) else { return };
+    let probe = |require: bool| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", "require_gpu_probe", "--ignored", "--nocapture"]).env("LD_LIBRARY_PATH", s(&dir));
+        if require {
+            c.env("TESSERA_REQUIRE_GPU", "1");
+        } else {
+            c.env_remove("TESSERA_REQUIRE_GPU");
+        }
+        let o = c.output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    let (ok, out) = probe(false);
+    assert!(ok && out.contains("skipped: no CUDA device (the probe: ") && out.contains("lacks"), "{out}");
+    let (ok, out) = probe(true);
+    assert!(!ok && out.contains("TESSERA_REQUIRE_GPU=1 but no usable GPU for the probe"), "{out}");
+}

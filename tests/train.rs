@@ -207,11 +207,7 @@ fn cpu_and_simulator_take_the_same_first_steps() {
 
 #[test]
 fn cpu_and_gpu_take_the_same_first_steps() {
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
-    let gpu = tessera::CudaDevice::new(0).unwrap();
+    let Some(gpu) = tessera::check::gpu_or_skip("training on the GPU") else { return };
     let cpu = CpuDevice::new(0);
     let (train, test) = Dataset::mnist_10k().unwrap();
     let cfg = adamw_config(vec![784, 512, 512, 10], Activation::Relu);

@@ -40,14 +40,7 @@ pub struct Case {
 
 /// GPU 0, or None (and a line saying so).
 pub fn gpu() -> Option<CudaDevice> {
-    if tessera::backend::cuda::gpu_count().unwrap_or(0) == 0 {
-        eprintln!("skipped: no CUDA device (GPU groups not run)");
-        return None;
-    }
-    match CudaDevice::new(0) {
-        Ok(d) => Some(d),
-        Err(e) => panic!("a GPU is present but tessera cannot use it: {e}"),
-    }
+    tessera::check::gpu_or_skip("the GPU bench groups")
 }
 
 /// Times `iters` runs between two synchronisations.
