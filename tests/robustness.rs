@@ -55,6 +55,11 @@ fn save_refuses_what_is_not_a_regular_file() {
         let (ok, _, err) = small(&["--steps", "1", "--save", target]);
         assert!(!ok, "--save {target} was accepted");
         assert!(err.contains(kind) && err.contains("not a regular file"), "{err}");
+        // The pictures too: an SVG written into a FIFO would wait forever for a reader.
+        let (ok, _, err) = small(&["--steps", "1", "--timeline", target]);
+        assert!(!ok && err.contains(kind), "--timeline {target}: {err}");
+        let (ok, _, err) = tessera(&["plan", "--device", "cpu:2", "--svg", target]);
+        assert!(!ok && err.contains(kind), "--svg {target}: {err}");
     }
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null was replaced");
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());

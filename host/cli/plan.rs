@@ -87,6 +87,9 @@ pub(crate) fn make_plan<B: Ops>(
 }
 
 pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
+    if let Some(p) = &a.svg {
+        super::train::check_output("--svg", p)?;
+    }
     let model = MlpConfig::new(a.widths.0.clone(), Activation::Relu)?;
     let optimizer = match a.optimizer {
         OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
@@ -168,8 +171,7 @@ pub(crate) fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) ->
         let names: Vec<String> = (0..mesh.pp).map(|s| format!("stage {s} ({})", devs[s].name())).collect();
         let t = Timeline::from_schedule(&schedule, &vec![1.0; mesh.pp], &vec![2.0; mesh.pp], &names);
         let title = format!("planned {} for {}", plan.schedule, plan.describe());
-        std::fs::write(path, t.to_svg(&title, "units"))
-            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        tessera::checkpoint::write_atomically(path, t.to_svg(&title, "units").as_bytes())?;
         outln!("wrote {}", path.display());
     }
     Ok(())

@@ -623,8 +623,7 @@ pub(crate) fn run_training<T: Run>(
             trainer.plan().describe(),
             trainer.device_names().join(", ")
         );
-        std::fs::write(path, t.to_svg(&title, "s"))
-            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        tessera::checkpoint::write_atomically(path, t.to_svg(&title, "s").as_bytes())?;
         if !a.json {
             errln!(
                 "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
