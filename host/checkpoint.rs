@@ -389,6 +389,17 @@ impl Checkpoint {
         };
 
         let n = config.model.param_count();
+        // Nothing is allocated for a model the file cannot hold: its metadata may describe any
+        // widths, and the checksum covers only the tensors.
+        let need = (n as u128) * 4 * (1 + config.optimizer.slots().len() as u128);
+        if need > bytes.len() as u128 {
+            return Err(err(format!(
+                "its metadata describes a {} model ({n} parameters, {need} bytes with the optimizer state), but the \
+                 file holds {} bytes: it is corrupt or was edited",
+                config.model.widths_string(),
+                bytes.len()
+            )));
+        }
         let mut expected: Vec<String> = Vec::new();
         let mut read = |prefix: &str| -> Result<Vec<f32>> {
             let mut flat = vec![0f32; n];
@@ -564,6 +575,8 @@ mod tests {
             ("step", "51", "past the end of its cosine schedule"),
             ("warmup", "60", "is not a schedule"),
             ("data_crc32", "xyz", "not 8 hex digits"),
+            // A model far larger than the file: refused before anything is allocated.
+            ("widths", "784,2000000000,10", "but the file holds"),
         ] {
             let e = Checkpoint::from_bytes("x", &with_meta(&bytes, key, value)).unwrap_err().to_string();
             assert!(e.contains(says), "{key} = {value}: {e}");
