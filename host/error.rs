@@ -46,7 +46,7 @@ pub enum Error {
         step: u64,
     },
     /// The CUDA kernels were not compiled because nvcc was missing at build time.
-    #[error("the CUDA kernels were not built: nvcc was not found when tessera was compiled. Run scripts/setup.sh (it installs the pinned CUDA compiler into .toolchain/cuda), then rebuild; or set NVCC=/path/to/nvcc and rebuild")]
+    #[error("the CUDA kernels were not built: nvcc was not found when tessera was compiled. Run scripts/setup.sh (it installs the pinned CUDA compiler into .toolchain/cuda; `--shared` for a crate that depends on tessera through git), then rebuild; or set NVCC=/path/to/nvcc and rebuild")]
     KernelsNotBuilt,
     /// The driver or the device cannot run the kernels this build holds.
     #[error("CUDA device {ordinal} cannot run this build: {reason}")]

@@ -51,7 +51,8 @@ pub(crate) fn manifest_line() -> String {
         format!("built by CUDA {} (PTX ISA {}) for {}", MANIFEST.toolkit, MANIFEST.ptx_isa, MANIFEST.archs.join(", "))
     } else {
         "NOT BUILT: nvcc was not found when tessera was compiled. Run scripts/setup.sh (installs the pinned \
-         CUDA compiler into .toolchain/cuda), then rebuild; or set NVCC=/path/to/nvcc"
+         CUDA compiler into .toolchain/cuda; `--shared` for a crate that depends on tessera through git), then rebuild; \
+         or set NVCC=/path/to/nvcc"
             .to_string()
     }
 }
