@@ -111,7 +111,9 @@ pub fn finite_diff(f: impl Fn(&[f64]) -> f64, x: &[f64], i: usize, h: f64) -> f6
 /// silently. A GPU that is there but cannot run the kernels always fails.
 pub fn gpu_or_skip(what: &str) -> Option<crate::CudaDevice> {
     let why = match crate::backend::cuda::gpu_count() {
-        Ok(0) => crate::backend::cuda::driver_problem().unwrap_or_else(|| "the driver sees no GPU".into()),
+        Ok(0) => {
+            crate::backend::cuda::driver_problem().map_or_else(|| "the driver sees no GPU".into(), |p| p.to_string())
+        }
         Ok(_) => {
             return Some(
                 crate::CudaDevice::new(0).unwrap_or_else(|e| panic!("a GPU is present but tessera cannot use it: {e}")),

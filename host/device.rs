@@ -156,7 +156,7 @@ impl DeviceSpec {
             DeviceSpec::Auto => {
                 let why_not = match cuda::gpu_count() {
                     Ok(0) if !cuda::driver_present() => match cuda::driver_problem() {
-                        Some(why) if why.contains("lacks") => why,
+                        Some(cuda::DriverProblem::Incomplete(why)) => why,
                         _ => "no CUDA driver on this machine".to_string(),
                     },
                     Ok(0) => "the CUDA driver sees no GPU".to_string(),

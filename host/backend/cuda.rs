@@ -92,17 +92,46 @@ pub const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuGetErrorName",
 ];
 
+/// Why the CUDA driver cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverProblem {
+    /// No library of the names cudarc tries loads: no driver on this machine.
+    Missing,
+    /// A library loads but lacks entry points tessera calls (a toolkit's stub, a partial
+    /// install): why, in words.
+    Incomplete(String),
+}
+
+impl DriverProblem {
+    /// The error a caller that needs a GPU returns for it.
+    pub fn error(&self) -> Error {
+        match self {
+            DriverProblem::Missing => Error::NoDriver,
+            DriverProblem::Incomplete(why) => Error::BadDriver(why.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for DriverProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DriverProblem::Missing => f.write_str("no CUDA driver on this machine (libcuda.so.1 could not be loaded)"),
+            DriverProblem::Incomplete(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Why the CUDA driver library cannot be used, or `None` when it loads (the first of the names
 /// cudarc tries, in cudarc's order) and has every symbol of [`REQUIRED_DRIVER_SYMBOLS`].
 /// Checked once per process.
-pub fn driver_problem() -> Option<String> {
-    static PROBLEM: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+pub fn driver_problem() -> Option<DriverProblem> {
+    static PROBLEM: std::sync::OnceLock<Option<DriverProblem>> = std::sync::OnceLock::new();
     PROBLEM.get_or_init(|| check_driver_library(&cudarc::get_lib_name_candidates("cuda"))).clone()
 }
 
 /// The check behind [`driver_problem`], over the library names `candidates` (tried in order, as
 /// the dynamic loader finds them).
-pub fn check_driver_library(candidates: &[String]) -> Option<String> {
+pub fn check_driver_library(candidates: &[String]) -> Option<DriverProblem> {
     for name in candidates {
         let Ok(c) = std::ffi::CString::new(name.as_str()) else { continue };
         // SAFETY: dlopen with a NUL-terminated name; RTLD_LAZY | RTLD_LOCAL binds nothing global.
@@ -123,16 +152,16 @@ pub fn check_driver_library(candidates: &[String]) -> Option<String> {
         if missing.is_empty() {
             return None;
         }
-        return Some(format!(
+        return Some(DriverProblem::Incomplete(format!(
             "the CUDA driver library {name} lacks {} of the entry points tessera needs ({}{}): it is not a complete \
              NVIDIA driver (a toolkit's stub library, or a partial install). Install the NVIDIA driver, or take the \
              folder holding that library off LD_LIBRARY_PATH",
             missing.len(),
             missing[..missing.len().min(4)].join(", "),
             if missing.len() > 4 { ", ..." } else { "" }
-        ));
+        )));
     }
-    Some("libcuda.so.1 could not be loaded".to_string())
+    Some(DriverProblem::Missing)
 }
 
 /// Whether a usable CUDA driver library is on this machine (it loads and has every entry point
@@ -141,16 +170,10 @@ pub fn driver_present() -> bool {
     driver_problem().is_none()
 }
 
-/// Whether a CUDA driver library loads at all (complete or not).
-fn driver_library_loads() -> bool {
-    // SAFETY: only tries to dlopen the library; no driver call is made.
-    unsafe { cudarc::driver::sys::is_culib_present() }
-}
-
 /// The driver's version (e.g. 13000), or `NoDriver`.
 pub fn driver_version() -> Result<i32> {
-    if let Some(why) = driver_problem() {
-        return Err(if driver_library_loads() { Error::BadDriver(why) } else { Error::NoDriver });
+    if let Some(problem) = driver_problem() {
+        return Err(problem.error());
     }
     let mut v = 0i32;
     // SAFETY: the library is present (checked above); cuDriverGetVersion only writes `v`.
@@ -230,8 +253,8 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 impl CudaDevice {
     /// Opens GPU `ordinal`, checks that it can run this build's kernels and loads them.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if let Some(why) = driver_problem() {
-            return Err(if driver_library_loads() { Error::BadDriver(why) } else { Error::NoDriver });
+        if let Some(problem) = driver_problem() {
+            return Err(problem.error());
         }
         if !MANIFEST.built {
             return Err(Error::KernelsNotBuilt);

@@ -65,13 +65,16 @@ pub(crate) fn devices() -> tessera::Result<()> {
     outln!("  simulator: sim, sim:N (the CUDA kernels run on the CPU with every access checked; slow)");
     outln!("CUDA kernels: {}", manifest_line());
     // What the driver says is reported, never an error: this command says what is there.
-    if let Some(why) = cuda::driver_problem() {
-        if why.contains("lacks") {
+    match cuda::driver_problem() {
+        Some(cuda::DriverProblem::Incomplete(why)) => {
             outln!("CUDA driver: unusable: {why}; no GPU can be used");
-        } else {
-            outln!("CUDA driver: not found (libcuda.so.1 could not be loaded); no GPU can be used");
+            return Ok(());
         }
-        return Ok(());
+        Some(cuda::DriverProblem::Missing) => {
+            outln!("CUDA driver: not found (libcuda.so.1 could not be loaded); no GPU can be used");
+            return Ok(());
+        }
+        None => {}
     }
     let v = match cuda::driver_version() {
         Ok(v) => v,
