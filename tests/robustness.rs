@@ -431,22 +431,22 @@ fn devices_exits_0_when_the_driver_sees_no_gpu() {
     assert!(out.contains("CUDA driver: 13000") && out.contains("GPUs: none visible"), "{out}");
 }
 
-/// Run only by [`require_gpu_turns_a_skip_into_a_failure`], in a child process.
-#[test]
-#[ignore = "a probe run by require_gpu_turns_a_skip_into_a_failure"]
-fn require_gpu_probe() {
-    tessera::check::gpu_or_skip("the probe");
-}
-
 /// A GPU test that finds no usable GPU (here a stub libcuda put first on the path, as a
 /// toolkit's `stubs/` folder would be) says it skipped; with `TESSERA_REQUIRE_GPU=1`, as
 /// `scripts/gpu-check.sh` sets, it fails instead of passing silently.
 #[test]
 fn require_gpu_turns_a_skip_into_a_failure() {
+    // In the child processes below (this test run again), only the GPU lookup.
+    if std::env::var_os("TESSERA_TEST_GPU_PROBE").is_some() {
+        tessera::check::gpu_or_skip("the probe");
+        return;
+    }
     let Some(dir) = fake_driver("require-gpu-libcuda", false) else { return };
     let probe = |require: bool| {
         let mut c = Command::new(std::env::current_exe().unwrap());
-        c.args(["--exact", "require_gpu_probe", "--ignored", "--nocapture"]).env("LD_LIBRARY_PATH", s(&dir));
+        c.args(["--exact", "require_gpu_turns_a_skip_into_a_failure", "--nocapture"])
+            .env("TESSERA_TEST_GPU_PROBE", "1")
+            .env("LD_LIBRARY_PATH", s(&dir));
         if require {
             c.env("TESSERA_REQUIRE_GPU", "1");
         } else {
