@@ -126,27 +126,14 @@ fn ranks_across_processes_match_the_single_device_run() {
 /// `kill -9 victim`, then waits (90 s at most) for the launcher `child` to end: its status, the
 /// time it took after the kill, and its stderr.
 fn kill_rank_and_wait(
-    mut child: std::process::Child,
+    child: std::process::Child,
     victim: &str,
     launcher: &str,
 ) -> (std::process::ExitStatus, Duration, String) {
     assert!(Command::new("kill").args(["-9", victim]).status().unwrap().success());
     let killed = Instant::now();
-    let mut status = None;
-    while killed.elapsed() < Duration::from_secs(90) {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let Some(status) = status else {
-        let _ = child.kill();
-        panic!("the {launcher} job still ran 90 s after a rank was killed");
-    };
+    let (status, err) = wait_job(child, &format!("the {launcher} job, after a rank was killed,"));
     let took = killed.elapsed();
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
     eprintln!("after kill -9 of one rank, {launcher} exited in {took:?} with {status}:\n{err}");
     (status, took, err)
 }
@@ -165,9 +152,7 @@ fn a_killed_rank_stops_the_others_with_an_error_in_bounded_time() {
         .expect("run mpirun");
     // Let the ranks start training, then kill one of them (rank processes are mpirun's
     // children running the tessera binary).
-    std::thread::sleep(Duration::from_secs(4));
-    let out = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().expect("pgrep");
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    let pids = rank_pids(&child, Duration::from_secs(4));
     assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
     let (status, took, err) = kill_rank_and_wait(child, &pids[2], "mpirun");
     assert!(!status.success());
@@ -187,8 +172,8 @@ fn rank_pids(child: &std::process::Child, wait: Duration) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
 }
 
-/// Waits (90 s at most) for `child` to end: its status and stderr.
-fn wait_job(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+/// Waits (90 s at most) for `child` to end: its status and stderr; `what` names it if it does not.
+fn wait_job(mut child: std::process::Child, what: &str) -> (std::process::ExitStatus, String) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(90) {
         if child.try_wait().unwrap().is_some() {
@@ -198,7 +183,7 @@ fn wait_job(mut child: std::process::Child) -> (std::process::ExitStatus, String
     }
     if child.try_wait().unwrap().is_none() {
         let _ = child.kill();
-        panic!("the job still ran 90 s on");
+        panic!("{what} still ran 90 s on");
     }
     let out = child.wait_with_output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
@@ -222,7 +207,7 @@ fn a_stopped_rank_is_named() {
     let pids = rank_pids(&child, Duration::from_secs(4));
     assert!(pids.len() >= 4, "expected 4 rank processes under mpirun, found {pids:?}");
     assert!(Command::new("kill").args(["-STOP", &pids[1]]).status().unwrap().success());
-    let (status, err) = wait_job(child);
+    let (status, err) = wait_job(child, "the job");
     let _ = Command::new("kill").args(["-9", &pids[1]]).status();
     assert!(!status.success());
     assert!(err.contains(&format!("(pid {}) is stopped", pids[1])), "the stopped rank is not named:\n{err}");
@@ -242,7 +227,7 @@ fn ctrl_c_on_mpirun_says_the_job_was_interrupted() {
     let pids = rank_pids(&child, Duration::from_secs(4));
     assert!(pids.len() >= 2, "{pids:?}");
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let (status, err) = wait_job(child);
+    let (status, err) = wait_job(child, "the job");
     assert!(!status.success());
     assert!(err.contains("the job was interrupted") && !err.contains("failed or was killed"), "{err}");
 }
