@@ -95,8 +95,9 @@ fn allreduce_group<B: LocalGroup>(c: &mut Criterion, name: &str, devs: &[B], sha
 }
 
 fn plans_group<B: LocalGroup>(c: &mut Criterion, name: &str, devs: &[B]) {
+    let mlp = MlpConfig::new(vec![784, 512, 512, 10], Activation::Relu).unwrap();
+    let model = mlp.model();
     let cfg = TrainConfig {
-        model: MlpConfig::new(vec![784, 512, 512, 10], Activation::Relu).unwrap(),
         optimizer: OptimizerConfig::AdamW(AdamW::default()),
         schedule: LrSchedule::Constant,
         clip_norm: None,
@@ -120,9 +121,9 @@ fn plans_group<B: LocalGroup>(c: &mut Criterion, name: &str, devs: &[B]) {
         if dp * pp > devs.len() {
             continue;
         }
-        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let plan = Plan::new(&mlp.info(), dp, pp, m, kind).unwrap();
         let desc = plan.describe();
-        let mut e = Engine::new(&devs[..dp * pp], cfg.clone(), plan).unwrap();
+        let mut e = Engine::new(&devs[..dp * pp], &model, cfg.clone(), plan).unwrap();
         g.bench_function(&desc, |b| b.iter(|| e.step(&data.x, &data.y).unwrap()));
         // No timeline when a filter skipped this plan (e.g. `cuda` skips the CPU groups).
         if let Some(t) = e.timeline() {

@@ -9,9 +9,8 @@ use tessera::nn::MlpConfig;
 use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
 use tessera::{Activation, AdamW, CpuDevice, Ops};
 
-fn config(widths: &[usize]) -> TrainConfig {
+fn config() -> TrainConfig {
     TrainConfig {
-        model: MlpConfig::new(widths.to_vec(), Activation::Relu).unwrap(),
         optimizer: OptimizerConfig::AdamW(AdamW::default()),
         schedule: LrSchedule::Constant,
         clip_norm: None,
@@ -21,7 +20,8 @@ fn config(widths: &[usize]) -> TrainConfig {
 
 fn bench_model<B: Ops>(c: &mut Criterion, group: &str, dev: &B, widths: &[usize], batch: usize) {
     let data = Dataset::synthetic(batch, &[widths[0], 64, *widths.last().unwrap()], 1).unwrap();
-    let mut t = Trainer::new(dev, config(widths)).unwrap();
+    let model = MlpConfig::new(widths.to_vec(), Activation::Relu).unwrap().model();
+    let mut t = Trainer::new(dev, &model, config()).unwrap();
     let mut g = c.benchmark_group(group);
     g.sample_size(10);
     g.throughput(Throughput::Elements(batch as u64));

@@ -1,8 +1,10 @@
-//! Checkpoints in safetensors, readable by other tools: parameters by layer name
-//! (`layers.{i}.weight` as `in x out`, `layers.{i}.bias`), optimizer state
-//! (`optimizer.{slot}.layers.{i}.weight`, ...), and in the metadata the model config, the
-//! optimizer and schedule, the step and the data cursor, so a resumed run continues exactly
-//! as the uninterrupted one would. Loading checks every name and shape and says what is wrong.
+//! Checkpoints in safetensors, readable by other tools: parameters by the names the model gives
+//! them ([`crate::nn::ModelInfo::params`]: `layers.{i}.weight`, a shared parameter's own name),
+//! optimizer state (`optimizer.{slot}.layers.{i}.weight`, ...), and in the metadata the model's
+//! name and parameter order, the optimizer and schedule, the step and the data cursor, so a
+//! resumed run continues exactly as the uninterrupted one would, on any plan. Loading checks
+//! every name and shape and says what is wrong; [`Checkpoint::check_model`] checks the file
+//! against the model it is to be loaded into.
 //!
 //! What a load trusts is checked: a CRC-32 of every tensor (name, shape and bytes) in the
 //! metadata, verified before anything is used; parameters and optimizer state finite, AdamW's
@@ -24,13 +26,17 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
-use crate::nn::MlpConfig;
+use crate::nn::{MlpConfig, ModelInfo};
 use crate::ops::activation::Activation;
 use crate::ops::optim::{AdamW, Sgd};
 use crate::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig};
 
 /// The `format` metadata value of this layout.
-pub const FORMAT: &str = "tessera-mlp/2";
+pub const FORMAT: &str = "tessera/3";
+
+/// The format before models were generic: an MLP's widths and activation in the metadata.
+/// Still read.
+const FORMAT_MLP: &str = "tessera-mlp/2";
 
 /// The largest batch a checkpoint may record (the kernels index rows with 32-bit integers).
 pub const MAX_BATCH: usize = i32::MAX as usize;
@@ -68,7 +74,11 @@ impl std::fmt::Display for DataId {
 /// Everything needed to resume a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
-    /// The run's config.
+    /// The model's name ([`ModelInfo::name`]), e.g. `MLP 784-512-512-10 (relu)`.
+    pub model: String,
+    /// The model's parameters in order: names and shapes ([`Checkpoint::tensors_of`]).
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// How the run trains.
     pub config: TrainConfig,
     /// Batch size of the run.
     pub batch: usize,
@@ -76,7 +86,7 @@ pub struct Checkpoint {
     pub step: u64,
     /// The next batch of the epoch loop.
     pub cursor: Cursor,
-    /// Flat parameters (the layout of [`MlpConfig::layout`]).
+    /// Flat parameters, the tensors of `tensors` one after the other.
     pub params: Vec<f32>,
     /// Optimizer state, one flat vector per slot of [`OptimizerConfig::slots`].
     pub state: Vec<Vec<f32>>,
@@ -187,16 +197,45 @@ pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-fn tensor_names(cfg: &MlpConfig, prefix: &str) -> Vec<(String, Vec<usize>, std::ops::Range<usize>)> {
-    let mut v = Vec::new();
-    for (i, l) in cfg.layout().iter().enumerate() {
-        v.push((format!("{prefix}layers.{i}.weight"), vec![l.fan_in, l.fan_out], l.weight.clone()));
-        v.push((format!("{prefix}layers.{i}.bias"), vec![l.fan_out], l.bias.clone()));
-    }
-    v
-}
-
 impl Checkpoint {
+    /// The parameter names and shapes of a model, in order: what [`Checkpoint::tensors`] holds.
+    pub fn tensors_of(info: &ModelInfo) -> Vec<(String, Vec<usize>)> {
+        info.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect()
+    }
+
+    /// An error unless the checkpoint holds `info`'s parameters: the same names with the same
+    /// shapes in the same order. It says which name or shape differs.
+    pub fn check_model(&self, info: &ModelInfo) -> Result<()> {
+        let want = Self::tensors_of(info);
+        let err =
+            |why: String| Error::Invalid(format!("the checkpoint holds `{}`, not `{}`: {why}", self.model, info.name));
+        for (i, (w, g)) in want.iter().zip(&self.tensors).enumerate() {
+            if w.0 != g.0 {
+                return Err(err(format!("parameter {i} is `{}` in the file, `{}` in the model", g.0, w.0)));
+            }
+            if w.1 != g.1 {
+                return Err(err(format!("`{}` is {:?} in the file, {:?} in the model", w.0, g.1, w.1)));
+            }
+        }
+        if want.len() != self.tensors.len() {
+            return Err(err(format!("{} parameters in the file, {} in the model", self.tensors.len(), want.len())));
+        }
+        Ok(())
+    }
+
+    /// Each tensor's range in the flat vectors.
+    fn ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut off = 0;
+        self.tensors
+            .iter()
+            .map(|(_, shape)| {
+                let n: usize = shape.iter().product();
+                off += n;
+                off - n..off
+            })
+            .collect()
+    }
+
     fn metadata(&self) -> HashMap<String, String> {
         let c = &self.config;
         let mut m = HashMap::new();
@@ -204,8 +243,8 @@ impl Checkpoint {
             m.insert(k.to_string(), v);
         };
         put("format", FORMAT.into());
-        put("widths", c.model.widths.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(","));
-        put("activation", c.model.act.to_string());
+        put("model", self.model.clone());
+        put("params", self.tensors.iter().map(|t| t.0.as_str()).collect::<Vec<_>>().join(","));
         put("optimizer", c.optimizer.name().into());
         match c.optimizer {
             OptimizerConfig::Sgd(o) => {
@@ -243,17 +282,24 @@ impl Checkpoint {
 
     /// The file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let n = self.config.model.param_count();
+        let ranges = self.ranges();
+        let n = ranges.last().map_or(0, |r| r.end);
         if self.params.len() != n || self.state.iter().any(|s| s.len() != n) {
             return Err(Error::shape("Checkpoint::to_bytes", "parameters or optimizer state do not match the model"));
         }
+        if self.tensors.iter().any(|t| t.0.is_empty() || t.0.contains(',')) {
+            return Err(Error::Invalid(
+                "a parameter name is empty or holds a comma; checkpoints cannot list it".into(),
+            ));
+        }
         let mut views = Vec::new();
-        for (name, shape, range) in tensor_names(&self.config.model, "") {
-            views.push((name, shape, bytemuck::cast_slice::<f32, u8>(&self.params[range])));
+        for ((name, shape), range) in self.tensors.iter().zip(&ranges) {
+            views.push((name.clone(), shape.clone(), bytemuck::cast_slice::<f32, u8>(&self.params[range.clone()])));
         }
         for (slot, data) in self.config.optimizer.slots().iter().zip(&self.state) {
-            for (name, shape, range) in tensor_names(&self.config.model, &format!("optimizer.{slot}.")) {
-                views.push((name, shape, bytemuck::cast_slice::<f32, u8>(&data[range])));
+            for ((name, shape), range) in self.tensors.iter().zip(&ranges) {
+                let bytes = bytemuck::cast_slice::<f32, u8>(&data[range.clone()]);
+                views.push((format!("optimizer.{slot}.{name}"), shape.clone(), bytes));
             }
         }
         let crc = tensors_crc32(views.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), *d)));
@@ -294,7 +340,7 @@ impl Checkpoint {
             md.get(k).cloned().ok_or_else(|| err(format!("metadata `{k}` is missing; was it written by tessera?")))
         };
         let format = get("format")?;
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_MLP {
             let hint = if format == "tessera-mlp/1" {
                 ": it was written by an earlier tessera, whose checkpoints carry no checksum; retrain, or load its \
                  tensors with any safetensors reader"
@@ -328,9 +374,18 @@ impl Checkpoint {
         let non_negative = |x: f32| x >= 0.0;
         let fraction = |x: f32| (0.0..1.0).contains(&x);
         let meta_err = |k: &str, e: Error| err(format!("metadata `{k}`: {e}"));
-        let widths = MlpConfig::parse_widths(&get("widths")?).map_err(|e| meta_err("widths", e))?;
-        let act: Activation = get("activation")?.parse().map_err(|e| meta_err("activation", e))?;
-        let model = MlpConfig::new(widths, act).map_err(|e| meta_err("widths", e))?;
+        // The model and its parameters' order: listed, or (in the MLP format) from its widths.
+        let (model, names): (String, Vec<String>) = if format == FORMAT_MLP {
+            let widths = MlpConfig::parse_widths(&get("widths")?).map_err(|e| meta_err("widths", e))?;
+            let act: Activation = get("activation")?.parse().map_err(|e| meta_err("activation", e))?;
+            let mlp = MlpConfig::new(widths, act).map_err(|e| meta_err("widths", e))?;
+            let names =
+                (0..mlp.depth()).flat_map(|i| [format!("layers.{i}.weight"), format!("layers.{i}.bias")]).collect();
+            (mlp.describe(), names)
+        } else {
+            let list = get("params")?;
+            (get("model")?, list.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect())
+        };
         let optimizer = match get("optimizer")?.as_str() {
             "sgd" => OptimizerConfig::Sgd(Sgd {
                 lr: real("lr", &positive, "a positive number")?,
@@ -367,7 +422,7 @@ impl Checkpoint {
             "none" => None,
             _ => Some(real("clip_norm", &positive, "a positive norm")?),
         };
-        let config = TrainConfig { model, optimizer, schedule, clip_norm, seed: int("seed")? };
+        let config = TrainConfig { optimizer, schedule, clip_norm, seed: int("seed")? };
         let batch = int("batch")?;
         if batch == 0 || batch > MAX_BATCH as u64 {
             return Err(err(format!("metadata `batch` = {batch} is not a batch size (1 to {MAX_BATCH})")));
@@ -388,40 +443,37 @@ impl Checkpoint {
                 .ok_or_else(|| err(format!("metadata `data_crc32` = `{data_crc}` is not 8 hex digits")))?,
         };
 
-        let n = config.model.param_count();
-        // Nothing is allocated for a model the file cannot hold: its metadata may describe any
-        // widths, and the checksum covers only the tensors.
-        let need = (n as u128) * 4 * (1 + config.optimizer.slots().len() as u128);
-        if need > bytes.len() as u128 {
-            return Err(err(format!(
-                "its metadata describes a {} model ({n} parameters, {need} bytes with the optimizer state), but the \
-                 file holds {} bytes: it is corrupt or was edited",
-                config.model.widths_string(),
-                bytes.len()
-            )));
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in &names {
+            let t = st.tensor(name).map_err(|_| {
+                err(format!("tensor `{name}` is missing: the metadata lists it among the parameters of `{model}`"))
+            })?;
+            if t.dtype() != Dtype::F32 {
+                return Err(err(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
+            }
+            if tensors.iter().any(|(n, _): &(String, Vec<usize>)| n == name) {
+                return Err(err(format!("the metadata lists parameter `{name}` twice")));
+            }
+            tensors.push((name.clone(), t.shape().to_vec()));
         }
         let mut expected: Vec<String> = Vec::new();
         let mut read = |prefix: &str| -> Result<Vec<f32>> {
-            let mut flat = vec![0f32; n];
-            for (tname, shape, range) in tensor_names(&config.model, prefix) {
+            let mut flat = Vec::new();
+            for (name, shape) in &tensors {
+                let tname = format!("{prefix}{name}");
                 let t = st.tensor(&tname).map_err(|_| {
-                    err(format!(
-                        "tensor `{tname}` is missing: the file does not hold a {} model",
-                        config.model.widths_string()
-                    ))
+                    err(format!("tensor `{tname}` is missing: the file holds parameter `{name}` without it"))
                 })?;
                 if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
                     return Err(err(format!(
-                        "tensor `{tname}` is {:?} {:?}, expected F32 {:?}",
+                        "tensor `{tname}` is {:?} {:?}, expected F32 {:?} like `{name}`",
                         t.dtype(),
                         t.shape(),
                         shape
                     )));
                 }
                 // Copy byte-wise: the file's data need not be 4-byte aligned.
-                for (dst, src) in flat[range].iter_mut().zip(t.data().chunks_exact(4)) {
-                    *dst = f32::from_le_bytes(src.try_into().unwrap());
-                }
+                flat.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())));
                 expected.push(tname);
             }
             Ok(flat)
@@ -434,7 +486,7 @@ impl Checkpoint {
             .map(|slot| read(&format!("optimizer.{slot}.")))
             .collect::<Result<Vec<_>>>()?;
         if let Some(extra) = st.names().into_iter().find(|n| !expected.iter().any(|e| e == n)) {
-            return Err(err(format!("unexpected tensor `{extra}` for a {} model", config.model.widths_string())));
+            return Err(err(format!("unexpected tensor `{extra}`: it is not among the parameters of `{model}`")));
         }
         if params.iter().any(|v| !v.is_finite()) {
             return Err(err("parameters hold NaN or infinity; the run that wrote it had diverged".into()));
@@ -457,7 +509,7 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { config, batch: batch as usize, step, cursor, params, state, data })
+        Ok(Checkpoint { model, tensors, config, batch: batch as usize, step, cursor, params, state, data })
     }
 }
 
@@ -468,9 +520,11 @@ mod tests {
     fn sample() -> Checkpoint {
         let model = MlpConfig::new(vec![3, 4, 2], Activation::Silu).unwrap();
         let n = model.param_count();
+        let info = model.info();
         Checkpoint {
+            model: info.name.clone(),
+            tensors: Checkpoint::tensors_of(&info),
             config: TrainConfig {
-                model,
                 optimizer: OptimizerConfig::AdamW(AdamW::default()),
                 schedule: LrSchedule::Cosine { warmup: 3, total: 50, min_factor: 0.05 },
                 clip_norm: Some(1.5),
@@ -505,12 +559,12 @@ mod tests {
         let e = Checkpoint::from_bytes("x", &foreign).unwrap_err().to_string();
         assert!(e.contains("metadata `format` is missing"), "{e}");
         // Metadata that tessera cannot read names the file and the key.
-        let pat = b"\"activation\":\"";
-        let at = bytes.windows(pat.len()).position(|w| w == pat).expect("activation in the header") + pat.len();
+        let pat = b"\"optimizer\":\"";
+        let at = bytes.windows(pat.len()).position(|w| w == pat).expect("optimizer in the header") + pat.len();
         let mut edited = bytes.clone();
-        edited[at..at + 4].copy_from_slice(b"tanh"); // same length: the header stays valid
+        edited[at..at + 5].copy_from_slice(b"adamx"); // same length: the header stays valid
         let e = Checkpoint::from_bytes("x", &edited).unwrap_err().to_string();
-        assert!(e.starts_with("checkpoint x: metadata `activation`:") && e.contains("tanh"), "{e}");
+        assert!(e.starts_with("checkpoint x: unknown optimizer `adamx`"), "{e}");
     }
 
     /// `bytes` with metadata `key` set to `value` (the header rewritten; tensors untouched).
@@ -575,14 +629,40 @@ mod tests {
             ("step", "51", "past the end of its cosine schedule"),
             ("warmup", "60", "is not a schedule"),
             ("data_crc32", "xyz", "not 8 hex digits"),
-            // A model far larger than the file: refused before anything is allocated.
-            ("widths", "784,2000000000,10", "but the file holds"),
+            // The parameter list names what the file does not hold, or leaves out what it does.
+            ("params", "layers.0.weight,layers.9.bias", "tensor `layers.9.bias` is missing"),
+            ("params", "layers.0.weight,layers.0.weight", "lists parameter `layers.0.weight` twice"),
+            ("params", "layers.0.weight", "unexpected tensor"),
         ] {
             let e = Checkpoint::from_bytes("x", &with_meta(&bytes, key, value)).unwrap_err().to_string();
             assert!(e.contains(says), "{key} = {value}: {e}");
         }
         let e = Checkpoint::from_bytes("x", &with_meta(&bytes, "format", "tessera-mlp/1")).unwrap_err().to_string();
         assert!(e.contains("earlier tessera"), "{e}");
+    }
+
+    /// A checkpoint of the MLP format (`tessera-mlp/2`, widths and activation in the metadata)
+    /// still loads, as the same checkpoint.
+    #[test]
+    fn the_mlp_format_still_loads() {
+        let c = sample();
+        let old = with_meta(&with_meta(&c.to_bytes().unwrap(), "format", FORMAT_MLP), "widths", "3,4,2");
+        let old = with_meta(&old, "activation", "silu");
+        assert_eq!(Checkpoint::from_bytes("x", &old).unwrap(), c);
+    }
+
+    /// A checkpoint loads only into the model that wrote it: the name or shape that differs is
+    /// named.
+    #[test]
+    fn a_checkpoint_is_checked_against_its_model() {
+        let c = sample();
+        c.check_model(&MlpConfig::new(vec![3, 4, 2], Activation::Relu).unwrap().info()).unwrap();
+        let e = c.check_model(&MlpConfig::new(vec![3, 5, 2], Activation::Silu).unwrap().info()).unwrap_err();
+        assert!(e.to_string().contains("`layers.0.weight` is [3, 4] in the file, [3, 5] in the model"), "{e}");
+        let e = c.check_model(&MlpConfig::new(vec![3, 4, 4, 2], Activation::Silu).unwrap().info()).unwrap_err();
+        assert!(e.to_string().contains("`layers.1.weight` is [4, 2] in the file, [4, 4] in the model"), "{e}");
+        let e = c.check_model(&MlpConfig::new(vec![3, 2], Activation::Silu).unwrap().info()).unwrap_err();
+        assert!(e.to_string().contains("parameter 0 is `layers.0.weight`") || e.to_string().contains("[3, 2]"), "{e}");
     }
 
     #[test]

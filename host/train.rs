@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use crate::data::{batch_indices, batches_per_epoch, epoch_order, Dataset};
 use crate::error::{Error, Result};
-use crate::nn::{Mlp, MlpConfig};
+use crate::nn::{Model, ModelInfo, Network};
 use crate::ops::optim::{AdamW, Sgd};
 use crate::ops::Ops;
 
@@ -95,11 +95,10 @@ impl fmt::Display for LrSchedule {
     }
 }
 
-/// Everything that defines a training run, apart from the data.
+/// How a model is trained (apart from the model and the data): the optimizer, its schedule,
+/// clipping and the seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    /// The model.
-    pub model: MlpConfig,
     /// The optimizer.
     pub optimizer: OptimizerConfig,
     /// The learning-rate schedule.
@@ -168,22 +167,29 @@ pub struct Cursor {
 pub struct Trainer<B: Ops> {
     dev: B,
     cfg: TrainConfig,
-    model: Mlp<B>,
+    net: Network<B>,
     state: Vec<B::Buf<f32>>,
     step: u64,
 }
 
 impl<B: Ops> Trainer<B> {
-    /// A fresh run: seeded parameters, zero optimizer state.
-    pub fn new(dev: &B, cfg: TrainConfig) -> Result<Self> {
-        let model = Mlp::new(dev, cfg.model.clone(), cfg.seed)?;
-        Self::from_parts(dev, cfg, model, None, 0)
+    /// A fresh run of `model`: its seeded parameters (`cfg.seed`), zero optimizer state.
+    pub fn new(dev: &B, model: &Model<B>, cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let net = Network::new(dev, model, cfg.seed)?;
+        Self::from_parts(dev, cfg, net, None, 0)
     }
 
-    /// A run restored from parameters, optimizer state (one vector per slot) and step.
-    pub fn from_parts(dev: &B, cfg: TrainConfig, model: Mlp<B>, state: Option<&[Vec<f32>]>, step: u64) -> Result<Self> {
+    /// A run restored from a network, optimizer state (one vector per slot) and step.
+    pub fn from_parts(
+        dev: &B,
+        cfg: TrainConfig,
+        net: Network<B>,
+        state: Option<&[Vec<f32>]>,
+        step: u64,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let n = cfg.model.param_count();
+        let n = net.info().param_count();
         let slots = cfg.optimizer.slots().len();
         let state = match state {
             Some(s) => {
@@ -197,7 +203,7 @@ impl<B: Ops> Trainer<B> {
             }
             None => (0..slots).map(|_| dev.alloc(n)).collect::<Result<Vec<_>>>()?,
         };
-        Ok(Trainer { dev: dev.clone(), cfg, model, state, step })
+        Ok(Trainer { dev: dev.clone(), cfg, net, state, step })
     }
 
     /// The run's config.
@@ -208,9 +214,9 @@ impl<B: Ops> Trainer<B> {
     pub fn device(&self) -> &B {
         &self.dev
     }
-    /// The model.
-    pub fn model(&self) -> &Mlp<B> {
-        &self.model
+    /// The network.
+    pub fn network(&self) -> &Network<B> {
+        &self.net
     }
     /// Steps taken.
     pub fn steps(&self) -> u64 {
@@ -221,31 +227,31 @@ impl<B: Ops> Trainer<B> {
         self.state.iter().map(|s| self.dev.download(&B::view(s))).collect()
     }
 
-    /// One step on a batch (`x`: `labels.len() x inputs`): forward, loss, backward, clipping,
+    /// One step on a batch (`x`: `samples x inputs`): forward, loss, backward, clipping,
     /// optimizer update. Returns what the step did: the batch's mean loss, the learning rate
     /// used and, with clipping, the gradient norm.
     pub fn step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         let dev = &self.dev;
-        self.model.load_batch(dev, x, labels)?;
-        self.model.forward(dev)?;
-        let loss = self.model.backward(dev, false)?;
+        self.net.load_batch(dev, x, labels)?;
+        self.net.forward(dev)?;
+        let loss = self.net.backward(dev, false)?;
         let (grad_norm, grad_scale) = match self.cfg.clip_norm {
             Some(max) => {
-                let norm = dev.l2_norm(&B::view(self.model.grads()))?;
+                let norm = dev.l2_norm(&B::view(self.net.grads()))?;
                 (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })
             }
             None => (None, 1.0),
         };
         let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
         self.step += 1;
-        let (params, grads) = self.model.params_and_grads();
+        let (params, grads) = self.net.params_and_grads();
         apply_optimizer(dev, &self.cfg.optimizer, lr, self.step, grad_scale, params, grads, &mut self.state)?;
         Ok(StepStats { loss, lr, grad_norm })
     }
 
     /// Loss and accuracy over `data`, in batches of `batch`.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
-        evaluate(&self.dev, &mut self.model, data, batch)
+        evaluate(&self.dev, &mut self.net, data, batch)
     }
 
     /// Trains until `total_steps` steps are done, walking epochs of `train` in the seeded
@@ -290,18 +296,34 @@ pub fn apply_optimizer<B: Ops>(
     }
 }
 
-/// Anything that takes optimizer steps on batches: the single-device [`Trainer`] and the
-/// parallel engine. [`fit`] drives either through epochs.
-pub trait Steps {
-    /// One step on a batch.
+/// A training run, whatever runs it: the single-device [`Trainer`], the in-process parallel
+/// engine and the MPI engine all implement it, so that [`fit`], checkpoints and a command line
+/// drive any of them the same way.
+pub trait Run {
+    /// One optimizer step on a batch (`x`: `samples x inputs`, one label per sample and
+    /// row of logits).
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats>;
     /// Steps taken.
     fn steps_done(&self) -> u64;
-    /// The run's config.
+    /// How the run trains.
     fn train_config(&self) -> &TrainConfig;
+    /// The model, described.
+    fn model_info(&self) -> &ModelInfo;
+    /// Loss and accuracy over `data` in batches of `batch`.
+    fn evaluate_on(&mut self, data: &Dataset, batch: usize) -> Result<Eval>;
+    /// The model's flat parameters (the order of [`ModelInfo::params`]), on the host.
+    fn flat_params(&self) -> Result<Vec<f32>>;
+    /// The optimizer state as flat vectors, one per slot of [`OptimizerConfig::slots`].
+    fn flat_optimizer_state(&self) -> Result<Vec<Vec<f32>>>;
+    /// Names of the devices it runs on.
+    fn devices(&self) -> Vec<String>;
+    /// Whether this process reports and writes files (every process but MPI's other ranks).
+    fn is_root(&self) -> bool {
+        true
+    }
 }
 
-impl<B: Ops> Steps for Trainer<B> {
+impl<B: Ops> Run for Trainer<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
     }
@@ -311,11 +333,26 @@ impl<B: Ops> Steps for Trainer<B> {
     fn train_config(&self) -> &TrainConfig {
         &self.cfg
     }
+    fn model_info(&self) -> &ModelInfo {
+        self.net.info()
+    }
+    fn evaluate_on(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        self.evaluate(data, batch)
+    }
+    fn flat_params(&self) -> Result<Vec<f32>> {
+        self.net.download_params(&self.dev)
+    }
+    fn flat_optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        self.optimizer_state()
+    }
+    fn devices(&self) -> Vec<String> {
+        vec![self.dev.name()]
+    }
 }
 
 /// Trains `t` until `total_steps` steps are done, walking epochs of `train` in the seeded order
 /// from `cursor` (which it advances); `on_step` sees every step and the batch's row count.
-pub fn fit<T: Steps>(
+pub fn fit<T: Run>(
     t: &mut T,
     train: &Dataset,
     batch: usize,
@@ -326,7 +363,7 @@ pub fn fit<T: Steps>(
     if batch == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
-    let inputs = t.train_config().model.inputs();
+    let inputs = t.model_info().inputs();
     if train.dim != inputs {
         return Err(Error::shape(
             "train",
@@ -363,8 +400,8 @@ pub fn count_correct(logits: &[f32], labels: &[i32], classes: usize) -> usize {
 }
 
 /// Loss and accuracy of `model` over `data`.
-pub fn evaluate<B: Ops>(dev: &B, model: &mut Mlp<B>, data: &Dataset, batch: usize) -> Result<Eval> {
-    let classes = model.config().outputs();
+pub fn evaluate<B: Ops>(dev: &B, model: &mut Network<B>, data: &Dataset, batch: usize) -> Result<Eval> {
+    let classes = model.info().classes;
     let mut loss = 0f64;
     let mut correct = 0;
     let idx: Vec<usize> = (0..data.len()).collect();

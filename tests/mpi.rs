@@ -318,18 +318,19 @@ fn nccl_one_rank_all_reduce_and_training_step_on_a_gpu() {
     use tessera::parallel::{Plan, ScheduleKind};
     use tessera::train::{Cursor, TrainConfig};
     let (train, _) = tessera::data::Dataset::mnist_10k().unwrap();
+    let mlp = tessera::nn::MlpConfig::new(vec![784, 256, 10], tessera::Activation::Relu).unwrap();
+    let model = mlp.model();
     let cfg = TrainConfig {
-        model: tessera::nn::MlpConfig::new(vec![784, 256, 10], tessera::Activation::Relu).unwrap(),
         optimizer: tessera::train::OptimizerConfig::AdamW(tessera::AdamW::default()),
         schedule: tessera::train::LrSchedule::Constant,
         clip_norm: None,
         seed: 3,
     };
-    let p0 = cfg.model.init(cfg.seed);
-    let plan = Plan::new(&cfg.model, 1, 1, 2, ScheduleKind::OneFOneB).unwrap();
-    let mut plain = Engine::new(std::slice::from_ref(&dev), cfg.clone(), plan.clone()).unwrap();
+    let p0 = mlp.init(cfg.seed);
+    let plan = Plan::new(&mlp.info(), 1, 1, 2, ScheduleKind::OneFOneB).unwrap();
+    let mut plain = Engine::new(std::slice::from_ref(&dev), &model, cfg.clone(), plan.clone()).unwrap();
     let mut with_nccl =
-        Engine::with_communicators(std::slice::from_ref(&dev), cfg, plan, &p0, None, 0, &mut |_, _, d| {
+        Engine::with_communicators(std::slice::from_ref(&dev), &model, cfg, plan, &p0, None, 0, &mut |_, _, d| {
             Ok(Box::new(NcclComm::single(d)?) as Box<dyn Communicator<tessera::CudaDevice>>)
         })
         .unwrap();

@@ -4,7 +4,7 @@ mod common;
 
 use common::{tessera, tmp};
 use tessera::data::Dataset;
-use tessera::nn::MlpConfig;
+use tessera::nn::{MlpConfig, ModelInfo};
 use tessera::parallel::engine::Engine;
 use tessera::parallel::{Plan, ScheduleKind};
 use tessera::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig, Trainer};
@@ -12,14 +12,16 @@ use tessera::{Activation, AdamW, CpuDevice, Sgd};
 
 const WIDTHS: [usize; 5] = [12, 16, 16, 16, 5];
 
+fn mlp() -> MlpConfig {
+    MlpConfig::new(WIDTHS.to_vec(), Activation::GeluTanh).unwrap()
+}
+
+fn info() -> ModelInfo {
+    mlp().info()
+}
+
 fn config(opt: OptimizerConfig) -> TrainConfig {
-    TrainConfig {
-        model: MlpConfig::new(WIDTHS.to_vec(), Activation::GeluTanh).unwrap(),
-        optimizer: opt,
-        schedule: LrSchedule::Constant,
-        clip_norm: None,
-        seed: 5,
-    }
+    TrainConfig { optimizer: opt, schedule: LrSchedule::Constant, clip_norm: None, seed: 5 }
 }
 
 fn sgd() -> OptimizerConfig {
@@ -33,14 +35,14 @@ fn data() -> Dataset {
 /// The single-device reference: 5 steps of 26 rows (a batch that splits unevenly).
 fn reference(cfg: &TrainConfig, steps: u64) -> Vec<f32> {
     let dev = CpuDevice::new(0);
-    let mut t = Trainer::new(&dev, cfg.clone()).unwrap();
+    let mut t = Trainer::new(&dev, &mlp().model(), cfg.clone()).unwrap();
     t.fit(&data(), 26, steps, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
-    t.model().download_params(&dev).unwrap()
+    t.network().download_params(&dev).unwrap()
 }
 
 fn run(cfg: &TrainConfig, plan: Plan, steps: u64) -> (Vec<f32>, Engine<CpuDevice>) {
     let devs: Vec<CpuDevice> = (0..plan.mesh.devices()).map(CpuDevice::new).collect();
-    let mut e = Engine::new(&devs, cfg.clone(), plan).unwrap();
+    let mut e = Engine::new(&devs, &mlp().model(), cfg.clone(), plan).unwrap();
     tessera::train::fit(&mut e, &data(), 26, steps, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
     (e.params().unwrap(), e)
 }
@@ -60,7 +62,7 @@ fn every_plan_of_the_grid_matches_one_device() {
         for pp in [1, 2, 3] {
             for m in [1, 2, 4, 6] {
                 for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
-                    let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+                    let plan = Plan::new(&info(), dp, pp, m, kind).unwrap();
                     let desc = plan.describe();
                     let (got, e) = run(&cfg, plan, 5);
                     let err = rel_err(&got, &want);
@@ -83,7 +85,7 @@ fn adamw_with_clipping_and_a_schedule_matches_on_several_plans() {
     for (dp, pp, m, kind) in
         [(2, 2, 4, ScheduleKind::OneFOneB), (4, 1, 1, ScheduleKind::GPipe), (1, 3, 6, ScheduleKind::GPipe)]
     {
-        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let plan = Plan::new(&info(), dp, pp, m, kind).unwrap();
         let desc = plan.describe();
         let (got, e) = run(&cfg, plan, 5);
         let err = rel_err(&got, &want);
@@ -95,7 +97,7 @@ fn adamw_with_clipping_and_a_schedule_matches_on_several_plans() {
 #[test]
 fn one_device_is_the_same_computation_as_the_trainer() {
     let cfg = config(sgd());
-    let (got, _) = run(&cfg, Plan::single(&cfg.model), 5);
+    let (got, _) = run(&cfg, Plan::single(&info()), 5);
     assert_eq!(got, reference(&cfg, 5), "dp=pp=m=1 must be bit-identical to the single-device trainer");
 }
 
@@ -103,7 +105,7 @@ fn one_device_is_the_same_computation_as_the_trainer() {
 fn gradient_accumulation_equals_more_microbatches() {
     let cfg = config(sgd());
     let want = reference(&cfg, 5);
-    let plan = Plan::new(&cfg.model, 2, 2, 2, ScheduleKind::OneFOneB).unwrap().with_accumulate(3).unwrap();
+    let plan = Plan::new(&info(), 2, 2, 2, ScheduleKind::OneFOneB).unwrap().with_accumulate(3).unwrap();
     let (got, e) = run(&cfg, plan, 5);
     assert!(rel_err(&got, &want) <= 1e-5);
     assert!(e.replicas_identical().unwrap());
@@ -113,8 +115,8 @@ fn gradient_accumulation_equals_more_microbatches() {
 fn batches_too_small_for_the_plan_are_refused_clearly() {
     let cfg = config(sgd());
     let devs: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
-    let plan = Plan::new(&cfg.model, 2, 2, 4, ScheduleKind::GPipe).unwrap();
-    let mut e = Engine::new(&devs, cfg.clone(), plan.clone()).unwrap();
+    let plan = Plan::new(&info(), 2, 2, 4, ScheduleKind::GPipe).unwrap();
+    let mut e = Engine::new(&devs, &mlp().model(), cfg.clone(), plan.clone()).unwrap();
     let d = data();
     let (x, y) = d.gather(&[0, 1, 2, 3, 4]);
     let err = e.step(&x, &y).unwrap_err().to_string();
@@ -123,15 +125,15 @@ fn batches_too_small_for_the_plan_are_refused_clearly() {
             && err.contains("at least 8"),
         "{err}"
     );
-    let err = Engine::new(&devs[..3], cfg.clone(), plan.clone()).err().unwrap().to_string();
+    let err = Engine::new(&devs[..3], &mlp().model(), cfg.clone(), plan.clone()).err().unwrap().to_string();
     assert!(err.contains("needs 4 devices, 3 given"), "{err}");
     // A clipping norm that would stop (0) or reverse (< 0) every update is refused, as by the
     // one-device trainer.
     for c in [0.0, -1.0, f32::NAN] {
         let bad = TrainConfig { clip_norm: Some(c), ..cfg.clone() };
-        let err = Engine::new(&devs, bad.clone(), plan.clone()).err().unwrap().to_string();
+        let err = Engine::new(&devs, &mlp().model(), bad.clone(), plan.clone()).err().unwrap().to_string();
         assert!(err.contains("must be a positive number"), "{err}");
-        assert!(Trainer::new(&devs[0], bad).is_err());
+        assert!(Trainer::new(&devs[0], &mlp().model(), bad).is_err());
     }
 }
 
@@ -140,15 +142,15 @@ fn a_checkpoint_moves_between_plans() {
     let cfg = config(OptimizerConfig::AdamW(AdamW { lr: 1e-2, ..AdamW::default() }));
     let want = reference(&cfg, 5);
     // 2 steps on dp=2 x pp=2, then 3 more on dp=1 x pp=3 from its parameters and state.
-    let plan = Plan::new(&cfg.model, 2, 2, 2, ScheduleKind::GPipe).unwrap();
+    let plan = Plan::new(&info(), 2, 2, 2, ScheduleKind::GPipe).unwrap();
     let devs: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
-    let mut a = Engine::new(&devs, cfg.clone(), plan).unwrap();
+    let mut a = Engine::new(&devs, &mlp().model(), cfg.clone(), plan).unwrap();
     let mut cursor = Cursor::default();
     tessera::train::fit(&mut a, &data(), 26, 2, &mut cursor, |_, _, _| Ok(())).unwrap();
     let (p, s) = (a.params().unwrap(), a.optimizer_state().unwrap());
-    let plan = Plan::new(&cfg.model, 1, 3, 3, ScheduleKind::OneFOneB).unwrap();
+    let plan = Plan::new(&info(), 1, 3, 3, ScheduleKind::OneFOneB).unwrap();
     let devs: Vec<CpuDevice> = (0..3).map(CpuDevice::new).collect();
-    let mut b = Engine::with_state(&devs, cfg, plan, &p, Some(&s), 2).unwrap();
+    let mut b = Engine::with_state(&devs, &mlp().model(), cfg, plan, &p, Some(&s), 2).unwrap();
     tessera::train::fit(&mut b, &data(), 26, 5, &mut cursor, |_, _, _| Ok(())).unwrap();
     assert!(rel_err(&b.params().unwrap(), &want) <= 1e-4);
 }
@@ -156,7 +158,7 @@ fn a_checkpoint_moves_between_plans() {
 #[test]
 fn the_timeline_shows_every_device_and_its_idle_time() {
     let cfg = config(sgd());
-    let plan = Plan::new(&cfg.model, 2, 2, 4, ScheduleKind::GPipe).unwrap();
+    let plan = Plan::new(&info(), 2, 2, 4, ScheduleKind::GPipe).unwrap();
     let (_, e) = run(&cfg, plan, 1);
     let t = e.timeline().unwrap();
     assert_eq!(t.lanes.len(), 4);
@@ -273,9 +275,9 @@ fn logical_devices_of_one_gpu_match_the_cpu_reference() {
         (4, 1, 2, ScheduleKind::GPipe),
         (1, 3, 6, ScheduleKind::GPipe),
     ] {
-        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let plan = Plan::new(&info(), dp, pp, m, kind).unwrap();
         let desc = plan.describe();
-        let mut e = Engine::new(&gpus[..dp * pp], cfg.clone(), plan).unwrap();
+        let mut e = Engine::new(&gpus[..dp * pp], &mlp().model(), cfg.clone(), plan).unwrap();
         tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
         let err = rel_err(&e.params().unwrap(), &want);
         assert!(err <= 1e-5, "cuda {desc}: relative error {err:.3e}");
@@ -291,9 +293,9 @@ fn simulated_devices_match_the_cpu_reference() {
     let cfg = config(sgd());
     let want = reference(&cfg, 5);
     for (dp, pp, m, kind) in [(2, 2, 4, ScheduleKind::OneFOneB), (1, 3, 6, ScheduleKind::GPipe)] {
-        let plan = Plan::new(&cfg.model, dp, pp, m, kind).unwrap();
+        let plan = Plan::new(&info(), dp, pp, m, kind).unwrap();
         let desc = plan.describe();
-        let mut e = Engine::new(&sims[..dp * pp], cfg.clone(), plan).unwrap();
+        let mut e = Engine::new(&sims[..dp * pp], &mlp().model(), cfg.clone(), plan).unwrap();
         tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
         let err = rel_err(&e.params().unwrap(), &want);
         assert!(err <= 1e-5, "sim {desc}: relative error {err:.3e}");
@@ -308,16 +310,25 @@ fn given_communicators_carry_the_gradients() {
     let cfg = config(sgd());
     let want = reference(&cfg, 5);
     let devs = [CpuDevice::new(0)];
-    let plan = Plan::new(&cfg.model, 1, 1, 2, ScheduleKind::GPipe).unwrap();
-    let params = cfg.model.init(cfg.seed);
+    let plan = Plan::new(&info(), 1, 1, 2, ScheduleKind::GPipe).unwrap();
+    let params = mlp().init(cfg.seed);
     let mut made = 0;
-    let mut e = Engine::with_communicators(&devs, cfg.clone(), plan, &params, None, 0, &mut |s, r, d: &CpuDevice| {
-        made += 1;
-        assert_eq!((s, r), (0, 0));
-        let c: Box<dyn tessera::parallel::comm::Communicator<CpuDevice>> =
-            Box::new(tessera::parallel::comm::LocalComm::group(std::slice::from_ref(d)).pop().unwrap());
-        Ok(c)
-    })
+    let mut e = Engine::with_communicators(
+        &devs,
+        &mlp().model(),
+        cfg.clone(),
+        plan,
+        &params,
+        None,
+        0,
+        &mut |s, r, d: &CpuDevice| {
+            made += 1;
+            assert_eq!((s, r), (0, 0));
+            let c: Box<dyn tessera::parallel::comm::Communicator<CpuDevice>> =
+                Box::new(tessera::parallel::comm::LocalComm::group(std::slice::from_ref(d)).pop().unwrap());
+            Ok(c)
+        },
+    )
     .unwrap();
     assert_eq!(made, 1);
     tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();

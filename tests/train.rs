@@ -10,26 +10,27 @@ use std::process::Command;
 
 use tessera::checkpoint::Checkpoint;
 use tessera::data::Dataset;
-use tessera::nn::{Mlp, MlpConfig};
+use tessera::nn::{MlpConfig, Network};
 use tessera::reference as r;
 use tessera::train::{Cursor, LrSchedule, OptimizerConfig, TrainConfig, Trainer};
 use tessera::{Activation, AdamW, Backend, CpuDevice, Sgd};
 
-fn adamw_config(widths: Vec<usize>, act: Activation) -> TrainConfig {
-    TrainConfig {
-        model: MlpConfig::new(widths, act).unwrap(),
+fn adamw_config(widths: Vec<usize>, act: Activation) -> (MlpConfig, TrainConfig) {
+    let cfg = TrainConfig {
         optimizer: OptimizerConfig::AdamW(AdamW::default()),
         schedule: LrSchedule::Constant,
         clip_norm: None,
         seed: 7,
-    }
+    };
+    (MlpConfig::new(widths, act).unwrap(), cfg)
 }
 
 #[test]
 fn a_few_hundred_steps_learn_the_digits() {
     let dev = CpuDevice::new(0);
     let (train, test) = Dataset::mnist_10k().unwrap();
-    let mut t = Trainer::new(&dev, adamw_config(vec![784, 256, 10], Activation::Relu)).unwrap();
+    let (mlp, cfg) = adamw_config(vec![784, 256, 10], Activation::Relu);
+    let mut t = Trainer::new(&dev, &mlp.model(), cfg).unwrap();
     let before = t.evaluate(&test, 1000).unwrap();
     let mut losses = Vec::new();
     t.fit(&train, 128, 300, &mut Cursor::default(), |_, s, _| {
@@ -46,42 +47,47 @@ fn a_few_hundred_steps_learn_the_digits() {
     );
 }
 
-fn synthetic_run(steps: u64) -> (TrainConfig, Dataset) {
-    let mut cfg = adamw_config(vec![12, 16, 16, 4], Activation::GeluTanh);
+fn synthetic_run(steps: u64) -> (MlpConfig, TrainConfig, Dataset) {
+    let (mlp, mut cfg) = adamw_config(vec![12, 16, 16, 4], Activation::GeluTanh);
     cfg.schedule = LrSchedule::Cosine { warmup: 5, total: steps, min_factor: 0.1 };
     cfg.clip_norm = Some(0.5);
-    (cfg, Dataset::synthetic(300, &[12, 24, 4], 3).unwrap())
+    (mlp, cfg, Dataset::synthetic(300, &[12, 24, 4], 3).unwrap())
 }
 
 #[test]
 fn resuming_from_a_checkpoint_continues_exactly() {
     let dev = CpuDevice::new(0);
-    let (cfg, data) = synthetic_run(40);
+    let (mlp, cfg, data) = synthetic_run(40);
+    let model = mlp.model();
     let batch = 32; // 300 rows: a short last batch, and epochs roll over mid-run
-    let mut straight = Trainer::new(&dev, cfg.clone()).unwrap();
+    let mut straight = Trainer::new(&dev, &model, cfg.clone()).unwrap();
     straight.fit(&data, batch, 40, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
 
-    let mut first = Trainer::new(&dev, cfg.clone()).unwrap();
+    let mut first = Trainer::new(&dev, &model, cfg.clone()).unwrap();
     let mut cursor = Cursor::default();
     first.fit(&data, batch, 17, &mut cursor, |_, _, _| Ok(())).unwrap();
+    let info = model.info().unwrap();
     let ck = Checkpoint {
+        model: info.name.clone(),
+        tensors: Checkpoint::tensors_of(&info),
         config: cfg.clone(),
         batch,
         step: first.steps(),
         cursor,
-        params: first.model().download_params(&dev).unwrap(),
+        params: first.network().download_params(&dev).unwrap(),
         state: first.optimizer_state().unwrap(),
         data: tessera::checkpoint::DataId { name: "synthetic".into(), crc32: 7 },
     };
     let ck = Checkpoint::from_bytes("mem", &ck.to_bytes().unwrap()).unwrap();
-    let model = Mlp::with_params(&dev, ck.config.model.clone(), &ck.params).unwrap();
-    let mut resumed = Trainer::from_parts(&dev, ck.config.clone(), model, Some(&ck.state), ck.step).unwrap();
+    ck.check_model(&info).unwrap();
+    let net = Network::with_params(&dev, &model, &ck.params).unwrap();
+    let mut resumed = Trainer::from_parts(&dev, ck.config.clone(), net, Some(&ck.state), ck.step).unwrap();
     let mut cursor = ck.cursor;
     resumed.fit(&data, batch, 40, &mut cursor, |_, _, _| Ok(())).unwrap();
 
     assert_eq!(resumed.steps(), 40);
-    let a = straight.model().download_params(&dev).unwrap();
-    let b = resumed.model().download_params(&dev).unwrap();
+    let a = straight.network().download_params(&dev).unwrap();
+    let b = resumed.network().download_params(&dev).unwrap();
     assert_eq!(a, b, "resumed run diverged from the uninterrupted one");
     assert_eq!(straight.optimizer_state().unwrap(), resumed.optimizer_state().unwrap());
 }
@@ -89,11 +95,11 @@ fn resuming_from_a_checkpoint_continues_exactly() {
 #[test]
 fn the_same_seed_trains_to_the_same_weights_and_another_seed_does_not() {
     let dev = CpuDevice::new(0);
-    let (cfg, data) = synthetic_run(10);
+    let (mlp, cfg, data) = synthetic_run(10);
     let run = |seed| {
-        let mut t = Trainer::new(&dev, TrainConfig { seed, ..cfg.clone() }).unwrap();
+        let mut t = Trainer::new(&dev, &mlp.model(), TrainConfig { seed, ..cfg.clone() }).unwrap();
         t.fit(&data, 50, 10, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
-        t.model().download_params(&dev).unwrap()
+        t.network().download_params(&dev).unwrap()
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
@@ -103,16 +109,18 @@ fn the_same_seed_trains_to_the_same_weights_and_another_seed_does_not() {
 fn loss_f64(cfg: &MlpConfig, p: &[f64], x: &[f32], y: &[i32]) -> f64 {
     let batch = y.len();
     let mut h: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let layout = cfg.layout();
-    for (i, l) in layout.iter().enumerate() {
-        let mut o = vec![0f64; batch * l.fan_out];
+    let info = cfg.info();
+    for (i, l) in info.layers.iter().enumerate() {
+        let (w, b) = (info.params[l.params[0]].range.clone(), info.params[l.params[1]].range.clone());
+        let (fan_in, fan_out) = (l.inputs, l.outputs);
+        let mut o = vec![0f64; batch * fan_out];
         for r in 0..batch {
-            for j in 0..l.fan_out {
-                let mut s = p[l.bias.start + j];
-                for k in 0..l.fan_in {
-                    s += h[r * l.fan_in + k] * p[l.weight.start + k * l.fan_out + j];
+            for j in 0..fan_out {
+                let mut s = p[b.start + j];
+                for k in 0..fan_in {
+                    s += h[r * fan_in + k] * p[w.start + k * fan_out + j];
                 }
-                o[r * l.fan_out + j] = if i + 1 < layout.len() { r::act(cfg.act, s) } else { s };
+                o[r * fan_out + j] = if i + 1 < info.depth() { r::act(cfg.act, s) } else { s };
             }
         }
         h = o;
@@ -135,13 +143,13 @@ fn model_gradients_match_finite_differences() {
         let cfg = MlpConfig::new(vec![5, 7, 6, 3], act).unwrap();
         let mut p = cfg.init(11);
         // Non-zero biases, so that their gradients are exercised.
-        for l in cfg.layout() {
-            for (k, b) in p[l.bias].iter_mut().enumerate() {
+        for bias in cfg.info().params.iter().filter(|q| q.name.ends_with("bias")).map(|q| q.range.clone()) {
+            for (k, b) in p[bias].iter_mut().enumerate() {
                 *b = 0.1 * (k as f32 - 2.0);
             }
         }
         let data = Dataset::synthetic(9, &[5, 3], 4).unwrap();
-        let mut model = Mlp::with_params(&dev, cfg.clone(), &p).unwrap();
+        let mut model = Network::with_params(&dev, &cfg.model(), &p).unwrap();
         model.load_batch(&dev, &data.x, &data.y).unwrap();
         model.forward(&dev).unwrap();
         let loss = model.backward(&dev, false).unwrap();
@@ -166,9 +174,9 @@ fn model_gradients_match_finite_differences() {
 fn sgd_trains_too() {
     let dev = CpuDevice::new(0);
     let data = Dataset::synthetic(512, &[10, 32, 3], 5).unwrap();
-    let mut cfg = adamw_config(vec![10, 32, 3], Activation::Silu);
+    let (mlp, mut cfg) = adamw_config(vec![10, 32, 3], Activation::Silu);
     cfg.optimizer = OptimizerConfig::Sgd(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 });
-    let mut t = Trainer::new(&dev, cfg).unwrap();
+    let mut t = Trainer::new(&dev, &mlp.model(), cfg).unwrap();
     let before = t.evaluate(&data, 512).unwrap();
     t.fit(&data, 64, 200, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
     let after = t.evaluate(&data, 512).unwrap();
@@ -183,9 +191,9 @@ fn cpu_and_simulator_take_the_same_first_steps() {
     let sim = tessera::SimDevice::new(0);
     let cpu = CpuDevice::new(0);
     let (train, _) = Dataset::mnist_10k().unwrap();
-    let cfg = adamw_config(vec![784, 48, 10], Activation::GeluTanh);
-    let mut a = Trainer::new(&cpu, cfg.clone()).unwrap();
-    let mut b = Trainer::new(&sim, cfg).unwrap();
+    let (mlp, cfg) = adamw_config(vec![784, 48, 10], Activation::GeluTanh);
+    let mut a = Trainer::new(&cpu, &mlp.model(), cfg.clone()).unwrap();
+    let mut b = Trainer::new(&sim, &mlp.model(), cfg).unwrap();
     let (mut la, mut lb) = (Vec::new(), Vec::new());
     a.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
         la.push(s.loss);
@@ -210,9 +218,9 @@ fn cpu_and_gpu_take_the_same_first_steps() {
     let Some(gpu) = tessera::check::gpu_or_skip("training on the GPU") else { return };
     let cpu = CpuDevice::new(0);
     let (train, test) = Dataset::mnist_10k().unwrap();
-    let cfg = adamw_config(vec![784, 512, 512, 10], Activation::Relu);
-    let mut a = Trainer::new(&cpu, cfg.clone()).unwrap();
-    let mut b = Trainer::new(&gpu, cfg).unwrap();
+    let (mlp, cfg) = adamw_config(vec![784, 512, 512, 10], Activation::Relu);
+    let mut a = Trainer::new(&cpu, &mlp.model(), cfg.clone()).unwrap();
+    let mut b = Trainer::new(&gpu, &mlp.model(), cfg).unwrap();
     let (mut la, mut lb) = (Vec::new(), Vec::new());
     a.fit(&train, 128, 5, &mut Cursor::default(), |_, s, _| {
         la.push(s.loss);

@@ -395,6 +395,9 @@ impl Backend for CudaDevice {
     fn view_range<T: Elem>(buf: &CudaSlice<T>, range: Range<usize>) -> CudaView<'_, T> {
         buf.slice(range)
     }
+    fn view_range_mut<T: Elem>(buf: &mut CudaSlice<T>, range: Range<usize>) -> CudaViewMut<'_, T> {
+        buf.slice_mut(range)
+    }
     fn sub<'a, T: Elem>(v: &'a CudaView<'_, T>, range: Range<usize>) -> CudaView<'a, T> {
         v.slice(range)
     }

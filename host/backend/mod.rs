@@ -101,6 +101,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn view_mut<T: Elem>(buf: &mut Self::Buf<T>) -> Self::Mut<'_, T>;
     /// A view of part of a buffer. Panics if `range` is out of bounds.
     fn view_range<T: Elem>(buf: &Self::Buf<T>, range: Range<usize>) -> Self::Ref<'_, T>;
+    /// A writable view of part of a buffer. Panics if `range` is out of bounds.
+    fn view_range_mut<T: Elem>(buf: &mut Self::Buf<T>, range: Range<usize>) -> Self::Mut<'_, T>;
     /// A sub-range of a view. Panics if `range` is out of bounds, like slice indexing.
     fn sub<'a, T: Elem>(v: &'a Self::Ref<'_, T>, range: Range<usize>) -> Self::Ref<'a, T>;
     /// A writable sub-range of a writable view. Panics if out of bounds.

@@ -479,6 +479,11 @@ impl Backend for SimDevice {
     fn view_range<T: Elem>(buf: &SimBuf<T>, range: Range<usize>) -> SimView<'_, T> {
         buf.slice(range)
     }
+    fn view_range_mut<T: Elem>(buf: &mut SimBuf<T>, range: Range<usize>) -> SimViewMut<'_, T> {
+        check_range(&range, buf.len);
+        // SAFETY: in bounds (checked); the view borrows the buffer mutably.
+        SimViewMut { ptr: unsafe { buf.ptr.as_ptr().add(range.start) }, len: range.end - range.start, _p: PhantomData }
+    }
     fn sub<'a, T: Elem>(v: &'a SimView<'_, T>, range: Range<usize>) -> SimView<'a, T> {
         v.slice(range)
     }

@@ -1,6 +1,6 @@
 //! `tessera plan`, and the plan of a training run: from the flags, or from the planner.
 
-use tessera::nn::MlpConfig;
+use tessera::nn::{MlpConfig, ModelInfo};
 use tessera::parallel::planner::{self, human_bytes, Budget};
 use tessera::parallel::schedule::Schedule;
 use tessera::parallel::timeline::Timeline;
@@ -24,6 +24,7 @@ pub(crate) fn device_memory<B: Ops>(devs: &[B], sharing: usize) -> u64 {
 pub(crate) fn make_plan<B: Ops>(
     devs: &[B],
     m: &MeshArgs,
+    model: &ModelInfo,
     cfg: &TrainConfig,
     batch: usize,
     gflops: Option<f64>,
@@ -60,7 +61,7 @@ pub(crate) fn make_plan<B: Ops>(
         }
         let micro = m.microbatches.unwrap_or(if pp > 1 { 2 * pp } else { 1 });
         (
-            Plan::new(&cfg.model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?,
+            Plan::new(model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?,
             "given by the flags".to_string(),
             None,
         )
@@ -70,18 +71,18 @@ pub(crate) fn make_plan<B: Ops>(
         if let Some(g) = gflops {
             budget.flops = g * 1e9;
         }
-        let (p, _, why) = planner::choose(cfg, batch, n, &budget, kind)?;
+        let (p, _, why) = planner::choose(model, cfg, batch, n, &budget, kind)?;
         (p, format!("planner: {why}"), Some(budget))
     };
     if let Some(counts) = &m.layers_per_stage {
-        plan.0 = plan.0.with_layers_per_stage(&cfg.model, &counts.0)?;
+        plan.0 = plan.0.with_layers_per_stage(model, &counts.0)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
     if manual {
         // The planner checked its own choice; a plan given by the flags (or one device) is
         // checked here, before anything is allocated.
         let memory = m.memory.unwrap_or_else(|| device_memory(devs, sharing));
-        planner::check_fits(cfg, batch, &plan.0, memory)?;
+        planner::check_fits(model, cfg, batch, &plan.0, memory)?;
     }
     Ok(plan)
 }
@@ -90,24 +91,29 @@ pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
     if let Some(p) = &a.svg {
         super::train::check_output("--svg", p)?;
     }
-    let model = MlpConfig::new(a.widths.0.clone(), Activation::Relu)?;
+    let model = MlpConfig::new(a.widths.0.clone(), Activation::Relu)?.info();
     let optimizer = match a.optimizer {
         OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
         OptName::Sgd => OptimizerConfig::Sgd(Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 }),
     };
-    let cfg = TrainConfig { model, optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
+    let cfg = TrainConfig { optimizer, schedule: LrSchedule::Constant, clip_norm: None, seed: 0 };
     let spec: DeviceSpec = a.device.spec;
     let (devices, chosen) = spec.open()?;
     outln!("{chosen}");
     match devices {
-        Devices::Cpu(d) => print_plan(&d, &a, &cfg),
-        Devices::Cuda(d) => print_plan(&d, &a, &cfg),
-        Devices::Sim(d) => print_plan(&d, &a, &cfg),
+        Devices::Cpu(d) => print_plan(&d, &a, &model, &cfg),
+        Devices::Cuda(d) => print_plan(&d, &a, &model, &cfg),
+        Devices::Sim(d) => print_plan(&d, &a, &model, &cfg),
     }
 }
 
-pub(crate) fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) -> tessera::Result<()> {
-    let (plan, why, budget) = make_plan(devs, &a.mesh, cfg, a.batch, a.gflops, devs.len())?;
+pub(crate) fn print_plan<B: Ops>(
+    devs: &[B],
+    a: &PlanArgs,
+    model: &ModelInfo,
+    cfg: &TrainConfig,
+) -> tessera::Result<()> {
+    let (plan, why, budget) = make_plan(devs, &a.mesh, model, cfg, a.batch, a.gflops, devs.len())?;
     let budget = match budget {
         Some(b) => b,
         None => {
@@ -119,27 +125,19 @@ pub(crate) fn print_plan<B: Ops>(devs: &[B], a: &PlanArgs, cfg: &TrainConfig) ->
             b
         }
     };
-    let est = planner::estimate(cfg, a.batch, &plan, &budget);
+    let est = planner::estimate(model, cfg, a.batch, &plan, &budget);
     let mesh = plan.mesh;
-    outln!(
-        "model: {} ({} parameters), {}, batch {}",
-        cfg.model.widths_string(),
-        cfg.model.param_count(),
-        cfg.optimizer.name(),
-        a.batch
-    );
+    outln!("model: {} ({} parameters), {}, batch {}", model.name, model.param_count(), cfg.optimizer.name(), a.batch);
     outln!("plan: {} ({why})", plan.describe());
     outln!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
     for r in 0..mesh.dp {
         let names: Vec<String> = (0..mesh.pp).map(|s| devs[mesh.device(r, s)].name()).collect();
         outln!("  replica {r}: {}", names.join(" -> "));
     }
-    let layout = cfg.model.layout();
     outln!("stages:");
     for (s, layers) in plan.stages.iter().enumerate() {
-        let params: usize = layout[layers.clone()].iter().map(|l| l.bias.end - l.weight.start).sum();
-        let shapes: Vec<String> =
-            layout[layers.clone()].iter().map(|l| format!("{}x{}", l.fan_in, l.fan_out)).collect();
+        let params = model.stage_layout(layers.clone()).len;
+        let shapes: Vec<String> = model.layers[layers.clone()].iter().map(|l| l.kind.clone()).collect();
         let m = &est.memory[s];
         outln!(
             "  stage {s}: layers {layers:?} ({}), {params} parameters; memory {} (weights {}, gradients {}, optimizer {}, activations {})",

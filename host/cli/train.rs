@@ -13,7 +13,7 @@ use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
 use tessera::parallel::timeline::Timeline;
 use tessera::parallel::Plan;
-use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, TrainConfig};
+use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, Run, TrainConfig};
 #[cfg(feature = "mpi")]
 use tessera::Ops;
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Sgd};
@@ -27,17 +27,30 @@ use super::World;
 
 /// The run's config from the flags, or from a checkpoint being resumed (flags that contradict
 /// it are an error: the resumed run would not be the same run).
-pub(crate) fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera::Result<(TrainConfig, usize)> {
+pub(crate) fn train_config(
+    a: &TrainArgs,
+    ckpt: Option<&Checkpoint>,
+) -> tessera::Result<(MlpConfig, TrainConfig, usize)> {
     let widths = a.widths.as_ref().map(|w| w.0.clone());
     let act = a.activation;
     if let Some(c) = ckpt {
+        let path = a.resume.as_ref().unwrap().display().to_string();
+        let mlp = MlpConfig::from_description(&c.model).ok_or_else(|| Error::Checkpoint {
+            path: path.clone(),
+            reason: format!(
+                "it holds the model `{}`, which `tessera train` cannot build (it trains MLPs); load it with the \
+                 library, into the model that wrote it",
+                c.model
+            ),
+        })?;
+        c.check_model(&mlp.info()).map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
         let mut conflicts = Vec::new();
         let cc = &c.config;
-        if widths.as_ref().is_some_and(|w| *w != cc.model.widths) {
-            conflicts.push(format!("--widths (checkpoint: {})", cc.model.widths_string()));
+        if widths.as_ref().is_some_and(|w| *w != mlp.widths) {
+            conflicts.push(format!("--widths (checkpoint: {})", mlp.widths_string()));
         }
-        if act.is_some_and(|x| x != cc.model.act) {
-            conflicts.push(format!("--activation (checkpoint: {})", cc.model.act));
+        if act.is_some_and(|x| x != mlp.act) {
+            conflicts.push(format!("--activation (checkpoint: {})", mlp.act));
         }
         if a.batch.is_some_and(|b| b != c.batch) {
             conflicts.push(format!("--batch (checkpoint: {})", c.batch));
@@ -86,7 +99,7 @@ pub(crate) fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera:
                 ),
             });
         }
-        return Ok((cc.clone(), c.batch));
+        return Ok((mlp, cc.clone(), c.batch));
     }
     let model = MlpConfig::new(widths.unwrap_or_else(|| vec![784, 512, 512, 10]), act.unwrap_or(Activation::Relu))?;
     let opt = a.optimizer.unwrap_or(OptName::Adamw);
@@ -130,7 +143,7 @@ pub(crate) fn train_config(a: &TrainArgs, ckpt: Option<&Checkpoint>) -> tessera:
         OptimizerConfig::AdamW(o) => o.validate()?,
         OptimizerConfig::Sgd(o) => o.validate()?,
     }
-    Ok((TrainConfig { model, optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
+    Ok((model, TrainConfig { optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
 }
 
 pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
@@ -139,7 +152,7 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         .as_deref()
         .map(|p| Checkpoint::load(p).map_err(|e| Error::Invalid(format!("--resume: {e}"))))
         .transpose()?;
-    let (mut cfg, batch) = train_config(&a, ckpt.as_ref())?;
+    let (mlp, mut cfg, batch) = train_config(&a, ckpt.as_ref())?;
     let (train_set, test_set, data_name) = match &a.data {
         Some(dir) => {
             let (tr, te) = Dataset::mnist_dir(dir)?;
@@ -181,27 +194,27 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
             });
         }
     }
-    if train_set.dim != cfg.model.inputs() || train_set.classes > cfg.model.outputs() {
+    if train_set.dim != mlp.inputs() || train_set.classes > mlp.outputs() {
         return Err(Error::Invalid(format!(
             "the data has {} features and {} classes; the widths {} take {} inputs and give {} outputs (use --widths {},...,{})",
             train_set.dim,
             train_set.classes,
-            cfg.model.widths_string(),
-            cfg.model.inputs(),
-            cfg.model.outputs(),
+            mlp.widths_string(),
+            mlp.inputs(),
+            mlp.outputs(),
             train_set.dim,
             train_set.classes
         )));
     }
-    if let Some(&top) = test_set.y.iter().max().filter(|&&l| l as usize >= cfg.model.outputs()) {
+    if let Some(&top) = test_set.y.iter().max().filter(|&&l| l as usize >= mlp.outputs()) {
         return Err(Error::Data {
             path: data_name.clone(),
             reason: format!(
                 "the test set has label {top}, but the model ({}) gives {} outputs (labels 0..{}): use --widths \
                  ...,{} or other data",
-                cfg.model.widths_string(),
-                cfg.model.outputs(),
-                cfg.model.outputs() - 1,
+                mlp.widths_string(),
+                mlp.outputs(),
+                mlp.outputs() - 1,
                 top + 1
             ),
         });
@@ -280,7 +293,7 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     let spec: DeviceSpec = a.device.spec;
     #[cfg(feature = "mpi")]
     if let Some(w) = world {
-        return train_mpi(&a, &w, spec, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
+        return train_mpi(&a, &w, spec, &mlp, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
     }
     let _ = world;
     if let Some(ar) = &a.allreduce {
@@ -293,17 +306,19 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     interrupt::install();
     if !a.json {
         errln!("{chosen}");
-        errln!("{}", run_line(&cfg, batch, &data_name, &train_set, &test_set));
+        errln!("{}", run_line(&mlp, &cfg, batch, &data_name, &train_set, &test_set));
     }
+    let job = Job { a: &a, mlp: &mlp, batch, total_steps, train_set: &train_set, test_set: &test_set, data: data_id };
     match devices {
-        Devices::Cpu(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
-        Devices::Cuda(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
-        Devices::Sim(d) => train_local(&d, &a, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id),
+        Devices::Cpu(d) => train_local(&d, &job, cfg, ckpt),
+        Devices::Cuda(d) => train_local(&d, &job, cfg, ckpt),
+        Devices::Sim(d) => train_local(&d, &job, cfg, ckpt),
     }
 }
 
 /// `model: MLP 784-512-512-10 (relu), ... parameters; adamw lr ...; batch ...; data: ...`.
 pub(crate) fn run_line(
+    mlp: &MlpConfig,
     cfg: &TrainConfig,
     batch: usize,
     data_name: &str,
@@ -311,10 +326,9 @@ pub(crate) fn run_line(
     test_set: &Dataset,
 ) -> String {
     format!(
-        "model: MLP {} ({}), {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
-        cfg.model.widths_string(),
-        cfg.model.act,
-        cfg.model.param_count(),
+        "model: {}, {} parameters; {} lr {} ({}); batch {batch}; data: {data_name} ({} train, {} test)",
+        mlp.describe(),
+        mlp.param_count(),
         cfg.optimizer.name(),
         cfg.optimizer.lr(),
         cfg.schedule,
@@ -323,80 +337,60 @@ pub(crate) fn run_line(
     )
 }
 
-/// What the training command needs of an engine: the in-process one or the MPI one.
-pub(crate) trait Run: tessera::train::Steps {
-    fn steps(&self) -> u64;
-    fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval>;
-    fn timeline(&self) -> Option<&Timeline>;
+/// What the command line needs of a run beyond the library's [`Run`]: the plan and the timeline
+/// of the parallel engines.
+pub(crate) trait Pipelined: Run {
     fn plan(&self) -> &Plan;
-    fn device_names(&self) -> Vec<String>;
-    fn config(&self) -> &TrainConfig;
-    fn params(&self) -> tessera::Result<Vec<f32>>;
-    fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>>;
-    /// Whether this process prints and writes files (rank 0, or the only process).
-    fn root(&self) -> bool;
+    fn timeline(&self) -> Option<&Timeline>;
 }
 
-/// Both engines have these methods, under the same names.
-macro_rules! impl_run {
-    ($ty:ty, $bound:path, |$me:ident| $root:expr) => {
-        impl<B: $bound> Run for $ty {
-            fn steps(&self) -> u64 {
-                <$ty>::steps(self)
-            }
-            fn evaluate(&mut self, data: &Dataset, batch: usize) -> tessera::Result<tessera::train::Eval> {
-                <$ty>::evaluate(self, data, batch)
-            }
-            fn timeline(&self) -> Option<&Timeline> {
-                <$ty>::timeline(self)
-            }
-            fn plan(&self) -> &Plan {
-                <$ty>::plan(self)
-            }
-            fn device_names(&self) -> Vec<String> {
-                <$ty>::device_names(self)
-            }
-            fn config(&self) -> &TrainConfig {
-                <$ty>::config(self)
-            }
-            fn params(&self) -> tessera::Result<Vec<f32>> {
-                <$ty>::params(self)
-            }
-            fn optimizer_state(&self) -> tessera::Result<Vec<Vec<f32>>> {
-                <$ty>::optimizer_state(self)
-            }
-            fn root(&self) -> bool {
-                let $me = self;
-                $root
-            }
-        }
-    };
+impl<B: LocalGroup> Pipelined for Engine<B> {
+    fn plan(&self) -> &Plan {
+        Engine::plan(self)
+    }
+    fn timeline(&self) -> Option<&Timeline> {
+        Engine::timeline(self)
+    }
 }
-impl_run!(Engine<B>, LocalGroup, |_e| true);
+
 #[cfg(feature = "mpi")]
-impl_run!(tessera::parallel::mpi::DistEngine<B>, Ops, |e| e.world().rank() == 0);
+impl<B: Ops> Pipelined for tessera::parallel::mpi::DistEngine<B> {
+    fn plan(&self) -> &Plan {
+        tessera::parallel::mpi::DistEngine::plan(self)
+    }
+    fn timeline(&self) -> Option<&Timeline> {
+        tessera::parallel::mpi::DistEngine::timeline(self)
+    }
+}
 
-#[allow(clippy::too_many_arguments)]
+/// What a training command runs: its flags, the model, the data and the run's length.
+pub(crate) struct Job<'a> {
+    pub(crate) a: &'a TrainArgs,
+    pub(crate) mlp: &'a MlpConfig,
+    pub(crate) batch: usize,
+    pub(crate) total_steps: u64,
+    pub(crate) train_set: &'a Dataset,
+    pub(crate) test_set: &'a Dataset,
+    pub(crate) data: DataId,
+}
+
 pub(crate) fn train_local<B: LocalGroup>(
     devs: &[B],
-    a: &TrainArgs,
+    job: &Job<'_>,
     cfg: TrainConfig,
-    batch: usize,
     ckpt: Option<Checkpoint>,
-    total_steps: u64,
-    train_set: &Dataset,
-    test_set: &Dataset,
-    data: DataId,
 ) -> tessera::Result<()> {
-    let (plan, why, _) = make_plan(devs, &a.mesh, &cfg, batch, None, devs.len())?;
+    let a = job.a;
+    let model = job.mlp.model::<B>();
+    let (plan, why, _) = make_plan(devs, &a.mesh, &model.info()?, &cfg, job.batch, None, devs.len())?;
     if !a.json && devs.len() > 1 {
         errln!("plan: {} ({why})", plan.describe());
     }
     let (trainer, cursor) = match ckpt {
-        Some(c) => (Engine::with_state(devs, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
-        None => (Engine::new(devs, cfg, plan)?, Cursor::default()),
+        Some(c) => (Engine::with_state(devs, &model, cfg, plan, &c.params, Some(&c.state), c.step)?, c.cursor),
+        None => (Engine::new(devs, &model, cfg, plan)?, Cursor::default()),
     };
-    run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data)
+    run_training(trainer, cursor, job)
 }
 
 /// `mpirun -np N tessera train ...`: this process is one rank of the mesh.
@@ -406,6 +400,7 @@ pub(crate) fn train_mpi(
     a: &TrainArgs,
     w: &std::sync::Arc<tessera::parallel::mpi::MpiWorld>,
     spec: DeviceSpec,
+    mlp: &MlpConfig,
     cfg: TrainConfig,
     batch: usize,
     ckpt: Option<Checkpoint>,
@@ -454,7 +449,7 @@ pub(crate) fn train_mpi(
             DeviceSpec::Cuda { .. } | DeviceSpec::Auto => "the GPU of its local rank (the CPU without one)".to_string(),
         };
         errln!("mpi: {} ranks; each runs on {per_rank}", w.size());
-        errln!("{}", run_line(&cfg, batch, &data_name, train_set, test_set));
+        errln!("{}", run_line(mlp, &cfg, batch, &data_name, train_set, test_set));
     }
     let nccl = a.allreduce.map(|r| r == AllReduceName::Nccl);
     if nccl == Some(true) && !matches!(spec, DeviceSpec::Cuda { .. } | DeviceSpec::Auto) {
@@ -463,19 +458,21 @@ pub(crate) fn train_mpi(
     macro_rules! go {
         ($dev:expr, $all_reduce:expr, $sharing:expr) => {{
             let dev = $dev;
+            let model = mlp.model();
             let devs = vec![dev.clone(); w.size()];
-            let (plan, why, _) = make_plan(&devs, &a.mesh, &cfg, batch, None, $sharing)?;
+            let (plan, why, _) = make_plan(&devs, &a.mesh, &model.info()?, &cfg, batch, None, $sharing)?;
             if w.rank() == 0 && !a.json {
                 errln!("plan: {} ({why}), one rank per device", plan.describe());
             }
             let cfg = cfg.clone();
             let (params, state, step, cursor) = match ckpt {
                 Some(c) => (c.params, Some(c.state), c.step, c.cursor),
-                None => (cfg.model.init(cfg.seed), None, 0, Cursor::default()),
+                None => (model.init(cfg.seed)?, None, 0, Cursor::default()),
             };
             let trainer = tessera::parallel::mpi::DistEngine::with_all_reduce(
                 w,
                 &dev,
+                &model,
                 cfg,
                 plan,
                 &params,
@@ -484,7 +481,8 @@ pub(crate) fn train_mpi(
                 $all_reduce,
             )?;
             tessera::parallel::mpi::install_termination_notice(w);
-            run_training(trainer, cursor, a, batch, total_steps, train_set, test_set, data.clone())
+            let job = Job { a, mlp, batch, total_steps, train_set, test_set, data: data.clone() };
+            run_training(trainer, cursor, &job)
         }};
     }
     use tessera::parallel::mpi::{AllReduce, StageGroup};
@@ -527,18 +525,10 @@ pub(crate) fn train_mpi(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_training<T: Run>(
-    mut trainer: T,
-    mut cursor: Cursor,
-    a: &TrainArgs,
-    batch: usize,
-    total_steps: u64,
-    train_set: &Dataset,
-    test_set: &Dataset,
-    data: DataId,
-) -> tessera::Result<()> {
-    let root = trainer.root();
+pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job: &Job<'_>) -> tessera::Result<()> {
+    let Job { a, batch, total_steps, train_set, test_set, .. } = *job;
+    let data = &job.data;
+    let root = trainer.is_root();
     if root {
         for (flag, path) in [("--save", &a.save), ("--timeline", &a.timeline)] {
             if let Some(p) = path {
@@ -547,7 +537,7 @@ pub(crate) fn run_training<T: Run>(
         }
     }
     let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
-    let start_step = trainer.steps();
+    let start_step = trainer.steps_done();
     let pb = if a.json || !root {
         ProgressBar::hidden()
     } else {
@@ -572,29 +562,31 @@ pub(crate) fn run_training<T: Run>(
             return Err(Error::Invalid(format!(
                 "the loss became {} at step {}: lower the learning rate (--lr) or clip gradients (--clip 1.0)",
                 stats.loss,
-                t.steps()
+                t.steps_done()
             )));
         }
         let e = ema.map_or(stats.loss, |e| 0.95 * e + 0.05 * stats.loss);
         ema = Some(e);
-        pb.set_position(t.steps());
-        pb.set_prefix(format!("{}", t.steps().div_ceil(per_epoch)));
+        pb.set_position(t.steps_done());
+        pb.set_prefix(format!("{}", t.steps_done().div_ceil(per_epoch)));
         let rate = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
         // A signal stops the run here, at a step boundary: the cursor and the step agree.
         if let Some((signal, _)) = interrupt::caught() {
-            return Err(Error::Interrupted { signal, step: t.steps() });
+            return Err(Error::Interrupted { signal, step: t.steps_done() });
         }
         Ok(())
     });
     let checkpoint = |trainer: &T, cursor: Cursor| -> tessera::Result<Checkpoint> {
         Ok(Checkpoint {
-            config: trainer.config().clone(),
+            model: trainer.model_info().name.clone(),
+            tensors: Checkpoint::tensors_of(trainer.model_info()),
+            config: trainer.train_config().clone(),
             batch,
-            step: trainer.steps(),
+            step: trainer.steps_done(),
             cursor,
-            params: trainer.params()?,
-            state: trainer.optimizer_state()?,
+            params: trainer.flat_params()?,
+            state: trainer.flat_optimizer_state()?,
             data: data.clone(),
         })
     };
@@ -613,15 +605,15 @@ pub(crate) fn run_training<T: Run>(
     fitted?;
     let train_time = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    let eval = trainer.evaluate(test_set, 1000)?;
+    let eval = trainer.evaluate_on(test_set, 1000)?;
     let wall = t0.elapsed().as_secs_f64();
     if let Some(path) = a.timeline.as_ref().filter(|_| root) {
         let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
         let title = format!(
             "step {} of {} on {}",
-            trainer.steps(),
+            trainer.steps_done(),
             trainer.plan().describe(),
-            trainer.device_names().join(", ")
+            trainer.devices().join(", ")
         );
         tessera::checkpoint::write_atomically(path, t.to_svg(&title, "s").as_bytes())?;
         if !a.json {
@@ -649,19 +641,20 @@ pub(crate) fn run_training<T: Run>(
             eval.loss
         );
     }
-    let steps_run = trainer.steps() - start_step;
+    let steps_run = trainer.steps_done() - start_step;
     let rate = samples as f64 / train_time.max(1e-9);
     if a.json {
         let j = serde_json::json!({
-            "device": trainer.device_names().join(","),
+            "device": trainer.devices().join(","),
             "plan": trainer.plan().describe(),
-            "widths": trainer.config().model.widths,
-            "activation": trainer.config().model.act.to_string(),
-            "optimizer": trainer.config().optimizer.name(),
+            "model": trainer.model_info().name,
+            "widths": job.mlp.widths,
+            "activation": job.mlp.act.to_string(),
+            "optimizer": trainer.train_config().optimizer.name(),
             "batch": batch,
-            "steps": trainer.steps(),
+            "steps": trainer.steps_done(),
             "steps_this_run": steps_run,
-            "epochs": trainer.steps() as f64 / per_epoch as f64,
+            "epochs": trainer.steps_done() as f64 / per_epoch as f64,
             "final_train_loss": last_loss,
             "test_loss": eval.loss,
             "test_accuracy": eval.accuracy(),
@@ -681,7 +674,7 @@ pub(crate) fn run_training<T: Run>(
             eval.loss,
             steps_run,
             steps_run as f64 / per_epoch as f64,
-            trainer.device_names().join(","),
+            trainer.devices().join(","),
             train_time,
             rate,
             wall

@@ -16,17 +16,56 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::nn::Stage;
+use crate::nn::{Model, ModelInfo, Stage};
 use crate::ops::Ops;
 use crate::parallel::comm::{Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
-use crate::train::{apply_optimizer, count_correct, Eval, StepStats, Steps, TrainConfig};
+use crate::train::{apply_optimizer, count_correct, Eval, Run, StepStats, TrainConfig};
+
+/// A shared parameter of which this stage holds a copy, as do other stages of its replica.
+#[derive(Debug, Clone)]
+pub(crate) struct Tied {
+    /// Its index among the stage's parameters.
+    pub(crate) slot: usize,
+    /// Its index among the model's parameters.
+    pub(crate) param: usize,
+    /// The stages holding a copy, in order (this one among them).
+    pub(crate) holders: Vec<usize>,
+}
+
+/// The shared parameters that stage `s` of `plan` holds with other stages.
+pub(crate) fn tied_params(info: &ModelInfo, plan: &Plan, s: usize) -> Vec<Tied> {
+    let layout = info.stage_layout(plan.stages[s].clone());
+    layout
+        .params
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, &param)| {
+            let holders: Vec<usize> = (0..plan.stages.len())
+                .filter(|&q| info.params[param].layers.iter().any(|l| plan.stages[q].contains(l)))
+                .collect();
+            (holders.len() > 1).then_some(Tied { slot, param, holders })
+        })
+        .collect()
+}
+
+/// The stage's part of a flat model vector (parameters or one optimizer slot), uploaded.
+pub(crate) fn upload_part<B: Ops>(
+    dev: &B,
+    info: &ModelInfo,
+    layers: Range<usize>,
+    full: &[f32],
+) -> Result<B::Buf<f32>> {
+    dev.upload(&info.stage_layout(layers).gather(info, full))
+}
 
 pub(crate) struct Worker<B: Ops> {
     pub(crate) dev: B,
     pub(crate) stage: Stage<B>,
+    /// Shared parameters held by other stages too: their gradients are summed across stages.
+    pub(crate) tied: Vec<Tied>,
     pub(crate) state: Vec<B::Buf<f32>>,
     pub(crate) comm: Option<Box<dyn Communicator<B>>>,
     /// Whether the gradient buckets go through `comm` (dp > 1, or a one-rank group asked for
@@ -53,6 +92,22 @@ pub(crate) trait PipeLinks<B: Backend>: Send {
     /// Every stage's `(stage, squared norm of its gradients)`, in stage order, given this
     /// stage's part.
     fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>>;
+    /// Every holder's `(stage, gradient of its copy of model parameter `param`)`, in stage
+    /// order, given this stage's (`holders` are the stages holding a copy, this one among them).
+    fn tied_parts(
+        &mut self,
+        stage: usize,
+        param: usize,
+        holders: &[usize],
+        local: Vec<f32>,
+    ) -> Result<Vec<(usize, Vec<f32>)>>;
+}
+
+/// What the stages of a replica tell each other besides activations: norm parts and the
+/// gradients of shared parameters' copies.
+enum Side {
+    Norm(usize, f64),
+    Tied(usize, usize, Vec<f32>),
 }
 
 /// The channels one worker uses in a step.
@@ -61,9 +116,28 @@ struct Links<B: Ops> {
     act_out: Option<Sender<Msg<B>>>,
     grad_in: Option<Receiver<Msg<B>>>,
     grad_out: Option<Sender<Msg<B>>>,
-    /// To the other stages of the replica, for the global gradient norm.
-    norm_out: Vec<Sender<(usize, f64)>>,
-    norm_in: Receiver<(usize, f64)>,
+    /// To the other stages of the replica (by stage), for the global gradient norm and the
+    /// shared parameters.
+    side_out: Vec<(usize, Sender<Side>)>,
+    side_in: Receiver<Side>,
+    /// Messages received while waiting for another kind.
+    stash: Vec<Side>,
+}
+
+impl<B: Ops> Links<B> {
+    /// The first message `want` accepts, from the stash or the channel.
+    fn side_recv<T>(&mut self, want: &dyn Fn(&Side) -> bool, take: fn(Side) -> T) -> Result<T> {
+        if let Some(i) = self.stash.iter().position(want) {
+            return Ok(take(self.stash.swap_remove(i)));
+        }
+        loop {
+            let m = self.side_in.recv().map_err(|_| closed("other stage"))?;
+            if want(&m) {
+                return Ok(take(m));
+            }
+            self.stash.push(m);
+        }
+    }
 }
 
 impl<B: Ops> PipeLinks<B> for Links<B> {
@@ -90,12 +164,37 @@ impl<B: Ops> PipeLinks<B> for Links<B> {
         dev.adopt(buf)
     }
     fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>> {
-        for tx in &self.norm_out {
-            tx.send((stage, local)).map_err(|_| closed("other stage"))?;
+        for (_, tx) in &self.side_out {
+            tx.send(Side::Norm(stage, local)).map_err(|_| closed("other stage"))?;
         }
         let mut parts = vec![(stage, local)];
-        for _ in 0..self.norm_out.len() {
-            parts.push(self.norm_in.recv().map_err(|_| closed("other stage"))?);
+        for _ in 0..self.side_out.len() {
+            let is_norm = |m: &Side| matches!(m, Side::Norm(..));
+            parts.push(self.side_recv(&is_norm, |m| match m {
+                Side::Norm(s, v) => (s, v),
+                Side::Tied(..) => unreachable!(),
+            })?);
+        }
+        parts.sort_by_key(|p| p.0);
+        Ok(parts)
+    }
+    fn tied_parts(
+        &mut self,
+        stage: usize,
+        param: usize,
+        holders: &[usize],
+        local: Vec<f32>,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
+        for (_, tx) in self.side_out.iter().filter(|(q, _)| holders.contains(q)) {
+            tx.send(Side::Tied(stage, param, local.clone())).map_err(|_| closed("other stage"))?;
+        }
+        let mut parts = vec![(stage, local)];
+        for &q in holders.iter().filter(|&&q| q != stage) {
+            let from_q = move |m: &Side| matches!(m, Side::Tied(s, p, _) if *s == q && *p == param);
+            parts.push(self.side_recv(&from_q, |m| match m {
+                Side::Tied(s, _, v) => (s, v),
+                Side::Norm(..) => unreachable!(),
+            })?);
         }
         parts.sort_by_key(|p| p.0);
         Ok(parts)
@@ -105,11 +204,13 @@ impl<B: Ops> PipeLinks<B> for Links<B> {
 /// What every worker of a step shares.
 pub(crate) struct StepCtx<'a> {
     actions: &'a [Action],
-    /// Rows of the global batch for each microbatch id (`pass * m + mb`) of this replica.
+    /// Samples of the global batch for each microbatch id (`pass * m + mb`) of this replica.
     rows: Vec<Range<usize>>,
     x: &'a [f32],
     y: &'a [i32],
     inputs: usize,
+    /// Labels per sample.
+    lps: usize,
     loss_scale: f32,
     lr: f32,
     t: u64,
@@ -137,15 +238,29 @@ pub(crate) struct Prepared {
 }
 
 /// Checks a batch against the plan and splits it (shared by the in-process and the MPI engine).
-pub(crate) fn prepare_step(cfg: &TrainConfig, plan: &Plan, step: u64, x: &[f32], y: &[i32]) -> Result<Prepared> {
+pub(crate) fn prepare_step(
+    info: &ModelInfo,
+    cfg: &TrainConfig,
+    plan: &Plan,
+    step: u64,
+    x: &[f32],
+    y: &[i32],
+) -> Result<Prepared> {
     let dp = plan.mesh.dp;
     let (m, passes) = (plan.microbatches, plan.accumulate);
-    let inputs = cfg.model.inputs();
-    let total = y.len();
+    let inputs = info.inputs();
+    let lps = info.labels_per_sample();
+    if y.len() % lps != 0 {
+        return Err(Error::shape(
+            "Engine::step",
+            format!("{} labels is not a whole number of samples of {lps} labels each", y.len()),
+        ));
+    }
+    let total = y.len() / lps;
     if x.len() != total * inputs {
         return Err(Error::shape(
             "Engine::step",
-            format!("inputs hold {} values for {total} labels; the model takes {inputs} features per sample", x.len()),
+            format!("inputs hold {} values for {total} samples; the model takes {inputs} features per sample", x.len()),
         ));
     }
     let what = format!("dp={dp} replicas x {} microbatches", m * passes);
@@ -169,6 +284,7 @@ impl<'a> StepCtx<'a> {
     /// The context of the worker of replica `r`, stage `s`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        info: &ModelInfo,
         schedule: &'a Schedule,
         plan: &Plan,
         cfg: &'a TrainConfig,
@@ -184,7 +300,8 @@ impl<'a> StepCtx<'a> {
             rows: prep.replica_rows[r].clone(),
             x,
             y,
-            inputs: cfg.model.inputs(),
+            inputs: info.inputs(),
+            lps: info.labels_per_sample(),
             loss_scale: 1.0 / y.len() as f32,
             lr: prep.lr,
             t: prep.t,
@@ -201,8 +318,9 @@ impl<'a> StepCtx<'a> {
 /// Makes the communicator of (stage, replica) on its device.
 pub type CommMaker<'a, B> = dyn FnMut(usize, usize, &B) -> Result<Box<dyn Communicator<B>>> + 'a;
 
-/// Data- and pipeline-parallel training of an MLP on a mesh of devices.
+/// Data- and pipeline-parallel training of a [`Model`] on a mesh of devices.
 pub struct Engine<B: Ops> {
+    info: ModelInfo,
     cfg: TrainConfig,
     plan: Plan,
     schedule: Schedule,
@@ -212,23 +330,24 @@ pub struct Engine<B: Ops> {
 }
 
 impl<B: LocalGroup> Engine<B> {
-    /// A fresh run: the model's seeded initial parameters on every replica.
-    pub fn new(devices: &[B], cfg: TrainConfig, plan: Plan) -> Result<Self> {
-        let params = cfg.model.init(cfg.seed);
-        Self::with_state(devices, cfg, plan, &params, None, 0)
+    /// A fresh run: the model's seeded initial parameters (`cfg.seed`) on every replica.
+    pub fn new(devices: &[B], model: &Model<B>, cfg: TrainConfig, plan: Plan) -> Result<Self> {
+        let params = model.init(cfg.seed)?;
+        Self::with_state(devices, model, cfg, plan, &params, None, 0)
     }
 
-    /// A run from flat parameters (the model's layout), optimizer state (one flat vector per
-    /// slot) and step count, e.g. from a checkpoint written by any plan.
+    /// A run from flat parameters (the order of [`ModelInfo::params`]), optimizer state (one
+    /// flat vector per slot) and step count, e.g. from a checkpoint written by any plan.
     pub fn with_state(
         devices: &[B],
+        model: &Model<B>,
         cfg: TrainConfig,
         plan: Plan,
         params: &[f32],
         state: Option<&[Vec<f32>]>,
         step: u64,
     ) -> Result<Self> {
-        Self::build(devices, cfg, plan, params, state, step, None)
+        Self::build(devices, model, cfg, plan, params, state, step, None)
     }
 
     /// As [`Engine::with_state`], with the gradient all-reduce of each (stage, replica) given by
@@ -240,6 +359,7 @@ impl<B: LocalGroup> Engine<B> {
     #[allow(clippy::too_many_arguments)]
     pub fn with_communicators(
         devices: &[B],
+        model: &Model<B>,
         cfg: TrainConfig,
         plan: Plan,
         params: &[f32],
@@ -247,12 +367,13 @@ impl<B: LocalGroup> Engine<B> {
         step: u64,
         make: &mut CommMaker<'_, B>,
     ) -> Result<Self> {
-        Self::build(devices, cfg, plan, params, state, step, Some(make))
+        Self::build(devices, model, cfg, plan, params, state, step, Some(make))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn build(
         devices: &[B],
+        model: &Model<B>,
         cfg: TrainConfig,
         plan: Plan,
         params: &[f32],
@@ -261,8 +382,9 @@ impl<B: LocalGroup> Engine<B> {
         mut make: Option<&mut CommMaker<'_, B>>,
     ) -> Result<Self> {
         cfg.validate()?;
-        plan.validate(&cfg.model)?;
-        let n = cfg.model.param_count();
+        let info = model.info()?;
+        plan.validate(&info)?;
+        let n = info.param_count();
         if params.len() != n {
             return Err(Error::shape("Engine", format!("{} parameters for a model of {n}", params.len())));
         }
@@ -283,8 +405,6 @@ impl<B: LocalGroup> Engine<B> {
                 mesh.devices()
             )));
         }
-        let layout = cfg.model.layout();
-        let range_of = |layers: &Range<usize>| layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
         let reduce = mesh.dp > 1 || make.is_some();
         let buckets: Vec<usize> = plan.stages.iter().map(|r| if reduce { r.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
@@ -292,13 +412,15 @@ impl<B: LocalGroup> Engine<B> {
         let mut workers = Vec::with_capacity(devices.len());
         for (i, dev) in devices.iter().enumerate() {
             let s = i % mesh.pp;
-            let pr = range_of(&plan.stages[s]);
-            let stage = Stage::new(dev, cfg.model.clone(), plan.stages[s].clone(), &params[pr.clone()])?;
+            let layers = plan.stages[s].clone();
+            let layout = info.stage_layout(layers.clone());
+            let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
             let st = match state {
-                Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
-                None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
+                Some(v) => v.iter().map(|x| upload_part(dev, &info, layers.clone(), x)).collect::<Result<Vec<_>>>()?,
+                None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
             };
-            workers.push(Worker { dev: dev.clone(), stage, state: st, comm: None, comm_in_use: reduce });
+            let tied = tied_params(&info, &plan, s);
+            workers.push(Worker { dev: dev.clone(), stage, tied, state: st, comm: None, comm_in_use: reduce });
         }
         if let Some(make) = make.as_mut() {
             for s in 0..mesh.pp {
@@ -317,7 +439,7 @@ impl<B: LocalGroup> Engine<B> {
                 }
             }
         }
-        Ok(Engine { cfg, plan, schedule, workers, step, timeline: None })
+        Ok(Engine { info, cfg, plan, schedule, workers, step, timeline: None })
     }
 
     /// The plan.
@@ -331,6 +453,10 @@ impl<B: LocalGroup> Engine<B> {
     /// The run's config.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+    /// The model, described.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
     }
     /// Steps taken.
     pub fn steps(&self) -> u64 {
@@ -349,7 +475,7 @@ impl<B: LocalGroup> Engine<B> {
     /// (rows in contiguous shares, uneven shares weighted exactly) and into microbatches.
     pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
         let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
-        let prep = prepare_step(&self.cfg, &self.plan, self.step, x, y)?;
+        let prep = prepare_step(&self.info, &self.cfg, &self.plan, self.step, x, y)?;
         let lr = prep.lr;
         let t0 = Instant::now();
 
@@ -357,8 +483,8 @@ impl<B: LocalGroup> Engine<B> {
         // and the norm exchange among a replica's stages.
         let mut links: Vec<Links<B>> = Vec::with_capacity(dp * pp);
         for _r in 0..dp {
-            let mut norm_tx: Vec<Sender<(usize, f64)>> = Vec::new();
-            let mut norm_rx: Vec<Receiver<(usize, f64)>> = Vec::new();
+            let mut norm_tx: Vec<Sender<Side>> = Vec::new();
+            let mut norm_rx: Vec<Receiver<Side>> = Vec::new();
             for _ in 0..pp {
                 let (tx, rx) = channel();
                 norm_tx.push(tx);
@@ -380,14 +506,20 @@ impl<B: LocalGroup> Engine<B> {
                     act_in: a.1,
                     grad_out: g.0,
                     grad_in: g.1,
-                    norm_out: norm_tx.iter().enumerate().filter(|(o, _)| *o != s).map(|(_, tx)| tx.clone()).collect(),
-                    norm_in: rx,
+                    side_out: norm_tx
+                        .iter()
+                        .enumerate()
+                        .filter(|(o, _)| *o != s)
+                        .map(|(o, tx)| (o, tx.clone()))
+                        .collect(),
+                    side_in: rx,
+                    stash: Vec::new(),
                 });
             }
         }
 
-        let (cfg, plan, schedule) = (&self.cfg, &self.plan, &self.schedule);
-        let make_ctx = |r: usize, s: usize| StepCtx::new(schedule, plan, cfg, &prep, r, s, x, y, t0);
+        let (info, cfg, plan, schedule) = (&self.info, &self.cfg, &self.plan, &self.schedule);
+        let make_ctx = |r: usize, s: usize| StepCtx::new(info, schedule, plan, cfg, &prep, r, s, x, y, t0);
         let results: Vec<Result<WorkerOut>> = if self.workers.len() == 1 {
             // One device: no thread to start.
             let mut l = links.pop().unwrap();
@@ -441,11 +573,11 @@ impl<B: LocalGroup> Engine<B> {
         Ok(StepStats { loss, lr, grad_norm })
     }
 
-    /// Flat parameters (the model's layout), from replica 0.
+    /// Flat parameters (the order of [`ModelInfo::params`]), from replica 0.
     pub fn params(&self) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.cfg.model.param_count());
+        let mut out = vec![0f32; self.info.param_count()];
         for w in &self.workers[..self.plan.mesh.pp] {
-            out.extend(w.dev.download(&B::view(w.stage.params()))?);
+            w.stage.layout().scatter(&self.info, &w.dev.download(&B::view(w.stage.params()))?, &mut out);
         }
         Ok(out)
     }
@@ -453,10 +585,10 @@ impl<B: LocalGroup> Engine<B> {
     /// Optimizer state as flat vectors (one per slot), from replica 0.
     pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
         let slots = self.cfg.optimizer.slots().len();
-        let mut out = vec![Vec::new(); slots];
+        let mut out = vec![vec![0f32; self.info.param_count()]; slots];
         for w in &self.workers[..self.plan.mesh.pp] {
             for (k, st) in w.state.iter().enumerate() {
-                out[k].extend(w.dev.download(&B::view(st))?);
+                w.stage.layout().scatter(&self.info, &w.dev.download(&B::view(st))?, &mut out[k]);
             }
         }
         Ok(out)
@@ -489,7 +621,7 @@ impl<B: LocalGroup> Engine<B> {
     /// Loss and accuracy over `data` in batches of `batch`, through replica 0's pipeline.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
         let pp = self.plan.mesh.pp;
-        let classes = self.cfg.model.outputs();
+        let classes = self.info.classes;
         const MB: usize = usize::MAX - 1;
         let mut loss = 0f64;
         let mut correct = 0;
@@ -526,7 +658,7 @@ impl<B: LocalGroup> Engine<B> {
     }
 }
 
-impl<B: LocalGroup> Steps for Engine<B> {
+impl<B: LocalGroup> Run for Engine<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
     }
@@ -535,6 +667,21 @@ impl<B: LocalGroup> Steps for Engine<B> {
     }
     fn train_config(&self) -> &TrainConfig {
         &self.cfg
+    }
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn evaluate_on(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        self.evaluate(data, batch)
+    }
+    fn flat_params(&self) -> Result<Vec<f32>> {
+        self.params()
+    }
+    fn flat_optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        self.optimizer_state()
+    }
+    fn devices(&self) -> Vec<String> {
+        self.device_names()
     }
 }
 
@@ -562,8 +709,8 @@ pub(crate) fn run_worker<B: Ops>(
         ));
     }
     let comm = w.comm.take();
-    let layout = w.stage.layout().to_vec();
-    let bucket_range = |b: usize| layout[b].weight.start..layout[b].bias.end;
+    let buckets = w.stage.layout().buckets.clone();
+    let bucket_range = |b: usize| buckets[b].clone();
     let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>)>();
     let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
     let t0 = ctx.t0;
@@ -621,7 +768,7 @@ fn worker_actions<B: Ops>(
     let mut spans = Vec::new();
     let mut loss = 0f32;
     let mut pending_grad: BTreeMap<usize, B::Buf<f32>> = BTreeMap::new();
-    let mut dispatched = vec![false; w.stage.layout().len()];
+    let mut dispatched = vec![false; w.stage.layout().buckets.len()];
     let last_bwd = ctx.actions.iter().rposition(|a| matches!(a, Action::Backward(_)));
     w.stage.start_step();
     for pass in 0..ctx.passes {
@@ -634,7 +781,7 @@ fn worker_actions<B: Ops>(
                     let rows = ctx.rows[id].clone();
                     if s == 0 {
                         let x = &ctx.x[rows.start * ctx.inputs..rows.end * ctx.inputs];
-                        w.stage.load(&dev, id, x, &ctx.y[rows.clone()])?;
+                        w.stage.load(&dev, id, x, &ctx.y[rows.start * ctx.lps..rows.end * ctx.lps])?;
                     }
                     w.stage.forward(&dev, id)?;
                     spans.push(Span { kind: SpanKind::Forward, label: format!("F{id}"), start, end: now() });
@@ -651,7 +798,7 @@ fn worker_actions<B: Ops>(
                     let input = w.stage.input_mut(&dev, id, rows.len())?;
                     dev.copy(&B::view(&buf), &mut B::view_mut(input))?;
                     if is_last {
-                        w.stage.load_labels(&dev, id, &ctx.y[rows])?;
+                        w.stage.load_labels(&dev, id, &ctx.y[rows.start * ctx.lps..rows.end * ctx.lps])?;
                     }
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("recv act {id}"), start, end: now() });
                 }
@@ -666,7 +813,7 @@ fn worker_actions<B: Ops>(
                     let g = pending_grad.remove(&id);
                     let gv = g.as_ref().map(|b| B::view(b));
                     let mut on_layer = |i: usize, grads: &B::Buf<f32>| -> Result<()> {
-                        if last_of_step {
+                        if last_of_step && !bucket_range(i).is_empty() {
                             // This layer's gradients are final: reduce them while backward goes on.
                             let staged = snapshot(&dev, &B::view_range(grads, bucket_range(i)))?;
                             jobs_tx.send((i, staged)).map_err(|_| closed("all-reduce thread"))?;
@@ -686,7 +833,7 @@ fn worker_actions<B: Ops>(
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("send grad {id}"), start, end: now() });
                 }
                 Action::AllReduce(b) => {
-                    if final_pass && !dispatched[b] {
+                    if final_pass && !dispatched[b] && !bucket_range(b).is_empty() {
                         let staged = snapshot(&dev, &B::view_range(w.stage.grads(), bucket_range(b)))?;
                         jobs_tx.send((b, staged)).map_err(|_| closed("all-reduce thread"))?;
                         dispatched[b] = true;
@@ -719,10 +866,27 @@ fn worker_actions<B: Ops>(
                             end: wait_end,
                         });
                     }
+                    // Shared parameters held by several stages: every copy takes the sum of the
+                    // copies' gradients (in stage order, so every holder gets the same bits).
+                    for t in &w.tied {
+                        let range = w.stage.layout().local[t.slot].clone();
+                        let mine = dev.download(&B::view_range(w.stage.grads(), range.clone()))?;
+                        let parts = links.tied_parts(s, t.param, &t.holders, mine)?;
+                        let mut sum = parts[0].1.clone();
+                        for (_, p) in &parts[1..] {
+                            sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                        }
+                        dev.write(&mut B::view_range_mut(w.stage.grads_mut(), range), &sum)?;
+                    }
                     let ostart = now();
                     let (grad_norm, scale) = match ctx.cfg.clip_norm {
                         Some(max) => {
-                            let local = dev.sum(&B::view(w.stage.grads()), true)? as f64;
+                            let mut local = dev.sum(&B::view(w.stage.grads()), true)? as f64;
+                            // A shared parameter counts once: on the first stage holding it.
+                            for t in w.tied.iter().filter(|t| t.holders[0] != s) {
+                                let range = w.stage.layout().local[t.slot].clone();
+                                local -= dev.sum(&B::view_range(w.stage.grads(), range), true)? as f64;
+                            }
                             let parts = links.norm_parts(s, local)?;
                             let norm = parts.iter().map(|p| p.1).sum::<f64>().sqrt() as f32;
                             (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })

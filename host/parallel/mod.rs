@@ -18,7 +18,7 @@ pub mod timeline;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::nn::MlpConfig;
+use crate::nn::ModelInfo;
 pub use schedule::ScheduleKind;
 
 /// The shape of the device grid: `dp` replicas of a `pp`-stage pipeline. Device `r * pp + s`
@@ -75,7 +75,7 @@ pub fn parse_comm_timeout(v: &str) -> Option<std::time::Duration> {
 
 impl Plan {
     /// A plan whose stages are balanced by FLOPs.
-    pub fn new(model: &MlpConfig, dp: usize, pp: usize, microbatches: usize, schedule: ScheduleKind) -> Result<Self> {
+    pub fn new(model: &ModelInfo, dp: usize, pp: usize, microbatches: usize, schedule: ScheduleKind) -> Result<Self> {
         if dp == 0 || pp == 0 || microbatches == 0 {
             return Err(Error::Invalid(format!(
                 "dp, pp and microbatches must be at least 1 (got {dp}, {pp}, {microbatches})"
@@ -85,7 +85,7 @@ impl Plan {
             return Err(Error::Invalid(format!(
                 "pp = {pp} stages for a model of {} layers ({}): each stage needs at least one layer",
                 model.depth(),
-                model.widths_string()
+                model.name
             )));
         }
         Ok(Plan {
@@ -99,12 +99,12 @@ impl Plan {
     }
 
     /// The single-device plan.
-    pub fn single(model: &MlpConfig) -> Self {
+    pub fn single(model: &ModelInfo) -> Self {
         Plan::new(model, 1, 1, 1, ScheduleKind::GPipe).unwrap()
     }
 
     /// Replaces the stage assignment with the user's (layer counts per stage, e.g. `[1, 3]`).
-    pub fn with_layers_per_stage(mut self, model: &MlpConfig, counts: &[usize]) -> Result<Self> {
+    pub fn with_layers_per_stage(mut self, model: &ModelInfo, counts: &[usize]) -> Result<Self> {
         if counts.len() != self.mesh.pp || counts.contains(&0) || counts.iter().sum::<usize>() != model.depth() {
             return Err(Error::Invalid(format!(
                 "layers per stage {counts:?}: need {} positive counts summing to the model's {} layers",
@@ -207,7 +207,7 @@ impl Plan {
     }
 
     /// Checks the plan against a model.
-    pub fn validate(&self, model: &MlpConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelInfo) -> Result<()> {
         let mut next = 0;
         for (s, r) in self.stages.iter().enumerate() {
             if r.start != next || r.is_empty() {
@@ -246,8 +246,8 @@ impl Plan {
 
 /// Splits the model's layers into `pp` contiguous stages minimising the largest stage's FLOPs
 /// (exact, by dynamic programming over the layers).
-pub fn balance(model: &MlpConfig, pp: usize) -> Vec<Range<usize>> {
-    let cost: Vec<f64> = model.widths.windows(2).map(|w| (w[0] * w[1] + w[1]) as f64).collect();
+pub fn balance(model: &ModelInfo, pp: usize) -> Vec<Range<usize>> {
+    let cost: Vec<f64> = model.layers.iter().map(|l| l.cost.flops_per_sample).collect();
     let n = cost.len();
     let pp = pp.clamp(1, n);
     let prefix: Vec<f64> = std::iter::once(0.0)
@@ -300,15 +300,20 @@ pub fn split_rows(n: usize, parts: usize, what: &str) -> Result<Vec<Range<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::MlpConfig;
     use crate::Activation;
+
+    fn mlp(widths: Vec<usize>) -> ModelInfo {
+        MlpConfig::new(widths, Activation::Relu).unwrap().info()
+    }
 
     #[test]
     fn balance_minimises_the_largest_stage() {
-        let m = MlpConfig::new(vec![784, 512, 512, 10], Activation::Relu).unwrap();
+        let m = mlp(vec![784, 512, 512, 10]);
         assert_eq!(balance(&m, 1), vec![0..3]);
         assert_eq!(balance(&m, 2), vec![0..1, 1..3]);
         assert_eq!(balance(&m, 3), vec![0..1, 1..2, 2..3]);
-        let m = MlpConfig::new(vec![8, 8, 8, 8, 8, 8, 8], Activation::Relu).unwrap();
+        let m = mlp(vec![8, 8, 8, 8, 8, 8, 8]);
         assert_eq!(balance(&m, 3), vec![0..2, 2..4, 4..6]);
         assert_eq!(balance(&m, 4).iter().map(|r| r.len()).max(), Some(2));
     }
@@ -322,7 +327,7 @@ mod tests {
 
     #[test]
     fn plans_check_their_stages() {
-        let m = MlpConfig::new(vec![4, 4, 4, 4], Activation::Relu).unwrap();
+        let m = mlp(vec![4, 4, 4, 4]);
         let p = Plan::new(&m, 2, 2, 3, ScheduleKind::OneFOneB).unwrap();
         p.validate(&m).unwrap();
         assert_eq!(p.describe(), "dp=2 x pp=2, 3 microbatches, 1f1b, stages [0..1, 1..3]");
@@ -337,7 +342,7 @@ mod tests {
 
     #[test]
     fn plans_travel_as_integers_and_bad_ones_are_refused() {
-        let m = MlpConfig::new(vec![8, 7, 6, 5, 4], crate::Activation::Relu).unwrap();
+        let m = mlp(vec![8, 7, 6, 5, 4]);
         let p = Plan::new(&m, 2, 3, 4, ScheduleKind::GPipe).unwrap().with_accumulate(2).unwrap();
         assert_eq!(Plan::decode(&p.encode()).unwrap(), p);
         let q = Plan::new(&m, 1, 1, 1, ScheduleKind::OneFOneB).unwrap();

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::nn::ModelInfo;
 use crate::ops::gemm::Gemm;
 use crate::ops::Ops;
 use crate::parallel::schedule::{bubble_fraction, Schedule, ScheduleKind};
@@ -140,10 +141,9 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-/// Estimates memory and step time of `plan` for `cfg` at global batch `batch`.
-pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -> Estimate {
-    let model = &cfg.model;
-    let layout = model.layout();
+/// Estimates memory and step time of `plan` for `model` trained as `cfg` says at global batch
+/// `batch`.
+pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -> Estimate {
     let (dp, pp) = (plan.mesh.dp, plan.mesh.pp);
     let mbs = plan.microbatches * plan.accumulate;
     let rows = batch.div_ceil(dp).div_ceil(mbs).max(1) as u64;
@@ -154,21 +154,25 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
     let mut memory = Vec::with_capacity(pp);
     let mut fwd = Vec::with_capacity(pp);
     for (s, layers) in plan.stages.iter().enumerate() {
-        let params: u64 = layout[layers.clone()].iter().map(|l| (l.bias.end - l.weight.start) as u64).sum();
-        let per_row: u64 = model.widths[layers.start] as u64
-            + layout[layers.clone()].iter().map(|l| 2 * l.fan_out as u64).sum::<u64>();
-        let widest = *model.widths[layers.start..=layers.end].iter().max().unwrap() as u64;
+        let ls = &model.layers[layers.clone()];
+        let params = model.stage_layout(layers.clone()).len as u64;
+        // Per sample in flight: the stage's input, each layer's output and what it keeps.
+        let per_row: u64 = ls[0].inputs as u64
+            + ls.iter().map(|l| (l.outputs as u64).saturating_add(l.cost.saved_floats_per_sample as u64)).sum::<u64>();
+        // Backward's two gradient buffers and the largest scratch, shared by the microbatches.
+        let widest = ls.iter().map(|l| l.inputs.max(l.outputs) as u64).max().unwrap_or(0);
+        let scratch = ls.iter().map(|l| l.cost.scratch_floats_per_sample as u64).max().unwrap_or(0);
         memory.push(MemoryUse {
             weights: 4u64.saturating_mul(params),
             grads: 4u64.saturating_mul(params).saturating_mul(if dp > 1 { 2 } else { 1 }),
             optimizer: 4u64.saturating_mul(params).saturating_mul(slots),
             // Saturating: an absurd batch or width reads as "does not fit", never an overflow.
-            activations: 4u64
-                .saturating_mul(rows)
-                .saturating_mul(per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2))),
+            activations: 4u64.saturating_mul(rows).saturating_mul(
+                per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2)).saturating_add(scratch),
+            ),
         });
-        let flops: f64 =
-            layout[layers.clone()].iter().map(|l| 2.0 * (rows as f64) * (l.fan_in * l.fan_out) as f64).sum();
+        // Forward is a third of forward and backward.
+        let flops: f64 = ls.iter().map(|l| rows as f64 * l.cost.flops_per_sample / 3.0).sum();
         fwd.push(flops / budget.flops + budget.overhead);
     }
     let bwd: Vec<f64> = fwd.iter().map(|f| 2.0 * (f - budget.overhead) + budget.overhead).collect();
@@ -176,7 +180,7 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
         Some(s) => s.simulate(&fwd, &bwd).1 * plan.accumulate as f64,
         None => f64::INFINITY,
     };
-    let boundary = plan.stages.iter().skip(1).map(|r| model.widths[r.start]).max().unwrap_or(0) as f64;
+    let boundary = plan.stages.iter().skip(1).map(|r| model.layers[r.start].inputs).max().unwrap_or(0) as f64;
     let transfer = if pp > 1 { (mbs as f64) * 2.0 * rows as f64 * boundary * 4.0 / budget.link } else { 0.0 };
     let biggest = memory.iter().map(|m| m.weights).max().unwrap_or(0) as f64;
     let all_reduce = if dp > 1 { 2.0 * (dp - 1) as f64 / dp as f64 * biggest / budget.link } else { 0.0 };
@@ -193,9 +197,9 @@ pub fn estimate(cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -
 
 /// An error unless `plan` fits in `memory` bytes per device: what its fullest device needs
 /// (weights, gradients, optimizer state, activations) against what it has, and what to do.
-pub fn check_fits(cfg: &TrainConfig, batch: usize, plan: &Plan, memory: u64) -> Result<()> {
+pub fn check_fits(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan, memory: u64) -> Result<()> {
     let budget = Budget { memory, flops: 1e12, link: 1e10, overhead: 0.0 };
-    let est = estimate(cfg, batch, plan, &budget);
+    let est = estimate(model, cfg, batch, plan, &budget);
     let Some((s, m)) = est.memory.iter().enumerate().max_by_key(|(_, m)| m.total()) else { return Ok(()) };
     if m.total() <= memory {
         return Ok(());
@@ -204,7 +208,7 @@ pub fn check_fits(cfg: &TrainConfig, batch: usize, plan: &Plan, memory: u64) -> 
         "{} in {} at batch {batch} does not fit: {} ({}stage {s}) needs {} (weights {}, gradients {}, optimizer {}, \
          activations {}), the device has {}: use narrower --widths, a smaller --batch, more pipeline stages (--pp) \
          on more devices, or say how much memory there is with --memory",
-        cfg.model.widths_string(),
+        model.name,
         cfg.optimizer.name(),
         plan.describe(),
         if plan.mesh.pp > 1 { "its fullest device, " } else { "" },
@@ -221,13 +225,13 @@ pub fn check_fits(cfg: &TrainConfig, batch: usize, plan: &Plan, memory: u64) -> 
 /// in memory. `schedule` fixes the pipeline schedule (default 1F1B, which holds fewer
 /// activations). Returns the plan, its estimate and the reasons.
 pub fn choose(
+    model: &ModelInfo,
     cfg: &TrainConfig,
     batch: usize,
     devices: usize,
     budget: &Budget,
     schedule: Option<ScheduleKind>,
 ) -> Result<(Plan, Estimate, String)> {
-    let model = &cfg.model;
     let kind = schedule.unwrap_or(ScheduleKind::OneFOneB);
     if batch == 0 {
         return Err(Error::Invalid("the batch must hold at least one sample (--batch 1 or more)".into()));
@@ -243,7 +247,7 @@ pub fn choose(
                 continue;
             }
             let plan = Plan::new(model, dp, pp, m, kind)?;
-            candidates.push(estimate(cfg, batch, &plan, budget));
+            candidates.push(estimate(model, cfg, batch, &plan, budget));
         }
     }
     if candidates.is_empty() {
@@ -255,13 +259,13 @@ pub fn choose(
              {} layers of {} allow at most {max_pp} pipeline stages dividing {devices}, so at least {} replicas. Use \
              --batch {} or more, or fewer devices (e.g. --device cpu:{})",
             model.depth(),
-            model.widths_string(),
+            model.name,
             devices / max_pp,
             devices / max_pp,
             (batch * max_pp).min(devices).max(1)
         )));
     }
-    let replica = estimate(cfg, batch, &Plan::new(model, 1, 1, 1, kind)?, budget);
+    let replica = estimate(model, cfg, batch, &Plan::new(model, 1, 1, 1, kind)?, budget);
     let need_one = replica.memory[0].total();
     let fits: Vec<&Estimate> =
         candidates.iter().filter(|e| e.memory.iter().all(|m| m.total() <= budget.memory)).collect();
@@ -273,7 +277,7 @@ pub fn choose(
         let worst = fullest(least);
         return Err(Error::Parallel(format!(
             "{} in {opt} at batch {batch} does not fit: the leanest plan over {devices} device(s) ({}) needs {} on its fullest device, {} per device given: short by {}",
-            model.widths_string(),
+            model.name,
             least.plan.describe(),
             human_bytes(worst),
             human_bytes(budget.memory),
@@ -283,7 +287,7 @@ pub fn choose(
     let fullest = best.memory.iter().map(|m| m.total()).max().unwrap_or(0);
     let mut why = format!(
         "{} in {opt} at batch {batch} needs {} per replica ({} weights, {} gradients, {} optimizer state, {} activations); {} per device given",
-        model.widths_string(),
+        model.name,
         human_bytes(need_one),
         human_bytes(replica.memory[0].weights),
         human_bytes(replica.memory[0].grads),
@@ -319,14 +323,17 @@ mod tests {
     use crate::train::{LrSchedule, OptimizerConfig};
     use crate::{Activation, AdamW};
 
-    fn cfg(widths: Vec<usize>) -> TrainConfig {
-        TrainConfig {
-            model: MlpConfig::new(widths, Activation::Relu).unwrap(),
-            optimizer: OptimizerConfig::AdamW(AdamW::default()),
-            schedule: LrSchedule::Constant,
-            clip_norm: None,
-            seed: 0,
-        }
+    fn cfg(widths: Vec<usize>) -> (ModelInfo, TrainConfig) {
+        let model = MlpConfig::new(widths, Activation::Relu).unwrap().info();
+        (
+            model,
+            TrainConfig {
+                optimizer: OptimizerConfig::AdamW(AdamW::default()),
+                schedule: LrSchedule::Constant,
+                clip_norm: None,
+                seed: 0,
+            },
+        )
     }
 
     #[test]
@@ -347,45 +354,45 @@ mod tests {
         let mut widths = vec![784];
         widths.extend([4096; 4]);
         widths.push(10);
-        let c = cfg(widths);
+        let (m, c) = cfg(widths);
         let budget = Budget { memory: 700 << 20, flops: 1e12, link: 1e10, overhead: 50e-6 };
-        let (plan, est, why) = choose(&c, 256, 2, &budget, None).unwrap();
+        let (plan, est, why) = choose(&m, &c, 256, 2, &budget, None).unwrap();
         assert_eq!(plan.mesh.pp, 2, "{why}");
         assert!(why.contains("per replica") && why.contains("pp=2 to fit"), "{why}");
         assert!(est.memory.iter().all(|m| m.total() <= budget.memory));
         // Weights, gradients and two AdamW moments: 16 bytes a parameter.
-        let p = c.model.param_count() as u64;
-        let one = estimate(&c, 256, &Plan::single(&c.model), &budget);
+        let p = m.param_count() as u64;
+        let one = estimate(&m, &c, 256, &Plan::single(&m), &budget);
         assert_eq!(one.memory[0].weights + one.memory[0].grads + one.memory[0].optimizer, 16 * p);
 
         let tiny = Budget { memory: 10 << 20, ..budget };
-        let e = choose(&c, 256, 2, &tiny, None).unwrap_err().to_string();
+        let e = choose(&m, &c, 256, 2, &tiny, None).unwrap_err().to_string();
         assert!(e.contains("does not fit") && e.contains("short by"), "{e}");
     }
 
     /// More devices than the batch can feed, a batch of 0: an error that says why, never a panic.
     #[test]
     fn impossible_splits_are_explained() {
-        let c = cfg(vec![784, 512, 512, 10]);
+        let (m, c) = cfg(vec![784, 512, 512, 10]);
         let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10, overhead: 50e-6 };
         for (batch, devices) in [(128, 1000), (1, 4), (3, 1000)] {
-            let e = choose(&c, batch, devices, &budget, None).unwrap_err().to_string();
+            let e = choose(&m, &c, batch, devices, &budget, None).unwrap_err().to_string();
             assert!(e.contains("no plan splits batch") && e.contains("--batch"), "{e}");
         }
-        let e = choose(&c, 0, 2, &budget, None).unwrap_err().to_string();
+        let e = choose(&m, &c, 0, 2, &budget, None).unwrap_err().to_string();
         assert!(e.contains("at least one sample"), "{e}");
         // One device that cannot hold the model: the bytes against the device's.
-        let big = cfg(vec![784, 100_000_000, 10]);
-        let e = check_fits(&big, 128, &Plan::single(&big.model), 23 << 30).unwrap_err().to_string();
+        let (bm, big) = cfg(vec![784, 100_000_000, 10]);
+        let e = check_fits(&bm, &big, 128, &Plan::single(&bm), 23 << 30).unwrap_err().to_string();
         assert!(e.contains("does not fit") && e.contains("the device has 23.0 GiB"), "{e}");
-        assert!(check_fits(&c, 128, &Plan::single(&c.model), 1 << 30).is_ok());
+        assert!(check_fits(&m, &c, 128, &Plan::single(&m), 1 << 30).is_ok());
     }
 
     #[test]
     fn enough_memory_means_data_parallel() {
-        let c = cfg(vec![784, 512, 512, 10]);
+        let (m, c) = cfg(vec![784, 512, 512, 10]);
         let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10, overhead: 50e-6 };
-        let (plan, _, why) = choose(&c, 128, 4, &budget, None).unwrap();
+        let (plan, _, why) = choose(&m, &c, 128, 4, &budget, None).unwrap();
         assert_eq!(plan.mesh.dp * plan.mesh.pp, 4, "{why}");
         assert_eq!(plan.mesh.dp, 4, "{why}");
     }

@@ -88,6 +88,9 @@ impl Backend for CpuDevice {
     fn view_range<T: Elem>(buf: &Vec<T>, range: Range<usize>) -> &[T] {
         &buf[range]
     }
+    fn view_range_mut<T: Elem>(buf: &mut Vec<T>, range: Range<usize>) -> &mut [T] {
+        &mut buf[range]
+    }
     fn sub<'a, T: Elem>(v: &'a &[T], range: Range<usize>) -> &'a [T] {
         &v[range]
     }

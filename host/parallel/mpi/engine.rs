@@ -7,13 +7,13 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::nn::Stage;
+use crate::nn::{Model, ModelInfo, Stage};
 use crate::ops::Ops;
-use crate::parallel::engine::{prepare_step, run_worker, PipeLinks, StepCtx, Worker};
+use crate::parallel::engine::{prepare_step, run_worker, tied_params, upload_part, PipeLinks, StepCtx, Worker};
 use crate::parallel::schedule::Schedule;
 use crate::parallel::timeline::{Lane, Timeline};
 use crate::parallel::Plan;
-use crate::train::{count_correct, Eval, StepStats, Steps, TrainConfig};
+use crate::train::{count_correct, Eval, Run, StepStats, TrainConfig};
 
 use super::wire::{MakeComm, StageGroup};
 use super::world::{MpiWorld, Outbox, Shared};
@@ -66,8 +66,10 @@ pub(crate) const TAG_NORM: i32 = 2;
 
 pub(crate) const TAG_EVAL: i32 = 3;
 
+pub(crate) const TAG_TIE: i32 = 4;
+
 pub(crate) fn tag(kind: i32, id: usize) -> i32 {
-    kind + 4 * (id % (1 << 20)) as i32
+    kind + 8 * (id % (1 << 20)) as i32
 }
 
 impl<B: Backend> PipeLinks<B> for MpiLinks {
@@ -104,12 +106,35 @@ impl<B: Backend> PipeLinks<B> for MpiLinks {
         parts.sort_by_key(|p| p.0);
         Ok(parts)
     }
+    fn tied_parts(
+        &mut self,
+        stage: usize,
+        param: usize,
+        holders: &[usize],
+        local: Vec<f32>,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
+        let first = self.rank - stage;
+        for &q in holders.iter().filter(|&&q| q != stage) {
+            let to = first + q;
+            self.out.send(&self.pipe, to, to, tag(TAG_TIE, param), local.clone(), "a shared parameter's gradient");
+        }
+        let mut parts = vec![(stage, local)];
+        for &q in holders.iter().filter(|&&q| q != stage) {
+            let from = first + q;
+            let v =
+                self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_TIE, param), "a shared parameter's gradient");
+            parts.push((q, v));
+        }
+        parts.sort_by_key(|p| p.0);
+        Ok(parts)
+    }
 }
 
 /// Data- and pipeline-parallel training across processes: this process is one rank of the
 /// mesh. The API follows the in-process [`Engine`](crate::parallel::engine::Engine); every
 /// rank calls every method (they communicate).
 pub struct DistEngine<B: Ops> {
+    pub(crate) info: ModelInfo,
     pub(crate) world: Arc<MpiWorld>,
     pub(crate) cfg: TrainConfig,
     pub(crate) plan: Plan,
@@ -122,24 +147,26 @@ pub struct DistEngine<B: Ops> {
 }
 
 impl<B: Ops> DistEngine<B> {
-    /// A fresh run: the seeded initial parameters, on this rank's `dev`.
-    pub fn new(world: &Arc<MpiWorld>, dev: &B, cfg: TrainConfig, plan: Plan) -> Result<Self> {
-        let params = cfg.model.init(cfg.seed);
-        Self::with_state(world, dev, cfg, plan, &params, None, 0)
+    /// A fresh run: the model's seeded initial parameters, on this rank's `dev`.
+    pub fn new(world: &Arc<MpiWorld>, dev: &B, model: &Model<B>, cfg: TrainConfig, plan: Plan) -> Result<Self> {
+        let params = model.init(cfg.seed)?;
+        Self::with_state(world, dev, model, cfg, plan, &params, None, 0)
     }
 
     /// A run from flat parameters, optimizer state and step count (e.g. from a checkpoint
     /// written by any plan, on any number of processes).
+    #[allow(clippy::too_many_arguments)]
     pub fn with_state(
         world: &Arc<MpiWorld>,
         dev: &B,
+        model: &Model<B>,
         cfg: TrainConfig,
         plan: Plan,
         params: &[f32],
         state: Option<&[Vec<f32>]>,
         step: u64,
     ) -> Result<Self> {
-        Self::with_all_reduce(world, dev, cfg, plan, params, state, step, AllReduce::Ring)
+        Self::with_all_reduce(world, dev, model, cfg, plan, params, state, step, AllReduce::Ring)
     }
 
     /// As [`DistEngine::with_state`], with the gradient all-reduce of `all_reduce`.
@@ -147,6 +174,7 @@ impl<B: Ops> DistEngine<B> {
     pub fn with_all_reduce(
         world: &Arc<MpiWorld>,
         dev: &B,
+        model: &Model<B>,
         cfg: TrainConfig,
         plan: Plan,
         params: &[f32],
@@ -156,7 +184,8 @@ impl<B: Ops> DistEngine<B> {
     ) -> Result<Self> {
         let plan = agree_on_plan(world, plan);
         cfg.validate()?;
-        plan.validate(&cfg.model)?;
+        let info = model.info()?;
+        plan.validate(&info)?;
         let mesh = plan.mesh;
         if mesh.devices() != world.size {
             return Err(Error::Invalid(format!(
@@ -169,7 +198,7 @@ impl<B: Ops> DistEngine<B> {
             )));
         }
         *world.mesh.lock().unwrap_or_else(|e| e.into_inner()) = Some(mesh);
-        let n = cfg.model.param_count();
+        let n = info.param_count();
         if params.len() != n {
             return Err(Error::shape("DistEngine", format!("{} parameters for a model of {n}", params.len())));
         }
@@ -180,18 +209,18 @@ impl<B: Ops> DistEngine<B> {
             }
         }
         let (r, s) = (world.rank / mesh.pp, world.rank % mesh.pp);
-        let layout = cfg.model.layout();
         let layers = plan.stages[s].clone();
-        let pr = layout[layers.start].weight.start..layout[layers.end - 1].bias.end;
+        let layout = info.stage_layout(layers.clone());
         let reduce = mesh.dp > 1 || matches!(all_reduce, AllReduce::Custom { force: true, .. });
         let buckets: Vec<usize> = plan.stages.iter().map(|l| if reduce { l.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
-        let stage = Stage::new(dev, cfg.model.clone(), layers, &params[pr.clone()])?;
+        let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
         let st = match state {
-            Some(v) => v.iter().map(|x| dev.upload(&x[pr.clone()])).collect::<Result<Vec<_>>>()?,
-            None => (0..slots).map(|_| dev.alloc(pr.len())).collect::<Result<Vec<_>>>()?,
+            Some(v) => v.iter().map(|x| upload_part(dev, &info, layers.clone(), x)).collect::<Result<Vec<_>>>()?,
+            None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
         };
+        let tied = tied_params(&info, &plan, s);
         // Collective calls, in the same order on every rank.
         let pipe = Arc::new(world.dup());
         let ctrl = world.dup();
@@ -207,8 +236,8 @@ impl<B: Ops> DistEngine<B> {
             AllReduce::Ring => Some(Box::new(group.ring(dev)?)),
             AllReduce::Custom { make, .. } => Some(make(group, dev)?),
         };
-        let worker = Worker { dev: dev.clone(), stage, state: st, comm, comm_in_use: reduce };
-        Ok(DistEngine { world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
+        let worker = Worker { dev: dev.clone(), stage, tied, state: st, comm, comm_in_use: reduce };
+        Ok(DistEngine { info, world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
     }
 
     /// The plan.
@@ -218,6 +247,10 @@ impl<B: Ops> DistEngine<B> {
     /// The run's config.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+    /// The model, described.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
     }
     /// Steps taken.
     pub fn steps(&self) -> u64 {
@@ -243,10 +276,10 @@ impl<B: Ops> DistEngine<B> {
     /// One optimizer step on the whole batch (every rank passes the same batch; each uses its
     /// replica's rows).
     pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
-        let prep = prepare_step(&self.cfg, &self.plan, self.step, x, y)?;
+        let prep = prepare_step(&self.info, &self.cfg, &self.plan, self.step, x, y)?;
         let (r, s) = self.stage_of(self.world.rank);
         let t0 = Instant::now();
-        let ctx = StepCtx::new(&self.schedule, &self.plan, &self.cfg, &prep, r, s, x, y, t0);
+        let ctx = StepCtx::new(&self.info, &self.schedule, &self.plan, &self.cfg, &prep, r, s, x, y, t0);
         let mut links = MpiLinks {
             world: self.world.clone(),
             pipe: self.pipe.clone(),
@@ -276,15 +309,19 @@ impl<B: Ops> DistEngine<B> {
         Ok(StepStats { loss, lr: prep.lr, grad_norm: out.grad_norm })
     }
 
-    /// The flat vector made of each stage's part (replica 0's ranks hold them), on every rank.
+    /// The model's flat vector made of each stage's part (replica 0's ranks hold them), on
+    /// every rank.
     pub(crate) fn gather_stages(&self, part: Option<Vec<f32>>, what: &'static str) -> Result<Vec<f32>> {
         const TAG: i32 = 11;
         let pp = self.plan.mesh.pp;
         let me = self.world.rank;
         if me == 0 {
-            let mut full = part.unwrap_or_default();
+            let mut full = vec![0f32; self.info.param_count()];
+            let first = self.info.stage_layout(self.plan.stages[0].clone());
+            first.scatter(&self.info, &part.unwrap_or_default(), &mut full);
             for s in 1..pp {
-                full.extend(self.world.recv::<f32>(&self.ctrl, s, s, TAG, what));
+                let v = self.world.recv::<f32>(&self.ctrl, s, s, TAG, what);
+                self.info.stage_layout(self.plan.stages[s].clone()).scatter(&self.info, &v, &mut full);
             }
             for q in 1..self.world.size {
                 self.world.send(&self.ctrl, q, q, TAG + 1, full.clone(), what);
@@ -350,7 +387,7 @@ impl<B: Ops> DistEngine<B> {
         const MB: usize = usize::MAX - 1;
         let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
         let (r, s) = self.stage_of(self.world.rank);
-        let classes = self.cfg.model.outputs();
+        let classes = self.info.classes;
         let mut loss = 0f64;
         let mut correct = 0usize;
         let dev = self.worker.dev.clone();
@@ -391,7 +428,7 @@ impl<B: Ops> DistEngine<B> {
     }
 }
 
-impl<B: Ops> Steps for DistEngine<B> {
+impl<B: Ops> Run for DistEngine<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
     }
@@ -400,5 +437,23 @@ impl<B: Ops> Steps for DistEngine<B> {
     }
     fn train_config(&self) -> &TrainConfig {
         &self.cfg
+    }
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn evaluate_on(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
+        self.evaluate(data, batch)
+    }
+    fn flat_params(&self) -> Result<Vec<f32>> {
+        self.params()
+    }
+    fn flat_optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        self.optimizer_state()
+    }
+    fn devices(&self) -> Vec<String> {
+        self.device_names()
+    }
+    fn is_root(&self) -> bool {
+        self.world.rank == 0
     }
 }

@@ -1,0 +1,508 @@
+//! Models as sequences of layers, and the contract a layer keeps so that the engine can split
+//! any model across pipeline stages and data-parallel replicas.
+//!
+//! # The layer contract
+//!
+//! A [`Layer`] maps `rows x inputs` features to `rows x outputs` features. It
+//!
+//! - names its parameters and their shapes ([`Layer::params`]); the model prefixes each local
+//!   name with `layers.{i}.`, and those names are what checkpoints use. A parameter declared
+//!   with [`ParamSpec::shared`] keeps its name as given, and every layer that declares the same
+//!   name uses the same parameter (a GPT's token embedding and its output head);
+//! - fills its parameters' initial values from the model's seeded generator ([`Layer::init`]);
+//! - tells the planner its cost ([`Layer::cost`]: FLOPs and the floats it keeps per sample);
+//! - runs forward on a microbatch ([`Layer::forward`]), keeping what its backward needs in the
+//!   microbatch's [`Saved`] buffers: several microbatches may be in flight at once, each with
+//!   its own;
+//! - runs backward ([`Layer::backward`]) from the gradient of its output to the gradient of its
+//!   input (when asked for one), writing or adding its parameters' gradients through [`Work`],
+//!   which says for each whether to overwrite (the first contribution of a step) or add.
+//!
+//! Layers hold no per-microbatch state of their own, so one layer value serves every device.
+//!
+//! # Models and stages
+//!
+//! A [`Model`] is a sequence of layers with a softmax cross-entropy on the last layer's output.
+//! [`Model::info`] checks it (each layer's inputs are the previous layer's outputs; a shared
+//! parameter has one shape) and describes it without a device: parameter names, shapes and
+//! offsets in the flat parameter vector, and costs. The engine cuts the model into [`Stage`]s
+//! at layer boundaries; a stage keeps its parameters and gradients in one buffer each, and
+//! tells the engine as soon as each layer's gradients are final, so that the all-reduce of that
+//! layer's bucket overlaps the rest of backward. A shared parameter whose layers land on two
+//! stages is held by both; the engine sums the copies' gradients, so they stay identical.
+//!
+//! The MLP ([`MlpConfig::model`]) is one such model, built of [`Linear`] layers;
+//! `examples/own_layer.rs` builds another from a layer of its own.
+
+mod linear;
+mod mlp;
+mod stage;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use linear::Linear;
+pub use mlp::{MlpConfig, Network};
+pub use stage::{LayerDone, Stage};
+
+use crate::backend::{Backend, Elem};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// One parameter of a layer: its name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// The layer-local name (`weight`), or the model-wide name of a shared parameter.
+    pub name: String,
+    /// The shape (row-major); the parameter holds the product of its dimensions.
+    pub shape: Vec<usize>,
+    /// Whether `name` is model-wide, so that every layer declaring it shares one parameter.
+    pub shared: bool,
+}
+
+impl ParamSpec {
+    /// A parameter of this layer alone, named `layers.{i}.{name}` in the model.
+    pub fn new(name: &str, shape: &[usize]) -> Self {
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: false }
+    }
+    /// A parameter named `name` in the whole model, shared by every layer that declares it.
+    pub fn shared(name: &str, shape: &[usize]) -> Self {
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: true }
+    }
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a layer costs per sample, for the planner.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LayerCost {
+    /// FLOPs of forward and backward together, per sample.
+    pub flops_per_sample: f64,
+    /// Floats the layer keeps per sample between forward and backward (its output, which the
+    /// stage holds, not counted).
+    pub saved_floats_per_sample: usize,
+    /// Floats of scratch per sample its backward uses (shared by the microbatches).
+    pub scratch_floats_per_sample: usize,
+}
+
+/// What a layer's forward and backward read: the device, the microbatch's rows and the
+/// layer's parameters.
+pub struct Ctx<'a, B: Backend> {
+    /// The device.
+    pub dev: &'a B,
+    /// Rows (samples) of the microbatch.
+    pub rows: usize,
+    params: B::Ref<'a, f32>,
+    ranges: Vec<Range<usize>>,
+}
+
+impl<'a, B: Backend> Ctx<'a, B> {
+    /// Parameter `i` (in the order of [`Layer::params`]).
+    pub fn param(&self, i: usize) -> B::Ref<'_, f32> {
+        B::sub(&self.params, self.ranges[i].clone())
+    }
+}
+
+/// The buffers a layer keeps for one microbatch between its forward and its backward.
+///
+/// Forward asks for buffer `i` of a length with [`Saved::keep`] (allocated once, then reused by
+/// later microbatches); backward reads it with [`Saved::get`].
+pub struct Saved<B: Backend> {
+    bufs: Vec<Option<B::Buf<f32>>>,
+}
+
+impl<B: Backend> Default for Saved<B> {
+    fn default() -> Self {
+        Saved { bufs: Vec::new() }
+    }
+}
+
+impl<B: Backend> Saved<B> {
+    /// Buffer `i`, `len` floats, to write in forward (its old contents are undefined).
+    pub fn keep(&mut self, dev: &B, i: usize, len: usize) -> Result<&mut B::Buf<f32>> {
+        if self.bufs.len() <= i {
+            self.bufs.resize_with(i + 1, || None);
+        }
+        if self.bufs[i].as_ref().is_none_or(|b| B::buf_len(b) != len) {
+            self.bufs[i] = Some(dev.alloc(len)?);
+        }
+        Ok(self.bufs[i].as_mut().unwrap())
+    }
+    /// Buffer `i` as forward left it.
+    pub fn get(&self, i: usize) -> Result<&B::Buf<f32>> {
+        self.bufs.get(i).and_then(|b| b.as_ref()).ok_or_else(|| {
+            Error::Invalid(format!("a layer's backward read saved buffer {i}, which its forward did not keep"))
+        })
+    }
+}
+
+/// What a layer's backward writes: its parameters' gradients, and scratch.
+pub struct Work<'a, B: Backend> {
+    grads: &'a mut B::Buf<f32>,
+    /// The layer's parameters: their ranges in the stage's buffer and their stage indices.
+    ranges: Vec<Range<usize>>,
+    slots: &'a [usize],
+    /// Per stage parameter: whether it holds this step's gradient yet.
+    live: &'a mut [bool],
+    taken: Vec<bool>,
+    scratch: &'a mut Vec<B::Buf<f32>>,
+}
+
+impl<'a, B: Backend> Work<'a, B> {
+    /// The gradient of parameter `i` and the `beta` to write it with: 0 for the first
+    /// contribution of the step (overwrite: the buffer holds stale values), 1 after (add).
+    /// A layer must write every gradient it takes, and take every one of its parameters'.
+    pub fn grad(&mut self, i: usize) -> (B::Mut<'_, f32>, f32) {
+        let slot = self.slots[i];
+        let beta = if self.live[slot] { 1.0 } else { 0.0 };
+        self.live[slot] = true;
+        self.taken[i] = true;
+        (B::view_range_mut(self.grads, self.ranges[i].clone()), beta)
+    }
+    /// A scratch buffer of at least `len` floats (give it back with [`Work::give_back`]).
+    pub fn take_scratch(&mut self, dev: &B, len: usize) -> Result<B::Buf<f32>> {
+        match self.scratch.iter().position(|b| B::buf_len(b) >= len) {
+            Some(i) => Ok(self.scratch.swap_remove(i)),
+            None => dev.alloc(len),
+        }
+    }
+    /// Returns a scratch buffer for later use.
+    pub fn give_back(&mut self, buf: B::Buf<f32>) {
+        self.scratch.push(buf);
+    }
+}
+
+/// A layer of a model: see the module documentation for the contract.
+pub trait Layer<B: Backend>: Send + Sync + 'static {
+    /// A short description for plans and messages, e.g. `linear 784x512 relu`.
+    fn describe(&self) -> String;
+    /// Features per sample in.
+    fn inputs(&self) -> usize;
+    /// Features per sample out.
+    fn outputs(&self) -> usize;
+    /// Its parameters, in the order [`Ctx::param`] and [`Work::grad`] index them.
+    fn params(&self) -> Vec<ParamSpec>;
+    /// Initial values of parameter `i` (`values` is zero-filled, `params()[i].len()` long),
+    /// drawn from the model's generator. Called in layer order, once per parameter (for a
+    /// shared one, by the first layer that declares it).
+    fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]);
+    /// Its cost per sample.
+    fn cost(&self) -> LayerCost;
+    /// `y = f(x)` for `cx.rows` rows (`x`: `rows x inputs`, `y`: `rows x outputs`, whose old
+    /// contents are undefined), keeping in `saved` what backward needs.
+    fn forward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        y: &mut B::Mut<'_, f32>,
+        saved: &mut Saved<B>,
+    ) -> Result<()>;
+    /// From `dy` (`rows x outputs`), the gradient of the output of the forward that left
+    /// `saved` (on input `x`): writes `dx` (`rows x inputs`) when asked for, and each
+    /// parameter's gradient through `work`.
+    fn backward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        dy: &B::Ref<'_, f32>,
+        dx: Option<&mut B::Mut<'_, f32>>,
+        saved: &Saved<B>,
+        work: &mut Work<'_, B>,
+    ) -> Result<()>;
+}
+
+/// One parameter of a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// The name checkpoints use: `layers.{i}.{local}`, or a shared parameter's own name.
+    pub name: String,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// Where it sits in the model's flat parameter vector.
+    pub range: Range<usize>,
+    /// The layers that use it (more than one for a shared parameter).
+    pub layers: Vec<usize>,
+}
+
+/// One layer of a model, described without a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerInfo {
+    /// [`Layer::describe`].
+    pub kind: String,
+    /// Features per sample in.
+    pub inputs: usize,
+    /// Features per sample out.
+    pub outputs: usize,
+    /// Its parameters, as indices into [`ModelInfo::params`], in the layer's order.
+    pub params: Vec<usize>,
+    /// Its cost per sample.
+    pub cost: LayerCost,
+}
+
+/// A model described without a device: what the planner, checkpoints and messages need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The model's name, e.g. `MLP 784-512-512-10 (relu)`.
+    pub name: String,
+    /// Its layers.
+    pub layers: Vec<LayerInfo>,
+    /// Its parameters, in order of first use; the flat parameter vector holds them in this order.
+    pub params: Vec<ParamInfo>,
+    /// Classes of the cross-entropy: each sample's output holds `outputs / classes` rows of
+    /// logits, with one label each.
+    pub classes: usize,
+}
+
+impl ModelInfo {
+    /// Layers.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+    /// Features per sample in.
+    pub fn inputs(&self) -> usize {
+        self.layers[0].inputs
+    }
+    /// Features per sample out.
+    pub fn outputs(&self) -> usize {
+        self.layers.last().unwrap().outputs
+    }
+    /// Labels per sample (`outputs / classes`).
+    pub fn labels_per_sample(&self) -> usize {
+        self.outputs() / self.classes
+    }
+    /// Total parameters.
+    pub fn param_count(&self) -> usize {
+        self.params.last().map_or(0, |p| p.range.end)
+    }
+    /// FLOPs of forward and backward per sample.
+    pub fn flops_per_sample(&self) -> f64 {
+        self.layers.iter().map(|l| l.cost.flops_per_sample).sum()
+    }
+    /// The parameter named `name`.
+    pub fn param(&self, name: &str) -> Option<&ParamInfo> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Where the parameters of layers `layers` sit in a stage's flat buffer: each parameter
+    /// once, in order of first use, so that the parameters a layer uses first are contiguous
+    /// (its bucket).
+    pub fn stage_layout(&self, layers: Range<usize>) -> StageLayout {
+        let mut params: Vec<usize> = Vec::new();
+        let mut local = Vec::new();
+        let mut buckets = Vec::new();
+        let mut layer_params = Vec::new();
+        let mut off = 0;
+        for l in layers.clone() {
+            let start = off;
+            let mut mine = Vec::new();
+            for &p in &self.layers[l].params {
+                let at = match params.iter().position(|&q| q == p) {
+                    Some(at) => at,
+                    None => {
+                        let n = self.params[p].range.len();
+                        params.push(p);
+                        local.push(off..off + n);
+                        off += n;
+                        params.len() - 1
+                    }
+                };
+                mine.push(at);
+            }
+            buckets.push(start..off);
+            layer_params.push(mine);
+        }
+        StageLayout { layers, params, local, buckets, layer_params, len: off }
+    }
+}
+
+/// How a stage's parameters sit in its flat buffer ([`ModelInfo::stage_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageLayout {
+    /// The model's layers on the stage.
+    pub layers: Range<usize>,
+    /// The model parameters it holds (indices into [`ModelInfo::params`]), in buffer order.
+    pub params: Vec<usize>,
+    /// Where each sits in the stage's buffer.
+    pub local: Vec<Range<usize>>,
+    /// Per layer of the stage, the range of the parameters it uses first: its all-reduce bucket
+    /// (empty for a layer without parameters of its own).
+    pub buckets: Vec<Range<usize>>,
+    /// Per layer of the stage, its parameters as indices into `params`.
+    pub layer_params: Vec<Vec<usize>>,
+    /// Floats in the stage's buffer.
+    pub len: usize,
+}
+
+impl StageLayout {
+    /// This stage's part of the model's flat vector `full`.
+    pub fn gather(&self, info: &ModelInfo, full: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.len);
+        for &p in &self.params {
+            out.extend_from_slice(&full[info.params[p].range.clone()]);
+        }
+        out
+    }
+    /// Writes this stage's buffer `part` into the model's flat vector `full`.
+    pub fn scatter(&self, info: &ModelInfo, part: &[f32], full: &mut [f32]) {
+        for (k, &p) in self.params.iter().enumerate() {
+            full[info.params[p].range.clone()].copy_from_slice(&part[self.local[k].clone()]);
+        }
+    }
+}
+
+/// A sequence of layers with a softmax cross-entropy on the last one's output: what the
+/// engine splits across devices. Cheap to clone (the layers are shared).
+pub struct Model<B: Backend> {
+    name: String,
+    layers: Vec<Arc<dyn Layer<B>>>,
+    classes: Option<usize>,
+}
+
+impl<B: Backend> Clone for Model<B> {
+    fn clone(&self) -> Self {
+        Model { name: self.name.clone(), layers: self.layers.clone(), classes: self.classes }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// An empty model named `name` (for plans and messages).
+    pub fn new(name: &str) -> Self {
+        Model { name: name.to_string(), layers: Vec::new(), classes: None }
+    }
+    /// Appends a layer.
+    pub fn push(mut self, layer: impl Layer<B>) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
+    }
+    /// Appends a shared layer value.
+    pub fn push_arc(mut self, layer: Arc<dyn Layer<B>>) -> Self {
+        self.layers.push(layer);
+        self
+    }
+    /// Sets the classes of the loss when each sample's output holds several rows of logits
+    /// (a language model: `context x vocabulary`); by default the output is one row per sample.
+    pub fn classes(mut self, classes: usize) -> Self {
+        self.classes = Some(classes);
+        self
+    }
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The layers.
+    pub fn layers(&self) -> &[Arc<dyn Layer<B>>] {
+        &self.layers
+    }
+
+    /// Checks the model and describes it: an error names the first layer whose inputs are not
+    /// the previous layer's outputs, a parameter with no values, or a shared parameter
+    /// declared with two shapes.
+    pub fn info(&self) -> Result<ModelInfo> {
+        let bad = |why: String| Error::Invalid(format!("model `{}`: {why}", self.name));
+        if self.layers.is_empty() {
+            return Err(bad("it has no layers".into()));
+        }
+        let mut params: Vec<ParamInfo> = Vec::new();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut off = 0usize;
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.inputs() == 0 || l.outputs() == 0 {
+                return Err(bad(format!(
+                    "layer {i} ({}) has {} inputs and {} outputs",
+                    l.describe(),
+                    l.inputs(),
+                    l.outputs()
+                )));
+            }
+            if i > 0 && l.inputs() != self.layers[i - 1].outputs() {
+                return Err(bad(format!(
+                    "layer {i} ({}) takes {} features, but layer {} ({}) gives {}",
+                    l.describe(),
+                    l.inputs(),
+                    i - 1,
+                    self.layers[i - 1].describe(),
+                    self.layers[i - 1].outputs()
+                )));
+            }
+            let mut mine = Vec::new();
+            for spec in l.params() {
+                if spec.is_empty() {
+                    return Err(bad(format!(
+                        "parameter `{}` of layer {i} has shape {:?}, no values",
+                        spec.name, spec.shape
+                    )));
+                }
+                let name = if spec.shared { spec.name.clone() } else { format!("layers.{i}.{}", spec.name) };
+                match params.iter().position(|p| p.name == name) {
+                    Some(p) if spec.shared && params[p].shape == spec.shape => {
+                        params[p].layers.push(i);
+                        mine.push(p);
+                    }
+                    Some(p) if spec.shared => {
+                        return Err(bad(format!(
+                            "shared parameter `{name}` is {:?} in layer {i} but {:?} in layer {}",
+                            spec.shape, params[p].shape, params[p].layers[0]
+                        )))
+                    }
+                    Some(_) => return Err(bad(format!("layer {i} declares parameter `{}` twice", spec.name))),
+                    None => {
+                        let n = spec.len();
+                        params.push(ParamInfo { name, shape: spec.shape, range: off..off + n, layers: vec![i] });
+                        off = off.checked_add(n).ok_or_else(|| bad("more parameters than an address holds".into()))?;
+                        mine.push(params.len() - 1);
+                    }
+                }
+            }
+            layers.push(LayerInfo {
+                kind: l.describe(),
+                inputs: l.inputs(),
+                outputs: l.outputs(),
+                params: mine,
+                cost: l.cost(),
+            });
+        }
+        let outputs = layers.last().unwrap().outputs;
+        let classes = self.classes.unwrap_or(outputs);
+        if classes == 0 || outputs % classes != 0 {
+            return Err(bad(format!(
+                "its output of {outputs} features is not a whole number of rows of {classes} classes"
+            )));
+        }
+        Ok(ModelInfo { name: self.name.clone(), layers, params, classes })
+    }
+
+    /// Seeded initial parameters, the model's flat vector: one generator for the whole model,
+    /// drawn from by each layer in order ([`Layer::init`]).
+    pub fn init(&self, seed: u64) -> Result<Vec<f32>> {
+        let info = self.info()?;
+        let mut rng = Rng::new(seed);
+        let mut flat = vec![0f32; info.param_count()];
+        let mut done = vec![false; info.params.len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            for (k, &p) in info.layers[i].params.iter().enumerate() {
+                if !done[p] {
+                    l.init(k, &mut rng, &mut flat[info.params[p].range.clone()]);
+                    done[p] = true;
+                }
+            }
+        }
+        Ok(flat)
+    }
+}
+
+/// Checks that a flat vector has the model's parameter count, for `what`.
+pub(crate) fn check_flat<T: Elem>(what: &'static str, info: &ModelInfo, v: &[T]) -> Result<()> {
+    if v.len() != info.param_count() {
+        return Err(Error::shape(
+            what,
+            format!("{} values given, the model `{}` has {} parameters", v.len(), info.name, info.param_count()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! A contiguous range of a model's layers on one device: a pipeline stage, or the whole model.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::nn::{Ctx, Layer, Model, ModelInfo, Saved, StageLayout, Work};
+use crate::ops::Ops;
+
+/// Called by [`Stage::backward`] with a local layer index and the gradient buffer as soon as
+/// that layer's gradients are final for the microbatch.
+pub type LayerDone<'a, B> = dyn FnMut(usize, &<B as Backend>::Buf<f32>) -> Result<()> + 'a;
+
+/// What one microbatch keeps between its forward and its backward on a stage.
+struct Acts<B: Backend> {
+    rows: usize,
+    /// The stage's input (`rows x inputs`).
+    x: B::Buf<f32>,
+    /// Labels, on the last stage (`rows x labels per sample`).
+    labels: B::Buf<i32>,
+    /// Each layer's output.
+    outs: Vec<B::Buf<f32>>,
+    /// What each layer kept for its backward.
+    saved: Vec<Saved<B>>,
+}
+
+/// A contiguous range of a model's layers on one device: a pipeline stage, or the whole model.
+///
+/// Its parameters and gradients are one buffer each, laid out by [`ModelInfo::stage_layout`].
+/// Several microbatches may be in flight: each keeps its activations, in a slot keyed by the
+/// microbatch number, from its forward to its backward. The stage's output is its last layer's
+/// output (the logits on the last stage); its backward takes the gradient of that output and
+/// leaves the gradient of its input for the previous stage.
+pub struct Stage<B: Ops> {
+    info: ModelInfo,
+    layers: Vec<Arc<dyn Layer<B>>>,
+    layout: StageLayout,
+    params: B::Buf<f32>,
+    grads: B::Buf<f32>,
+    /// Per parameter of the stage: whether the gradient buffer holds this step's gradient yet
+    /// (else the next contribution overwrites instead of adding).
+    live: Vec<bool>,
+    slots: HashMap<usize, Acts<B>>,
+    spare: Vec<Acts<B>>,
+    /// Backward's two gradient buffers (`rows x widest`), taking turns as a layer's output
+    /// gradient and its input gradient; `dx_at` says which holds the stage's input gradient.
+    g: [B::Buf<f32>; 2],
+    g_rows: usize,
+    dx_at: usize,
+    scratch: Vec<B::Buf<f32>>,
+}
+
+impl<B: Ops> Stage<B> {
+    /// Layers `layers` of `model`, holding `params` (the stage's buffer, in the order of
+    /// [`ModelInfo::stage_layout`]; [`StageLayout::gather`] makes it from the model's flat vector).
+    pub fn new(dev: &B, model: &Model<B>, layers: Range<usize>, params: &[f32]) -> Result<Self> {
+        let info = model.info()?;
+        if layers.is_empty() || layers.end > info.depth() {
+            return Err(Error::Invalid(format!(
+                "stage layers {layers:?} are not inside the model's {} layers",
+                info.depth()
+            )));
+        }
+        let layout = info.stage_layout(layers.clone());
+        if params.len() != layout.len {
+            return Err(Error::shape(
+                "Stage::new",
+                format!("{} parameters for layers {layers:?}, which hold {}", params.len(), layout.len),
+            ));
+        }
+        Ok(Stage {
+            layers: model.layers()[layers].to_vec(),
+            live: vec![false; layout.params.len()],
+            params: dev.upload(params)?,
+            grads: dev.alloc(layout.len)?,
+            layout,
+            info,
+            slots: HashMap::new(),
+            spare: Vec::new(),
+            g: [dev.alloc(0)?, dev.alloc(0)?],
+            g_rows: 0,
+            dx_at: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The model it is part of.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    /// Where its parameters sit in its buffer.
+    pub fn layout(&self) -> &StageLayout {
+        &self.layout
+    }
+    /// The model's layers it holds.
+    pub fn layers(&self) -> Range<usize> {
+        self.layout.layers.clone()
+    }
+    /// Whether it holds the model's first layer (its input is data).
+    pub fn is_first(&self) -> bool {
+        self.layout.layers.start == 0
+    }
+    /// Whether it holds the model's last layer (it computes the loss).
+    pub fn is_last(&self) -> bool {
+        self.layout.layers.end == self.info.depth()
+    }
+    /// Features of its input.
+    pub fn fan_in(&self) -> usize {
+        self.layers[0].inputs()
+    }
+    /// Features of its output.
+    pub fn fan_out(&self) -> usize {
+        self.layers.last().unwrap().outputs()
+    }
+    /// Parameters.
+    pub fn params(&self) -> &B::Buf<f32> {
+        &self.params
+    }
+    /// Gradients.
+    pub fn grads(&self) -> &B::Buf<f32> {
+        &self.grads
+    }
+    /// Gradients, writable (to all-reduce or scale them).
+    pub fn grads_mut(&mut self) -> &mut B::Buf<f32> {
+        &mut self.grads
+    }
+    /// Parameters (writable) and gradients, for an optimizer step.
+    pub fn params_and_grads(&mut self) -> (&mut B::Buf<f32>, &B::Buf<f32>) {
+        (&mut self.params, &self.grads)
+    }
+    /// Starts a new step: the next backward overwrites the gradients instead of adding.
+    pub fn start_step(&mut self) {
+        self.live.iter_mut().for_each(|l| *l = false);
+    }
+    /// Microbatches whose activations are held (forwarded, not yet backwarded).
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn slot(&mut self, dev: &B, mb: usize, rows: usize) -> Result<&mut Acts<B>> {
+        if !self.slots.contains_key(&mb) {
+            let acts = match self.spare.iter().position(|a| a.rows == rows) {
+                Some(i) => self.spare.swap_remove(i),
+                None => {
+                    let outs = self.layers.iter().map(|l| dev.alloc(rows * l.outputs())).collect::<Result<Vec<_>>>()?;
+                    Acts {
+                        rows,
+                        x: dev.alloc(rows * self.fan_in())?,
+                        labels: dev.alloc(rows * self.info.labels_per_sample())?,
+                        outs,
+                        saved: self.layers.iter().map(|_| Saved::default()).collect(),
+                    }
+                }
+            };
+            self.slots.insert(mb, acts);
+        }
+        let acts = self.slots.get_mut(&mb).unwrap();
+        if acts.rows != rows {
+            return Err(Error::Invalid(format!("microbatch {mb} is in flight with {} rows, not {rows}", acts.rows)));
+        }
+        Ok(acts)
+    }
+
+    /// The input buffer of microbatch `mb` (`rows x fan_in`), to be filled before its forward.
+    pub(crate) fn input_mut(&mut self, dev: &B, mb: usize, rows: usize) -> Result<&mut B::Buf<f32>> {
+        Ok(&mut self.slot(dev, mb, rows)?.x)
+    }
+
+    /// The rows that `labels` label (labels per sample of the model each), or an error.
+    fn rows_of(&self, what: &'static str, labels: usize) -> Result<usize> {
+        let per = self.info.labels_per_sample();
+        if labels == 0 {
+            return Err(Error::shape(what, "the batch is empty"));
+        }
+        if labels % per != 0 {
+            return Err(Error::shape(
+                what,
+                format!("{labels} labels is not a whole number of samples of {per} labels each"),
+            ));
+        }
+        Ok(labels / per)
+    }
+
+    /// Writes microbatch `mb`'s input and (on the last stage) labels from the host.
+    pub fn load(&mut self, dev: &B, mb: usize, x: &[f32], labels: &[i32]) -> Result<()> {
+        let rows = self.rows_of("Stage::load", labels.len())?;
+        let fan_in = self.fan_in();
+        if x.len() != rows * fan_in {
+            return Err(Error::shape(
+                "Stage::load",
+                format!(
+                    "inputs hold {} values for {rows} samples; the model takes {fan_in} features per sample ({} expected)",
+                    x.len(),
+                    rows * fan_in
+                ),
+            ));
+        }
+        let acts = self.slot(dev, mb, rows)?;
+        dev.write(&mut B::view_mut(&mut acts.x), x)?;
+        dev.write(&mut B::view_mut(&mut acts.labels), labels)
+    }
+
+    /// Writes microbatch `mb`'s labels (last stage) from the host.
+    pub fn load_labels(&mut self, dev: &B, mb: usize, labels: &[i32]) -> Result<()> {
+        let rows = self.rows_of("Stage::load_labels", labels.len())?;
+        let acts = self.slot(dev, mb, rows)?;
+        dev.write(&mut B::view_mut(&mut acts.labels), labels)
+    }
+
+    fn ctx<'a>(dev: &'a B, rows: usize, params: &'a B::Buf<f32>, layout: &StageLayout, i: usize) -> Ctx<'a, B> {
+        Ctx {
+            dev,
+            rows,
+            params: B::view(params),
+            ranges: layout.layer_params[i].iter().map(|&k| layout.local[k].clone()).collect(),
+        }
+    }
+
+    /// Forward of microbatch `mb`, whose input is loaded.
+    pub fn forward(&mut self, dev: &B, mb: usize) -> Result<()> {
+        let Stage { slots, layers, layout, params, .. } = self;
+        let acts =
+            slots.get_mut(&mb).ok_or_else(|| Error::Invalid(format!("forward of microbatch {mb} before its input")))?;
+        let rows = acts.rows;
+        for (i, layer) in layers.iter().enumerate() {
+            let cx = Self::ctx(dev, rows, params, layout, i);
+            let (before, rest) = acts.outs.split_at_mut(i);
+            let input = if i == 0 { B::view(&acts.x) } else { B::view(&before[i - 1]) };
+            layer
+                .forward(&cx, &input, &mut B::view_mut(&mut rest[0]), &mut acts.saved[i])
+                .map_err(|e| in_layer(layout.layers.start + i, layer.as_ref(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The output of microbatch `mb`'s forward: the stage's last layer's output (the logits on
+    /// the last stage).
+    pub fn output(&self, mb: usize) -> Result<&B::Buf<f32>> {
+        let acts =
+            self.slots.get(&mb).ok_or_else(|| Error::Invalid(format!("no forward of microbatch {mb} in flight")))?;
+        Ok(acts.outs.last().unwrap())
+    }
+
+    /// Mean cross-entropy of microbatch `mb`'s logits (last stage).
+    pub fn loss(&self, dev: &B, mb: usize) -> Result<f32> {
+        let acts =
+            self.slots.get(&mb).ok_or_else(|| Error::Invalid(format!("no forward of microbatch {mb} in flight")))?;
+        let lps = self.info.labels_per_sample();
+        dev.xent(acts.rows * lps, self.info.classes, &B::view(acts.outs.last().unwrap()), &B::view(&acts.labels))
+    }
+
+    fn grad_buffers(&mut self, dev: &B, rows: usize) -> Result<()> {
+        if self.g_rows < rows {
+            let widest = self.layers.iter().map(|l| l.inputs().max(l.outputs())).max().unwrap();
+            self.g = [dev.alloc(rows * widest)?, dev.alloc(rows * widest)?];
+            self.g_rows = rows;
+        }
+        Ok(())
+    }
+
+    /// Backward of microbatch `mb`: on the last stage from the loss (`dlogits = loss_scale *
+    /// (softmax - onehot)`, `loss_scale` = 1 / labels of the whole batch), elsewhere from
+    /// `grad_out`, the gradient of the stage's output. Adds to the gradients (overwrites each
+    /// one's first contribution of a step), leaves the input gradient for
+    /// [`Stage::input_grad`] (except on the first stage) and calls `layer_done(i)` as soon as
+    /// local layer `i`'s gradients are final for this microbatch. The activations stay until
+    /// [`Stage::release`]. Returns the microbatch's share of the loss on the last stage.
+    pub fn backward(
+        &mut self,
+        dev: &B,
+        mb: usize,
+        grad_out: Option<&B::Ref<'_, f32>>,
+        loss_scale: f32,
+        layer_done: &mut LayerDone<'_, B>,
+    ) -> Result<Option<f32>> {
+        let rows = self
+            .slots
+            .get(&mb)
+            .ok_or_else(|| Error::Invalid(format!("backward of microbatch {mb} without its forward")))?
+            .rows;
+        self.grad_buffers(dev, rows)?;
+        let (is_first, is_last) = (self.is_first(), self.is_last());
+        let lps = self.info.labels_per_sample();
+        let classes = self.info.classes;
+        let Stage { slots, layers, layout, params, grads, live, g, scratch, dx_at, .. } = self;
+        let acts = &slots[&mb];
+        let out_w = layers.last().unwrap().outputs();
+        let mut loss = None;
+        // Which of `g` holds the current output gradient (None: `grad_out`).
+        let mut cur: Option<usize> = None;
+        if is_last {
+            let logits = B::view(acts.outs.last().unwrap());
+            let mut dy = B::view_range_mut(&mut g[0], 0..rows * out_w);
+            loss = Some(dev.xent_backward_scaled(
+                rows * lps,
+                classes,
+                &logits,
+                &B::view(&acts.labels),
+                loss_scale,
+                &mut dy,
+            )?);
+            cur = Some(0);
+        } else if grad_out.is_none() {
+            return Err(Error::Invalid("a non-last stage's backward needs the output gradient".into()));
+        }
+        for i in (0..layers.len()).rev() {
+            let layer = &layers[i];
+            let cx = Self::ctx(dev, rows, params, layout, i);
+            let input = if i == 0 { B::view(&acts.x) } else { B::view(&acts.outs[i - 1]) };
+            let want_dx = i > 0 || !is_first;
+            let to = match cur {
+                Some(c) => 1 - c,
+                None => 0,
+            };
+            let (g0, g1) = g.split_at_mut(1);
+            let (from_buf, to_buf) = if to == 1 { (&g0[0], &mut g1[0]) } else { (&g1[0], &mut g0[0]) };
+            let dy = match cur {
+                Some(_) => B::view_range(from_buf, 0..rows * layer.outputs()),
+                None => B::sub(grad_out.unwrap(), 0..rows * layer.outputs()),
+            };
+            let mut dx = B::view_range_mut(to_buf, 0..rows * layer.inputs());
+            let slots_of = &layout.layer_params[i];
+            let mut work = Work {
+                grads,
+                ranges: slots_of.iter().map(|&k| layout.local[k].clone()).collect(),
+                slots: slots_of,
+                live,
+                taken: vec![false; slots_of.len()],
+                scratch,
+            };
+            let model_i = layout.layers.start + i;
+            layer
+                .backward(&cx, &input, &dy, want_dx.then_some(&mut dx), &acts.saved[i], &mut work)
+                .map_err(|e| in_layer(model_i, layer.as_ref(), e))?;
+            if let Some(k) = work.taken.iter().position(|t| !t) {
+                return Err(Error::Invalid(format!(
+                    "layer {model_i} ({}) did not write the gradient of its parameter {k} in backward: a layer \
+                     takes every one of its gradients with Work::grad",
+                    layer.describe()
+                )));
+            }
+            drop(work);
+            layer_done(i, grads)?;
+            cur = Some(to);
+        }
+        if !is_first {
+            *dx_at = cur.unwrap();
+        }
+        Ok(loss)
+    }
+
+    /// Frees microbatch `mb`'s activations (after its backward); their buffers are reused.
+    pub fn release(&mut self, mb: usize) {
+        if let Some(acts) = self.slots.remove(&mb) {
+            if self.spare.len() >= 4 {
+                self.spare.remove(0);
+            }
+            self.spare.push(acts);
+        }
+    }
+
+    /// The gradient of the stage's input from the last backward (`rows x fan_in`), to send to
+    /// the previous stage.
+    pub fn input_grad(&self, rows: usize) -> B::Ref<'_, f32> {
+        B::view_range(&self.g[self.dx_at], 0..rows * self.fan_in())
+    }
+}
+
+/// An error of a layer, with the layer named.
+fn in_layer<B: Backend>(i: usize, layer: &dyn Layer<B>, e: Error) -> Error {
+    match e {
+        Error::Shape { op, detail } => {
+            Error::Shape { op, detail: format!("{detail} (in layer {i}, {})", layer.describe()) }
+        }
+        e => e,
+    }
+}
