@@ -1,6 +1,9 @@
 //! The oracle: any plan trains to the same weights as one device on the same batches.
 
 mod common;
+#[path = "../examples/own_layer.rs"]
+#[allow(dead_code)]
+mod own_layer;
 
 use common::{tessera, tmp};
 use tessera::data::Dataset;
@@ -336,4 +339,75 @@ fn given_communicators_carry_the_gradients() {
     assert!(t.lanes[0].comm.iter().any(|s| s.label.starts_with("all-reduce")), "the buckets did not go through it");
     let err = rel_err(&e.params().unwrap(), &want);
     assert!(err <= 1e-6, "relative error {err:.3e}");
+}
+
+/// A researcher's own layer (`examples/own_layer.rs`: residual blocks sharing one matrix) goes
+/// through the same oracle: every plan trains to the single-device weights, the replicas stay
+/// identical, and so do the copies of the shared matrix where the blocks land on two stages.
+#[test]
+fn a_researchers_own_layer_passes_the_oracle_grid() {
+    let model = own_layer::model::<CpuDevice>();
+    let info = model.info().unwrap();
+    assert_eq!(info.param("blocks.weight").unwrap().layers, vec![1, 2], "the blocks share one matrix");
+    for (cfg, tol) in [
+        (config(sgd()), 1e-5),
+        (
+            TrainConfig {
+                clip_norm: Some(0.3),
+                ..config(OptimizerConfig::AdamW(AdamW { lr: 1e-2, ..AdamW::default() }))
+            },
+            1e-4,
+        ),
+    ] {
+        let dev = CpuDevice::new(0);
+        let mut t = Trainer::new(&dev, &model, cfg.clone()).unwrap();
+        t.fit(&data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+        let want = t.network().download_params(&dev).unwrap();
+        let mut worst = 0f64;
+        for dp in [1, 2] {
+            for pp in [1, 2, 3, 4] {
+                for m in [1, 2, 4] {
+                    for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+                        let plan = Plan::new(&info, dp, pp, m, kind).unwrap();
+                        let desc = plan.describe();
+                        let devs: Vec<CpuDevice> = (0..dp * pp).map(CpuDevice::new).collect();
+                        let mut e = Engine::new(&devs, &model, cfg.clone(), plan).unwrap();
+                        tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+                        let err = rel_err(&e.params().unwrap(), &want);
+                        worst = worst.max(err);
+                        assert!(err <= tol, "{desc}: relative error {err:.3e}");
+                        assert!(e.replicas_identical().unwrap(), "{desc}: replicas or shared copies diverged");
+                    }
+                }
+            }
+        }
+        eprintln!("own layer, {}: worst relative error over the grid {worst:.3e}", cfg.optimizer.name());
+    }
+}
+
+/// A model whose layers do not fit together, or whose shared parameter has two shapes, is
+/// refused with the layer named, before anything is allocated.
+#[test]
+fn a_model_that_does_not_fit_together_is_refused() {
+    use tessera::nn::{Linear, Model};
+    let m: Model<CpuDevice> =
+        Model::new("bad").push(Linear::new(12, 24, Activation::Relu)).push(Linear::new(20, 5, Activation::None));
+    let e = m.info().unwrap_err().to_string();
+    assert!(e.contains("layer 1 (linear 20x5) takes 20 features, but layer 0 (linear 12x24 relu) gives 24"), "{e}");
+    let m: Model<CpuDevice> = Model::new("bad shared")
+        .push(own_layer::Residual { width: 8, act: Activation::Relu, shared: Some("w") })
+        .push(own_layer::Residual { width: 8, act: Activation::Relu, shared: None })
+        .push(Linear::new(8, 8, Activation::Relu))
+        .push(own_layer::Residual { width: 8, act: Activation::Relu, shared: Some("w") });
+    assert!(m.info().is_ok());
+    let m: Model<CpuDevice> = Model::new("two shapes")
+        .push(own_layer::Residual { width: 8, act: Activation::Relu, shared: Some("w") })
+        .push(Linear::new(8, 4, Activation::Relu))
+        .push(own_layer::Residual { width: 4, act: Activation::Relu, shared: Some("w") });
+    let e = m.info().unwrap_err().to_string();
+    assert!(e.contains("shared parameter `w` is [4, 4] in layer 2 but [8, 8] in layer 0"), "{e}");
+    let devs: Vec<CpuDevice> = (0..2).map(CpuDevice::new).collect();
+    let plan = Plan::new(&info(), 1, 2, 2, ScheduleKind::GPipe).unwrap();
+    let e = Engine::new(&devs, &m, config(sgd()), plan).err().unwrap().to_string();
+    assert!(e.contains("two shapes"), "{e}");
 }

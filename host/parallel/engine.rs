@@ -62,6 +62,10 @@ pub(crate) fn upload_part<B: Ops>(
 }
 
 pub(crate) struct Worker<B: Ops> {
+    /// Its index in the mesh (replica * pp + stage).
+    pub(crate) index: usize,
+    /// Stages per replica.
+    pub(crate) pp: usize,
     pub(crate) dev: B,
     pub(crate) stage: Stage<B>,
     /// Shared parameters held by other stages too: their gradients are summed across stages.
@@ -420,7 +424,7 @@ impl<B: LocalGroup> Engine<B> {
                 None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
             };
             let tied = tied_params(&info, &plan, s);
-            workers.push(Worker { dev: dev.clone(), stage, tied, state: st, comm: None, comm_in_use: reduce });
+            workers.push(Worker { index: i, pp: mesh.pp, dev: dev.clone(), stage, tied, state: st, comm: None, comm_in_use: reduce });
         }
         if let Some(make) = make.as_mut() {
             for s in 0..mesh.pp {
@@ -594,9 +598,23 @@ impl<B: LocalGroup> Engine<B> {
         Ok(out)
     }
 
-    /// Whether every replica holds bit-identical parameters and optimizer state.
+    /// Whether every replica holds bit-identical parameters and optimizer state, and every copy
+    /// of a shared parameter (on several stages) the same bits as the others.
     pub fn replicas_identical(&self) -> Result<bool> {
         let pp = self.plan.mesh.pp;
+        for w in &self.workers {
+            for t in &w.tied {
+                let first = &self.workers[w.stage_index_base() + t.holders[0]];
+                let slot_of = |x: &Worker<B>| x.stage.layout().params.iter().position(|&p| p == t.param).unwrap();
+                let mine = w.stage.layout().local[t.slot].clone();
+                let theirs = first.stage.layout().local[slot_of(first)].clone();
+                let a = w.dev.download(&B::view_range(w.stage.params(), mine))?;
+                let b = first.dev.download(&B::view_range(first.stage.params(), theirs))?;
+                if a.iter().zip(&b).any(|(x, y)| x.to_bits() != y.to_bits()) {
+                    return Ok(false);
+                }
+            }
+        }
         for s in 0..pp {
             let w0 = &self.workers[s];
             let p0 = w0.dev.download(&B::view(w0.stage.params()))?;
@@ -655,6 +673,13 @@ impl<B: LocalGroup> Engine<B> {
             }
         }
         Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })
+    }
+}
+
+impl<B: Ops> Worker<B> {
+    /// The mesh index of stage 0 of its replica.
+    fn stage_index_base(&self) -> usize {
+        self.index - self.index % self.pp
     }
 }
 
