@@ -45,7 +45,13 @@ impl<B: Ops> Layer<B> for Residual {
         let n = self.width;
         LayerCost { flops_per_sample: 6.0 * (n * n) as f64, saved_floats_per_sample: n, scratch_floats_per_sample: n }
     }
-    fn forward(&self, cx: &Ctx<'_, B>, x: &B::Ref<'_, f32>, y: &mut B::Mut<'_, f32>, saved: &mut Saved<B>) -> Result<()> {
+    fn forward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        y: &mut B::Mut<'_, f32>,
+        saved: &mut Saved<B>,
+    ) -> Result<()> {
         let (n, dev) = (self.width, cx.dev);
         let z = saved.keep(dev, 0, cx.rows * n)?; // the pre-activation, for backward
         let g = Gemm::new(cx.rows, n, n).activation(self.act);

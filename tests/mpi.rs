@@ -524,3 +524,29 @@ fn the_mpi_communicator_all_reduces_broadcasts_sends_and_receives() {
         assert!(out.contains(&format!("mpi collectives: ok on {np} ranks")), "{out}{err}");
     }
 }
+
+/// A researcher's own model (`examples/own_layer.rs`) across processes: dp 2 x pp 2 on 4
+/// ranks, the blocks' shared matrix summed between the two stages' ranks, against one device.
+#[test]
+fn a_researchers_own_layer_trains_across_processes() {
+    if !mpirun_present() {
+        return;
+    }
+    let dir = std::env::var_os("TESSERA_EXAMPLES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tessera_bin().parent().unwrap().join("examples"));
+    let exe = dir.join("own_layer_mpi");
+    assert!(exe.exists(), "{} was not built (cargo builds examples for the tests)", exe.display());
+    let o = Command::new("mpirun")
+        .args(["-np", "4", "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("TESSERA_COMM_TIMEOUT", "60")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("own layer under mpi: ok"), "{out}{err}");
+}

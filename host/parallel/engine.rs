@@ -424,7 +424,16 @@ impl<B: LocalGroup> Engine<B> {
                 None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
             };
             let tied = tied_params(&info, &plan, s);
-            workers.push(Worker { index: i, pp: mesh.pp, dev: dev.clone(), stage, tied, state: st, comm: None, comm_in_use: reduce });
+            workers.push(Worker {
+                index: i,
+                pp: mesh.pp,
+                dev: dev.clone(),
+                stage,
+                tied,
+                state: st,
+                comm: None,
+                comm_in_use: reduce,
+            });
         }
         if let Some(make) = make.as_mut() {
             for s in 0..mesh.pp {

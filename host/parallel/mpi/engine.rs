@@ -236,7 +236,16 @@ impl<B: Ops> DistEngine<B> {
             AllReduce::Ring => Some(Box::new(group.ring(dev)?)),
             AllReduce::Custom { make, .. } => Some(make(group, dev)?),
         };
-        let worker = Worker { index: world.rank, pp: mesh.pp, dev: dev.clone(), stage, tied, state: st, comm, comm_in_use: reduce };
+        let worker = Worker {
+            index: world.rank,
+            pp: mesh.pp,
+            dev: dev.clone(),
+            stage,
+            tied,
+            state: st,
+            comm,
+            comm_in_use: reduce,
+        };
         Ok(DistEngine { info, world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
     }
 
