@@ -1,11 +1,13 @@
-//! A custom training loop written from tessera's low-level ops, without the trainer: a
-//! two-layer classifier (Linear + GELU, Linear) on a synthetic teacher's labels, with AdamW.
-//! It is what a researcher starts from to try something the trainer does not do.
+//! A custom training loop written from tessera's ops on tensors, without the trainer: a
+//! two-layer classifier (Linear + GELU, Linear) on a synthetic teacher's labels, with an AdamW
+//! object that owns its moments. Every op reads its sizes from the tensors' shapes and refuses
+//! a mismatch. It is what a researcher starts from to try something the trainer does not do.
 //!
 //! `cargo run --release --example custom_loop` (add `-- cuda` to run it on GPU 0).
 
 use tessera::data::Dataset;
-use tessera::{Activation, AdamW, Backend, CpuDevice, CudaDevice, Gemm, Ops, Result, Tensor};
+use tessera::ops::shaped::MatMul;
+use tessera::{Activation, AdamW, Backend, CpuDevice, CudaDevice, Ops, Optimizer, Result, Tensor};
 
 fn train<B: Ops>(dev: &B) -> Result<(f32, f32)> {
     let (inputs, hidden, classes, batch) = (20, 64, 5, 100);
@@ -14,85 +16,46 @@ fn train<B: Ops>(dev: &B) -> Result<(f32, f32)> {
     let s1 = (6.0 / inputs as f32).sqrt();
     let s2 = (6.0 / (hidden + classes) as f32).sqrt();
 
-    // Parameters, their gradients and AdamW's moments: plain tensors.
+    // Parameters and their gradients: plain tensors, whose shapes every op reads and checks.
     let mut w1 = Tensor::from_vec(dev, &[inputs, hidden], rng.vec(inputs * hidden, -s1, s1))?;
     let mut b1 = Tensor::<B>::zeros(dev, &[hidden])?;
     let mut w2 = Tensor::from_vec(dev, &[hidden, classes], rng.vec(hidden * classes, -s2, s2))?;
     let mut b2 = Tensor::<B>::zeros(dev, &[classes])?;
-    let shapes = [inputs * hidden, hidden, hidden * classes, classes];
-    let mut grads: Vec<Tensor<B>> = shapes.iter().map(|&n| Tensor::zeros(dev, &[n])).collect::<Result<_>>()?;
-    let mut m: Vec<Tensor<B>> = shapes.iter().map(|&n| Tensor::zeros(dev, &[n])).collect::<Result<_>>()?;
-    let mut v: Vec<Tensor<B>> = shapes.iter().map(|&n| Tensor::zeros(dev, &[n])).collect::<Result<_>>()?;
+    let zeros_like = |t: &Tensor<B>| Tensor::<B>::zeros(dev, t.shape());
+    let (mut gw1, mut gb1, mut gw2, mut gb2) = (zeros_like(&w1)?, zeros_like(&b1)?, zeros_like(&w2)?, zeros_like(&b2)?);
+    // AdamW owns its moments, one pair per parameter.
+    let mut opt = Optimizer::new(dev, AdamW { lr: 1e-2, ..AdamW::default() }, &[&w1, &b1, &w2, &b2])?;
 
     let x = Tensor::from_slice(dev, &[batch, inputs], &data.x)?;
     let y = Tensor::<B, i32>::from_slice(dev, &[batch], &data.y)?;
     let mut z1 = Tensor::<B>::zeros(dev, &[batch, hidden])?;
-    let mut h1 = Tensor::<B>::zeros(dev, &[batch, hidden])?;
+    let mut h1 = zeros_like(&z1)?;
     let mut logits = Tensor::<B>::zeros(dev, &[batch, classes])?;
-    let mut dlogits = Tensor::<B>::zeros(dev, &[batch, classes])?;
-    let mut dh1 = Tensor::<B>::zeros(dev, &[batch, hidden])?;
-    let mut dz1 = Tensor::<B>::zeros(dev, &[batch, hidden])?;
-    let opt = AdamW { lr: 1e-2, ..AdamW::default() };
+    let mut dlogits = zeros_like(&logits)?;
+    let (mut dh1, mut dz1) = (zeros_like(&z1)?, zeros_like(&z1)?);
 
     let mut first = None;
     let mut loss = 0.0;
-    for step in 1..=200u64 {
-        // Forward: two fused GEMM launches (bias and GELU in the first one's epilogue).
-        let g1 = Gemm::new(batch, hidden, inputs).activation(Activation::GeluTanh);
-        dev.gemm(&g1, &x.view(), &w1.view(), Some(&b1.view()), &mut z1.view_mut(), Some(&mut h1.view_mut()))?;
-        dev.gemm(
-            &Gemm::new(batch, classes, hidden),
-            &h1.view(),
-            &w2.view(),
-            Some(&b2.view()),
-            &mut logits.view_mut(),
-            None,
-        )?;
+    for _ in 0..200 {
+        // Forward: two fused GEMM launches (bias and GELU in the first one's epilogue), the
+        // pre-activation z1 kept for backward.
+        MatMul::new(&x, &w1)
+            .bias(&b1)
+            .activation(Activation::GeluTanh)
+            .run_keeping_preactivation(dev, &mut z1, &mut h1)?;
+        MatMul::new(&h1, &w2).bias(&b2).run(dev, &mut logits)?;
         // Loss and its gradient in one pass.
-        loss = dev.xent_backward(batch, classes, &logits.view(), &y.view(), &mut dlogits.view_mut())?;
+        loss = logits.cross_entropy_backward(dev, &y, &mut dlogits)?;
         first.get_or_insert(loss);
-        // Backward.
-        let [gw1, gb1, gw2, gb2] = &mut grads[..] else { unreachable!() };
-        dev.gemm(
-            &Gemm::new(hidden, classes, batch).trans_a(true),
-            &h1.view(),
-            &dlogits.view(),
-            None,
-            &mut gw2.view_mut(),
-            None,
-        )?;
-        dev.col_sum(batch, classes, &dlogits.view(), 0.0, &mut gb2.view_mut())?;
-        dev.gemm(
-            &Gemm::new(batch, hidden, classes).trans_b(true),
-            &dlogits.view(),
-            &w2.view(),
-            None,
-            &mut dh1.view_mut(),
-            None,
-        )?;
-        dev.act_backward(Activation::GeluTanh, &z1.view(), &dh1.view(), &mut dz1.view_mut())?;
-        dev.gemm(
-            &Gemm::new(inputs, hidden, batch).trans_a(true),
-            &x.view(),
-            &dz1.view(),
-            None,
-            &mut gw1.view_mut(),
-            None,
-        )?;
-        dev.col_sum(batch, hidden, &dz1.view(), 0.0, &mut gb1.view_mut())?;
-        // AdamW on each parameter tensor.
-        for (i, p) in [&mut w1, &mut b1, &mut w2, &mut b2].into_iter().enumerate() {
-            let (mi, vi) = (&mut m[i], &mut v[i]);
-            dev.adamw_step(
-                &opt,
-                step,
-                1.0,
-                &mut p.view_mut(),
-                &grads[i].view(),
-                &mut mi.view_mut(),
-                &mut vi.view_mut(),
-            )?;
-        }
+        // Backward: dW2 = h1^T dlogits, db2, dh1 = dlogits W2^T, through GELU, dW1, db1.
+        MatMul::new(&h1, &dlogits).trans_a().run(dev, &mut gw2)?;
+        dlogits.col_sum(dev, 0.0, &mut gb2)?;
+        MatMul::new(&dlogits, &w2).trans_b().run(dev, &mut dh1)?;
+        Tensor::activation_backward(dev, Activation::GeluTanh, &z1, &dh1, &mut dz1)?;
+        MatMul::new(&x, &dz1).trans_a().run(dev, &mut gw1)?;
+        dz1.col_sum(dev, 0.0, &mut gb1)?;
+        // One AdamW step over the four tensors.
+        opt.step(dev, &mut [&mut w1, &mut b1, &mut w2, &mut b2], &[&gw1, &gb1, &gw2, &gb2])?;
     }
     dev.synchronize()?;
     Ok((first.unwrap(), loss))

@@ -52,7 +52,7 @@ pub use error::{Error, Result};
 pub use ops::activation::{Activation, ActivationOps};
 pub use ops::gemm::{Gemm, GemmKernel, GemmOps};
 pub use ops::loss::LossOps;
-pub use ops::optim::{AdamW, OptimOps, Sgd};
+pub use ops::optim::{AdamW, OptimOps, Optimizer, OptimizerConfig, Sgd};
 pub use ops::reduce::ReduceOps;
 pub use ops::Ops;
 pub use tensor::Tensor;

@@ -11,8 +11,9 @@ pub use crate::nn::{Ctx, Layer, LayerCost, Linear, MlpConfig, Model, ModelInfo, 
 pub use crate::ops::activation::{Activation, ActivationOps};
 pub use crate::ops::gemm::{Gemm, GemmKernel, GemmOps};
 pub use crate::ops::loss::LossOps;
-pub use crate::ops::optim::{AdamW, OptimOps, Sgd};
+pub use crate::ops::optim::{AdamW, OptimOps, Optimizer, Sgd};
 pub use crate::ops::reduce::ReduceOps;
+pub use crate::ops::shaped::MatMul;
 pub use crate::ops::Ops;
 pub use crate::parallel::comm::{Communicator, LocalGroup};
 pub use crate::parallel::engine::Engine;

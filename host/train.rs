@@ -8,47 +8,8 @@ use std::str::FromStr;
 use crate::data::{batch_indices, batches_per_epoch, epoch_order, Dataset};
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelInfo, Network};
-use crate::ops::optim::{AdamW, Sgd};
+pub use crate::ops::optim::{apply_optimizer, OptimizerConfig};
 use crate::ops::Ops;
-
-/// Which optimizer, with its hyper-parameters.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum OptimizerConfig {
-    /// SGD with momentum and weight decay.
-    Sgd(Sgd),
-    /// AdamW.
-    AdamW(AdamW),
-}
-
-impl OptimizerConfig {
-    /// `sgd` or `adamw`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            OptimizerConfig::Sgd(_) => "sgd",
-            OptimizerConfig::AdamW(_) => "adamw",
-        }
-    }
-    /// Names of its state buffers (each the size of the parameters).
-    pub fn slots(&self) -> &'static [&'static str] {
-        match self {
-            OptimizerConfig::Sgd(_) => &["momentum"],
-            OptimizerConfig::AdamW(_) => &["exp_avg", "exp_avg_sq"],
-        }
-    }
-    /// The base learning rate.
-    pub fn lr(&self) -> f32 {
-        match self {
-            OptimizerConfig::Sgd(o) => o.lr,
-            OptimizerConfig::AdamW(o) => o.lr,
-        }
-    }
-    fn validate(&self) -> Result<()> {
-        match self {
-            OptimizerConfig::Sgd(o) => o.validate(),
-            OptimizerConfig::AdamW(o) => o.validate(),
-        }
-    }
-}
 
 /// How the learning rate moves with the step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -265,34 +226,6 @@ impl<B: Ops> Trainer<B> {
         on_step: impl FnMut(&Self, &StepStats, usize) -> Result<()>,
     ) -> Result<()> {
         fit(self, train, batch, total_steps, cursor, on_step)
-    }
-}
-
-/// One optimizer update of `params` from `grad_scale * grads` at learning rate `lr`, step `t`
-/// (1-based), with the optimizer's state buffers (as many as [`OptimizerConfig::slots`]).
-#[allow(clippy::too_many_arguments)]
-pub fn apply_optimizer<B: Ops>(
-    dev: &B,
-    opt: &OptimizerConfig,
-    lr: f32,
-    t: u64,
-    grad_scale: f32,
-    params: &mut B::Buf<f32>,
-    grads: &B::Buf<f32>,
-    state: &mut [B::Buf<f32>],
-) -> Result<()> {
-    let mut w = B::view_mut(params);
-    let g = B::view(grads);
-    match (*opt, state) {
-        (OptimizerConfig::Sgd(o), [mom]) => {
-            dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))
-        }
-        (OptimizerConfig::AdamW(o), [m, v]) => {
-            dev.adamw_step(&AdamW { lr, ..o }, t, grad_scale, &mut w, &g, &mut B::view_mut(m), &mut B::view_mut(v))
-        }
-        (o, s) => {
-            Err(Error::Invalid(format!("{} needs {} state buffers, {} given", o.name(), o.slots().len(), s.len())))
-        }
     }
 }
 

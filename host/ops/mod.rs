@@ -6,6 +6,7 @@ pub mod gemm;
 pub mod loss;
 pub mod optim;
 pub mod reduce;
+pub mod shaped;
 
 use cudarc::driver::LaunchConfig;
 

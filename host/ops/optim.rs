@@ -12,6 +12,7 @@ use crate::backend::sim::{SimDevice, SimView, SimViewMut};
 use crate::backend::{check_len, Backend};
 use crate::error::{Error, Result};
 use crate::ops::{as_i64, elementwise_cfg};
+use crate::tensor::Tensor;
 
 /// SGD: `g' = s*g + wd*w; mom = momentum*mom + g'; w -= lr*mom`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +89,160 @@ impl AdamW {
         }
         let t = t.min(i32::MAX as u64) as i32;
         Ok(((1.0 - (self.beta1 as f64).powi(t)) as f32, (1.0 - (self.beta2 as f64).powi(t)) as f32))
+    }
+}
+
+/// Which optimizer, with its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimizerConfig {
+    /// SGD with momentum and weight decay.
+    Sgd(Sgd),
+    /// AdamW.
+    AdamW(AdamW),
+}
+
+impl OptimizerConfig {
+    /// `sgd` or `adamw`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Sgd(_) => "sgd",
+            OptimizerConfig::AdamW(_) => "adamw",
+        }
+    }
+    /// Names of its state buffers (each the size of the parameters).
+    pub fn slots(&self) -> &'static [&'static str] {
+        match self {
+            OptimizerConfig::Sgd(_) => &["momentum"],
+            OptimizerConfig::AdamW(_) => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+    /// The base learning rate.
+    pub fn lr(&self) -> f32 {
+        match self {
+            OptimizerConfig::Sgd(o) => o.lr,
+            OptimizerConfig::AdamW(o) => o.lr,
+        }
+    }
+    /// Checks the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            OptimizerConfig::Sgd(o) => o.validate(),
+            OptimizerConfig::AdamW(o) => o.validate(),
+        }
+    }
+}
+
+/// One optimizer update of `params` from `grad_scale * grads` at learning rate `lr`, step `t`
+/// (1-based), with the optimizer's state buffers (as many as [`OptimizerConfig::slots`]).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_optimizer<B: OptimOps>(
+    dev: &B,
+    opt: &OptimizerConfig,
+    lr: f32,
+    t: u64,
+    grad_scale: f32,
+    params: &mut B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    state: &mut [B::Buf<f32>],
+) -> Result<()> {
+    let mut w = B::view_mut(params);
+    let g = B::view(grads);
+    match (*opt, state) {
+        (OptimizerConfig::Sgd(o), [mom]) => {
+            dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))
+        }
+        (OptimizerConfig::AdamW(o), [m, v]) => {
+            dev.adamw_step(&AdamW { lr, ..o }, t, grad_scale, &mut w, &g, &mut B::view_mut(m), &mut B::view_mut(v))
+        }
+        (o, s) => {
+            Err(Error::Invalid(format!("{} needs {} state buffers, {} given", o.name(), o.slots().len(), s.len())))
+        }
+    }
+}
+
+/// An optimizer that owns its state: one buffer per slot ([`OptimizerConfig::slots`]) for each
+/// parameter tensor it was made for, and the step count. One call per step updates them all;
+/// shapes are checked against the tensors it was made for.
+pub struct Optimizer<B: OptimOps> {
+    rule: OptimizerConfig,
+    shapes: Vec<Vec<usize>>,
+    state: Vec<Vec<B::Buf<f32>>>,
+    t: u64,
+}
+
+impl<B: OptimOps> Optimizer<B> {
+    /// State for `params` (zeroed), updated by `rule`.
+    pub fn new(dev: &B, rule: impl Into<OptimizerConfig>, params: &[&Tensor<B>]) -> Result<Self> {
+        let rule = rule.into();
+        rule.validate()?;
+        let state = params
+            .iter()
+            .map(|p| rule.slots().iter().map(|_| dev.alloc(p.len())).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Optimizer { rule, shapes: params.iter().map(|p| p.shape().to_vec()).collect(), state, t: 0 })
+    }
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+    /// The update rule.
+    pub fn rule(&self) -> &OptimizerConfig {
+        &self.rule
+    }
+    /// One step at the rule's learning rate: `params[i]` from `grads[i]`.
+    pub fn step(&mut self, dev: &B, params: &mut [&mut Tensor<B>], grads: &[&Tensor<B>]) -> Result<()> {
+        self.step_with(dev, self.rule.lr(), 1.0, params, grads)
+    }
+    /// One step at learning rate `lr`, each gradient scaled by `grad_scale` first (global-norm
+    /// clipping).
+    pub fn step_with(
+        &mut self,
+        dev: &B,
+        lr: f32,
+        grad_scale: f32,
+        params: &mut [&mut Tensor<B>],
+        grads: &[&Tensor<B>],
+    ) -> Result<()> {
+        if params.len() != self.shapes.len() || grads.len() != self.shapes.len() {
+            return Err(Error::shape(
+                "Optimizer::step",
+                format!(
+                    "made for {} parameters, given {} parameters and {} gradients",
+                    self.shapes.len(),
+                    params.len(),
+                    grads.len()
+                ),
+            ));
+        }
+        for (i, shape) in self.shapes.iter().enumerate() {
+            if params[i].shape() != shape.as_slice() || grads[i].shape() != shape.as_slice() {
+                return Err(Error::shape(
+                    "Optimizer::step",
+                    format!(
+                        "parameter {i} was {shape:?} when the optimizer was made; given {:?} with gradient {:?}",
+                        params[i].shape(),
+                        grads[i].shape()
+                    ),
+                ));
+            }
+        }
+        self.t += 1;
+        for ((p, g), st) in params.iter_mut().zip(grads).zip(&mut self.state) {
+            apply_optimizer(dev, &self.rule, lr, self.t, grad_scale, p.buf_mut(), g.buf(), st)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Sgd> for OptimizerConfig {
+    fn from(o: Sgd) -> Self {
+        OptimizerConfig::Sgd(o)
+    }
+}
+
+impl From<AdamW> for OptimizerConfig {
+    fn from(o: AdamW) -> Self {
+        OptimizerConfig::AdamW(o)
     }
 }
 
