@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(any(test, feature = "testing"))]
 pub mod check;
 pub mod checkpoint;
 pub mod data;
@@ -38,6 +39,7 @@ pub mod nn;
 pub mod ops;
 pub mod parallel;
 pub mod prelude;
+#[cfg(any(test, feature = "testing"))]
 pub mod reference;
 pub mod rng;
 pub mod tensor;
