@@ -1,11 +1,57 @@
 //! tessera: hand-written CUDA kernels and a host library for people who write their own
-//! training loops.
+//! trainers, which splits a model of their own across devices and replicas.
+//!
+//! # Models: the layer contract
+//!
+//! A model is a sequence of layers ([`nn::Model`]). A layer ([`nn::Layer`]) runs forward on a
+//! microbatch and keeps what its backward needs, runs backward from its output gradient to its
+//! input gradient while writing its parameters' gradients, names its parameters (the names
+//! checkpoints use) and tells the planner its FLOPs and memory. The engine
+//! ([`parallel::engine::Engine`], or [`parallel::mpi::DistEngine`] across processes) cuts the
+//! model into pipeline stages at layer boundaries and replicates it across data-parallel
+//! replicas; any plan trains to the weights of one device. tessera's MLP is one such model
+//! ([`nn::MlpConfig::model`]); `examples/own_layer.rs` writes a layer of its own (a residual
+//! block, sharing its matrix between blocks) and trains it with dp 2 x pp 2.
+//!
+//! ```
+//! use tessera::prelude::*;
+//!
+//! # fn main() -> Result<()> {
+//! let model: Model<CpuDevice> = Model::new("my net")
+//!     .push(Linear::new(12, 32, Activation::GeluTanh))
+//!     .push(Linear::new(32, 32, Activation::GeluTanh))
+//!     .push(Linear::new(32, 5, Activation::None));
+//! let info = model.info()?; // checked: each layer takes what the one before gives
+//! assert_eq!(info.params[0].name, "layers.0.weight");
+//! let cfg = TrainConfig {
+//!     optimizer: AdamW { lr: 1e-2, ..AdamW::default() }.into(),
+//!     schedule: LrSchedule::Constant,
+//!     clip_norm: Some(1.0),
+//!     seed: 0,
+//! };
+//! // Two replicas of a two-stage pipeline on four logical CPU devices, four microbatches.
+//! let devices: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
+//! let plan = Plan::new(&info, 2, 2, 4, ScheduleKind::OneFOneB)?;
+//! let mut engine = Engine::new(&devices, &model, cfg, plan)?;
+//! let data = Dataset::synthetic(64, &[12, 24, 5], 1)?;
+//! let first = engine.step(&data.x, &data.y)?.loss;
+//! for _ in 0..20 {
+//!     engine.step(&data.x, &data.y)?;
+//! }
+//! assert!(engine.step(&data.x, &data.y)?.loss < first);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Devices and ops
 //!
 //! The kernels live in `kernels/*.cu` and are compiled by the build script; [`kernels`] holds
 //! their generated, typed launch handles and the build's manifest. A [`Backend`] is a device:
-//! memory, copies and synchronisation ([`CpuDevice`] and [`CudaDevice`]). Each op family is its
-//! own small trait in [`ops`], implemented by both backends side by side, so training code is
-//! generic over the device and chooses it once.
+//! memory, copies and synchronisation ([`CpuDevice`], [`CudaDevice`], and [`SimDevice`], which
+//! runs the CUDA kernels in a simulator that checks every access). Each op family is its own
+//! small trait in [`ops`], implemented by every backend side by side, so training code is
+//! generic over the device and chooses it once. [`ops::shaped`] runs them on [`Tensor`]s,
+//! reading every size from the shapes; the explicit style takes views and sizes:
 //!
 //! ```
 //! use tessera::{Activation, Backend, CpuDevice, Gemm, GemmOps, Tensor};
@@ -24,6 +70,9 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The test harness (`tessera::check`: comparisons, the f64 reference ops) is behind the
+//! `testing` feature; `mpi` (on by default) adds the engine across processes.
 
 #![warn(missing_docs)]
 
