@@ -223,6 +223,27 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The checks before a run resumes from this checkpoint, each an error that says what to
+    /// do: the model is the one that wrote it ([`Checkpoint::check_model`]), the data is the
+    /// data it was trained on, and its place in the epoch exists in the epochs of this data
+    /// (`batches_per_epoch` batches of its batch size).
+    pub fn check_resume(&self, info: &ModelInfo, data: &DataId, batches_per_epoch: u64) -> Result<()> {
+        self.check_model(info)?;
+        if self.data.crc32 != data.crc32 {
+            return Err(Error::Invalid(format!(
+                "it was trained on {}, and this run's data is {}: resume on the same data, or start a new run",
+                self.data, data
+            )));
+        }
+        if self.cursor.batch > batches_per_epoch {
+            return Err(Error::Invalid(format!(
+                "it is at batch {} of an epoch, but batch {} over this data gives {batches_per_epoch} batches an epoch",
+                self.cursor.batch, self.batch
+            )));
+        }
+        Ok(())
+    }
+
     /// Each tensor's range in the flat vectors.
     fn ranges(&self) -> Vec<std::ops::Range<usize>> {
         let mut off = 0;

@@ -43,7 +43,6 @@ pub(crate) fn train_config(
                 c.model
             ),
         })?;
-        c.check_model(&mlp.info()).map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
         let mut conflicts = Vec::new();
         let cc = &c.config;
         if widths.as_ref().is_some_and(|w| *w != mlp.widths) {
@@ -183,16 +182,19 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     }
     let data_id = DataId::of(&data_name, &train_set, &test_set);
     if let Some(c) = &ckpt {
-        if c.data.crc32 != data_id.crc32 {
-            return Err(Error::Checkpoint {
-                path: a.resume.as_ref().unwrap().display().to_string(),
-                reason: format!(
-                    "it was trained on {}, and this run's data is {}: resume on the same data (the same --data, or \
-                     none for the vendored digits), or start a new run",
-                    c.data, data_id
+        // The model, the data and the place in the epoch, checked by the library.
+        let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
+        c.check_resume(&mlp.info(), &data_id, per_epoch).map_err(|e| Error::Checkpoint {
+            path: a.resume.as_ref().unwrap().display().to_string(),
+            reason: match e {
+                Error::Invalid(m) if m.starts_with("it was trained on") => m.replace(
+                    "resume on the same data,",
+                    "resume on the same data (the same --data, or none for the vendored digits),",
                 ),
-            });
-        }
+                Error::Invalid(m) => m,
+                e => e.to_string(),
+            },
+        })?;
     }
     if train_set.dim != mlp.inputs() || train_set.classes > mlp.outputs() {
         return Err(Error::Invalid(format!(
@@ -277,17 +279,6 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
                 "--warmup {warmup} is longer than the run ({total} steps): the learning rate would never reach its \
                  peak. Give fewer warm-up steps, or more --steps / --epochs"
             )));
-        }
-    }
-    if let Some(c) = &ckpt {
-        if c.cursor.batch > per_epoch {
-            return Err(Error::Checkpoint {
-                path: a.resume.as_ref().unwrap().display().to_string(),
-                reason: format!(
-                    "it is at batch {} of an epoch, but batch {batch} over this data gives {per_epoch} batches an epoch",
-                    c.cursor.batch
-                ),
-            });
         }
     }
     let spec: DeviceSpec = a.device.spec;
