@@ -506,3 +506,101 @@ pub(crate) fn check_flat<T: Elem>(what: &'static str, info: &ModelInfo, v: &[T])
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuDevice;
+    use crate::ops::activation::Activation;
+
+    /// A layer that breaks the contract: its backward skips its gradient, or reads a saved
+    /// buffer its forward did not keep.
+    struct Careless {
+        skip_grad: bool,
+    }
+
+    impl Layer<CpuDevice> for Careless {
+        fn describe(&self) -> String {
+            "careless".into()
+        }
+        fn inputs(&self) -> usize {
+            3
+        }
+        fn outputs(&self) -> usize {
+            3
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![ParamSpec::new("scale", &[3])]
+        }
+        fn init(&self, _: usize, _: &mut Rng, values: &mut [f32]) {
+            values.fill(1.0);
+        }
+        fn cost(&self) -> LayerCost {
+            LayerCost::default()
+        }
+        fn forward(
+            &self,
+            _: &Ctx<'_, CpuDevice>,
+            x: &&[f32],
+            y: &mut &mut [f32],
+            _: &mut Saved<CpuDevice>,
+        ) -> Result<()> {
+            y.copy_from_slice(x);
+            Ok(())
+        }
+        fn backward(
+            &self,
+            _: &Ctx<'_, CpuDevice>,
+            _: &&[f32],
+            dy: &&[f32],
+            dx: Option<&mut &mut [f32]>,
+            saved: &Saved<CpuDevice>,
+            work: &mut Work<'_, CpuDevice>,
+        ) -> Result<()> {
+            if let Some(dx) = dx {
+                dx.copy_from_slice(dy);
+            }
+            if self.skip_grad {
+                return Ok(());
+            }
+            saved.get(0)?;
+            work.grad(0).0.fill(0.0);
+            Ok(())
+        }
+    }
+
+    fn model(skip_grad: bool) -> Model<CpuDevice> {
+        Model::new("careless").push(crate::nn::Linear::new(2, 3, Activation::Relu)).push(Careless { skip_grad })
+    }
+
+    #[test]
+    fn a_layer_that_breaks_the_contract_is_named() {
+        let dev = CpuDevice::new(0);
+        for (skip, says) in [(true, "did not write the gradient of its parameter 0"), (false, "saved buffer 0")] {
+            let m = model(skip);
+            let mut net = Network::new(&dev, &m, 1).unwrap();
+            net.load_batch(&dev, &[0.5, -1.0, 2.0, 1.0], &[0, 2]).unwrap();
+            net.forward(&dev).unwrap();
+            let e = net.backward(&dev, false).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_stage_refuses_an_output_gradient_of_the_wrong_size() {
+        let dev = CpuDevice::new(0);
+        let m = model(false).push(crate::nn::Linear::new(3, 4, Activation::None));
+        let info = m.info().unwrap();
+        let p = m.init(3).unwrap();
+        let layout = info.stage_layout(0..1);
+        let mut st = Stage::new(&dev, &m, 0..1, &layout.gather(&info, &p)).unwrap();
+        st.load(&dev, 0, &[0.5, -1.0, 2.0, 1.0], &[0, 1]).unwrap();
+        st.forward(&dev, 0).unwrap();
+        let short = vec![0f32; 5];
+        let e = st.backward(&dev, 0, Some(&short.as_slice()), 0.5, &mut |_, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("holds 5 values; its 2 rows of 3 features need 6"), "{e}");
+        let e = Stage::new(&dev, &m, 0..1, &p).err().unwrap().to_string();
+        assert!(e.contains("parameters for layers 0..1, which hold 9"), "{e}");
+        assert_eq!(info.stage_layout(1..3).buckets, vec![0..3, 3..19]);
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ViewLen};
 use crate::error::{Error, Result};
 use crate::nn::{Ctx, Layer, Model, ModelInfo, Saved, StageLayout, Work};
 use crate::ops::Ops;
@@ -302,8 +302,19 @@ impl<B: Ops> Stage<B> {
                 &mut dy,
             )?);
             cur = Some(0);
-        } else if grad_out.is_none() {
-            return Err(Error::Invalid("a non-last stage's backward needs the output gradient".into()));
+        } else {
+            let g = grad_out
+                .ok_or_else(|| Error::Invalid("a non-last stage's backward needs the output gradient".into()))?;
+            if g.view_len() != rows * out_w {
+                return Err(Error::shape(
+                    "Stage::backward",
+                    format!(
+                        "the output gradient of microbatch {mb} holds {} values; its {rows} rows of {out_w} features need {}",
+                        g.view_len(),
+                        rows * out_w
+                    ),
+                ));
+            }
         }
         for i in (0..layers.len()).rev() {
             let layer = &layers[i];
