@@ -499,28 +499,34 @@ fn a_killed_rank_under_srun_stops_the_job_in_bounded_time() {
     assert!(processes_marked(&mark).is_empty(), "ranks left running after the job ended");
 }
 
+/// Runs example `name` under `mpirun -np np`: its stdout and stderr, after checking it succeeded.
+fn mpirun_example(name: &str, np: usize) -> (String, String) {
+    let dir = std::env::var_os("TESSERA_EXAMPLES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tessera_bin().parent().unwrap().join("examples"));
+    let exe = dir.join(name);
+    assert!(exe.exists(), "{} was not built (cargo builds examples for the tests)", exe.display());
+    let o = Command::new("mpirun")
+        .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("TESSERA_COMM_TIMEOUT", "60")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "mpirun -np {np} {name}: {out}{err}");
+    (out, err)
+}
+
 #[test]
 fn the_mpi_communicator_all_reduces_broadcasts_sends_and_receives() {
     if !mpirun_present() {
         return;
     }
-    let dir = std::env::var_os("TESSERA_EXAMPLES_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| tessera_bin().parent().unwrap().join("examples"));
-    let exe = dir.join("mpi_collectives");
-    assert!(exe.exists(), "{} was not built (cargo builds examples for the tests)", exe.display());
     for np in [1, 3, 4] {
-        let o = Command::new("mpirun")
-            .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("TESSERA_COMM_TIMEOUT", "60")
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-            .arg(&exe)
-            .output()
-            .unwrap();
-        let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(o.status.success(), "mpirun -np {np}: {err}");
+        let (out, err) = mpirun_example("mpi_collectives", np);
         assert!(out.contains(&format!("mpi collectives: ok on {np} ranks")), "{out}{err}");
     }
 }
@@ -532,21 +538,6 @@ fn a_researchers_own_layer_trains_across_processes() {
     if !mpirun_present() {
         return;
     }
-    let dir = std::env::var_os("TESSERA_EXAMPLES_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| tessera_bin().parent().unwrap().join("examples"));
-    let exe = dir.join("own_layer_mpi");
-    assert!(exe.exists(), "{} was not built (cargo builds examples for the tests)", exe.display());
-    let o = Command::new("mpirun")
-        .args(["-np", "4", "--oversubscribe", "--bind-to", "none"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("TESSERA_COMM_TIMEOUT", "60")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "{out}{err}");
+    let (out, err) = mpirun_example("own_layer_mpi", 4);
     assert!(out.contains("own layer under mpi: ok"), "{out}{err}");
 }
