@@ -460,3 +460,39 @@ fn require_gpu_turns_a_skip_into_a_failure() {
     let (ok, out) = probe(true);
     assert!(!ok && out.contains("TESSERA_REQUIRE_GPU=1 but no usable GPU for the probe"), "{out}");
 }
+
+/// `tessera devices` finds NCCL under the name its packages ship, `libnccl.so.2`, on
+/// `LD_LIBRARY_PATH` (the loader's own search, as a real run uses), and says what it tried where
+/// there is none.
+#[test]
+fn nccl_is_found_as_libnccl_so_2_on_the_library_path() {
+    let dir = fresh_dir("fake-nccl");
+    let mut c = String::from("int ncclGetVersion(int* v) { *v = 22304; return 0; }\n");
+    for f in [
+        "ncclGetUniqueId",
+        "ncclCommInitRank",
+        "ncclCommDestroy",
+        "ncclAllReduce",
+        "ncclBroadcast",
+        "ncclSend",
+        "ncclRecv",
+    ] {
+        c.push_str(&format!("int {f}(void) {{ return 1; }}\n"));
+    }
+    c.push_str("const char* ncclGetErrorString(int r) { (void)r; return \"fake\"; }\n");
+    std::fs::write(dir.join("fake.c"), c).unwrap();
+    let lib = dir.join("libnccl.so.2");
+    let cc = Command::new("cc").args(["-shared", "-fPIC", "-o", s(&lib), s(&dir.join("fake.c"))]).status();
+    if !cc.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: no C compiler to build a fake libnccl.so.2");
+        return;
+    }
+    let (ok, out, err) = tessera_env(&["devices"], &[("LD_LIBRARY_PATH", s(&dir))]);
+    assert!(ok, "{err}");
+    assert!(out.contains("NCCL: 2.23.4 (libnccl.so.2)"), "{out}");
+    let (ok, out, err) = tessera_env(&["devices"], &[("LD_LIBRARY_PATH", s(&fresh_dir("no-nccl")))]);
+    assert!(ok, "{err}");
+    if !out.contains("NCCL: 2.") {
+        assert!(out.contains("NCCL: not usable") && out.contains("libnccl.so.2 (not found)"), "{out}");
+    }
+}

@@ -64,6 +64,10 @@ pub(crate) fn devices() -> tessera::Result<()> {
     outln!("  devices: cpu, cpu:N (N logical devices sharing these cores)");
     outln!("  simulator: sim, sim:N (the CUDA kernels run on the CPU with every access checked; slow)");
     outln!("CUDA kernels: {}", manifest_line());
+    match tessera::parallel::nccl::library() {
+        Ok(n) => outln!("NCCL: {} ({}), for --allreduce nccl", n.version_string(), n.path),
+        Err(e) => outln!("NCCL: not usable: {e}"),
+    }
     // What the driver says is reported, never an error: this command says what is there.
     match cuda::driver_problem() {
         Some(cuda::DriverProblem::Incomplete(why)) => {
