@@ -111,6 +111,117 @@ impl Manifest {
     }
 }
 
+/// What one streaming multiprocessor of an architecture offers (the CUDA C++ Programming
+/// Guide's table of compute capabilities), for occupancy and launch checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchLimits {
+    /// e.g. `sm_90`.
+    pub arch: &'static str,
+    /// 32-bit registers per SM (and at most per block).
+    pub registers: u32,
+    /// Resident warps per SM.
+    pub warps: u32,
+    /// Resident blocks per SM.
+    pub blocks: u32,
+    /// Shared memory per SM, bytes (the largest carve-out).
+    pub smem_per_sm: u32,
+    /// Shared memory one block may use with the opt-in attribute, bytes.
+    pub smem_per_block_optin: u32,
+}
+
+/// Static shared memory a block may declare (above it, dynamic shared memory with the opt-in
+/// attribute), bytes.
+pub const STATIC_SMEM_LIMIT: u32 = 48 * 1024;
+
+/// Shared memory the system reserves per resident block on sm_80 and later, bytes.
+const SMEM_RESERVED_PER_BLOCK: u32 = 1024;
+
+/// The limits of `arch` (`sm_80`, `sm_86`, `sm_89`, `sm_90`), or `None` for another.
+pub fn arch_limits(arch: &str) -> Option<ArchLimits> {
+    let k = 1024;
+    Some(match arch {
+        "sm_80" => ArchLimits {
+            arch: "sm_80",
+            registers: 65536,
+            warps: 64,
+            blocks: 32,
+            smem_per_sm: 164 * k,
+            smem_per_block_optin: 163 * k,
+        },
+        "sm_86" => ArchLimits {
+            arch: "sm_86",
+            registers: 65536,
+            warps: 48,
+            blocks: 16,
+            smem_per_sm: 100 * k,
+            smem_per_block_optin: 99 * k,
+        },
+        "sm_89" => ArchLimits {
+            arch: "sm_89",
+            registers: 65536,
+            warps: 48,
+            blocks: 24,
+            smem_per_sm: 100 * k,
+            smem_per_block_optin: 99 * k,
+        },
+        "sm_90" => ArchLimits {
+            arch: "sm_90",
+            registers: 65536,
+            warps: 64,
+            blocks: 32,
+            smem_per_sm: 228 * k,
+            smem_per_block_optin: 227 * k,
+        },
+        _ => return None,
+    })
+}
+
+/// Blocks of `threads` threads that fit on one SM of `lim` at once, for a kernel that uses
+/// `registers` per thread and `smem` bytes of shared memory per block, or why none does.
+///
+/// Registers are allocated per warp in units of 256 (8 per thread), and each of the SM's four
+/// schedulers holds a quarter of the register file, so warps fit per quarter.
+pub fn blocks_per_sm(lim: &ArchLimits, registers: u32, smem: u32, threads: u32) -> Result<u32, String> {
+    if threads == 0 || threads > 1024 {
+        return Err(format!("{threads} threads per block (1 to 1024)"));
+    }
+    let warps = threads.div_ceil(32);
+    let per_warp = (registers.max(1) * 32).div_ceil(256) * 256;
+    let warps_by_regs = 4 * ((lim.registers / 4) / per_warp);
+    let by_regs = warps_by_regs / warps;
+    if by_regs == 0 {
+        return Err(format!(
+            "{registers} registers x {threads} threads is more than one SM's {} registers (in allocation units: {} per warp)",
+            lim.registers, per_warp
+        ));
+    }
+    if smem > lim.smem_per_block_optin {
+        return Err(format!(
+            "{smem} bytes of shared memory per block; {} allow at most {}",
+            lim.arch, lim.smem_per_block_optin
+        ));
+    }
+    let by_smem = if smem == 0 { u32::MAX } else { lim.smem_per_sm / (smem + SMEM_RESERVED_PER_BLOCK) };
+    Ok(by_regs.min(lim.warps / warps).min(lim.blocks).min(by_smem))
+}
+
+impl KernelInfo {
+    /// `__launch_bounds__(threads[, min blocks per SM])` of its signature: the block size every
+    /// launch of it uses, and the residency ptxas was asked to keep.
+    pub fn launch_bounds(&self) -> Option<(u32, Option<u32>)> {
+        let rest = self.signature.split("__launch_bounds__(").nth(1)?;
+        let inside = rest.split(')').next()?;
+        let mut it = inside.split(',').map(|x| x.trim().parse::<u32>());
+        let threads = it.next()?.ok()?;
+        let min = match it.next() {
+            Some(Ok(m)) => Some(m),
+            Some(Err(_)) => return None,
+            None => None,
+        };
+        Some((threads, min))
+    }
+}
+
 /// The full `ptxas -v` output of the last build, empty where nvcc was missing.
 pub fn ptxas_report() -> &'static str {
     if MANIFEST.built {
@@ -142,6 +253,77 @@ mod tests {
             assert_eq!(k.hash.is_some(), MANIFEST.built);
             assert_eq!(!k.ptxas.is_empty(), MANIFEST.built, "{}", k.name);
         }
+    }
+
+    /// Every kernel on every arch, from what ptxas reported: its declared block size launches
+    /// (registers, rounded as the hardware allocates them, times threads within the register
+    /// file), its static shared memory stays within 48 KiB, it keeps the residency its
+    /// `__launch_bounds__` asks for, and it neither spills nor uses a stack.
+    #[test]
+    fn every_kernel_fits_the_hardware_it_is_built_for() {
+        if !MANIFEST.built {
+            eprintln!("skipped: the kernels were not built (no nvcc)");
+            return;
+        }
+        let mut table = Vec::new();
+        for k in KERNELS {
+            let (threads, min_blocks) = k.launch_bounds().unwrap_or_else(|| {
+                panic!("{} declares no __launch_bounds__: its block size is not known to the build", k.name)
+            });
+            for r in k.ptxas {
+                let lim = arch_limits(r.arch).unwrap_or_else(|| panic!("no limits known for {}", r.arch));
+                let blocks = blocks_per_sm(&lim, r.registers, r.smem_bytes, threads)
+                    .unwrap_or_else(|e| panic!("{} on {}: cannot launch: {e}", k.name, r.arch));
+                assert!(
+                    r.smem_bytes <= STATIC_SMEM_LIMIT,
+                    "{} on {}: {} bytes of static shared memory",
+                    k.name,
+                    r.arch,
+                    r.smem_bytes
+                );
+                assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{} spills on {}", k.name, r.arch);
+                assert_eq!(r.stack_bytes, 0, "{} uses a stack frame on {}", k.name, r.arch);
+                if let Some(min) = min_blocks {
+                    assert!(
+                        blocks >= min,
+                        "{} on {}: {blocks} blocks per SM, its launch bounds ask for {min}",
+                        k.name,
+                        r.arch
+                    );
+                }
+                table.push(format!(
+                    "{} {}: {} regs, {} B smem, {threads} threads: {blocks} blocks/SM",
+                    k.name, r.arch, r.registers, r.smem_bytes
+                ));
+            }
+        }
+        eprintln!("{}", table.join("\n"));
+    }
+
+    #[test]
+    fn the_occupancy_model_follows_the_hardware() {
+        let a100 = arch_limits("sm_80").unwrap();
+        let h100 = arch_limits("sm_90").unwrap();
+        // 128 registers x 256 threads: two blocks (the GEMM's launch bounds).
+        assert_eq!(blocks_per_sm(&h100, 128, 16896, 256), Ok(2));
+        // 32 registers x 256 threads: 8 blocks by registers and warps (64 warps / 8).
+        assert_eq!(blocks_per_sm(&h100, 32, 0, 256), Ok(8));
+        // 33 registers round up to 40: 65536 / (40*32*8) = 6 blocks.
+        assert_eq!(blocks_per_sm(&a100, 33, 0, 256), Ok(6));
+        // Shared memory: 100 KiB a block leaves room for one on an A100 (164 KiB), two on an H100.
+        assert_eq!(blocks_per_sm(&a100, 32, 100 * 1024, 256), Ok(1));
+        assert_eq!(blocks_per_sm(&h100, 32, 100 * 1024, 256), Ok(2));
+        assert!(blocks_per_sm(&h100, 255, 0, 1024).unwrap_err().contains("more than one SM's"));
+        assert!(blocks_per_sm(&h100, 32, 0, 2048).is_err());
+        assert!(blocks_per_sm(&a100, 32, 200 * 1024, 256).is_err());
+        let k = KernelInfo {
+            name: "k",
+            file: "x.cu",
+            signature: "extern \"C\" __global__ __launch_bounds__(256, 2) void k()",
+            hash: None,
+            ptxas: &[],
+        };
+        assert_eq!(k.launch_bounds(), Some((256, Some(2))));
     }
 
     #[test]

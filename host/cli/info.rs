@@ -161,6 +161,33 @@ pub(crate) fn kernels(verbose: bool) -> tessera::Result<()> {
     let planted: Vec<&str> = SIM_KERNELS.iter().filter(|s| s.planted).map(|s| s.name).collect();
     outln!("simulator test kernels (kernels/sim/planted.cu, simulator only): {}", planted.join(", "));
     if verbose {
+        // Occupancy from ptxas's registers and shared memory at each kernel's declared block size.
+        outln!("\noccupancy (resident blocks per SM at the kernel's __launch_bounds__ block size):");
+        out!("{:<28} {:>8}", "kernel", "threads");
+        for a in &sass {
+            out!(" {a:>8}");
+        }
+        outln!();
+        for k in KERNELS {
+            let Some((threads, _)) = k.launch_bounds() else {
+                outln!("{:<28} {:>8}", k.name, "?");
+                continue;
+            };
+            out!("{:<28} {threads:>8}", k.name);
+            for a in &sass {
+                let cell = match (k.ptxas.iter().find(|p| p.arch == *a), tessera::kernels::arch_limits(a)) {
+                    (Some(p), Some(lim)) => {
+                        match tessera::kernels::blocks_per_sm(&lim, p.registers, p.smem_bytes, threads) {
+                            Ok(b) => format!("{b} ({}%)", 100 * b * threads.div_ceil(32) / lim.warps),
+                            Err(_) => "none".into(),
+                        }
+                    }
+                    _ => "-".into(),
+                };
+                out!(" {cell:>8}");
+            }
+            outln!();
+        }
         outln!("\n{}", tessera::kernels::ptxas_report());
     }
     Ok(())

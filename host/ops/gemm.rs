@@ -320,6 +320,31 @@ impl GemmOps for CpuDevice {
     }
 }
 
+/// The launch of GEMM `g` by kernel family `kernel` (resolved: not [`GemmKernel::Auto`]): one
+/// block per tile of C (x over column tiles, y over row tiles), the family's block size. A pure
+/// function of the shape, so the launch limits are unit-tested at extreme shapes: an error where
+/// the row tiles exceed grid.y's 65535 or the column tiles a grid dimension.
+pub(crate) fn gemm_launch(g: &Gemm, kernel: GemmKernel) -> Result<LaunchConfig> {
+    let (bm, bn, threads) = match kernel {
+        GemmKernel::Small => (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS),
+        GemmKernel::Wide8 | GemmKernel::Wide16 => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_WIDE_THREADS),
+        _ => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            as_u32("gemm", "column tiles", g.n.div_ceil(bn as usize))?,
+            as_u32("gemm", "row tiles", g.m.div_ceil(bm as usize))?,
+            1,
+        ),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if cfg.grid_dim.1 > 65535 {
+        return Err(Error::shape("gemm", format!("m = {} needs more than 65535 row tiles", g.m)));
+    }
+    Ok(cfg)
+}
+
 /// The GPU side, written once for the CUDA device and the simulator: the same launches of the
 /// same kernels, over `CudaView`s or `SimView`s.
 macro_rules! gpu_impl {
@@ -352,25 +377,7 @@ macro_rules! gpu_impl {
                     GemmKernel::Auto => GemmKernel::Tiled,
                     k => k,
                 };
-                let (bm, bn, threads) = match kernel {
-                    GemmKernel::Small => (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS),
-                    GemmKernel::Wide8 | GemmKernel::Wide16 => {
-                        (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_WIDE_THREADS)
-                    }
-                    _ => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS),
-                };
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        as_u32("gemm", "column tiles", g.n.div_ceil(bn as usize))?,
-                        as_u32("gemm", "row tiles", g.m.div_ceil(bm as usize))?,
-                        1,
-                    ),
-                    block_dim: (threads as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                if cfg.grid_dim.1 > 65535 {
-                    return Err(Error::shape("gemm", format!("m = {} needs more than 65535 row tiles", g.m)));
-                }
+                let cfg = gemm_launch(g, kernel)?;
                 let kk = &self.kernels().gemm;
                 let s = self.stream();
                 let act = g.act.code();
@@ -420,3 +427,52 @@ macro_rules! gpu_impl {
 
 gpu_impl!(CudaDevice, CudaView, CudaViewMut);
 gpu_impl!(SimDevice, SimView, SimViewMut);
+
+#[cfg(test)]
+mod launch_tests {
+    use super::*;
+
+    /// The launch shape at the edges: one tile, n near 2^31, m at and past grid.y's limit,
+    /// k = 0; the block size is the one each family's `__launch_bounds__` declares.
+    #[test]
+    fn gemm_launches_cover_c_within_the_grid_limits() {
+        let bounds = |name: &str| {
+            crate::kernels::KERNELS.iter().find(|k| k.name == name).and_then(|k| k.launch_bounds()).map(|b| b.0)
+        };
+        for (kernel, name, tile) in [
+            (GemmKernel::Tiled, "gemm_nn", 128),
+            (GemmKernel::Small, "gemm_small_nn", 64),
+            (GemmKernel::Wide8, "gemm_wide8_nn", 128),
+            (GemmKernel::Pipe16, "gemm_pipe16_nn", 128),
+        ] {
+            let c = gemm_launch(&Gemm::new(1, 1, 1), kernel).unwrap();
+            assert_eq!(c.grid_dim, (1, 1, 1));
+            if let Some(t) = bounds(name) {
+                assert_eq!(c.block_dim.0, t, "{name}: launched with a block size other than its launch bounds");
+            }
+            let c = gemm_launch(&Gemm::new(tile * 65535, (1 << 31) - 1, 0), kernel).unwrap();
+            assert_eq!(c.grid_dim, ((((1u64 << 31) - 1).div_ceil(tile as u64)) as u32, 65535, 1));
+            let e = gemm_launch(&Gemm::new(tile * 65535 + 1, 8, 8), kernel).unwrap_err().to_string();
+            assert!(e.contains("more than 65535 row tiles"), "{e}");
+        }
+    }
+
+    /// The elementwise launch: at least one block, at most 16 per SM, 4 elements per thread in
+    /// flight, and the block size of the kernels' `__launch_bounds__`.
+    #[test]
+    fn elementwise_launches_stay_within_their_limits() {
+        use crate::ops::elementwise_cfg;
+        let ew = crate::kernels::consts::EW_THREADS as u32;
+        for (n, sms, blocks) in
+            [(0usize, 132usize, 1u32), (1, 132, 1), (1024, 132, 1), (1025, 132, 2), (usize::MAX / 2, 132, 132 * 16)]
+        {
+            let c = elementwise_cfg(n, sms);
+            assert_eq!(c.grid_dim, (blocks, 1, 1), "n = {n}");
+            assert_eq!(c.block_dim, (ew, 1, 1));
+        }
+        for name in ["act_fwd", "act_bwd", "sgd_step", "adamw_step"] {
+            let k = crate::kernels::KERNELS.iter().find(|k| k.name == name).unwrap();
+            assert_eq!(k.launch_bounds().map(|b| b.0), Some(ew), "{name}");
+        }
+    }
+}
