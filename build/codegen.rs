@@ -106,8 +106,21 @@ pub(crate) fn generate(
         for k in &f.kernels {
             let mut args = String::new();
             let mut pushes = String::new();
+            // What TESSERA_SYNC_LAUNCHES reports of a faulting launch: each argument's value or
+            // length.
+            let mut describe = Vec::new();
             for p in &k.params {
                 let rt = rust_type(&p.ty, &p.name).unwrap();
+                describe.push(if rt.starts_with("Option<") {
+                    format!(
+                        "match &{0} {{ Some(x) => format!(\"{0}: {{}} elements\", x.len()), None => \"{0}: null\".to_string() }}",
+                        p.name
+                    )
+                } else if rt.starts_with('&') {
+                    format!("format!(\"{0}: {{}} elements\", {0}.len())", p.name)
+                } else {
+                    format!("format!(\"{0} = {{}}\", {0})", p.name)
+                });
                 let _ = write!(args, ", {}: {rt}", p.name);
                 if rt.starts_with("Option<") {
                     let _ = writeln!(
@@ -123,8 +136,8 @@ pub(crate) fn generate(
             }
             let _ = writeln!(
                 s,
-                "    /// Launches `{}`.\n    ///\n    /// # Safety\n    /// The caller checks what the kernel assumes: every buffer holds the elements the\n    /// size arguments imply, and `cfg` is the launch shape documented in `kernels/{}`.\n    #[allow(clippy::too_many_arguments)]\n    pub unsafe fn {}(&self, __stream: &CudaStream, __cfg: LaunchConfig{args}) -> Result<(), DriverError> {{\n        const NULL: u64 = 0;\n        let _ = NULL;\n        let mut __args = __stream.launch_builder(&self.{});\n{pushes}        // SAFETY: forwarded to the caller (see `# Safety`).\n        unsafe {{ __args.launch(__cfg) }}.map(|_| ())\n    }}\n",
-                k.signature, f.file, k.name, k.name
+                "    /// Launches `{}`.\n    ///\n    /// # Safety\n    /// The caller checks what the kernel assumes: every buffer holds the elements the\n    /// size arguments imply, and `cfg` is the launch shape documented in `kernels/{}`.\n    #[allow(clippy::too_many_arguments)]\n    pub unsafe fn {}(&self, __stream: &CudaStream, __cfg: LaunchConfig{args}) -> Result<(), DriverError> {{\n        const NULL: u64 = 0;\n        let _ = NULL;\n        let __what = if crate::kernels::sync_launches() {{\n            Some(format!(\"kernel `{}` (grid {{:?}}, block {{:?}}, {{}} bytes of dynamic shared memory; {{}})\", __cfg.grid_dim, __cfg.block_dim, __cfg.shared_mem_bytes, [{describe}].join(\", \")))\n        }} else {{\n            None\n        }};\n        let mut __args = __stream.launch_builder(&self.{});\n{pushes}        // SAFETY: forwarded to the caller (see `# Safety`).\n        unsafe {{ __args.launch(__cfg) }}?;\n        if let Some(what) = __what {{\n            if let Err(e) = __stream.synchronize() {{\n                crate::error::note_launch_fault(what);\n                return Err(e);\n            }}\n        }}\n        Ok(())\n    }}\n",
+                k.signature, f.file, k.name, k.name, k.name, describe = describe.join(", ")
             );
         }
         s.push_str("}\n\n");

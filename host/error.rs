@@ -150,8 +150,46 @@ pub trait DeviceFailure {
     fn into_error(self, during: String) -> Error;
 }
 
+thread_local! {
+    /// The launch that faulted, as `TESSERA_SYNC_LAUNCHES` found it (kernel, launch shape,
+    /// arguments), for the error of the op that launched it.
+    static LAUNCH_FAULT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records the launch that faulted (see [`crate::kernels::sync_launches`]).
+pub(crate) fn note_launch_fault(what: String) {
+    LAUNCH_FAULT.with(|f| *f.borrow_mut() = Some(what));
+}
+
 impl DeviceFailure for cudarc::driver::DriverError {
     fn into_error(self, during: String) -> Error {
+        let during = match LAUNCH_FAULT.with(|f| f.borrow_mut().take()) {
+            Some(what) => format!("{during} (TESSERA_SYNC_LAUNCHES: the fault is in {what})"),
+            None => during,
+        };
         Error::Driver { during, source: self }
+    }
+}
+
+#[cfg(test)]
+mod launch_fault_tests {
+    use super::*;
+
+    /// With TESSERA_SYNC_LAUNCHES, the launch that faulted is named in the error of the op that
+    /// launched it, once.
+    #[test]
+    fn a_noted_launch_fault_names_the_kernel_in_the_error() {
+        let fault = || cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS);
+        // (The driver error's own text needs a driver to print: the test reads `during`.)
+        let during = |e: Error| match e {
+            Error::Driver { during, .. } => during,
+            _ => panic!("not a driver error"),
+        };
+        note_launch_fault("kernel `gemm_nn` (grid (1, 1, 1), block (256, 1, 1); m = 3, a: 12 elements)".into());
+        let e = during(Error::driver("launching gemm")(fault()));
+        assert!(e.contains("launching gemm (TESSERA_SYNC_LAUNCHES: the fault is in kernel `gemm_nn`"), "{e}");
+        assert!(e.contains("a: 12 elements"), "{e}");
+        let e = during(Error::driver("launching gemm")(fault()));
+        assert_eq!(e, "launching gemm", "the note was used twice");
     }
 }

@@ -222,6 +222,15 @@ impl KernelInfo {
     }
 }
 
+/// Whether every launch waits for its kernel (`TESSERA_SYNC_LAUNCHES=1`, read once): a fault
+/// is then reported by the op that launched it, with the kernel's name, launch shape and
+/// arguments, instead of at the next blocking call under another op's name. For debugging: it
+/// costs a synchronisation per launch.
+pub fn sync_launches() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_SYNC_LAUNCHES").is_ok_and(|v| v.trim() == "1"))
+}
+
 /// The full `ptxas -v` output of the last build, empty where nvcc was missing.
 pub fn ptxas_report() -> &'static str {
     if MANIFEST.built {

@@ -52,7 +52,15 @@ if ! grep -q '^GPU 0: ' <<<"$devs"; then
 fi
 run "$bin/tessera" kernels
 for t in "$bin"/test-*; do
-  [ -x "$t" ] && run "$t" --test-threads=1
+  [ -x "$t" ] || continue
+  echo; echo "== $t --test-threads=1"
+  if ! "$t" --test-threads=1; then
+    # A kernel fault shows at the next blocking call under another op's name: rerun with every
+    # launch synchronised, so the error names the kernel, its launch shape and its arguments.
+    echo "!! FAILED: $t; again with TESSERA_SYNC_LAUNCHES=1 to name the kernel that faulted"
+    status=1
+    TESSERA_SYNC_LAUNCHES=1 "$t" --test-threads=1 || true
+  fi
 done
 run "$bin/tessera" train --device cuda --json
 run "$bin/tessera" train --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200 --json
