@@ -413,3 +413,35 @@ fn the_researcher_example_builds_and_learns() {
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("loss fell from"), "{out}");
 }
+
+/// A checkpoint of a model of one's own (not an MLP) is refused by `tessera train --resume`
+/// with what it holds and where to load it, and one whose tensors do not match its MLP names
+/// the tensor.
+#[test]
+fn cli_resume_refuses_a_model_it_cannot_build() {
+    let (mlp, cfg, _) = synthetic_run(10);
+    let info = mlp.info();
+    let mut ck = Checkpoint {
+        model: "residual 12-24x2-5".into(),
+        tensors: Checkpoint::tensors_of(&info),
+        config: cfg,
+        batch: 32,
+        step: 1,
+        cursor: Cursor::default(),
+        params: mlp.init(1),
+        state: vec![vec![0.0; info.param_count()]; 2],
+        data: tessera::checkpoint::DataId { name: "x".into(), crc32: 1 },
+    };
+    let p = common::tmp("own-model.safetensors");
+    ck.save(&p).unwrap();
+    let (ok, _, err) = common::tessera(&["train", "--resume", p.to_str().unwrap(), "--steps", "2"]);
+    assert!(
+        !ok && err.contains("it holds the model `residual 12-24x2-5`, which `tessera train` cannot build"),
+        "{err}"
+    );
+    // An MLP name whose tensors belong to another MLP.
+    ck.model = "MLP 12-16-4 (gelu-tanh)".into();
+    ck.save(&p).unwrap();
+    let (ok, _, err) = common::tessera(&["train", "--resume", p.to_str().unwrap(), "--steps", "2"]);
+    assert!(!ok && err.contains("`layers.1.weight` is [16, 16] in the file, [16, 4] in the model"), "{err}");
+}
