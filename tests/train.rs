@@ -445,3 +445,28 @@ fn cli_resume_refuses_a_model_it_cannot_build() {
     let (ok, _, err) = common::tessera(&["train", "--resume", p.to_str().unwrap(), "--steps", "2"]);
     assert!(!ok && err.contains("`layers.1.weight` is [16, 16] in the file, [16, 4] in the model"), "{err}");
 }
+
+/// `--profile` counts the host work of each step on simulated devices, through the GPU's code
+/// path: the counts are deterministic (every step after the first, which allocates the
+/// activations, does the same work), and reported per step in `--json`.
+#[test]
+fn profile_counts_the_host_work_of_a_step_on_simulated_devices() {
+    for device in [&["--device", "sim"][..], &["--device", "sim:2", "--dp", "2"][..]] {
+        let mut args = vec!["train", "--widths", "784,32,10", "--steps", "4", "--profile", "--json"];
+        args.extend_from_slice(device);
+        let (ok, out, err) = tessera(&args);
+        assert!(ok, "{err}");
+        let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let steps = j["profile"].as_array().expect("a profile per step");
+        assert_eq!(steps.len(), 4, "{j}");
+        let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+        for k in ["launches", "host_syncs", "allocations", "host_to_device", "device_to_host", "device_to_device"] {
+            assert_eq!(count(&steps[1], k), count(&steps[3], k), "{device:?}: `{k}` is not the same every step: {j}");
+            assert!(count(&steps[0], k) >= count(&steps[1], k), "{device:?}: {k}: {j}");
+        }
+        assert!(count(&steps[1], "launches") >= 8, "{j}");
+        assert!(count(&steps[0], "allocations") > count(&steps[1], "allocations"), "the first step allocates: {j}");
+    }
+    let (ok, _, err) = tessera(&["train", "--widths", "784,32,10", "--steps", "1", "--profile", "--device", "cpu"]);
+    assert!(ok && err.contains("run with --device sim"), "{err}");
+}

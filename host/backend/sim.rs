@@ -86,6 +86,8 @@ pub struct SimStream;
 impl SimStream {
     /// A new buffer holding `data` (as `CudaStream::clone_htod`).
     pub fn clone_htod<T: Elem>(&self, data: &[T]) -> std::result::Result<SimBuf<T>, SimError> {
+        bump(&counters::ALLOCS);
+        bump(&counters::H2D);
         let mut b = SimBuf::zeroed(data.len());
         b.as_mut_slice().copy_from_slice(data);
         Ok(b)
@@ -180,6 +182,66 @@ unsafe extern "C" {
 
 static LAUNCHES: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
 
+/// What the host asked of the simulated devices, counted through the same code path a GPU run
+/// takes: the host work of a step, which timings on a shared CPU cannot show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimCounts {
+    /// Kernel launches.
+    pub launches: u64,
+    /// Waits of the host for a device: `synchronize`, and every download (which blocks).
+    pub host_syncs: u64,
+    /// Device allocations.
+    pub allocations: u64,
+    /// Copies from the host to a device.
+    pub host_to_device: u64,
+    /// Copies from a device to the host.
+    pub device_to_host: u64,
+    /// Copies between device buffers.
+    pub device_to_device: u64,
+}
+
+impl std::ops::Sub for SimCounts {
+    type Output = SimCounts;
+    fn sub(self, o: SimCounts) -> SimCounts {
+        SimCounts {
+            launches: self.launches - o.launches,
+            host_syncs: self.host_syncs - o.host_syncs,
+            allocations: self.allocations - o.allocations,
+            host_to_device: self.host_to_device - o.host_to_device,
+            device_to_host: self.device_to_host - o.device_to_host,
+            device_to_device: self.device_to_device - o.device_to_device,
+        }
+    }
+}
+
+mod counters {
+    use std::sync::atomic::AtomicU64;
+    pub(super) static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+    pub(super) static SYNCS: AtomicU64 = AtomicU64::new(0);
+    pub(super) static ALLOCS: AtomicU64 = AtomicU64::new(0);
+    pub(super) static H2D: AtomicU64 = AtomicU64::new(0);
+    pub(super) static D2H: AtomicU64 = AtomicU64::new(0);
+    pub(super) static D2D: AtomicU64 = AtomicU64::new(0);
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The counts so far in this process (all simulated devices together); subtract two readings
+/// for what happened between them.
+pub fn counts() -> SimCounts {
+    use std::sync::atomic::Ordering::Relaxed;
+    SimCounts {
+        launches: counters::LAUNCHES.load(Relaxed),
+        host_syncs: counters::SYNCS.load(Relaxed),
+        allocations: counters::ALLOCS.load(Relaxed),
+        host_to_device: counters::H2D.load(Relaxed),
+        device_to_host: counters::D2H.load(Relaxed),
+        device_to_device: counters::D2D.load(Relaxed),
+    }
+}
+
 /// How many times each kernel has been launched in the simulator by this process (for
 /// coverage checks: a test can assert that every kernel ran).
 pub fn launch_counts() -> BTreeMap<&'static str, u64> {
@@ -200,6 +262,7 @@ unsafe fn launch(
     args: &[SimArg],
 ) -> std::result::Result<(), SimError> {
     *LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default() += 1;
+    bump(&counters::LAUNCHES);
     let l = SimLaunch {
         grid: [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2],
         block: [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2],
@@ -437,6 +500,7 @@ impl Backend for SimDevice {
         format!("sim:{}", self.index)
     }
     fn alloc<T: Elem>(&self, len: usize) -> Result<SimBuf<T>> {
+        bump(&counters::ALLOCS);
         Ok(SimBuf::zeroed(len))
     }
     fn upload<T: Elem>(&self, data: &[T]) -> Result<SimBuf<T>> {
@@ -444,14 +508,18 @@ impl Backend for SimDevice {
     }
     fn write<T: Elem>(&self, dst: &mut SimViewMut<'_, T>, data: &[T]) -> Result<()> {
         check_len("write", "destination", dst.len(), data.len())?;
+        bump(&counters::H2D);
         dst.as_mut_slice().copy_from_slice(data);
         Ok(())
     }
     fn download<T: Elem>(&self, src: &SimView<'_, T>) -> Result<Vec<T>> {
+        bump(&counters::D2H);
+        bump(&counters::SYNCS);
         Ok(src.as_slice().to_vec())
     }
     fn copy<T: Elem>(&self, src: &SimView<'_, T>, dst: &mut SimViewMut<'_, T>) -> Result<()> {
         check_len("copy", "destination", dst.len(), src.len())?;
+        bump(&counters::D2D);
         dst.as_mut_slice().copy_from_slice(src.as_slice());
         Ok(())
     }
@@ -459,12 +527,17 @@ impl Backend for SimDevice {
         Ok(self.clone())
     }
     fn duplicate<T: Elem>(&self, src: &SimView<'_, T>) -> Result<SimBuf<T>> {
-        self.upload(src.as_slice())
+        bump(&counters::ALLOCS);
+        bump(&counters::D2D);
+        let mut b = SimBuf::zeroed(src.len());
+        b.as_mut_slice().copy_from_slice(src.as_slice());
+        Ok(b)
     }
     fn adopt<T: Elem>(&self, buf: SimBuf<T>) -> Result<SimBuf<T>> {
         Ok(buf)
     }
     fn synchronize(&self) -> Result<()> {
+        bump(&counters::SYNCS);
         Ok(())
     }
     fn buf_len<T: Elem>(buf: &SimBuf<T>) -> usize {

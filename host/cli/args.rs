@@ -143,6 +143,10 @@ pub(crate) struct TrainArgs {
     /// schedule included, is still the one of --steps / --epochs.
     #[arg(long)]
     pub(crate) stop_at: Option<u64>,
+    /// Print the host work of each step: kernel launches, host synchronisations, allocations and
+    /// copies, counted on simulated devices (--device sim or sim:N) through the GPU's code path.
+    #[arg(long)]
+    pub(crate) profile: bool,
     /// Learning rate [default: 1e-3 for adamw, 0.05 for sgd].
     #[arg(long)]
     pub(crate) lr: Option<f32>,

@@ -546,7 +546,15 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     let mut last_loss = f32::NAN;
     let mut ema = None::<f32>;
     let stop = a.stop_at.map_or(total_steps, |s| s.min(total_steps));
+    let simulated = trainer.devices().iter().all(|d| d.starts_with("sim:") || d.contains(":sim:"));
+    let mut counted = tessera::backend::sim::counts();
+    let mut per_step: Vec<tessera::backend::sim::SimCounts> = Vec::new();
     let fitted = fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
+        if a.profile {
+            let now = tessera::backend::sim::counts();
+            per_step.push(now - counted);
+            counted = now;
+        }
         samples += rows;
         last_loss = stats.loss;
         if !stats.loss.is_finite() {
@@ -625,6 +633,28 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     if !root {
         return Ok(());
     }
+    if a.profile {
+        if !simulated {
+            errln!(
+                "profile: host work is counted on simulated devices, which run the GPU's code path: run with \
+                 --device sim (or sim:N)"
+            );
+        } else {
+            for (i, c) in per_step.iter().enumerate() {
+                errln!(
+                    "profile: step {}: {} launches, {} host syncs, {} allocations, {} host->device, {} device->host, {} \
+                     device->device copies",
+                    start_step + i as u64 + 1,
+                    c.launches,
+                    c.host_syncs,
+                    c.allocations,
+                    c.host_to_device,
+                    c.device_to_host,
+                    c.device_to_device
+                );
+            }
+        }
+    }
     if !eval.loss.is_finite() {
         errln!(
             "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
@@ -655,6 +685,22 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
             "train_seconds": train_time,
             "wall_seconds": wall,
         });
+        let mut j = j;
+        if a.profile && simulated {
+            j["profile"] = per_step
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "launches": c.launches,
+                        "host_syncs": c.host_syncs,
+                        "allocations": c.allocations,
+                        "host_to_device": c.host_to_device,
+                        "device_to_host": c.device_to_host,
+                        "device_to_device": c.device_to_device,
+                    })
+                })
+                .collect();
+        }
         outln!("{j}");
     } else {
         outln!(
