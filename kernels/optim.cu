@@ -6,8 +6,10 @@
 //   adamw_step: gg = grad_scale * g[i]
 //               m[i] = beta1 * m[i] + (1 - beta1) * gg
 //               v[i] = beta2 * v[i] + (1 - beta2) * gg * gg
-//               w[i] = w[i] * (1 - lr * weight_decay) - lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps)
-//               with bc1 = 1 - beta1^t and bc2 = 1 - beta2^t computed on the host (t = step, from 1).
+//               w[i] = w[i] * decay - step * m[i] / (sqrtf(v[i] * inv_bc2) + eps)
+//               with decay = 1 - lr * weight_decay, step = lr / (1 - beta1^t) and
+//               inv_bc2 = 1 / (1 - beta2^t) computed on the host in double (t = step, from 1):
+//               one division per element instead of three.
 // grad_scale folds in gradient averaging and global-norm clipping (1 when unused).
 //
 // Layout: w, g, mom / m, v are flat contiguous f32 arrays of n elements (n >= 0, may exceed
@@ -27,13 +29,13 @@ __device__ __forceinline__ void sgd_elem(float lr, float momentum, float weight_
   w -= lr * mom;
 }
 
-__device__ __forceinline__ void adamw_elem(float lr, float beta1, float beta2, float eps, float weight_decay,
-                                           float bc1, float bc2, float grad_scale,
+__device__ __forceinline__ void adamw_elem(float decay, float beta1, float beta2, float eps,
+                                           float step, float inv_bc2, float grad_scale,
                                            float& w, float g, float& m, float& v) {
   const float gg = grad_scale * g;
   m = beta1 * m + (1.0f - beta1) * gg;
   v = beta2 * v + (1.0f - beta2) * gg * gg;
-  w = w * (1.0f - lr * weight_decay) - lr * (m / bc1) / (sqrtf(v / bc2) + eps);
+  w = w * decay - step * m / (sqrtf(v * inv_bc2) + eps);
 }
 
 }  // namespace
@@ -68,7 +70,7 @@ extern "C" __global__ __launch_bounds__(256) void sgd_step(long long n, float lr
   }
 }
 
-extern "C" __global__ __launch_bounds__(256) void adamw_step(long long n, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1, float bc2, float grad_scale, float* w, const float* g, float* m, float* v) {
+extern "C" __global__ __launch_bounds__(256) void adamw_step(long long n, float decay, float beta1, float beta2, float eps, float step, float inv_bc2, float grad_scale, float* w, const float* g, float* m, float* v) {
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long done = 0;
@@ -83,10 +85,10 @@ extern "C" __global__ __launch_bounds__(256) void adamw_step(long long n, float 
       const float4 gv = g4[i];
       float4 mv = m4[i];
       float4 vv = v4[i];
-      adamw_elem(lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, wv.x, gv.x, mv.x, vv.x);
-      adamw_elem(lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, wv.y, gv.y, mv.y, vv.y);
-      adamw_elem(lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, wv.z, gv.z, mv.z, vv.z);
-      adamw_elem(lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, wv.w, gv.w, mv.w, vv.w);
+      adamw_elem(decay, beta1, beta2, eps, step, inv_bc2, grad_scale, wv.x, gv.x, mv.x, vv.x);
+      adamw_elem(decay, beta1, beta2, eps, step, inv_bc2, grad_scale, wv.y, gv.y, mv.y, vv.y);
+      adamw_elem(decay, beta1, beta2, eps, step, inv_bc2, grad_scale, wv.z, gv.z, mv.z, vv.z);
+      adamw_elem(decay, beta1, beta2, eps, step, inv_bc2, grad_scale, wv.w, gv.w, mv.w, vv.w);
       w4[i] = wv;
       m4[i] = mv;
       v4[i] = vv;
@@ -95,7 +97,7 @@ extern "C" __global__ __launch_bounds__(256) void adamw_step(long long n, float 
   }
   for (long long i = done + tid; i < n; i += stride) {
     float wv = w[i], mv = m[i], vv = v[i];
-    adamw_elem(lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, wv, g[i], mv, vv);
+    adamw_elem(decay, beta1, beta2, eps, step, inv_bc2, grad_scale, wv, g[i], mv, vv);
     w[i] = wv;
     m[i] = mv;
     v[i] = vv;

@@ -90,6 +90,19 @@ impl AdamW {
         let t = t.min(i32::MAX as u64) as i32;
         Ok(((1.0 - (self.beta1 as f64).powi(t)) as f32, (1.0 - (self.beta2 as f64).powi(t)) as f32))
     }
+    /// The per-step factors of the update, computed once on the host in f64 so that each
+    /// element divides once: `(decay, step, inv_bc2)` = `(1 - lr wd, lr / (1 - beta1^t),
+    /// 1 / (1 - beta2^t))`, and `w = w decay - step m / (sqrt(v inv_bc2) + eps)`.
+    pub fn step_factors(&self, t: u64) -> Result<(f32, f32, f32)> {
+        if t == 0 {
+            return Err(Error::Invalid("AdamW step numbers start at 1".into()));
+        }
+        let t = t.min(i32::MAX as u64) as i32;
+        let (lr, wd) = (self.lr as f64, self.weight_decay as f64);
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
+        Ok(((1.0 - lr * wd) as f32, (lr / bc1) as f32, (1.0 / bc2) as f32))
+    }
 }
 
 /// Which optimizer, with its hyper-parameters.
@@ -311,7 +324,7 @@ impl OptimOps for CpuDevice {
             w.len(),
             &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
         )?;
-        let (bc1, bc2) = opt.bias_corrections(t)?;
+        let (decay, step, inv_bc2) = opt.step_factors(t)?;
         let o = *opt;
         w.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
@@ -322,7 +335,7 @@ impl OptimOps for CpuDevice {
                         let gg = s * g;
                         *m = o.beta1 * *m + (1.0 - o.beta1) * gg;
                         *v = o.beta2 * *v + (1.0 - o.beta2) * gg * gg;
-                        *w = *w * (1.0 - o.lr * o.weight_decay) - o.lr * (*m / bc1) / ((*v / bc2).sqrt() + o.eps);
+                        *w = *w * decay - step * *m / ((*v * inv_bc2).sqrt() + o.eps);
                     }
                 })
             });
@@ -381,7 +394,7 @@ macro_rules! gpu_impl {
                     w.len(),
                     &[("gradient", g.len()), ("first moment", m.len()), ("second moment", v.len())],
                 )?;
-                let (bc1, bc2) = opt.bias_corrections(t)?;
+                let (decay, step, inv_bc2) = opt.step_factors(t)?;
                 let n = as_i64("adamw_step", "n", w.len())?;
                 let cfg = elementwise_cfg(w.len(), self.sms());
                 // SAFETY: w, g, m and v hold n elements (checked); grid-stride kernel.
@@ -390,13 +403,12 @@ macro_rules! gpu_impl {
                         self.stream(),
                         cfg,
                         n,
-                        opt.lr,
+                        decay,
                         opt.beta1,
                         opt.beta2,
                         opt.eps,
-                        opt.weight_decay,
-                        bc1,
-                        bc2,
+                        step,
+                        inv_bc2,
                         s,
                         w,
                         g,
