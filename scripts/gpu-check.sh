@@ -34,6 +34,7 @@ done
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== $(date -u +%Y-%m-%dT%H:%MZ) LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+echo "== glibc here: $(ldd --version 2>/dev/null | head -n 1); the binaries need: $(cat "$bin/GLIBC_FLOOR" 2>/dev/null || echo unknown)"
 echo "== commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 # The CLI tests run the prebuilt binary, the example test the prebuilt example. No Open MPI

@@ -1211,6 +1211,22 @@ void __tsan_read_range(void* p, unsigned long n) {
 void __tsan_write_range(void* p, unsigned long n) {
   for (unsigned long i = 0; i < n; i += 4) check_access((char*)p + i, std::min(4ul, n - i), true, false);
 }
+// clang instruments memset, memcpy and memmove as calls to these (gcc instruments the bytes):
+// the ranges are checked, then the operation done.
+void* __tsan_memset(void* p, int c, unsigned long n) {
+  __tsan_write_range(p, n);
+  return memset(p, c, n);
+}
+void* __tsan_memcpy(void* d, const void* s, unsigned long n) {
+  __tsan_read_range(const_cast<void*>(s), n);
+  __tsan_write_range(d, n);
+  return memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, unsigned long n) {
+  __tsan_read_range(const_cast<void*>(s), n);
+  __tsan_write_range(d, n);
+  return memmove(d, s, n);
+}
 // Fences: every access is already ordered here (one thread runs at a time).
 void __tsan_atomic_thread_fence(int) {}
 void __tsan_atomic_signal_fence(int) {}
