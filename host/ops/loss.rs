@@ -172,6 +172,17 @@ impl LossOps for CpuDevice {
     }
 }
 
+/// The launch of the cross-entropy kernels over `rows` rows: one warp per row, the block size of
+/// their `__launch_bounds__`. A pure function of the shape, unit-tested at the edges.
+pub(crate) fn xent_launch(rows: usize) -> Result<LaunchConfig> {
+    let warps = (consts::XENT_THREADS / 32) as usize;
+    Ok(LaunchConfig {
+        grid_dim: (as_u32("cross-entropy", "row blocks", rows.div_ceil(warps))?, 1, 1),
+        block_dim: (consts::XENT_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// The GPU side, written once for the CUDA device and the simulator: the same launches of the
 /// same kernels, over `CudaView`s or `SimView`s.
 macro_rules! gpu_impl {
@@ -192,12 +203,7 @@ macro_rules! gpu_impl {
                 }
                 let mut row_loss = self.alloc::<f32>(rows)?;
                 let mut err = self.alloc::<i32>(1)?;
-                let warps = (consts::XENT_THREADS / 32) as usize;
-                let cfg = LaunchConfig {
-                    grid_dim: (as_u32("cross-entropy", "row blocks", rows.div_ceil(warps))?, 1, 1),
-                    block_dim: (consts::XENT_THREADS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = xent_launch(rows)?;
                 let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
                 let k = &self.kernels().loss;
                 let s = self.stream();
@@ -299,3 +305,23 @@ macro_rules! gpu_impl {
 
 gpu_impl!(CudaDevice, CudaView, CudaViewMut);
 gpu_impl!(SimDevice, SimView, SimViewMut);
+
+#[cfg(test)]
+mod launch_tests {
+    /// One warp per row up to rows near 2^31, in the block size of the kernels' launch bounds.
+    #[test]
+    fn xent_launches_cover_every_row() {
+        let warps = (crate::kernels::consts::XENT_THREADS / 32) as u64;
+        for rows in [1usize, 7, 8, 9, 1000, (1 << 31) - 1] {
+            let c = super::xent_launch(rows).unwrap();
+            assert_eq!(c.grid_dim, ((rows as u64).div_ceil(warps) as u32, 1, 1), "rows = {rows}");
+            assert!(c.grid_dim.0 as u64 * warps >= rows as u64);
+        }
+        for name in ["xent_fwd", "xent_fwd_bwd"] {
+            let k = crate::kernels::KERNELS.iter().find(|k| k.name == name).unwrap();
+            let want = crate::kernels::consts::XENT_THREADS as u32;
+            assert_eq!(super::xent_launch(5).unwrap().block_dim.0, want);
+            assert_eq!(k.launch_bounds().map(|b| b.0), Some(want), "{name}");
+        }
+    }
+}

@@ -110,6 +110,28 @@ impl ReduceOps for CpuDevice {
     }
 }
 
+/// The launches of a column sum of `rows x cols`: `segments`, when the input is tall enough for
+/// two passes, is the per-segment pass and its segment count; `last` sums (the segments, or the
+/// rows) into the output. One pass for short inputs and for inputs too tall for a grid of
+/// segments (grid.y <= 65535): both choices depend only on the shape. A pure function,
+/// unit-tested at the edges.
+pub(crate) struct ColSumLaunch {
+    pub(crate) segments: Option<(LaunchConfig, usize)>,
+    pub(crate) last: LaunchConfig,
+}
+
+pub(crate) fn col_sum_launch(rows: usize, cols: usize) -> Result<ColSumLaunch> {
+    let col_blocks = as_u32("col_sum", "column blocks", cols.div_ceil(consts::COLSUM_COLS as usize))?;
+    let block_dim = (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1);
+    let last = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
+    let segs = rows.div_ceil(consts::COLSUM_SEG as usize);
+    if rows < consts::COLSUM_TWO_PASS_ROWS as usize || segs > 65535 {
+        return Ok(ColSumLaunch { segments: None, last });
+    }
+    let seg = LaunchConfig { grid_dim: (col_blocks, segs as u32, 1), block_dim, shared_mem_bytes: 0 };
+    Ok(ColSumLaunch { segments: Some((seg, segs)), last })
+}
+
 /// The GPU side, written once for the CUDA device and the simulator: the same launches of the
 /// same kernels, over `CudaView`s or `SimView`s.
 macro_rules! gpu_impl {
@@ -156,27 +178,23 @@ macro_rules! gpu_impl {
                 if cols == 0 {
                     return Ok(());
                 }
-                let col_blocks = as_u32("col_sum", "column blocks", cols.div_ceil(consts::COLSUM_COLS as usize))?;
-                let block_dim = (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1);
                 let (r, c) = (as_i32("col_sum", "rows", rows)?, as_i32("col_sum", "cols", cols)?);
-                let segs = rows.div_ceil(consts::COLSUM_SEG as usize);
-                // One pass for short inputs, and for inputs too tall for a grid of segments
-                // (grid.y <= 65535): both choices depend only on rows.
-                if rows < consts::COLSUM_TWO_PASS_ROWS as usize || segs > 65535 {
-                    let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
+                let launch = col_sum_launch(rows, cols)?;
+                let cfg = launch.last;
+                let Some((seg_cfg, segs)) = launch.segments else {
                     // SAFETY: x holds rows*cols, out cols elements (checked); grid covers cols in 32s.
                     return unsafe { self.kernels().reduce.col_sum(self.stream(), cfg, r, c, x, beta, out) }
                         .map_err(Error::driver("launching col_sum"));
-                }
+                };
                 // Tall: per-segment partials (one block per 32 columns x 64 rows), then their column sums.
                 let mut partials = self.alloc::<f32>(segs * cols)?;
-                let cfg = LaunchConfig { grid_dim: (col_blocks, segs as u32, 1), block_dim, shared_mem_bytes: 0 };
                 // SAFETY: x holds rows*cols elements, partials segs*cols; block (bx, s) reads rows
                 // [64 s, min(rows, 64 s + 64)) of columns [32 bx, 32 bx + 32) below cols, and
                 // writes partials[s*cols + j] for those columns.
-                unsafe { self.kernels().reduce.col_sum_seg(self.stream(), cfg, r, c, x, &mut partials.as_view_mut()) }
-                    .map_err(Error::driver("launching col_sum_seg"))?;
-                let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim, shared_mem_bytes: 0 };
+                unsafe {
+                    self.kernels().reduce.col_sum_seg(self.stream(), seg_cfg, r, c, x, &mut partials.as_view_mut())
+                }
+                .map_err(Error::driver("launching col_sum_seg"))?;
                 // SAFETY: partials holds segs*cols, out cols elements; grid covers cols in 32s.
                 unsafe {
                     self.kernels().reduce.col_sum(self.stream(), cfg, segs as i32, c, &partials.as_view(), beta, out)
@@ -253,3 +271,28 @@ macro_rules! gpu_impl {
 
 gpu_impl!(CudaDevice, CudaView, CudaViewMut);
 gpu_impl!(SimDevice, SimView, SimViewMut);
+
+#[cfg(test)]
+mod launch_tests {
+    use crate::kernels::consts;
+
+    /// One pass below the two-pass threshold and above grid.y's segments, two between; every
+    /// column covered, cols near 2^31 included.
+    #[test]
+    fn col_sum_launches_stay_within_the_grid() {
+        let (two, seg) = (consts::COLSUM_TWO_PASS_ROWS as usize, consts::COLSUM_SEG as usize);
+        let l = super::col_sum_launch(1, 1).unwrap();
+        assert!(l.segments.is_none());
+        assert_eq!(l.last.grid_dim, (1, 1, 1));
+        assert!(super::col_sum_launch(two - 1, 512).unwrap().segments.is_none());
+        let l = super::col_sum_launch(two, 512).unwrap();
+        let (s, n) = l.segments.expect("two passes at the threshold");
+        assert_eq!((s.grid_dim.1 as usize, n), (two.div_ceil(seg), two.div_ceil(seg)));
+        assert!(super::col_sum_launch(65536 * seg, 4).unwrap().segments.is_none(), "segments beyond grid.y");
+        let l = super::col_sum_launch(65535 * seg, 4).unwrap();
+        assert_eq!(l.segments.unwrap().1, 65535);
+        let cols = (1usize << 31) - 1;
+        let l = super::col_sum_launch(3, cols).unwrap();
+        assert!(l.last.grid_dim.0 as usize * consts::COLSUM_COLS as usize >= cols);
+    }
+}

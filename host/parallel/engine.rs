@@ -879,7 +879,10 @@ fn worker_actions<B: Ops>(
                     }
                     // Collect the reduced buckets and put them back.
                     let mut comm_spans = Vec::new();
-                    let limit = ctx.comm_timeout;
+                    // Half as long again as the communicator's own limit: a communicator that
+                    // waits on a peer reports first, naming the peer (and, under MPI, whether its
+                    // process is stopped); this catches one that never returns (NCCL).
+                    let limit = ctx.comm_timeout + ctx.comm_timeout / 2;
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
                         let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
