@@ -128,6 +128,26 @@ pub fn gpu_or_skip(what: &str) -> Option<crate::CudaDevice> {
     None
 }
 
+/// C source of a fake NCCL 2.23.4: `ncclGetVersion` and every other entry point tessera binds
+/// (which fail if called), to test how NCCL is found without NCCL (build it with `cc -shared
+/// -fPIC` as `libnccl.so.2`).
+pub fn fake_nccl_c_source() -> String {
+    let mut c = String::from("int ncclGetVersion(int* v) { *v = 22304; return 0; }\n");
+    for f in [
+        "ncclGetUniqueId",
+        "ncclCommInitRank",
+        "ncclCommDestroy",
+        "ncclAllReduce",
+        "ncclBroadcast",
+        "ncclSend",
+        "ncclRecv",
+    ] {
+        c.push_str(&format!("int {f}(void) {{ return 1; }}\n"));
+    }
+    c.push_str("const char* ncclGetErrorString(int r) { (void)r; return \"fake\"; }\n");
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -467,19 +467,7 @@ fn require_gpu_turns_a_skip_into_a_failure() {
 #[test]
 fn nccl_is_found_as_libnccl_so_2_on_the_library_path() {
     let dir = fresh_dir("fake-nccl");
-    let mut c = String::from("int ncclGetVersion(int* v) { *v = 22304; return 0; }\n");
-    for f in [
-        "ncclGetUniqueId",
-        "ncclCommInitRank",
-        "ncclCommDestroy",
-        "ncclAllReduce",
-        "ncclBroadcast",
-        "ncclSend",
-        "ncclRecv",
-    ] {
-        c.push_str(&format!("int {f}(void) {{ return 1; }}\n"));
-    }
-    c.push_str("const char* ncclGetErrorString(int r) { (void)r; return \"fake\"; }\n");
+    let c = tessera::check::fake_nccl_c_source();
     std::fs::write(dir.join("fake.c"), c).unwrap();
     let lib = dir.join("libnccl.so.2");
     let cc = Command::new("cc").args(["-shared", "-fPIC", "-o", s(&lib), s(&dir.join("fake.c"))]).status();

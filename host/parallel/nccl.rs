@@ -327,19 +327,7 @@ mod tests {
     fn nccl_is_found_by_the_name_its_packages_ship() {
         let dir = std::env::temp_dir().join(format!("tessera-fake-nccl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut c = String::from("int ncclGetVersion(int* v) { *v = 22304; return 0; }\n");
-        for f in [
-            "ncclGetUniqueId",
-            "ncclCommInitRank",
-            "ncclCommDestroy",
-            "ncclAllReduce",
-            "ncclBroadcast",
-            "ncclSend",
-            "ncclRecv",
-        ] {
-            c.push_str(&format!("int {f}(void) {{ return 1; }}\n"));
-        }
-        c.push_str("const char* ncclGetErrorString(int r) { (void)r; return \"fake\"; }\n");
+        let c = crate::check::fake_nccl_c_source();
         std::fs::write(dir.join("fake.c"), c).unwrap();
         let lib = dir.join("libnccl.so.2");
         let built = std::process::Command::new("cc")
