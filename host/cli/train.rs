@@ -184,16 +184,17 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     if let Some(c) = &ckpt {
         // The model, the data and the place in the epoch, checked by the library.
         let per_epoch = batches_per_epoch(train_set.len(), batch) as u64;
-        c.check_resume(&mlp.info(), &data_id, per_epoch).map_err(|e| Error::Checkpoint {
-            path: a.resume.as_ref().unwrap().display().to_string(),
-            reason: match e {
-                Error::Invalid(m) if m.starts_with("it was trained on") => m.replace(
-                    "resume on the same data,",
-                    "resume on the same data (the same --data, or none for the vendored digits),",
-                ),
+        c.check_resume(&mlp.info(), &data_id, per_epoch).map_err(|e| {
+            let hint = if c.data.crc32 != data_id.crc32 {
+                " (the same data: the same --data, or none for the vendored digits)"
+            } else {
+                ""
+            };
+            let m = match e {
                 Error::Invalid(m) => m,
                 e => e.to_string(),
-            },
+            };
+            Error::Checkpoint { path: a.resume.as_ref().unwrap().display().to_string(), reason: format!("{m}{hint}") }
         })?;
     }
     if train_set.dim != mlp.inputs() || train_set.classes > mlp.outputs() {

@@ -99,7 +99,7 @@ pub struct Ctx<'a, B: Backend> {
     /// Rows (samples) of the microbatch.
     pub rows: usize,
     params: B::Ref<'a, f32>,
-    ranges: Vec<Range<usize>>,
+    ranges: &'a [Range<usize>],
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
@@ -146,7 +146,7 @@ impl<B: Backend> Saved<B> {
 pub struct Work<'a, B: Backend> {
     grads: &'a mut B::Buf<f32>,
     /// The layer's parameters: their ranges in the stage's buffer and their stage indices.
-    ranges: Vec<Range<usize>>,
+    ranges: &'a [Range<usize>],
     slots: &'a [usize],
     /// Per stage parameter: whether it holds this step's gradient yet.
     live: &'a mut [bool],

@@ -37,6 +37,8 @@ pub struct Stage<B: Ops> {
     info: ModelInfo,
     layers: Vec<Arc<dyn Layer<B>>>,
     layout: StageLayout,
+    /// Per layer, its parameters' ranges in the buffers (from `layout`, computed once).
+    ranges: Vec<Vec<Range<usize>>>,
     params: B::Buf<f32>,
     grads: B::Buf<f32>,
     /// Per parameter of the stage: whether the gradient buffer holds this step's gradient yet
@@ -70,8 +72,11 @@ impl<B: Ops> Stage<B> {
                 format!("{} parameters for layers {layers:?}, which hold {}", params.len(), layout.len),
             ));
         }
+        let ranges =
+            layout.layer_params.iter().map(|ps| ps.iter().map(|&k| layout.local[k].clone()).collect()).collect();
         Ok(Stage {
             layers: model.layers()[layers].to_vec(),
+            ranges,
             live: vec![false; layout.params.len()],
             params: dev.upload(params)?,
             grads: dev.alloc(layout.len)?,
@@ -209,23 +214,18 @@ impl<B: Ops> Stage<B> {
         dev.write(&mut B::view_mut(&mut acts.labels), labels)
     }
 
-    fn ctx<'a>(dev: &'a B, rows: usize, params: &'a B::Buf<f32>, layout: &StageLayout, i: usize) -> Ctx<'a, B> {
-        Ctx {
-            dev,
-            rows,
-            params: B::view(params),
-            ranges: layout.layer_params[i].iter().map(|&k| layout.local[k].clone()).collect(),
-        }
+    fn ctx<'a>(dev: &'a B, rows: usize, params: &'a B::Buf<f32>, ranges: &'a [Range<usize>]) -> Ctx<'a, B> {
+        Ctx { dev, rows, params: B::view(params), ranges }
     }
 
     /// Forward of microbatch `mb`, whose input is loaded.
     pub fn forward(&mut self, dev: &B, mb: usize) -> Result<()> {
-        let Stage { slots, layers, layout, params, .. } = self;
+        let Stage { slots, layers, layout, ranges, params, .. } = self;
         let acts =
             slots.get_mut(&mb).ok_or_else(|| Error::Invalid(format!("forward of microbatch {mb} before its input")))?;
         let rows = acts.rows;
         for (i, layer) in layers.iter().enumerate() {
-            let cx = Self::ctx(dev, rows, params, layout, i);
+            let cx = Self::ctx(dev, rows, params, &ranges[i]);
             let (before, rest) = acts.outs.split_at_mut(i);
             let input = if i == 0 { B::view(&acts.x) } else { B::view(&before[i - 1]) };
             layer
@@ -284,7 +284,7 @@ impl<B: Ops> Stage<B> {
         let (is_first, is_last) = (self.is_first(), self.is_last());
         let lps = self.info.labels_per_sample();
         let classes = self.info.classes;
-        let Stage { slots, layers, layout, params, grads, live, g, scratch, dx_at, .. } = self;
+        let Stage { slots, layers, layout, ranges, params, grads, live, g, scratch, dx_at, .. } = self;
         let acts = &slots[&mb];
         let out_w = layers.last().unwrap().outputs();
         let mut loss = None;
@@ -318,7 +318,7 @@ impl<B: Ops> Stage<B> {
         }
         for i in (0..layers.len()).rev() {
             let layer = &layers[i];
-            let cx = Self::ctx(dev, rows, params, layout, i);
+            let cx = Self::ctx(dev, rows, params, &ranges[i]);
             let input = if i == 0 { B::view(&acts.x) } else { B::view(&acts.outs[i - 1]) };
             let want_dx = i > 0 || !is_first;
             let to = match cur {
@@ -333,14 +333,8 @@ impl<B: Ops> Stage<B> {
             };
             let mut dx = B::view_range_mut(to_buf, 0..rows * layer.inputs());
             let slots_of = &layout.layer_params[i];
-            let mut work = Work {
-                grads,
-                ranges: slots_of.iter().map(|&k| layout.local[k].clone()).collect(),
-                slots: slots_of,
-                live,
-                taken: vec![false; slots_of.len()],
-                scratch,
-            };
+            let mut work =
+                Work { grads, ranges: &ranges[i], slots: slots_of, live, taken: vec![false; slots_of.len()], scratch };
             let model_i = layout.layers.start + i;
             layer
                 .backward(&cx, &input, &dy, want_dx.then_some(&mut dx), &acts.saved[i], &mut work)
