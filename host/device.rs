@@ -147,12 +147,19 @@ impl DeviceSpec {
                 let msg = format!("device: {self} ({})", first.info().name);
                 Ok((Devices::Cuda(v), msg))
             }
-            DeviceSpec::Sim { count } => Ok((
-                Devices::Sim((0..count).map(SimDevice::new).collect()),
-                format!(
-                    "device: sim:{count} (the CUDA kernels in the simulator, on the CPU: slow, every access checked)"
-                ),
-            )),
+            DeviceSpec::Sim { count } => {
+                let order = crate::backend::sim::StreamOrder::from_env()?;
+                let streams = match order {
+                    crate::backend::sim::StreamOrder::Immediate => String::new(),
+                    o => format!("; streams {o}: work runs when waited on, races between streams reported"),
+                };
+                Ok((
+                    Devices::Sim(SimDevice::group(count, order)),
+                    format!(
+                        "device: sim:{count} (the CUDA kernels in the simulator, on the CPU: slow, every access checked{streams})"
+                    ),
+                ))
+            }
             DeviceSpec::Auto => {
                 let why_not = match cuda::gpu_count() {
                     Ok(0) if !cuda::driver_present() => match cuda::driver_problem() {

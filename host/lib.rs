@@ -96,7 +96,7 @@ pub mod train;
 
 pub use backend::cpu::CpuDevice;
 pub use backend::cuda::CudaDevice;
-pub use backend::sim::SimDevice;
+pub use backend::sim::{SimDevice, StreamOrder};
 pub use backend::{Backend, Elem, ViewLen};
 pub use device::{DeviceSpec, Devices};
 pub use error::{Error, Result};

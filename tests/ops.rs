@@ -504,6 +504,8 @@ fn copies_between_devices<B: Ops>(a: &B, b: &B) {
     let x = inputs(3, 1031, 1.0);
     let xa = up(a, &x);
     let mut yb = poisoned(b, 1031);
+    // b reads what a's queue wrote: b's queue waits for it first (an event, not the host).
+    b.wait_event(&a.record_event().unwrap()).unwrap();
     b.copy(&B::view(&xa), &mut B::view_mut(&mut yb)).unwrap();
     b.synchronize().unwrap();
     assert_eq!(down(b, &yb), x);
@@ -532,6 +534,11 @@ macro_rules! on_every_backend {
                 let d = tessera::SimDevice::new(0);
                 $( eprintln!("sim: {}", stringify!($name)); super::$name(&d); )*
                 super::copies_between_devices(&d, &tessera::SimDevice::new(1));
+                // Again with work deferred until waited on: every op's temporaries, and the copy
+                // between devices, respect stream order.
+                let g = tessera::SimDevice::group(2, tessera::StreamOrder::Deferred { shuffle: Some(1) });
+                $( eprintln!("sim (deferred): {}", stringify!($name)); super::$name(&g[0]); )*
+                super::copies_between_devices(&g[0], &g[1]);
                 let ran = tessera::backend::sim::launch_counts();
                 let missed: Vec<&str> = tessera::backend::sim::SIM_KERNELS
                     .iter()

@@ -278,3 +278,107 @@ fn asynchronous_copies_land_at_their_wait() {
         ],
     );
 }
+
+/// Stream order, planted bug one: a kernel on one stream reads what a kernel on another stream
+/// writes, with no event between them. In deferred mode the read is refused when it is queued,
+/// naming both kernels and both streams; with the event it runs, and only when waited on.
+#[test]
+fn a_missing_event_between_streams_is_caught_in_deferred_mode() {
+    use tessera::{Activation, ActivationOps, StreamOrder};
+    for order in [StreamOrder::Deferred { shuffle: None }, StreamOrder::Deferred { shuffle: Some(3) }] {
+        let devs = SimDevice::group(2, order);
+        let (a, b) = (&devs[0], &devs[1]);
+        let x = inputs(11, 500, 1.0);
+        let xb = a.upload(&x).unwrap();
+        let mut y = a.alloc::<f32>(500).unwrap();
+        let mut z = b.alloc::<f32>(500).unwrap();
+        a.act_forward(Activation::Relu, &xb.as_view(), &mut y.as_view_mut()).unwrap();
+        // The planted bug: b reads y with no event after a's write.
+        let e = b.act_forward(Activation::Relu, &y.as_view(), &mut z.as_view_mut()).unwrap_err().to_string();
+        for part in ["stream race", "kernel act_fwd on sim:1 reads", "kernel act_fwd on sim:0 writes", "record_event"] {
+            assert!(e.contains(part), "report lacks `{part}`:\n{e}");
+        }
+        eprintln!("reported: {e}");
+        // The fix: b waits on an event recorded after the write.
+        let ev = a.record_event().unwrap();
+        b.wait_event(&ev).unwrap();
+        b.act_forward(Activation::Relu, &y.as_view(), &mut z.as_view_mut()).unwrap();
+        let got = b.download(&z.as_view()).unwrap();
+        let want: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+        assert_eq!(got, want, "{order}");
+        // A write after a read on another stream is a race too (the write may overtake it).
+        let mut x2 = a.alloc::<f32>(500).unwrap();
+        b.act_forward(Activation::Relu, &xb.as_view(), &mut x2.as_view_mut()).unwrap_err();
+        let ev = b.record_event().unwrap();
+        a.wait_event(&ev).unwrap();
+        a.act_forward(Activation::Relu, &z.as_view(), &mut y.as_view_mut()).unwrap();
+        a.synchronize().unwrap();
+    }
+}
+
+/// Stream order, planted bug two: the host drops a buffer while another stream's queued kernel
+/// still reads it. The free is reported at the group's next call with both names, and the
+/// memory is kept until the kernel has run (the simulator never reads freed memory).
+#[test]
+fn a_free_while_another_stream_still_reads_is_caught_in_deferred_mode() {
+    use tessera::{Activation, ActivationOps, StreamOrder};
+    let devs = SimDevice::group(1, StreamOrder::Deferred { shuffle: None });
+    let a = &devs[0];
+    let b = a.with_own_queue().unwrap();
+    let x = inputs(5, 300, 1.0);
+    let mut z = b.alloc::<f32>(300).unwrap();
+    {
+        let xb = a.upload(&x).unwrap();
+        b.wait_event(&a.record_event().unwrap()).unwrap();
+        b.act_forward(Activation::Relu, &xb.as_view(), &mut z.as_view_mut()).unwrap();
+        // The planted bug: xb (a's) is dropped here, while b's kernel is still queued.
+    }
+    let e = a.synchronize().unwrap_err().to_string();
+    for part in ["use after free", "freed on sim:0", "kernel act_fwd on sim:0 (stream 1)"] {
+        assert!(e.contains(part), "report lacks `{part}`:\n{e}");
+    }
+    eprintln!("reported: {e}");
+    // The kernel still ran on live memory.
+    let want: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    assert_eq!(b.download(&z.as_view()).unwrap(), want);
+    // The fix: a waits for b's work before the buffer goes.
+    {
+        let xb = a.upload(&x).unwrap();
+        b.wait_event(&a.record_event().unwrap()).unwrap();
+        b.act_forward(Activation::Relu, &xb.as_view(), &mut z.as_view_mut()).unwrap();
+        a.wait_event(&b.record_event().unwrap()).unwrap();
+    }
+    a.synchronize().unwrap();
+    // Dropped on its own stream after a queued use there: stream order covers it.
+    {
+        let xb = a.upload(&x).unwrap();
+        let mut y = a.alloc::<f32>(300).unwrap();
+        a.act_forward(Activation::Relu, &xb.as_view(), &mut y.as_view_mut()).unwrap();
+    }
+    a.synchronize().unwrap();
+}
+
+/// Deferred work runs only when the host waits, and then only what that wait needs: a kernel
+/// fault queued on one stream is not reported by a wait on another stream that does not need
+/// it, and is reported, naming the kernel, by the wait that runs it.
+#[test]
+fn deferred_work_runs_when_waited_on() {
+    use tessera::StreamOrder;
+    let devs = SimDevice::group(2, StreamOrder::Deferred { shuffle: None });
+    let (a, b) = (&devs[0], &devs[1]);
+    let n = 1000usize;
+    let xb = a.upload(&inputs(2, n, 1.0)).unwrap();
+    let mut y = a.alloc::<f32>(n).unwrap();
+    let k = a.planted();
+    // Queued, not run: the launch itself reports nothing.
+    unsafe { k.double_off_by_one(a.stream(), cfg(2, 256, 0), n as i64, &xb.as_view(), &mut y.as_view_mut()) }.unwrap();
+    let mut w = b.alloc::<f32>(4).unwrap();
+    b.write(&mut w.as_view_mut(), &[5.0; 4]).unwrap();
+    assert_eq!(b.download(&w.as_view()).unwrap(), vec![5.0; 4], "b's wait does not need a's queue");
+    // b now waits for a's work: b's download runs a's kernel, and reports its fault.
+    b.wait_event(&a.record_event().unwrap()).unwrap();
+    let e = b.download(&w.as_view()).unwrap_err().to_string();
+    for part in ["kernel double_off_by_one on sim:0 (queued earlier)", "out-of-bounds write", "y[1000]"] {
+        assert!(e.contains(part), "report lacks `{part}`:\n{e}");
+    }
+}

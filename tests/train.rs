@@ -188,29 +188,45 @@ fn sgd_trains_too() {
 /// model: the simulator is slow), and `--device sim` trains from the CLI.
 #[test]
 fn cpu_and_simulator_take_the_same_first_steps() {
-    let sim = tessera::SimDevice::new(0);
     let cpu = CpuDevice::new(0);
     let (train, _) = Dataset::mnist_10k().unwrap();
     let (mlp, cfg) = adamw_config(vec![784, 48, 10], Activation::GeluTanh);
     let mut a = Trainer::new(&cpu, &mlp.model(), cfg.clone()).unwrap();
-    let mut b = Trainer::new(&sim, &mlp.model(), cfg).unwrap();
-    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    let mut la = Vec::new();
     a.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
         la.push(s.loss);
         Ok(())
     })
     .unwrap();
-    b.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
-        lb.push(s.loss);
-        Ok(())
-    })
-    .unwrap();
-    for (x, y) in la.iter().zip(&lb) {
-        assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim {lb:?}");
+    let mut runs = Vec::new();
+    for order in [tessera::StreamOrder::Immediate, tessera::StreamOrder::Deferred { shuffle: None }] {
+        let sim = tessera::SimDevice::group(1, order).remove(0);
+        let mut b = Trainer::new(&sim, &mlp.model(), cfg.clone()).unwrap();
+        let mut lb = Vec::new();
+        b.fit(&train, 64, 4, &mut Cursor::default(), |_, s, _| {
+            lb.push(s.loss);
+            Ok(())
+        })
+        .unwrap();
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim ({order}) {lb:?}");
+        }
+        runs.push((lb, b.network().download_params(&sim).unwrap()));
     }
+    assert_eq!(runs[0], runs[1], "deferred work must give the same bits as immediate");
     let (ok, out, err) = common::tessera(&["train", "--device", "sim", "--widths", "784,32,10", "--steps", "3"]);
     assert!(ok, "{err}");
     assert!(err.contains("device: sim:1") || out.contains("device: sim:1"), "{out}{err}");
+    // The CLI's simulated devices in deferred mode, with a pipeline (events between stages).
+    let (ok, out, err) = common::tessera_env(
+        &["train", "--device", "sim:2", "--pp", "2", "--widths", "784,32,16,10", "--steps", "2"],
+        &[("TESSERA_SIM_STREAMS", "deferred:3")],
+    );
+    assert!(ok, "{err}");
+    assert!(format!("{out}{err}").contains("streams deferred:3"), "{out}{err}");
+    let (ok, _, err) =
+        common::tessera_env(&["train", "--device", "sim", "--steps", "1"], &[("TESSERA_SIM_STREAMS", "later")]);
+    assert!(!ok && err.contains("TESSERA_SIM_STREAMS=later: use immediate, deferred"), "{err}");
 }
 
 #[test]

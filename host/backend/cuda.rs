@@ -374,14 +374,37 @@ impl Backend for CudaDevice {
         self.stream.clone_dtod(src).map_err(Error::driver(format!("copying on {}", self.name())))
     }
     fn adopt<T: Elem>(&self, buf: CudaSlice<T>) -> Result<CudaSlice<T>> {
-        if buf.context() == &self.inner.ctx {
-            Ok(buf)
-        } else {
-            self.duplicate(&buf.as_view())
+        if buf.context() != &self.inner.ctx {
+            // Another GPU: a peer copy, finished before the source is freed on its own stream.
+            let b = self.duplicate(&buf.as_view())?;
+            self.synchronize()?;
+            return Ok(b);
         }
+        if Arc::ptr_eq(cudarc::driver::DeviceSlice::stream(&buf), &self.stream) {
+            return Ok(buf);
+        }
+        // Same context, another stream: the allocation becomes this stream's, so that it is
+        // freed (cuMemFreeAsync) in this stream's order, after this stream's uses of it.
+        let len = buf.len();
+        let ptr = buf.leak();
+        // SAFETY: `ptr` is a live allocation of `len` elements of T on this context, now owned
+        // by nobody else (leaked above); the caller made this stream wait for its other uses.
+        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, len) })
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(Error::driver(format!("synchronizing {}", self.name())))
+    }
+    type Event = cudarc::driver::CudaEvent;
+    fn record_event(&self) -> Result<cudarc::driver::CudaEvent> {
+        // No timing: the lightest event the driver has.
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        self.stream.record_event(Some(flags)).map_err(Error::driver(format!("recording an event on {}", self.name())))
+    }
+    fn wait_event(&self, event: &cudarc::driver::CudaEvent) -> Result<()> {
+        self.stream.wait(event).map_err(Error::driver(format!("waiting on an event on {}", self.name())))
+    }
+    fn sync_event(&self, event: &cudarc::driver::CudaEvent) -> Result<()> {
+        event.synchronize().map_err(Error::driver(format!("waiting for an event of {}", self.name())))
     }
     fn buf_len<T: Elem>(buf: &CudaSlice<T>) -> usize {
         buf.len()

@@ -86,12 +86,24 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn with_own_queue(&self) -> Result<Self>;
     /// A new buffer of this device holding a copy of `src` (queued on this device), in one pass.
     fn duplicate<T: Elem>(&self, src: &Self::Ref<'_, T>) -> Result<Self::Buf<T>>;
-    /// Makes a buffer of another device of this backend usable by this one: the buffer itself
+    /// Makes a buffer of another device or queue of this backend this one's: the buffer itself
     /// where this device can read it (CPU memory; a GPU buffer of the same context), else a
-    /// copy here.
+    /// copy here. Either way it is then freed in this queue's order, so this queue must already
+    /// wait ([`Backend::wait_event`]) for every use of it queued elsewhere.
     fn adopt<T: Elem>(&self, buf: Self::Buf<T>) -> Result<Self::Buf<T>>;
     /// Waits until all work queued on this device has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// A marker of the work queued on this device's queue so far (a CUDA event): what another
+    /// queue can wait for ([`Backend::wait_event`]) without the host waiting.
+    type Event: Send + Sync;
+    /// Records an event after the work queued so far on this queue.
+    fn record_event(&self) -> Result<Self::Event>;
+    /// Makes the work queued on this queue from now on wait for the work `event` marks (which
+    /// may be another queue's, or another device's of the same backend). The host does not wait.
+    fn wait_event(&self, event: &Self::Event) -> Result<()>;
+    /// The host waits until the work `event` marks has finished.
+    fn sync_event(&self, event: &Self::Event) -> Result<()>;
 
     /// Number of elements of a buffer.
     fn buf_len<T: Elem>(buf: &Self::Buf<T>) -> usize;

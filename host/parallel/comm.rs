@@ -32,6 +32,9 @@ pub trait Communicator<B: Backend>: Send {
     fn send(&mut self, buf: &B::Ref<'_, f32>, to: usize) -> Result<()>;
     /// Receives from rank `from` into `buf` (lengths must agree).
     fn recv(&mut self, buf: &mut B::Mut<'_, f32>, from: usize) -> Result<()>;
+    /// Makes this rank's later work wait for `event` (recorded on another queue of this rank's
+    /// device, e.g. after the buffer to reduce was written), without the host waiting.
+    fn wait_event(&mut self, event: &B::Event) -> Result<()>;
 }
 
 /// How the ranks of a [`RingComm`] move buffers: in order, per pair of ranks.
@@ -55,9 +58,10 @@ pub struct RingComm<B: Backend, W: Wire<B>> {
     wire: W,
 }
 
-/// A message: a buffer on the sender's device.
+/// A message: a buffer on the sender's device, and the event after which it holds the data.
 struct Msg<B: Backend> {
     buf: B::Buf<f32>,
+    ready: B::Event,
 }
 
 /// The in-process wire: one channel per ordered pair of ranks; buffers stay on their devices
@@ -169,9 +173,9 @@ impl LocalGroup for crate::CpuDevice {
 impl<B: Backend> Wire<B> for LocalWire<B> {
     fn post(&mut self, dev: &B, view: &B::Ref<'_, f32>, to: usize) -> Result<()> {
         let buf = dev.duplicate(view)?;
-        // The receiver's device reads it: the copy must be done first.
-        dev.synchronize()?;
-        self.to[to].send(Msg { buf }).map_err(|_| Error::Parallel(format!("rank {to} of the group has stopped")))
+        // The receiver's queue waits for this event before it reads the copy.
+        let ready = dev.record_event()?;
+        self.to[to].send(Msg { buf, ready }).map_err(|_| Error::Parallel(format!("rank {to} of the group has stopped")))
     }
 
     fn take(&mut self, dev: &B, from: usize) -> Result<B::Buf<f32>> {
@@ -184,7 +188,9 @@ impl<B: Backend> Wire<B> for LocalWire<B> {
                 (self.timeout.as_secs() * 4).max(600)
             ))
         })?;
-        // Usable here as it is, or copied here (a peer copy where the sender is another GPU).
+        // Usable here once the copy is done, then freed in this queue's order (or copied here:
+        // a peer copy where the sender is another GPU).
+        dev.wait_event(&m.ready)?;
         dev.adopt(m.buf)
     }
 }
@@ -277,6 +283,10 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
         let got = self.take(from)?;
         let r = self.dev.copy(&B::view(&got), buf);
         r
+    }
+
+    fn wait_event(&mut self, event: &B::Event) -> Result<()> {
+        self.dev.wait_event(event)
     }
 }
 
@@ -540,6 +550,9 @@ impl Communicator<crate::CpuDevice> for SharedComm {
         self.ring.broadcast(buf, root)
     }
 
+    fn wait_event(&mut self, _event: &()) -> Result<()> {
+        Ok(())
+    }
     fn send(&mut self, buf: &&[f32], to: usize) -> Result<()> {
         self.ring.send(buf, to)
     }

@@ -77,7 +77,9 @@ pub(crate) struct Worker<B: Ops> {
     pub(crate) comm_in_use: bool,
 }
 
-type Msg<B> = (usize, <B as Backend>::Buf<f32>);
+/// A microbatch's tensor between stages: its id, the buffer, and the event after which the
+/// buffer holds it.
+type Msg<B> = (usize, <B as Backend>::Buf<f32>, <B as Backend>::Event);
 /// The two ends of a channel, where this stage has them.
 type Ends<B> = (Option<Sender<Msg<B>>>, Option<Receiver<Msg<B>>>);
 
@@ -146,25 +148,27 @@ impl<B: Ops> Links<B> {
 
 impl<B: Ops> PipeLinks<B> for Links<B> {
     fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
-        let out = snapshot(dev, v)?;
-        self.act_out.as_ref().unwrap().send((id, out)).map_err(|_| closed("next stage"))
+        let (out, ready) = stage_copy(dev, v)?;
+        self.act_out.as_ref().unwrap().send((id, out, ready)).map_err(|_| closed("next stage"))
     }
     fn recv_act(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
-        let (got, buf) = self.act_in.as_ref().unwrap().recv().map_err(|_| closed("previous stage"))?;
+        let (got, buf, ready) = self.act_in.as_ref().unwrap().recv().map_err(|_| closed("previous stage"))?;
         if got != id {
             return Err(Error::Parallel(format!("expected microbatch {id}'s activation, got {got}'s")));
         }
+        dev.wait_event(&ready)?;
         dev.adopt(buf)
     }
     fn send_grad(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
-        let g = snapshot(dev, v)?;
-        self.grad_out.as_ref().unwrap().send((id, g)).map_err(|_| closed("previous stage"))
+        let (g, ready) = stage_copy(dev, v)?;
+        self.grad_out.as_ref().unwrap().send((id, g, ready)).map_err(|_| closed("previous stage"))
     }
     fn recv_grad(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
-        let (got, buf) = self.grad_in.as_ref().unwrap().recv().map_err(|_| closed("next stage"))?;
+        let (got, buf, ready) = self.grad_in.as_ref().unwrap().recv().map_err(|_| closed("next stage"))?;
         if got != id {
             return Err(Error::Parallel(format!("expected microbatch {id}'s gradient, got {got}'s")));
         }
+        dev.wait_event(&ready)?;
         dev.adopt(buf)
     }
     fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>> {
@@ -723,12 +727,12 @@ fn closed(what: &str) -> Error {
     Error::Parallel(format!("the {what} stopped (a device failed)"))
 }
 
-/// Copies a view into a new buffer of the same device and waits for it, so it can be handed
-/// to another thread.
-fn snapshot<B: Ops>(dev: &B, v: &B::Ref<'_, f32>) -> Result<B::Buf<f32>> {
+/// Copies a view into a new buffer of the same device, to hand to another thread, with the
+/// event after which the copy holds the data (the receiver's queue waits on it; the host does
+/// not).
+fn stage_copy<B: Ops>(dev: &B, v: &B::Ref<'_, f32>) -> Result<(B::Buf<f32>, B::Event)> {
     let b = dev.duplicate(v)?;
-    dev.synchronize()?;
-    Ok(b)
+    Ok((b, dev.record_event()?))
 }
 
 pub(crate) fn run_worker<B: Ops>(
@@ -745,7 +749,7 @@ pub(crate) fn run_worker<B: Ops>(
     let comm = w.comm.take();
     let buckets = w.stage.layout().buckets.clone();
     let bucket_range = |b: usize| buckets[b].clone();
-    let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>)>();
+    let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>, B::Event)>();
     let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
     let t0 = ctx.t0;
     let now = move || t0.elapsed().as_secs_f64();
@@ -756,9 +760,9 @@ pub(crate) fn run_worker<B: Ops>(
     // are then given up.
     let comm_thread = comm.map(|mut c| {
         std::thread::spawn(move || -> (Result<()>, Box<dyn Communicator<B>>) {
-            for (b, mut buf) in jobs_rx {
+            for (b, mut buf, ready) in jobs_rx {
                 let start = now();
-                if let Err(e) = c.all_reduce_sum(&mut buf) {
+                if let Err(e) = c.wait_event(&ready).and_then(|_| c.all_reduce_sum(&mut buf)) {
                     return (Err(e), c);
                 }
                 let span =
@@ -777,7 +781,10 @@ pub(crate) fn run_worker<B: Ops>(
         if !timed_out {
             let (res, c) = h.join().unwrap_or_else(|_| panic!("the all-reduce thread panicked"));
             w.comm = Some(c);
-            if let (Ok(_), Err(e)) = (&result, res) {
+            // The thread's own error says more than the worker's "the thread stopped".
+            let worker_saw_it_stop =
+                matches!(&result, Err(Error::Parallel(m)) if m.contains("all-reduce thread stopped"));
+            if let (true, Err(e)) = (result.is_ok() || worker_saw_it_stop, res) {
                 result = Err(e);
             }
         }
@@ -791,7 +798,7 @@ fn worker_actions<B: Ops>(
     s: usize,
     ctx: &StepCtx<'_>,
     links: &mut dyn PipeLinks<B>,
-    jobs_tx: &Sender<(usize, B::Buf<f32>)>,
+    jobs_tx: &Sender<(usize, B::Buf<f32>, B::Event)>,
     done_rx: &Receiver<(usize, B::Buf<f32>, Span)>,
     bucket_range: &dyn Fn(usize) -> Range<usize>,
     now: &dyn Fn() -> f64,
@@ -849,8 +856,8 @@ fn worker_actions<B: Ops>(
                     let mut on_layer = |i: usize, grads: &B::Buf<f32>| -> Result<()> {
                         if last_of_step && !bucket_range(i).is_empty() {
                             // This layer's gradients are final: reduce them while backward goes on.
-                            let staged = snapshot(&dev, &B::view_range(grads, bucket_range(i)))?;
-                            jobs_tx.send((i, staged)).map_err(|_| closed("all-reduce thread"))?;
+                            let (staged, ready) = stage_copy(&dev, &B::view_range(grads, bucket_range(i)))?;
+                            jobs_tx.send((i, staged, ready)).map_err(|_| closed("all-reduce thread"))?;
                             dispatched[i] = true;
                         }
                         Ok(())
@@ -868,8 +875,8 @@ fn worker_actions<B: Ops>(
                 }
                 Action::AllReduce(b) => {
                     if final_pass && !dispatched[b] && !bucket_range(b).is_empty() {
-                        let staged = snapshot(&dev, &B::view_range(w.stage.grads(), bucket_range(b)))?;
-                        jobs_tx.send((b, staged)).map_err(|_| closed("all-reduce thread"))?;
+                        let (staged, ready) = stage_copy(&dev, &B::view_range(w.stage.grads(), bucket_range(b)))?;
+                        jobs_tx.send((b, staged, ready)).map_err(|_| closed("all-reduce thread"))?;
                         dispatched[b] = true;
                     }
                 }

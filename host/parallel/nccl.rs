@@ -242,6 +242,9 @@ impl Drop for NcclComm {
 }
 
 impl Communicator<CudaDevice> for NcclComm {
+    fn wait_event(&mut self, event: &cudarc::driver::CudaEvent) -> Result<()> {
+        crate::Backend::wait_event(&self.dev, event)
+    }
     fn rank(&self) -> usize {
         self.rank
     }

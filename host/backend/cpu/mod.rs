@@ -76,6 +76,16 @@ impl Backend for CpuDevice {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    type Event = ();
+    fn record_event(&self) -> Result<()> {
+        Ok(())
+    }
+    fn wait_event(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+    fn sync_event(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
     fn buf_len<T: Elem>(buf: &Vec<T>) -> usize {
         buf.len()
     }

@@ -23,12 +23,16 @@ use std::ffi::{c_char, c_void, CStr};
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::LaunchConfig;
 
 use crate::backend::{check_len, Backend, Elem, ViewLen};
 use crate::error::{Error, Result};
+
+mod streams;
+pub use streams::StreamOrder;
+use streams::{Access, Point, Sched};
 
 /// The number of streaming multiprocessors the simulator reports to launch-shape heuristics.
 /// Small on purpose: a few blocks per grid keep simulation fast, and the GEMM still takes
@@ -79,9 +83,53 @@ pub struct SimStatus {
     pub planted: bool,
 }
 
-/// The simulator's stand-in for a CUDA stream: work runs at once, in call order.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SimStream;
+/// The simulator's stand-in for a CUDA stream: work runs at once, in call order
+/// ([`StreamOrder::Immediate`]), or queues until the host waits on it
+/// ([`StreamOrder::Deferred`]).
+#[derive(Clone, Default)]
+pub struct SimStream {
+    q: Option<Queue>,
+}
+
+/// A stream of a deferred group: its scheduler and its number there.
+#[derive(Clone)]
+struct Queue {
+    sched: Arc<Sched>,
+    id: usize,
+}
+
+impl std::fmt::Debug for SimStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.q {
+            None => f.write_str("SimStream(immediate)"),
+            Some(q) => write!(f, "SimStream({})", q.sched.stream_name(q.id)),
+        }
+    }
+}
+
+impl PartialEq for SimStream {
+    fn eq(&self, o: &Self) -> bool {
+        match (&self.q, &o.q) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.sched, &b.sched) && a.id == b.id,
+            _ => false,
+        }
+    }
+}
+impl Eq for SimStream {}
+
+/// Sends raw pointers into a queued job (the simulator's equivalent of handing them to a GPU).
+struct Raw<T>(T);
+// SAFETY: the pointers a job holds stay valid until it runs: the buffers they point into are
+// kept alive (as zombies) while queued work uses them; see `streams::Sched::free`.
+unsafe impl<T> Send for Raw<T> {}
+
+fn sim_err(e: Error) -> SimError {
+    match e {
+        Error::Sim { detail, .. } => SimError(detail),
+        other => SimError(other.to_string()),
+    }
+}
 
 impl SimStream {
     /// A new buffer holding `data` (as `CudaStream::clone_htod`).
@@ -90,8 +138,42 @@ impl SimStream {
         bump(&counters::H2D);
         let mut b = SimBuf::zeroed(data.len());
         b.as_mut_slice().copy_from_slice(data);
+        self.adopt_new(b, "upload").map_err(sim_err)
+    }
+
+    /// Gives a new buffer this stream as its home: in deferred mode its filling is an operation
+    /// of this stream (as `cuMemAllocAsync` and the copy or memset after it are).
+    fn adopt_new<T: Elem>(&self, mut b: SimBuf<T>, what: &str) -> Result<SimBuf<T>> {
+        if let Some(q) = &self.q {
+            let bytes = b.len * std::mem::size_of::<T>();
+            let access = if bytes == 0 { vec![] } else { vec![Access::write(b.ptr.as_ptr() as usize, bytes)] };
+            q.sched.enqueue(q.id, format!("{what} of {bytes} bytes"), access, Box::new(|| Ok(())))?;
+            b.home = Some(q.clone());
+        }
         Ok(b)
     }
+
+    /// Queues `job` (deferred mode) or runs it now; returns where it sits, to wait for it.
+    fn submit(&self, label: impl FnOnce() -> String, access: Vec<Access>, job: streams::Job) -> Result<Option<Point>> {
+        match &self.q {
+            None => job().map_err(|e| Error::Sim { during: label(), detail: e.0 }).map(|_| None),
+            Some(q) => q.sched.enqueue(q.id, label(), access, job).map(Some),
+        }
+    }
+
+    /// The host waits for everything queued on this stream.
+    fn sync(&self) -> Result<()> {
+        match &self.q {
+            None => Ok(()),
+            Some(q) => q.sched.sync_stream(q.id),
+        }
+    }
+}
+
+/// An event of a simulated stream: the point its queue had reached when it was recorded.
+#[derive(Debug, Clone)]
+pub struct SimEvent {
+    at: Option<(usize, Point)>,
 }
 
 // ---- FFI with kernels/sim/runtime.cc ----------------------------------------------------------
@@ -182,6 +264,9 @@ unsafe extern "C" {
 
 static LAUNCHES: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
 
+/// Live simulated allocations, start address to bytes (to resolve pointer tables' entries).
+static ALLOCS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
 /// What the host asked of the simulated devices, counted through the same code path a GPU run
 /// takes: the host work of a step, which timings on a shared CPU cannot show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -250,14 +335,61 @@ pub fn launch_counts() -> BTreeMap<&'static str, u64> {
 
 type Thunk = unsafe extern "C" fn(*const SimLaunch, *const SimArg, *mut c_char, usize) -> i32;
 
-/// Runs one launch through its generated thunk.
+/// The byte ranges a launch reads and writes: each pointer argument over its view (`const`
+/// ones read, others written), and for a pointer table the table and, from each entry, the rest
+/// of the allocation it points into.
+fn accesses(args: &[SimArg]) -> Vec<Access> {
+    let mut out = Vec::new();
+    for a in args {
+        let bytes = (a.len * a.elem) as usize;
+        if a.p.is_null() || bytes == 0 {
+            continue;
+        }
+        match a.kind {
+            ARG_CONST_PTR => out.push(Access::read(a.p as usize, bytes)),
+            ARG_MUT_PTR => out.push(Access::write(a.p as usize, bytes)),
+            ARG_TABLE => {
+                out.push(Access::read(a.p as usize, bytes));
+                // SAFETY: a table argument is a live simulated buffer of `len` u64 entries.
+                let entries = unsafe { std::slice::from_raw_parts(a.p as *const u64, a.len as usize) };
+                let map = ALLOCS.lock().unwrap_or_else(|e| e.into_inner());
+                for &e in entries {
+                    let e = e as usize;
+                    if let Some((&start, &len)) = map.range(..=e).next_back() {
+                        if e < start + len {
+                            out.push(Access::read(e, start + len - e));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn run_thunk(thunk: Thunk, l: &SimLaunch, args: &[SimArg]) -> std::result::Result<(), SimError> {
+    let mut err = vec![0u8; 2048];
+    // SAFETY: the thunk reads `l` and `args` (valid for the call) and writes at most
+    // `err.len()` bytes, NUL-terminated, into `err`.
+    let rc = unsafe { thunk(l, args.as_ptr(), err.as_mut_ptr() as *mut c_char, err.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+        Err(SimError(String::from_utf8_lossy(&err[..end]).into_owned()))
+    }
+}
+
+/// Runs one launch through its generated thunk, now or (deferred) when its stream is waited on.
 ///
 /// # Safety
-/// `args` are the kernel's parameters in order, each pointer valid for its stated length.
+/// `args` are the kernel's parameters in order, each pointer valid for its stated length (in
+/// deferred mode, until the launch runs: the buffers outlive their queued uses).
 unsafe fn launch(
     name: &'static str,
     thunk: Thunk,
-    _stream: &SimStream,
+    stream: &SimStream,
     cfg: &LaunchConfig,
     args: &[SimArg],
 ) -> std::result::Result<(), SimError> {
@@ -268,15 +400,17 @@ unsafe fn launch(
         block: [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2],
         dyn_smem: cfg.shared_mem_bytes as u64,
     };
-    let mut err = vec![0u8; 2048];
-    // SAFETY: the thunk reads `l` and `args` (valid for the call) and writes at most
-    // `err.len()` bytes, NUL-terminated, into `err`.
-    let rc = unsafe { thunk(&l, args.as_ptr(), err.as_mut_ptr() as *mut c_char, err.len()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        Err(SimError(String::from_utf8_lossy(&err[..end]).into_owned()))
+    match &stream.q {
+        None => run_thunk(thunk, &l, args),
+        Some(q) => {
+            let access = accesses(args);
+            let held = Raw(args.to_vec());
+            let job = Box::new(move || {
+                let held = held;
+                run_thunk(thunk, &l, &held.0)
+            });
+            q.sched.enqueue(q.id, format!("kernel {name}"), access, job).map(|_| ()).map_err(sim_err)
+        }
     }
 }
 
@@ -289,6 +423,8 @@ include!(concat!(env!("OUT_DIR"), "/sim_kernels.rs"));
 pub struct SimBuf<T: Elem> {
     ptr: NonNull<T>,
     len: usize,
+    /// The stream it was allocated on, in deferred mode (its free is that stream's operation).
+    home: Option<Queue>,
 }
 
 // SAFETY: SimBuf owns its allocation like a Vec<T> (T: Send + Sync).
@@ -307,9 +443,11 @@ impl<T: Elem> SimBuf<T> {
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(p as *mut T) else { std::alloc::handle_alloc_error(layout) };
-        // SAFETY: registers the live allocation with the runtime (removed in Drop).
-        unsafe { tsim_register_alloc(p as *const c_void, len * std::mem::size_of::<T>()) };
-        SimBuf { ptr, len }
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: registers the live allocation with the runtime (removed when it is freed).
+        unsafe { tsim_register_alloc(p as *const c_void, bytes) };
+        ALLOCS.lock().unwrap_or_else(|e| e.into_inner()).insert(p as usize, bytes);
+        SimBuf { ptr, len, home: None }
     }
 
     /// Number of elements.
@@ -340,10 +478,19 @@ impl<T: Elem> SimBuf<T> {
 
 impl<T: Elem> Drop for SimBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout; unregistered before it is freed.
-        unsafe {
-            tsim_unregister_alloc(self.ptr.as_ptr() as *const c_void);
-            std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len));
+        let addr = self.ptr.as_ptr() as usize;
+        let layout = Self::layout(self.len);
+        let free = move || {
+            ALLOCS.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+            // SAFETY: allocated in `zeroed` with this layout; unregistered before it is freed, once.
+            unsafe {
+                tsim_unregister_alloc(addr as *const c_void);
+                std::alloc::dealloc(addr as *mut u8, layout);
+            }
+        };
+        match self.home.take() {
+            Some(q) => q.sched.free(q.id, addr, addr + self.len * std::mem::size_of::<T>(), Box::new(free)),
+            None => free(),
         }
     }
 }
@@ -427,10 +574,6 @@ impl<T> SimViewMut<'_, T> {
         // SAFETY: in bounds (checked); borrows self mutably.
         SimViewMut { ptr: unsafe { self.ptr.add(range.start) }, len: range.end - range.start, _p: PhantomData }
     }
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: the view uniquely covers len initialised elements of a live buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
 }
 
 impl<T> ViewLen for SimView<'_, T> {
@@ -447,12 +590,12 @@ impl<T> ViewLen for SimViewMut<'_, T> {
 // ---- the device -------------------------------------------------------------------------------
 
 /// A simulated GPU (`sim`, or `sim:N` for N logical devices). See the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimDevice {
     index: usize,
+    stream: SimStream,
 }
 
-static STREAM: SimStream = SimStream;
 static KERNELS: SimAllKernels = SimAllKernels {
     activation: SimActivationKernels,
     gemm: SimGemmKernels,
@@ -461,14 +604,49 @@ static KERNELS: SimAllKernels = SimAllKernels {
     reduce: SimReduceKernels,
 };
 
+fn bytes_of<T>(len: usize) -> usize {
+    len * std::mem::size_of::<T>()
+}
+
+/// Copies `bytes` from `src` to `dst` when a job runs.
+fn copy_job(src: usize, dst: usize, bytes: usize) -> streams::Job {
+    Box::new(move || {
+        // SAFETY: both ranges lie in live simulated buffers (kept alive while queued work uses
+        // them) and do not overlap (a view and a distinct writable view).
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    })
+}
+
 impl SimDevice {
-    /// Simulated device number `index`.
+    /// Simulated device number `index`, running work as it is issued
+    /// ([`StreamOrder::Immediate`]).
     pub fn new(index: usize) -> Self {
-        SimDevice { index }
+        SimDevice { index, stream: SimStream::default() }
+    }
+    /// `count` simulated devices `sim:0..count` that run their work in `order`. In deferred
+    /// mode they share one scheduler, so that events, copies and races between them are seen.
+    pub fn group(count: usize, order: StreamOrder) -> Vec<Self> {
+        match order {
+            StreamOrder::Immediate => (0..count).map(Self::new).collect(),
+            StreamOrder::Deferred { shuffle } => {
+                let sched = Sched::new(shuffle);
+                (0..count)
+                    .map(|index| {
+                        let id = sched.new_stream(format!("sim:{index}"));
+                        SimDevice { index, stream: SimStream { q: Some(Queue { sched: sched.clone(), id }) } }
+                    })
+                    .collect()
+            }
+        }
     }
     /// Its index among the simulated devices.
     pub fn index(&self) -> usize {
         self.index
+    }
+    /// Whether its work queues until waited on ([`StreamOrder::Deferred`]).
+    pub fn is_deferred(&self) -> bool {
+        self.stream.q.is_some()
     }
     /// The kernels, with the same launch methods as [`crate::CudaDevice::kernels`].
     pub fn kernels(&self) -> &'static SimAllKernels {
@@ -478,13 +656,34 @@ impl SimDevice {
     pub fn planted(&self) -> SimPlantedKernels {
         SimPlantedKernels
     }
-    /// The stream stand-in (work runs at once).
-    pub fn stream(&self) -> &'static SimStream {
-        &STREAM
+    /// This device's stream.
+    pub fn stream(&self) -> &SimStream {
+        &self.stream
     }
     /// The streaming-multiprocessor count reported to launch heuristics ([`SIM_SMS`]).
     pub fn sms(&self) -> usize {
         SIM_SMS
+    }
+    /// Failures found since the last call that could report them (a buffer freed while another
+    /// stream's queued work used it), as an error.
+    pub fn check(&self) -> Result<()> {
+        match &self.stream.q {
+            Some(q) => q.sched.check(),
+            None => Ok(()),
+        }
+    }
+    fn sched_of(&self, e: &SimEvent) -> Result<Option<(Arc<Sched>, usize, Point)>> {
+        match (&self.stream.q, &e.at) {
+            (None, None) => Ok(None),
+            (Some(q), Some((group, p))) if *group == Arc::as_ptr(&q.sched) as usize => {
+                Ok(Some((q.sched.clone(), q.id, p.clone())))
+            }
+            _ => Err(Error::Invalid(format!(
+                "an event of another group of simulated devices was given to {}: events order work within one group \
+                 (SimDevice::group)",
+                self.name()
+            ))),
+        }
     }
 }
 
@@ -492,6 +691,7 @@ impl Backend for SimDevice {
     type Buf<T: Elem> = SimBuf<T>;
     type Ref<'a, T: Elem> = SimView<'a, T>;
     type Mut<'a, T: Elem> = SimViewMut<'a, T>;
+    type Event = SimEvent;
 
     fn total_memory(&self) -> u64 {
         crate::backend::host_memory()
@@ -501,44 +701,103 @@ impl Backend for SimDevice {
     }
     fn alloc<T: Elem>(&self, len: usize) -> Result<SimBuf<T>> {
         bump(&counters::ALLOCS);
-        Ok(SimBuf::zeroed(len))
+        self.stream.adopt_new(SimBuf::zeroed(len), "allocation")
     }
     fn upload<T: Elem>(&self, data: &[T]) -> Result<SimBuf<T>> {
-        STREAM.clone_htod(data).map_err(Error::driver("uploading"))
+        self.stream.clone_htod(data).map_err(Error::driver("uploading"))
     }
     fn write<T: Elem>(&self, dst: &mut SimViewMut<'_, T>, data: &[T]) -> Result<()> {
         check_len("write", "destination", dst.len(), data.len())?;
         bump(&counters::H2D);
-        dst.as_mut_slice().copy_from_slice(data);
+        let bytes = bytes_of::<T>(data.len());
+        let held: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+        let dst_addr = dst.ptr as usize;
+        let job: streams::Job = Box::new(move || {
+            // SAFETY: dst is a live simulated buffer of `bytes` bytes (kept alive while queued).
+            unsafe { std::ptr::copy_nonoverlapping(held.as_ptr(), dst_addr as *mut u8, bytes) };
+            Ok(())
+        });
+        let access = if bytes == 0 { vec![] } else { vec![Access::write(dst_addr, bytes)] };
+        self.stream.submit(|| format!("upload of {bytes} bytes to {}", self.name()), access, job)?;
         Ok(())
     }
     fn download<T: Elem>(&self, src: &SimView<'_, T>) -> Result<Vec<T>> {
         bump(&counters::D2H);
         bump(&counters::SYNCS);
-        Ok(src.as_slice().to_vec())
+        let Some(q) = &self.stream.q else { return Ok(src.as_slice().to_vec()) };
+        let bytes = bytes_of::<T>(src.len());
+        let out = Arc::new(Mutex::new(vec![T::zeroed(); src.len()]));
+        let (src_addr, sink) = (src.ptr as usize, out.clone());
+        let job: streams::Job = Box::new(move || {
+            let mut v = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut v[..]);
+            // SAFETY: src is a live simulated buffer of `bytes` bytes (kept alive while queued).
+            unsafe { std::ptr::copy_nonoverlapping(src_addr as *const u8, dst.as_mut_ptr(), bytes) };
+            Ok(())
+        });
+        let access = if bytes == 0 { vec![] } else { vec![Access::read(src_addr, bytes)] };
+        let at = q.sched.enqueue(q.id, format!("download of {bytes} bytes"), access, job)?;
+        q.sched.sync_point(&at)?;
+        let v = std::mem::take(&mut *out.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(v)
     }
     fn copy<T: Elem>(&self, src: &SimView<'_, T>, dst: &mut SimViewMut<'_, T>) -> Result<()> {
         check_len("copy", "destination", dst.len(), src.len())?;
         bump(&counters::D2D);
-        dst.as_mut_slice().copy_from_slice(src.as_slice());
+        let bytes = bytes_of::<T>(src.len());
+        let (s, d) = (src.ptr as usize, dst.ptr as usize);
+        let access = if bytes == 0 { vec![] } else { vec![Access::read(s, bytes), Access::write(d, bytes)] };
+        self.stream.submit(|| format!("copy of {bytes} bytes to {}", self.name()), access, copy_job(s, d, bytes))?;
         Ok(())
     }
     fn with_own_queue(&self) -> Result<Self> {
-        Ok(self.clone())
+        let stream = match &self.stream.q {
+            None => SimStream::default(),
+            Some(q) => {
+                let id = q.sched.new_stream(format!("sim:{} (stream {})", self.index, q.sched.stream_count()));
+                SimStream { q: Some(Queue { sched: q.sched.clone(), id }) }
+            }
+        };
+        Ok(SimDevice { index: self.index, stream })
     }
     fn duplicate<T: Elem>(&self, src: &SimView<'_, T>) -> Result<SimBuf<T>> {
         bump(&counters::ALLOCS);
         bump(&counters::D2D);
         let mut b = SimBuf::zeroed(src.len());
-        b.as_mut_slice().copy_from_slice(src.as_slice());
+        b.home = self.stream.q.clone();
+        let bytes = bytes_of::<T>(src.len());
+        let (s, d) = (src.ptr as usize, b.ptr.as_ptr() as usize);
+        let access = if bytes == 0 { vec![] } else { vec![Access::read(s, bytes), Access::write(d, bytes)] };
+        self.stream.submit(|| format!("copy of {bytes} bytes on {}", self.name()), access, copy_job(s, d, bytes))?;
         Ok(b)
     }
-    fn adopt<T: Elem>(&self, buf: SimBuf<T>) -> Result<SimBuf<T>> {
+    fn adopt<T: Elem>(&self, mut buf: SimBuf<T>) -> Result<SimBuf<T>> {
+        // Its free becomes this stream's operation (the caller made this stream wait for its
+        // other uses).
+        if self.stream.q.is_some() {
+            buf.home = self.stream.q.clone();
+        }
         Ok(buf)
     }
     fn synchronize(&self) -> Result<()> {
         bump(&counters::SYNCS);
+        self.stream.sync()
+    }
+    fn record_event(&self) -> Result<SimEvent> {
+        Ok(SimEvent { at: self.stream.q.as_ref().map(|q| (Arc::as_ptr(&q.sched) as usize, q.sched.record(q.id))) })
+    }
+    fn wait_event(&self, e: &SimEvent) -> Result<()> {
+        if let Some((sched, id, p)) = self.sched_of(e)? {
+            sched.wait(id, &p);
+        }
         Ok(())
+    }
+    fn sync_event(&self, e: &SimEvent) -> Result<()> {
+        bump(&counters::SYNCS);
+        match self.sched_of(e)? {
+            Some((sched, _, p)) => sched.sync_point(&p),
+            None => Ok(()),
+        }
     }
     fn buf_len<T: Elem>(buf: &SimBuf<T>) -> usize {
         buf.len
