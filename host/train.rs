@@ -89,8 +89,13 @@ impl TrainConfig {
 /// What one step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
-    /// Mean loss of the batch (before the update).
+    /// Mean loss of the batch (before the update); when steps leave their loss on the device
+    /// ([`Run::train_step_reading`]), the mean of the `loss_steps` steps' losses since it was
+    /// last read, and NaN on a step that did not read it.
     pub loss: f32,
+    /// How many steps' losses `loss` averages: 1 for a step that read its own, 0 for a step
+    /// that left it on the device.
+    pub loss_steps: u64,
     /// The learning rate used.
     pub lr: f32,
     /// Global gradient norm before clipping, when clipping is on.
@@ -131,7 +136,13 @@ pub struct Trainer<B: Ops> {
     net: Network<B>,
     state: Vec<B::Buf<f32>>,
     step: u64,
+    /// The losses of the steps not read yet, on the device (slot k: the k-th such step).
+    losses: B::Buf<f32>,
+    unread: usize,
 }
+
+/// Steps whose losses a [`Trainer`] keeps on the device before it must read them.
+pub const LOSS_SLOTS: usize = 64;
 
 impl<B: Ops> Trainer<B> {
     /// A fresh run of `model`: its seeded parameters (`cfg.seed`), zero optimizer state.
@@ -164,7 +175,8 @@ impl<B: Ops> Trainer<B> {
             }
             None => (0..slots).map(|_| dev.alloc(n)).collect::<Result<Vec<_>>>()?,
         };
-        Ok(Trainer { dev: dev.clone(), cfg, net, state, step })
+        let losses = dev.alloc(LOSS_SLOTS)?;
+        Ok(Trainer { dev: dev.clone(), cfg, net, state, step, losses, unread: 0 })
     }
 
     /// The run's config.
@@ -192,10 +204,20 @@ impl<B: Ops> Trainer<B> {
     /// optimizer update. Returns what the step did: the batch's mean loss, the learning rate
     /// used and, with clipping, the gradient norm.
     pub fn step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
+        self.step_reading(x, labels, true)
+    }
+
+    /// One step that reads its loss back only when `read` (or when [`LOSS_SLOTS`] steps are
+    /// unread): otherwise the loss stays on the device and, without clipping, the host queues
+    /// the whole step without waiting for the device. A reading step's `loss` is the mean of
+    /// the steps since the last read.
+    pub fn step_reading(&mut self, x: &[f32], labels: &[i32], read: bool) -> Result<StepStats> {
         let dev = &self.dev;
         self.net.load_batch(dev, x, labels)?;
         self.net.forward(dev)?;
-        let loss = self.net.backward(dev, false)?;
+        let slot = self.unread;
+        self.net.backward_to(dev, false, &mut B::view_range_mut(&mut self.losses, slot..slot + 1))?;
+        self.unread += 1;
         let (grad_norm, grad_scale) = match self.cfg.clip_norm {
             Some(max) => {
                 let norm = dev.l2_norm(&B::view(self.net.grads()))?;
@@ -207,7 +229,22 @@ impl<B: Ops> Trainer<B> {
         self.step += 1;
         let (params, grads) = self.net.params_and_grads();
         apply_optimizer(dev, &self.cfg.optimizer, lr, self.step, grad_scale, params, grads, &mut self.state)?;
-        Ok(StepStats { loss, lr, grad_norm })
+        if !read && self.unread < LOSS_SLOTS {
+            return Ok(StepStats { loss: f32::NAN, loss_steps: 0, lr, grad_norm });
+        }
+        let (loss, loss_steps) = self.read_losses()?;
+        Ok(StepStats { loss, loss_steps, lr, grad_norm })
+    }
+
+    /// The mean of the unread steps' losses (one download), and how many there were.
+    fn read_losses(&mut self) -> Result<(f32, u64)> {
+        let n = std::mem::take(&mut self.unread);
+        if n == 0 {
+            return Ok((f32::NAN, 0));
+        }
+        let got = self.dev.download(&B::view_range(&self.losses, 0..n))?;
+        self.net.check_loss_flags(&self.dev)?;
+        Ok(((got.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32, n as u64))
     }
 
     /// Loss and accuracy over `data`, in batches of `batch`.
@@ -236,6 +273,13 @@ pub trait Run {
     /// One optimizer step on a batch (`x`: `samples x inputs`, one label per sample and
     /// row of logits).
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats>;
+    /// One step that reads its loss back only when `read`: a run that can leave it on the
+    /// device (the single-device [`Trainer`]) then does not wait for the device at all; others
+    /// read it every step (the default).
+    fn train_step_reading(&mut self, x: &[f32], labels: &[i32], read: bool) -> Result<StepStats> {
+        let _ = read;
+        self.train_step(x, labels)
+    }
     /// Steps taken.
     fn steps_done(&self) -> u64;
     /// How the run trains.
@@ -259,6 +303,9 @@ pub trait Run {
 impl<B: Ops> Run for Trainer<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
+    }
+    fn train_step_reading(&mut self, x: &[f32], labels: &[i32], read: bool) -> Result<StepStats> {
+        self.step_reading(x, labels, read)
     }
     fn steps_done(&self) -> u64 {
         self.step
@@ -284,15 +331,34 @@ impl<B: Ops> Run for Trainer<B> {
 }
 
 /// Trains `t` until `total_steps` steps are done, walking epochs of `train` in the seeded order
-/// from `cursor` (which it advances); `on_step` sees every step and the batch's row count.
+/// from `cursor` (which it advances); `on_step` sees every step, with its loss, and the batch's
+/// row count.
 pub fn fit<T: Run>(
     t: &mut T,
     train: &Dataset,
     batch: usize,
     total_steps: u64,
     cursor: &mut Cursor,
+    on_step: impl FnMut(&T, &StepStats, usize) -> Result<()>,
+) -> Result<()> {
+    fit_reading(t, train, batch, total_steps, cursor, 1, on_step)
+}
+
+/// [`fit`] that reads the loss back only every `read_every` steps (and on the last): between
+/// reads a run that can leave the loss on the device does not wait for it, and `on_step` sees
+/// `loss_steps = 0` (the loss is NaN). A reading step's loss is the mean since the last read.
+pub fn fit_reading<T: Run>(
+    t: &mut T,
+    train: &Dataset,
+    batch: usize,
+    total_steps: u64,
+    cursor: &mut Cursor,
+    read_every: u64,
     mut on_step: impl FnMut(&T, &StepStats, usize) -> Result<()>,
 ) -> Result<()> {
+    if read_every == 0 {
+        return Err(Error::Invalid("the loss must be read every 1 or more steps".into()));
+    }
     if batch == 0 {
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
@@ -314,7 +380,8 @@ pub fn fit<T: Run>(
         }
         let idx = batch_indices(&order, batch, cursor.batch as usize);
         let (x, y) = train.gather(idx);
-        let stats = t.train_step(&x, &y)?;
+        let next = t.steps_done() + 1;
+        let stats = t.train_step_reading(&x, &y, next % read_every == 0 || next >= total_steps)?;
         cursor.batch += 1;
         on_step(t, &stats, idx.len())?;
     }

@@ -463,26 +463,50 @@ fn cli_resume_refuses_a_model_it_cannot_build() {
 }
 
 /// `--profile` counts the host work of each step on simulated devices, through the GPU's code
-/// path: the counts are deterministic (every step after the first, which allocates the
-/// activations, does the same work), and reported per step in `--json`.
+/// path: the counts are deterministic, reported per step in `--json`, and meet the goals of a
+/// step that never waits on the host. On one device, a steady-state step (after the first,
+/// which allocates the activations) that does not read the loss queues its launches and the
+/// batch's two uploads and nothing else: no host synchronisation, no allocation, no download.
+/// The step that reads the loss (every --loss-every steps, and the last) downloads the losses
+/// since the last read and the device's label check. The same holds with work deferred until
+/// waited on (and so checked for races between streams).
 #[test]
 fn profile_counts_the_host_work_of_a_step_on_simulated_devices() {
-    for device in [&["--device", "sim"][..], &["--device", "sim:2", "--dp", "2"][..]] {
-        let mut args = vec!["train", "--widths", "784,32,10", "--steps", "4", "--profile", "--json"];
+    let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    let profile = |device: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["train", "--widths", "784,32,10", "--steps", "6", "--loss-every", "3", "--profile", "--json"];
         args.extend_from_slice(device);
-        let (ok, out, err) = tessera(&args);
+        let (ok, out, err) = common::tessera_env(&args, env);
         assert!(ok, "{err}");
         let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-        let steps = j["profile"].as_array().expect("a profile per step");
-        assert_eq!(steps.len(), 4, "{j}");
-        let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+        let steps = j["profile"].as_array().expect("a profile per step").clone();
+        assert_eq!(steps.len(), 6, "{j}");
         for k in ["launches", "host_syncs", "allocations", "host_to_device", "device_to_host", "device_to_device"] {
-            assert_eq!(count(&steps[1], k), count(&steps[3], k), "{device:?}: `{k}` is not the same every step: {j}");
+            // Steps 2 and 4 (quiet), 3 and 6 (reading) do the same work; the first allocates.
+            assert_eq!(count(&steps[1], k), count(&steps[3], k), "{device:?}: `{k}` differs between quiet steps: {j}");
+            assert_eq!(count(&steps[2], k), count(&steps[5], k), "{device:?}: `{k}` differs between reading steps: {j}");
             assert!(count(&steps[0], k) >= count(&steps[1], k), "{device:?}: {k}: {j}");
         }
-        assert!(count(&steps[1], "launches") >= 8, "{j}");
         assert!(count(&steps[0], "allocations") > count(&steps[1], "allocations"), "the first step allocates: {j}");
+        assert!(count(&steps[1], "launches") >= 8, "{j}");
+        assert!(j["final_train_loss"].as_f64().unwrap().is_finite(), "{j}");
+        steps
+    };
+    for env in [&[][..], &[("TESSERA_SIM_STREAMS", "deferred:4")][..]] {
+        let steps = profile(&["--device", "sim"], env);
+        let (quiet, reading) = (&steps[1], &steps[2]);
+        for (k, want) in [("host_syncs", 0), ("allocations", 0), ("device_to_host", 0), ("host_to_device", 2)] {
+            assert_eq!(count(quiet, k), want, "a quiet step on one device: `{k}` ({env:?}): {steps:?}");
+        }
+        assert_eq!(count(reading, "allocations"), 0, "{steps:?}");
+        assert_eq!(count(reading, "device_to_host"), 2, "the losses and the label check: {steps:?}");
+        assert_eq!(count(reading, "host_syncs"), 2, "{steps:?}");
+        assert_eq!(count(reading, "launches"), count(quiet, "launches"), "{steps:?}");
     }
+    // Two replicas: the quiet steps read nothing back either (the buckets' all-reduce through
+    // the host is the waiting that remains).
+    let steps = profile(&["--device", "sim:2", "--dp", "2"], &[("TESSERA_SIM_STREAMS", "deferred")]);
+    assert_eq!(count(&steps[1], "device_to_host"), 0, "{steps:?}");
     let (ok, _, err) = tessera(&["train", "--widths", "784,32,10", "--steps", "1", "--profile", "--device", "cpu"]);
     assert!(ok && err.contains("run with --device sim"), "{err}");
 }

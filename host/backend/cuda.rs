@@ -6,9 +6,9 @@
 //! capability is covered by the fatbin's SASS or PTX, and the modules load.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, PinnedHostSlice};
 
 use crate::backend::{check_len, Backend, Elem};
 use crate::error::{Error, Result};
@@ -20,6 +20,20 @@ pub struct CudaDevice {
     inner: Arc<Gpu>,
     stream: Arc<CudaStream>,
     logical: usize,
+    /// Page-locked buffers that uploads go through, so that `write` queues its copy and returns
+    /// without waiting for the device (a copy from pageable memory waits for the stream).
+    staging: Arc<Mutex<Staging>>,
+}
+
+/// Uploads staged in turn through this many page-locked buffers: one is reused only after the
+/// copy four uploads back has finished (a wait only when the device is that far behind).
+const STAGING_SLOTS: usize = 4;
+
+/// The staging ring of a stream.
+#[derive(Default)]
+struct Staging {
+    slots: Vec<(Option<PinnedHostSlice<u8>>, Option<CudaEvent>)>,
+    next: usize,
 }
 
 /// What every logical device on one GPU shares.
@@ -87,6 +101,8 @@ pub const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyDtoDAsync_v2",
     "cuMemsetD8Async",
+    "cuMemHostAlloc",
+    "cuMemFreeHost",
     "cuMemGetInfo_v2",
     "cuGetErrorString",
     "cuGetErrorName",
@@ -283,6 +299,11 @@ impl CudaDevice {
             return Err(Error::Incompatible { ordinal, reason: reason.clone() });
         }
         keep_pool_memory(&ctx);
+        // No event per buffer argument of every launch: tessera orders its streams itself, with
+        // an event where two streams meet (Backend::wait_event); the simulator's deferred mode
+        // checks that no meeting point lacks one.
+        // SAFETY: set before any stream or buffer of this context exists.
+        unsafe { ctx.disable_event_tracking() };
         let kernels = AllKernels::load(&ctx).map_err(|e| Error::Incompatible {
             ordinal,
             reason: format!(
@@ -291,13 +312,18 @@ impl CudaDevice {
             ),
         })?;
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
-        Ok(CudaDevice { inner: Arc::new(Gpu { ordinal, ctx, kernels, info }), stream, logical: 0 })
+        Ok(CudaDevice {
+            inner: Arc::new(Gpu { ordinal, ctx, kernels, info }),
+            stream,
+            logical: 0,
+            staging: Arc::default(),
+        })
     }
 
     /// Another logical device on the same GPU: same context and kernels, its own stream.
     pub fn logical(&self, index: usize) -> Result<Self> {
         let stream = self.inner.ctx.new_stream().map_err(Error::driver("creating a stream"))?;
-        Ok(CudaDevice { inner: self.inner.clone(), stream, logical: index })
+        Ok(CudaDevice { inner: self.inner.clone(), stream, logical: index, staging: Arc::default() })
     }
 
     /// The GPU's ordinal.
@@ -351,7 +377,36 @@ impl Backend for CudaDevice {
     }
     fn write<T: Elem>(&self, dst: &mut CudaViewMut<'_, T>, data: &[T]) -> Result<()> {
         check_len("write", "destination", dst.len(), data.len())?;
-        self.stream.memcpy_htod(data, dst).map_err(Error::driver(format!("uploading to {}", self.name())))
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let what = format!("uploading to {}", self.name());
+        let d = || Error::driver(what.clone());
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if staging.slots.is_empty() {
+            staging.slots.resize_with(STAGING_SLOTS, || (None, None));
+        }
+        let i = staging.next;
+        staging.next = (i + 1) % STAGING_SLOTS;
+        let (host, done) = &mut staging.slots[i];
+        if let Some(ev) = done.take() {
+            ev.synchronize().map_err(d())?;
+        }
+        if host.as_ref().is_none_or(|h| h.len() < bytes.len()) {
+            *host = None;
+            // SAFETY: the buffer is written below before any copy reads it.
+            *host = Some(unsafe { self.inner.ctx.alloc_pinned::<u8>(bytes.len().next_power_of_two()) }.map_err(d())?);
+        }
+        let staged = host.as_mut().expect("allocated above").as_mut_slice().map_err(d())?;
+        staged[..bytes.len()].copy_from_slice(bytes);
+        let (dptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(dst, &self.stream);
+        // SAFETY: `dptr` holds `bytes.len()` bytes (checked lengths); the page-locked source stays
+        // untouched until the event recorded next says the copy is done.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dptr, &staged[..bytes.len()], self.stream.cu_stream()) }
+            .map_err(d())?;
+        *done = Some(self.record_event()?);
+        Ok(())
     }
     fn download<T: Elem>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(src).map_err(Error::driver(format!("downloading from {}", self.name())))

@@ -147,6 +147,10 @@ pub(crate) struct TrainArgs {
     /// copies, counted on simulated devices (--device sim or sim:N) through the GPU's code path.
     #[arg(long)]
     pub(crate) profile: bool,
+    /// Read the loss back from the device every N steps (their mean is shown): between reads a
+    /// single-device run queues its steps without waiting for the device.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) loss_every: u64,
     /// Learning rate [default: 1e-3 for adamw, 0.05 for sgd].
     #[arg(long)]
     pub(crate) lr: Option<f32>,

@@ -13,7 +13,7 @@ use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
 use tessera::parallel::timeline::Timeline;
 use tessera::parallel::Plan;
-use tessera::train::{fit, Cursor, LrSchedule, OptimizerConfig, Run, TrainConfig};
+use tessera::train::{fit_reading, Cursor, LrSchedule, OptimizerConfig, Run, TrainConfig};
 #[cfg(feature = "mpi")]
 use tessera::Ops;
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Sgd};
@@ -550,27 +550,31 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     let simulated = trainer.devices().iter().all(|d| d.starts_with("sim:") || d.contains(":sim:"));
     let mut counted = tessera::backend::sim::counts();
     let mut per_step: Vec<tessera::backend::sim::SimCounts> = Vec::new();
-    let fitted = fit(&mut trainer, train_set, batch, stop, &mut cursor, |t, stats, rows| {
+    let fitted = fit_reading(&mut trainer, train_set, batch, stop, &mut cursor, a.loss_every, |t, stats, rows| {
         if a.profile {
             let now = tessera::backend::sim::counts();
             per_step.push(now - counted);
             counted = now;
         }
         samples += rows;
-        last_loss = stats.loss;
-        if !stats.loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "the loss became {} at step {}: lower the learning rate (--lr) or clip gradients (--clip 1.0)",
-                stats.loss,
-                t.steps_done()
-            )));
-        }
-        let e = ema.map_or(stats.loss, |e| 0.95 * e + 0.05 * stats.loss);
-        ema = Some(e);
         pb.set_position(t.steps_done());
-        pb.set_prefix(format!("{}", t.steps_done().div_ceil(per_epoch)));
-        let rate = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
+        if stats.loss_steps > 0 {
+            last_loss = stats.loss;
+            if !stats.loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "the loss became {} by step {}: lower the learning rate (--lr) or clip gradients (--clip 1.0)",
+                    stats.loss,
+                    t.steps_done()
+                )));
+            }
+            // Each read is the mean of loss_steps steps: weigh it as that many.
+            let keep = 0.95f32.powi(stats.loss_steps as i32);
+            let e = ema.map_or(stats.loss, |e| keep * e + (1.0 - keep) * stats.loss);
+            ema = Some(e);
+            pb.set_prefix(format!("{}", t.steps_done().div_ceil(per_epoch)));
+            let rate = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!("{e:.4}  {rate:.0} samples/s"));
+        }
         // A signal stops the run here, at a step boundary: the cursor and the step agree.
         if let Some((signal, _)) = interrupt::caught() {
             return Err(Error::Interrupted { signal, step: t.steps_done() });

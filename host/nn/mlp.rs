@@ -225,6 +225,22 @@ impl<B: Ops> Network<B> {
         let loss = self.stage.backward(dev, 0, None, 1.0 / labels.max(1) as f32, &mut |_, _| Ok(()))?;
         Ok(loss.unwrap_or(f32::NAN))
     }
+
+    /// [`Network::backward`] with the mean loss left on the device in `loss[0]`: nothing is
+    /// read back, so the host does not wait.
+    pub fn backward_to(&mut self, dev: &B, accumulate: bool, loss: &mut B::Mut<'_, f32>) -> Result<()> {
+        if !accumulate {
+            self.stage.start_step();
+        }
+        let labels = self.rows * self.info().labels_per_sample();
+        self.stage.backward_to(dev, 0, None, 1.0 / labels.max(1) as f32, &mut |_, _| Ok(()), loss)
+    }
+
+    /// An error if the device's cross-entropy met a label out of range (see
+    /// [`Stage::check_loss_flags`]).
+    pub fn check_loss_flags(&self, dev: &B) -> Result<()> {
+        self.stage.check_loss_flags(dev)
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct Stage<B: Ops> {
     g_rows: usize,
     dx_at: usize,
     scratch: Vec<B::Buf<f32>>,
+    /// The cross-entropy's scratch when its loss stays on the device: per-row losses (as many
+    /// as the largest microbatch's labels) and the bad-label flag.
+    xent_ws: Option<(B::Buf<f32>, B::Buf<i32>)>,
 }
 
 impl<B: Ops> Stage<B> {
@@ -88,6 +91,7 @@ impl<B: Ops> Stage<B> {
             g_rows: 0,
             dx_at: 0,
             scratch: Vec::new(),
+            xent_ws: None,
         })
     }
 
@@ -188,9 +192,22 @@ impl<B: Ops> Stage<B> {
         Ok(labels / per)
     }
 
+    /// An error naming the first label outside `0..classes` (checked on the host, before the
+    /// labels reach a device whose check could only be read back later).
+    fn check_labels(&self, labels: &[i32]) -> Result<()> {
+        let classes = self.info.classes;
+        match labels.iter().position(|&l| l < 0 || l as usize >= classes) {
+            Some(row) => Err(Error::Label { row, label: labels[row] as i64, classes }),
+            None => Ok(()),
+        }
+    }
+
     /// Writes microbatch `mb`'s input and (on the last stage) labels from the host.
     pub fn load(&mut self, dev: &B, mb: usize, x: &[f32], labels: &[i32]) -> Result<()> {
         let rows = self.rows_of("Stage::load", labels.len())?;
+        if self.is_last() {
+            self.check_labels(labels)?;
+        }
         let fan_in = self.fan_in();
         if x.len() != rows * fan_in {
             return Err(Error::shape(
@@ -210,6 +227,7 @@ impl<B: Ops> Stage<B> {
     /// Writes microbatch `mb`'s labels (last stage) from the host.
     pub fn load_labels(&mut self, dev: &B, mb: usize, labels: &[i32]) -> Result<()> {
         let rows = self.rows_of("Stage::load_labels", labels.len())?;
+        self.check_labels(labels)?;
         let acts = self.slot(dev, mb, rows)?;
         dev.write(&mut B::view_mut(&mut acts.labels), labels)
     }
@@ -275,6 +293,48 @@ impl<B: Ops> Stage<B> {
         loss_scale: f32,
         layer_done: &mut LayerDone<'_, B>,
     ) -> Result<Option<f32>> {
+        self.backward_impl(dev, mb, grad_out, loss_scale, layer_done, None)
+    }
+
+    /// [`Stage::backward`] with the loss left on the device, in `loss[0]` (last stage), so that
+    /// the host does not wait for it; read it with the next download. A label out of range is
+    /// refused by [`Stage::load`]; [`Stage::check_loss_flags`] reads the device's own check.
+    pub fn backward_to(
+        &mut self,
+        dev: &B,
+        mb: usize,
+        grad_out: Option<&B::Ref<'_, f32>>,
+        loss_scale: f32,
+        layer_done: &mut LayerDone<'_, B>,
+        loss: &mut B::Mut<'_, f32>,
+    ) -> Result<()> {
+        self.backward_impl(dev, mb, grad_out, loss_scale, layer_done, Some(loss)).map(|_| ())
+    }
+
+    /// An error if the device's cross-entropy met a label out of range since the stage was made
+    /// (one download: call it where the loss is read anyway).
+    pub fn check_loss_flags(&self, dev: &B) -> Result<()> {
+        let Some((_, err)) = &self.xent_ws else { return Ok(()) };
+        match dev.download(&B::view(err))?[0] {
+            0 => Ok(()),
+            bad => Err(Error::Invalid(format!(
+                "the cross-entropy on {} met a label outside 0..{} in row {} of a batch: the labels are corrupt on                  the device (the host checked them when they were loaded)",
+                dev.name(),
+                self.info.classes,
+                bad - 1
+            ))),
+        }
+    }
+
+    fn backward_impl(
+        &mut self,
+        dev: &B,
+        mb: usize,
+        grad_out: Option<&B::Ref<'_, f32>>,
+        loss_scale: f32,
+        layer_done: &mut LayerDone<'_, B>,
+        loss_to: Option<&mut B::Mut<'_, f32>>,
+    ) -> Result<Option<f32>> {
         let rows = self
             .slots
             .get(&mb)
@@ -284,7 +344,14 @@ impl<B: Ops> Stage<B> {
         let (is_first, is_last) = (self.is_first(), self.is_last());
         let lps = self.info.labels_per_sample();
         let classes = self.info.classes;
-        let Stage { slots, layers, layout, ranges, params, grads, live, g, scratch, dx_at, .. } = self;
+        if is_last && loss_to.is_some() && self.xent_ws.as_ref().is_none_or(|(r, _)| B::buf_len(r) < rows * lps) {
+            let err = match self.xent_ws.take() {
+                Some((_, err)) => err,
+                None => dev.alloc::<i32>(1)?,
+            };
+            self.xent_ws = Some((dev.alloc(rows * lps)?, err));
+        }
+        let Stage { slots, layers, layout, ranges, params, grads, live, g, scratch, dx_at, xent_ws, .. } = self;
         let acts = &slots[&mb];
         let out_w = layers.last().unwrap().outputs();
         let mut loss = None;
@@ -293,14 +360,32 @@ impl<B: Ops> Stage<B> {
         if is_last {
             let logits = B::view(acts.outs.last().unwrap());
             let mut dy = B::view_range_mut(&mut g[0], 0..rows * out_w);
-            loss = Some(dev.xent_backward_scaled(
-                rows * lps,
-                classes,
-                &logits,
-                &B::view(&acts.labels),
-                loss_scale,
-                &mut dy,
-            )?);
+            match loss_to {
+                None => {
+                    loss = Some(dev.xent_backward_scaled(
+                        rows * lps,
+                        classes,
+                        &logits,
+                        &B::view(&acts.labels),
+                        loss_scale,
+                        &mut dy,
+                    )?)
+                }
+                Some(out) => {
+                    let (row_loss, err) = xent_ws.as_mut().expect("allocated above");
+                    dev.xent_backward_to(
+                        rows * lps,
+                        classes,
+                        &logits,
+                        &B::view(&acts.labels),
+                        loss_scale,
+                        &mut dy,
+                        &mut B::view_range_mut(row_loss, 0..rows * lps),
+                        out,
+                        &mut B::view_mut(err),
+                    )?
+                }
+            }
             cur = Some(0);
         } else {
             let g = grad_out

@@ -42,6 +42,27 @@ pub trait LossOps: Backend {
         scale: f32,
         dlogits: &mut Self::Mut<'_, f32>,
     ) -> Result<f32>;
+    /// [`LossOps::xent_backward_scaled`] with nothing read back, so the host does not wait:
+    /// `loss[0] = scale * sum of row losses` stays on the device. `row_loss` (`rows` elements) is
+    /// scratch; `err[0]`, zero before the first call, gets 1 + a row whose label is out of range
+    /// and keeps it (devices that can check at once return [`Error::Label`] instead).
+    #[allow(clippy::too_many_arguments)]
+    fn xent_backward_to(
+        &self,
+        rows: usize,
+        cols: usize,
+        logits: &Self::Ref<'_, f32>,
+        labels: &Self::Ref<'_, i32>,
+        scale: f32,
+        dlogits: &mut Self::Mut<'_, f32>,
+        row_loss: &mut Self::Mut<'_, f32>,
+        loss: &mut Self::Mut<'_, f32>,
+        err: &mut Self::Mut<'_, i32>,
+    ) -> Result<()> {
+        let _ = (row_loss, err);
+        let l = self.xent_backward_scaled(rows, cols, logits, labels, scale, dlogits)?;
+        self.write(loss, &[l])
+    }
     /// Mean squared error `mean((pred - target)^2)` over all elements.
     fn mse(&self, pred: &Self::Ref<'_, f32>, target: &Self::Ref<'_, f32>) -> Result<f32>;
     /// The same, and `dpred = 2 (pred - target) / n`.
@@ -262,6 +283,45 @@ macro_rules! gpu_impl {
             ) -> Result<f32> {
                 check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
                 self.xent_launch(rows, cols, logits, labels, scale, Some(dlogits))
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn xent_backward_to(
+                &self,
+                rows: usize,
+                cols: usize,
+                logits: &$view<'_, f32>,
+                labels: &$view<'_, i32>,
+                scale: f32,
+                dlogits: &mut $view_mut<'_, f32>,
+                row_loss: &mut $view_mut<'_, f32>,
+                loss: &mut $view_mut<'_, f32>,
+                err: &mut $view_mut<'_, i32>,
+            ) -> Result<()> {
+                check_xent(rows, cols, logits.len(), labels.len())?;
+                check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+                check_len("cross-entropy", "row_loss", row_loss.len(), rows)?;
+                check_len("cross-entropy", "loss", loss.len(), 1)?;
+                check_len("cross-entropy", "err", err.len(), 1)?;
+                let (r, c) = (as_i32("cross-entropy", "rows", rows)?, as_i32("cross-entropy", "cols", cols)?);
+                if rows > 0 {
+                    let cfg = xent_launch(rows)?;
+                    // SAFETY: logits and dlogits hold rows*cols, labels and row_loss rows elements, err
+                    // one (checked); one warp per row; labels are range-checked in the kernel.
+                    unsafe {
+                        self.kernels().loss.xent_fwd_bwd(self.stream(), cfg, r, c, logits, labels, scale, row_loss, dlogits, err)
+                    }
+                    .map_err(Error::driver("launching cross-entropy"))?;
+                }
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: row_loss holds rows elements, loss one (checked); final_sum runs as one block
+                // (rows = 0 writes 0).
+                unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, r, &row_loss.as_view(), scale, loss) }
+                    .map_err(Error::driver("launching final_sum"))
             }
 
             fn mse(&self, pred: &$view<'_, f32>, target: &$view<'_, f32>) -> Result<f32> {

@@ -75,6 +75,9 @@ pub(crate) struct Worker<B: Ops> {
     /// Whether the gradient buckets go through `comm` (dp > 1, or a one-rank group asked for
     /// to exercise a communicator).
     pub(crate) comm_in_use: bool,
+    /// On a last stage: each microbatch's share of the loss for the steps not read yet, on the
+    /// device (step k's microbatch j at `k * microbatches + j`); allocated at the first backward.
+    pub(crate) losses: Option<B::Buf<f32>>,
 }
 
 /// A microbatch's tensor between stages: its id, the buffer, and the event after which the
@@ -228,9 +231,12 @@ pub(crate) struct StepCtx<'a> {
     pp: usize,
     t0: Instant,
     comm_timeout: std::time::Duration,
+    loss_slot: usize,
+    read_loss: bool,
 }
 
 pub(crate) struct WorkerOut {
+    /// On a last stage that read its losses: their sum over the steps read (else 0).
     pub(crate) loss: f32,
     pub(crate) grad_norm: Option<f32>,
     pub(crate) spans: Vec<Span>,
@@ -243,6 +249,10 @@ pub(crate) struct Prepared {
     pub(crate) replica_rows: Vec<Vec<Range<usize>>>,
     pub(crate) lr: f32,
     pub(crate) t: u64,
+    /// Which of the losses' step slots this step writes (the steps not read before it).
+    pub(crate) loss_slot: usize,
+    /// Whether the step reads the losses back (else they stay on the device).
+    pub(crate) read_loss: bool,
 }
 
 /// Checks a batch against the plan and splits it (shared by the in-process and the MPI engine).
@@ -285,7 +295,7 @@ pub(crate) fn prepare_step(
         replica_rows.push(mbs.into_iter().map(|r| sh.start + r.start..sh.start + r.end).collect::<Vec<_>>());
     }
     let lr = cfg.optimizer.lr() * cfg.schedule.factor(step);
-    Ok(Prepared { replica_rows, lr, t: step + 1 })
+    Ok(Prepared { replica_rows, lr, t: step + 1, loss_slot: 0, read_loss: true })
 }
 
 impl<'a> StepCtx<'a> {
@@ -319,6 +329,8 @@ impl<'a> StepCtx<'a> {
             pp: plan.mesh.pp,
             t0,
             comm_timeout: plan.comm_timeout,
+            loss_slot: prep.loss_slot,
+            read_loss: prep.read_loss,
         }
     }
 }
@@ -335,6 +347,8 @@ pub struct Engine<B: Ops> {
     workers: Vec<Worker<B>>,
     step: u64,
     timeline: Option<Timeline>,
+    /// Steps whose losses are on the devices, not read yet.
+    unread: usize,
 }
 
 impl<B: LocalGroup> Engine<B> {
@@ -437,6 +451,7 @@ impl<B: LocalGroup> Engine<B> {
                 state: st,
                 comm: None,
                 comm_in_use: reduce,
+                losses: None,
             });
         }
         if let Some(make) = make.as_mut() {
@@ -456,7 +471,7 @@ impl<B: LocalGroup> Engine<B> {
                 }
             }
         }
-        Ok(Engine { info, cfg, plan, schedule, workers, step, timeline: None })
+        Ok(Engine { info, cfg, plan, schedule, workers, step, timeline: None, unread: 0 })
     }
 
     /// The plan.
@@ -491,8 +506,20 @@ impl<B: LocalGroup> Engine<B> {
     /// One optimizer step on a batch (`x`: `labels.len() x inputs`), split over the replicas
     /// (rows in contiguous shares, uneven shares weighted exactly) and into microbatches.
     pub fn step(&mut self, x: &[f32], y: &[i32]) -> Result<StepStats> {
+        self.step_reading(x, y, true)
+    }
+
+    /// One step that reads the loss back only when `read` (or when
+    /// [`LOSS_SLOTS`](crate::train::LOSS_SLOTS) steps are unread): otherwise each last stage
+    /// leaves its loss on its device, and a device's step needs no wait of its host except
+    /// where its streams meet the host (clipping's norm, shared parameters, an all-reduce
+    /// through the host). A reading step's loss is the mean of the steps since the last read.
+    pub fn step_reading(&mut self, x: &[f32], y: &[i32], read: bool) -> Result<StepStats> {
         let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
-        let prep = prepare_step(&self.info, &self.cfg, &self.plan, self.step, x, y)?;
+        let mut prep = prepare_step(&self.info, &self.cfg, &self.plan, self.step, x, y)?;
+        prep.loss_slot = self.unread;
+        prep.read_loss = read || self.unread + 1 >= crate::train::LOSS_SLOTS;
+        let read = prep.read_loss;
         let lr = prep.lr;
         let t0 = Instant::now();
 
@@ -587,7 +614,12 @@ impl<B: LocalGroup> Engine<B> {
         }
         self.step += 1;
         self.timeline = Some(Timeline { lanes, total: t0.elapsed().as_secs_f64() });
-        Ok(StepStats { loss, lr, grad_norm })
+        if !read {
+            self.unread += 1;
+            return Ok(StepStats { loss: f32::NAN, loss_steps: 0, lr, grad_norm });
+        }
+        let steps = std::mem::take(&mut self.unread) + 1;
+        Ok(StepStats { loss: loss / steps as f32, loss_steps: steps as u64, lr, grad_norm })
     }
 
     /// Flat parameters (the order of [`ModelInfo::params`]), from replica 0.
@@ -700,6 +732,9 @@ impl<B: LocalGroup> Run for Engine<B> {
     fn train_step(&mut self, x: &[f32], labels: &[i32]) -> Result<StepStats> {
         self.step(x, labels)
     }
+    fn train_step_reading(&mut self, x: &[f32], labels: &[i32], read: bool) -> Result<StepStats> {
+        self.step_reading(x, labels, read)
+    }
     fn steps_done(&self) -> u64 {
         self.step
     }
@@ -807,7 +842,10 @@ fn worker_actions<B: Ops>(
     let pp = ctx.pp;
     let is_last = s + 1 == pp;
     let mut spans = Vec::new();
-    let mut loss = 0f32;
+    let mbs = ctx.passes * ctx.m;
+    if is_last && w.losses.is_none() {
+        w.losses = Some(dev.alloc(crate::train::LOSS_SLOTS * mbs)?);
+    }
     let mut pending_grad: BTreeMap<usize, B::Buf<f32>> = BTreeMap::new();
     let mut dispatched = vec![false; w.stage.layout().buckets.len()];
     let last_bwd = ctx.actions.iter().rposition(|a| matches!(a, Action::Backward(_)));
@@ -862,8 +900,17 @@ fn worker_actions<B: Ops>(
                         }
                         Ok(())
                     };
-                    let l = w.stage.backward(&dev, id, gv.as_ref(), ctx.loss_scale, &mut on_layer)?;
-                    loss += l.unwrap_or(0.0);
+                    match w.losses.as_mut().filter(|_| is_last) {
+                        // The loss share stays on the device, in this step's slot.
+                        Some(losses) => {
+                            let at = ctx.loss_slot * mbs + id;
+                            let mut out = B::view_range_mut(losses, at..at + 1);
+                            w.stage.backward_to(&dev, id, gv.as_ref(), ctx.loss_scale, &mut on_layer, &mut out)?
+                        }
+                        None => {
+                            w.stage.backward(&dev, id, gv.as_ref(), ctx.loss_scale, &mut on_layer)?;
+                        }
+                    }
                     w.stage.release(id);
                     spans.push(Span { kind: SpanKind::Backward, label: format!("B{id}"), start, end: now() });
                 }
@@ -939,14 +986,25 @@ fn worker_actions<B: Ops>(
                     };
                     let (params, grads) = w.stage.params_and_grads();
                     apply_optimizer(&dev, &ctx.cfg.optimizer, ctx.lr, ctx.t, scale, params, grads, &mut w.state)?;
-                    dev.synchronize()?;
+                    let mut loss = 0f32;
+                    if ctx.read_loss {
+                        // The one wait of the step: the losses of the steps since the last read.
+                        match &w.losses {
+                            Some(l) if is_last => {
+                                let got = dev.download(&B::view_range(l, 0..(ctx.loss_slot + 1) * mbs))?;
+                                w.stage.check_loss_flags(&dev)?;
+                                loss = got.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                            }
+                            _ => dev.synchronize()?,
+                        }
+                    }
                     spans.push(Span {
                         kind: SpanKind::Optimizer,
                         label: "optimizer".into(),
                         start: ostart,
                         end: now(),
                     });
-                    return Ok(WorkerOut { loss: if is_last { loss } else { 0.0 }, grad_norm, spans, comm_spans });
+                    return Ok(WorkerOut { loss, grad_norm, spans, comm_spans });
                 }
             }
         }

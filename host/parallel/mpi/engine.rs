@@ -245,6 +245,7 @@ impl<B: Ops> DistEngine<B> {
             state: st,
             comm,
             comm_in_use: reduce,
+            losses: None,
         };
         Ok(DistEngine { info, world: world.clone(), cfg, plan, schedule, worker, pipe, ctrl, step, timeline: None })
     }
@@ -315,7 +316,7 @@ impl<B: Ops> DistEngine<B> {
             lanes: vec![Lane { name, spans: out.spans, comm: out.comm_spans }],
             total: t0.elapsed().as_secs_f64(),
         });
-        Ok(StepStats { loss, lr: prep.lr, grad_norm: out.grad_norm })
+        Ok(StepStats { loss, loss_steps: 1, lr: prep.lr, grad_norm: out.grad_norm })
     }
 
     /// The model's flat vector made of each stage's part (replica 0's ranks hold them), on
