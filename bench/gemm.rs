@@ -47,7 +47,31 @@ fn gemm(c: &mut Criterion) {
         });
         run_group(c, "gemm/cuda", &gpu, cases, "cublas");
         kernel_families(c, &gpu);
+        training_shapes(c, &gpu);
     }
+}
+
+/// The default job's GEMMs, whose C has too few tiles for the GPU: the 64x64 tile alone,
+/// split-K as the plan chooses it (`auto`), and cuBLAS. The prediction is in bench/NOTES.md.
+fn training_shapes(c: &mut Criterion, gpu: &tessera::CudaDevice) {
+    let mut g = c.benchmark_group("gemm-training/cuda");
+    g.sample_size(10);
+    let sync = || gpu.synchronize().unwrap();
+    for (m, n, k, ta, tb) in [(128, 512, 784, false, false), (784, 512, 128, true, false), (128, 512, 512, false, true)]
+    {
+        let case = format!("{}{} {m}x{n}x{k}", if ta { 't' } else { 'n' }, if tb { 't' } else { 'n' });
+        g.throughput(Throughput::Elements((2.0 * m as f64 * n as f64 * k as f64) as u64));
+        for kernel in [GemmKernel::Small, GemmKernel::Auto] {
+            let mut run = common::gemm_kernel_run(gpu, m, n, k, ta, tb, kernel);
+            g.bench_function(format!("tessera-{} {case}", kernel.name()), |b| {
+                b.iter_custom(|n| common::time_runs(&mut run, &sync, n))
+            });
+        }
+        if let Some(mut run) = common::cublas_run(gpu, m, n, k, ta, tb) {
+            g.bench_function(format!("cublas {case}"), |b| b.iter_custom(|n| common::time_runs(&mut run, &sync, n)));
+        }
+    }
+    g.finish();
 }
 
 /// The CUDA kernel families side by side at the sizes the targets name (4096^3 in the three

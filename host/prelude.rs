@@ -19,5 +19,7 @@ pub use crate::parallel::comm::{Communicator, LocalGroup};
 pub use crate::parallel::engine::Engine;
 pub use crate::parallel::{Plan, ScheduleKind};
 pub use crate::tensor::Tensor;
-pub use crate::train::{fit, fit_reading, Cursor, Eval, LrSchedule, OptimizerConfig, Run, StepStats, TrainConfig, Trainer};
+pub use crate::train::{
+    fit, fit_reading, Cursor, Eval, LrSchedule, OptimizerConfig, Run, StepStats, TrainConfig, Trainer,
+};
 pub use crate::{CpuDevice, CudaDevice, SimDevice};

@@ -27,6 +27,15 @@
 //                              grid (ceil(n / TESSERA_GEMM_SMALL_BN), ceil(m / TESSERA_GEMM_SMALL_BM), 1), 64 x 64 tiles
 //   gemm_pipe8_*, gemm_pipe16_*: as gemm_* (128 x 128 tiles)
 //   gemm_wide8_*, gemm_wide16_*: block (TESSERA_GEMM_WIDE_THREADS,1,1) = 128, grid as gemm_*
+//   gemm_splitk_{nn,nt,tn,tt}(m, n, k, kc, a, b, ws): split-K, the 64 x 64 tile's body over one
+//                              k chunk per grid.z: block (TESSERA_GEMM_SMALL_THREADS,1,1), grid
+//                              (ceil(n / 64), ceil(m / 64), splits) with splits = ceil(k / kc), kc a
+//                              multiple of 16; block z writes its partial product (no epilogue) to
+//                              ws[z*m*n ..] (m x n each). Then
+//   gemm_splitk_reduce(mn, n, splits, ws, alpha, beta, c, bias_opt, act, act_out_opt): block
+//                              (TESSERA_EW_THREADS,1,1), any grid (grid-stride over mn = m*n): each
+//                              output sums its splits in the order z = 0, 1, ... (deterministic: no
+//                              atomics) and applies the epilogue above.
 //
 // Versions inside (two templates: gemm_body, instantiated eight times, and gemm_async_body,
 // sixteen times; both share tile_math and the epilogue, so every version sums each output over k
@@ -238,7 +247,7 @@ __device__ __forceinline__ void epilogue(float* smem, const float (&acc)[TM][TN]
 // BM x BN block tile, BK deep; each thread owns TM x TN outputs: TM/4 groups of 4 rows spaced
 // BM/(TM/4) apart, TN/4 groups of 4 columns spaced BN/(TN/4) apart.
 template <int BM, int BN, int BK, int TM, int TN, bool TA, bool TB>
-__device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
+__device__ __forceinline__ void gemm_body(int m, int n, int k, int kb, int ke, float alpha,
                                           const float* __restrict__ a, const float* __restrict__ b,
                                           float beta, float* c, const float* bias, int act,
                                           float* act_out) {
@@ -278,15 +287,17 @@ __device__ __forceinline__ void gemm_body(int m, int n, int k, float alpha,
   float ra[IOA::L][4];
   float rb[IOB::L][4];
 
-  IOA::load(a, m, k, m0, 0, veca, tid, ra);
-  IOB::load(b, n, k, n0, 0, vecb, tid, rb);
+  // The k range [kb, ke): all of k, or one split of a split-K launch (kb a multiple of BK, and ke
+  // too unless ke = k, so no k-tile crosses ke except at k itself, where the loads' bound is).
+  IOA::load(a, m, k, m0, kb, veca, tid, ra);
+  IOB::load(b, n, k, n0, kb, vecb, tid, rb);
   IOA::store(As[0], tid, ra);
   IOB::store(Bs[0], tid, rb);
   __syncthreads();
 
   int cur = 0;
-  for (int k0 = 0; k0 < k; k0 += BK) {
-    const bool more = k0 + BK < k;  // uniform across the block
+  for (int k0 = kb; k0 < ke; k0 += BK) {
+    const bool more = k0 + BK < ke;  // uniform across the block
     if (more) {
       IOA::load(a, m, k, m0, k0 + BK, veca, tid, ra);
       IOB::load(b, n, k, n0, k0 + BK, vecb, tid, rb);
@@ -430,30 +441,64 @@ static_assert(TESSERA_GEMM_SMALL_BM == 64 && TESSERA_GEMM_SMALL_BN == 64 &&
 
 // ---- 128 x 128 tiles --------------------------------------------------------------------------
 extern "C" __global__ __launch_bounds__(256, 2) void gemm_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<128, 128, 8, 8, 8, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<128, 128, 8, 8, 8, false, false>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256, 2) void gemm_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<128, 128, 8, 8, 8, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<128, 128, 8, 8, 8, false, true>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256, 2) void gemm_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<128, 128, 8, 8, 8, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<128, 128, 8, 8, 8, true, false>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256, 2) void gemm_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<128, 128, 8, 8, 8, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<128, 128, 8, 8, 8, true, true>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 
 // ---- 64 x 64 tiles ----------------------------------------------------------------------------
 extern "C" __global__ __launch_bounds__(256) void gemm_small_nn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<64, 64, 16, 4, 4, false, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<64, 64, 16, 4, 4, false, false>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256) void gemm_small_nt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<64, 64, 16, 4, 4, false, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<64, 64, 16, 4, 4, false, true>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256) void gemm_small_tn(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<64, 64, 16, 4, 4, true, false>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<64, 64, 16, 4, 4, true, false>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
 }
 extern "C" __global__ __launch_bounds__(256) void gemm_small_tt(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
-  gemm_body<64, 64, 16, 4, 4, true, true>(m, n, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+  gemm_body<64, 64, 16, 4, 4, true, true>(m, n, k, 0, k, alpha, a, b, beta, c, bias_opt, act, act_out_opt);
+}
+
+// ---- split-K: the 64 x 64 tile over one k chunk per grid.z, then a fixed-order sum -----------
+extern "C" __global__ __launch_bounds__(256) void gemm_splitk_nn(int m, int n, int k, int kc, const float* a, const float* b, float* ws) {
+  const int kb = blockIdx.z * kc, ke = min(k, kb + kc);
+  gemm_body<64, 64, 16, 4, 4, false, false>(m, n, k, kb, ke, 1.0f, a, b, 0.0f, ws + (long long)blockIdx.z * m * n, nullptr, TESSERA_ACT_NONE, nullptr);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_splitk_nt(int m, int n, int k, int kc, const float* a, const float* b, float* ws) {
+  const int kb = blockIdx.z * kc, ke = min(k, kb + kc);
+  gemm_body<64, 64, 16, 4, 4, false, true>(m, n, k, kb, ke, 1.0f, a, b, 0.0f, ws + (long long)blockIdx.z * m * n, nullptr, TESSERA_ACT_NONE, nullptr);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_splitk_tn(int m, int n, int k, int kc, const float* a, const float* b, float* ws) {
+  const int kb = blockIdx.z * kc, ke = min(k, kb + kc);
+  gemm_body<64, 64, 16, 4, 4, true, false>(m, n, k, kb, ke, 1.0f, a, b, 0.0f, ws + (long long)blockIdx.z * m * n, nullptr, TESSERA_ACT_NONE, nullptr);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_splitk_tt(int m, int n, int k, int kc, const float* a, const float* b, float* ws) {
+  const int kb = blockIdx.z * kc, ke = min(k, kb + kc);
+  gemm_body<64, 64, 16, 4, 4, true, true>(m, n, k, kb, ke, 1.0f, a, b, 0.0f, ws + (long long)blockIdx.z * m * n, nullptr, TESSERA_ACT_NONE, nullptr);
+}
+extern "C" __global__ __launch_bounds__(256) void gemm_splitk_reduce(long long mn, int n, int splits, const float* ws, float alpha, float beta, float* c, const float* bias_opt, int act, float* act_out_opt) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < mn; e += stride) {
+    float acc = 0.0f;
+    for (int z = 0; z < splits; ++z) acc += __ldg(ws + (long long)z * mn + e);
+    float x = alpha * acc;
+    if (beta != 0.0f) x += beta * c[e];
+    if (bias_opt != nullptr) x += __ldg(bias_opt + e % n);
+    if (act_out_opt != nullptr) {
+      c[e] = x;
+      act_out_opt[e] = tessera_act(act, x);
+    } else {
+      c[e] = act != TESSERA_ACT_NONE ? tessera_act(act, x) : x;
+    }
+  }
 }
 
 // ---- 128 x 128 tiles, pipelined with asynchronous copies (sm_80 and later) ---------------------

@@ -68,6 +68,7 @@ fn gemm_every_kernel<B: Ops>(d: &B) {
             let off = i % 2;
             let (ab, bb, biasb) = (up(d, &a), up(d, &b), up(d, &bias));
             let g0 = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.5).beta(0.25).activation(Activation::Relu);
+            // Every family but split-K (and Auto, which may choose it) gives the same bits.
             let mut first: Option<Vec<f32>> = None;
             for kernel in GemmKernel::ALL {
                 let g = g0.kernel(kernel);
@@ -78,12 +79,61 @@ fn gemm_every_kernel<B: Ops>(d: &B) {
                 let (_, want) = r::gemm(&g, &a[off..off + m * k], &b, Some(&bias), &c0);
                 let name = format!("{} gemm {} {m}x{n}x{k} ta={ta} tb={tb} offset {off}", d.name(), kernel.name());
                 assert_close(&name, &got, &want, 1e-4, 1e-4);
+                if matches!(kernel, GemmKernel::Auto | GemmKernel::SplitK) {
+                    continue;
+                }
                 match &first {
                     None => first = Some(got),
-                    Some(f) => {
-                        assert!(f == &got, "{name}: differs from the {} kernel's result", GemmKernel::ALL[0].name())
-                    }
+                    Some(f) => assert!(f == &got, "{name}: differs from the tiled kernel's result"),
                 }
+            }
+        }
+    }
+}
+
+/// Split-K at explicit chunk counts: uneven last chunks, more chunks than k-tiles, k = 0, every
+/// transpose, the epilogue (beta, bias, activation into a separate output), views at odd
+/// offsets; against the reference, and the same bits on a second run (a fixed summation order).
+fn gemm_split_k<B: Ops>(d: &B) {
+    let shapes = [(1, 1, 40), (70, 33, 100), (64, 64, 256), (129, 65, 67), (5, 200, 300), (33, 17, 0)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for splits in [2, 3, 100] {
+                let seed = 5000 + i as u64 * 10;
+                let a = inputs(seed + 1, m * k + 1, 1.0);
+                let b = inputs(seed + 2, k * n, 1.0);
+                let bias = inputs(seed + 3, n, 1.0);
+                let c0 = inputs(seed + 4, m * n, 1.0);
+                let off = i % 2;
+                let (ab, bb, biasb) = (up(d, &a), up(d, &b), up(d, &bias));
+                let g = Gemm::new(m, n, k)
+                    .trans_a(ta)
+                    .trans_b(tb)
+                    .alpha(0.75)
+                    .beta(if splits % 2 == 0 { 0.5 } else { 0.0 })
+                    .activation(Activation::GeluTanh)
+                    .split_k(splits);
+                let run = || {
+                    let mut c = up(d, &c0);
+                    let mut y = up(d, &vec![f32::NAN; m * n]);
+                    let av = B::view_range(&ab, off..off + m * k);
+                    d.gemm(
+                        &g,
+                        &av,
+                        &B::view(&bb),
+                        Some(&B::view(&biasb)),
+                        &mut B::view_mut(&mut c),
+                        Some(&mut B::view_mut(&mut y)),
+                    )
+                    .unwrap();
+                    (down(d, &c), down(d, &y))
+                };
+                let (pre, post) = run();
+                let (want_pre, want_post) = r::gemm(&g, &a[off..off + m * k], &b, Some(&bias), &c0);
+                let name = format!("{} split-K {splits} gemm {m}x{n}x{k} ta={ta} tb={tb}", d.name());
+                assert_close(&format!("{name} pre-activation"), &pre, &want_pre, 1e-4, 1e-4);
+                assert_close(&format!("{name} activation"), &post, &want_post, 1e-4, 1e-4);
+                assert!(run() == (pre, post), "{name}: a second run gave other bits");
             }
         }
     }
@@ -568,6 +618,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     gemm_shapes_and_transposes,
     gemm_every_kernel,
+    gemm_split_k,
     gemm_epilogue,
     gemm_rejects_bad_shapes,
     activations,

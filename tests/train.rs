@@ -474,7 +474,8 @@ fn cli_resume_refuses_a_model_it_cannot_build() {
 fn profile_counts_the_host_work_of_a_step_on_simulated_devices() {
     let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
     let profile = |device: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec!["train", "--widths", "784,32,10", "--steps", "6", "--loss-every", "3", "--profile", "--json"];
+        let mut args =
+            vec!["train", "--widths", "784,32,10", "--steps", "6", "--loss-every", "3", "--profile", "--json"];
         args.extend_from_slice(device);
         let (ok, out, err) = common::tessera_env(&args, env);
         assert!(ok, "{err}");
@@ -484,7 +485,11 @@ fn profile_counts_the_host_work_of_a_step_on_simulated_devices() {
         for k in ["launches", "host_syncs", "allocations", "host_to_device", "device_to_host", "device_to_device"] {
             // Steps 2 and 4 (quiet), 3 and 6 (reading) do the same work; the first allocates.
             assert_eq!(count(&steps[1], k), count(&steps[3], k), "{device:?}: `{k}` differs between quiet steps: {j}");
-            assert_eq!(count(&steps[2], k), count(&steps[5], k), "{device:?}: `{k}` differs between reading steps: {j}");
+            assert_eq!(
+                count(&steps[2], k),
+                count(&steps[5], k),
+                "{device:?}: `{k}` differs between reading steps: {j}"
+            );
             assert!(count(&steps[0], k) >= count(&steps[1], k), "{device:?}: {k}: {j}");
         }
         assert!(count(&steps[0], "allocations") > count(&steps[1], "allocations"), "the first step allocates: {j}");

@@ -23,6 +23,8 @@ pub struct CudaDevice {
     /// Page-locked buffers that uploads go through, so that `write` queues its copy and returns
     /// without waiting for the device (a copy from pageable memory waits for the stream).
     staging: Arc<Mutex<Staging>>,
+    /// The split-K GEMM's workspace, kept between calls (work of this stream only).
+    gemm_ws: Arc<Mutex<Option<CudaSlice<f32>>>>,
 }
 
 /// Uploads staged in turn through this many page-locked buffers: one is reused only after the
@@ -317,13 +319,20 @@ impl CudaDevice {
             stream,
             logical: 0,
             staging: Arc::default(),
+            gemm_ws: Arc::default(),
         })
     }
 
     /// Another logical device on the same GPU: same context and kernels, its own stream.
     pub fn logical(&self, index: usize) -> Result<Self> {
         let stream = self.inner.ctx.new_stream().map_err(Error::driver("creating a stream"))?;
-        Ok(CudaDevice { inner: self.inner.clone(), stream, logical: index, staging: Arc::default() })
+        Ok(CudaDevice {
+            inner: self.inner.clone(),
+            stream,
+            logical: index,
+            staging: Arc::default(),
+            gemm_ws: Arc::default(),
+        })
     }
 
     /// The GPU's ordinal.
@@ -349,6 +358,10 @@ impl CudaDevice {
     /// Number of streaming multiprocessors, for sizing grids.
     pub fn sms(&self) -> usize {
         self.inner.info.sms.max(1) as usize
+    }
+    /// The split-K GEMM's workspace of this stream.
+    pub(crate) fn gemm_workspace(&self) -> &Mutex<Option<CudaSlice<f32>>> {
+        &self.gemm_ws
     }
 }
 

@@ -7,7 +7,9 @@
 //! CUDA: `kernels/gemm.cu`, a 128x128 register-blocked tile, or 64x64 where the big tile
 //! would leave SMs idle ([`GemmKernel::Auto`]); the pipelined 128x128 candidates
 //! (`gemm_pipe8_*`, `gemm_pipe16_*`, `gemm_wide8_*`, `gemm_wide16_*`) run when asked for by
-//! [`Gemm::kernel`] or `TESSERA_GEMM_KERNEL`.
+//! [`Gemm::kernel`] or `TESSERA_GEMM_KERNEL`. Where even the 64x64 tiles leave SMs idle, the
+//! k dimension is split across blocks ([`GemmKernel::SplitK`]) and the partial products are
+//! summed in a fixed order: [`gemm_plan`] says which, and why a GEMM cannot fill the GPU.
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
@@ -23,8 +25,10 @@ use crate::ops::{as_i32, as_u32};
 #[allow(unused_imports)]
 use cudarc::driver::{CudaView, CudaViewMut};
 
-/// Which CUDA kernel family runs a GEMM. The CPU ignores it. Every family computes the same
-/// result (each output summed over k in the same order, so the same values); they differ in speed.
+/// Which CUDA kernel family runs a GEMM. The CPU ignores it. Every family but
+/// [`GemmKernel::SplitK`] computes the same result (each output summed over k in the same order,
+/// so the same values); they differ in speed. Split-K sums k in chunks, then the chunks in a fixed
+/// order: its results are as deterministic, and differ from the others' by rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmKernel {
     /// The default: the family `TESSERA_GEMM_KERNEL` names when set; else
@@ -47,11 +51,16 @@ pub enum GemmKernel {
     Wide8,
     /// `gemm_wide16_*`: as `Wide8` with BK = 16 and two stages.
     Wide16,
+    /// `gemm_splitk_*` then `gemm_splitk_reduce`: the 64x64 tile over one chunk of k per block
+    /// (grid.z), the partial products summed in chunk order with the epilogue. For shapes whose
+    /// C has too few tiles to fill the GPU (a small batch, a narrow layer, a long k). The split
+    /// count is [`Gemm::split_k`] when set, else what fills one wave ([`gemm_plan`]).
+    SplitK,
 }
 
 impl GemmKernel {
     /// Every family, [`GemmKernel::Auto`] first.
-    pub const ALL: [GemmKernel; 7] = [
+    pub const ALL: [GemmKernel; 8] = [
         GemmKernel::Auto,
         GemmKernel::Tiled,
         GemmKernel::Small,
@@ -59,9 +68,11 @@ impl GemmKernel {
         GemmKernel::Pipe16,
         GemmKernel::Wide8,
         GemmKernel::Wide16,
+        GemmKernel::SplitK,
     ];
 
-    /// The kernel-name stem: `auto`, `tiled`, `small`, `pipe8`, `pipe16`, `wide8`, `wide16`.
+    /// The kernel-name stem: `auto`, `tiled`, `small`, `pipe8`, `pipe16`, `wide8`, `wide16`,
+    /// `splitk`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::Auto => "auto",
@@ -71,6 +82,7 @@ impl GemmKernel {
             GemmKernel::Pipe16 => "pipe16",
             GemmKernel::Wide8 => "wide8",
             GemmKernel::Wide16 => "wide16",
+            GemmKernel::SplitK => "splitk",
         }
     }
 }
@@ -80,7 +92,7 @@ impl std::str::FromStr for GemmKernel {
     fn from_str(s: &str) -> Result<Self> {
         GemmKernel::ALL.into_iter().find(|k| k.name() == s.trim().to_ascii_lowercase()).ok_or_else(|| {
             Error::Invalid(format!(
-                "unknown GEMM kernel family `{s}`: use auto, tiled, small, pipe8, pipe16, wide8 or wide16"
+                "unknown GEMM kernel family `{s}`: use auto, tiled, small, pipe8, pipe16, wide8, wide16 or splitk"
             ))
         })
     }
@@ -121,6 +133,8 @@ pub struct Gemm {
     pub act: Activation,
     /// The CUDA kernel family (default [`GemmKernel::Auto`]).
     pub kernel: GemmKernel,
+    /// Chunks of k for [`GemmKernel::SplitK`] (0: as [`gemm_plan`] chooses). The CPU ignores it.
+    pub split_k: usize,
 }
 
 impl Gemm {
@@ -136,6 +150,7 @@ impl Gemm {
             beta: 0.0,
             act: Activation::None,
             kernel: GemmKernel::Auto,
+            split_k: 0,
         }
     }
     /// Sets whether `A` is used transposed.
@@ -166,6 +181,13 @@ impl Gemm {
     /// The CUDA kernel family to run (the CPU ignores it); for benchmarks and tuning.
     pub fn kernel(mut self, kernel: GemmKernel) -> Self {
         self.kernel = kernel;
+        self
+    }
+    /// Splits k into `chunks` for [`GemmKernel::SplitK`] (each a multiple of 16 long, so the
+    /// count run may be lower: see [`gemm_plan`]); sets the family to `SplitK`.
+    pub fn split_k(mut self, chunks: usize) -> Self {
+        self.kernel = GemmKernel::SplitK;
+        self.split_k = chunks;
         self
     }
     /// Floating-point operations of the product, `2*m*n*k`.
@@ -320,13 +342,99 @@ impl GemmOps for CpuDevice {
     }
 }
 
+/// Shortest k chunk split-K makes (two k-tiles of 16): shorter, and the workspace traffic and
+/// the reduce cost more than the parallelism gains.
+pub const SPLITK_MIN_CHUNK: usize = 32;
+
+/// How a GEMM runs on a GPU with `sms` streaming multiprocessors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemmPlan {
+    /// The family (never [`GemmKernel::Auto`]).
+    pub kernel: GemmKernel,
+    /// Chunks of k (1: not split).
+    pub splits: usize,
+    /// Length of each chunk but the last (k when not split).
+    pub chunk: usize,
+    /// Blocks launched for the product (tiles of C times splits).
+    pub blocks: usize,
+    /// Why the blocks are fewer than the SMs (one wave not filled), when they are.
+    pub short_of_a_wave: Option<String>,
+}
+
+/// The split of k that gives at least `sms` blocks over `tiles` 64x64 tiles, or the most the
+/// minimum chunk allows: `(splits, chunk)`, or `None` when k cannot be split at all.
+fn wave_split(tiles: usize, k: usize, sms: usize) -> Option<(usize, usize)> {
+    let needed = sms.div_ceil(tiles.max(1));
+    let fill = (k / needed.max(1)) / 16 * 16;
+    let chunk = if fill >= SPLITK_MIN_CHUNK {
+        fill
+    } else {
+        let most = k / SPLITK_MIN_CHUNK;
+        if most < 2 {
+            return None;
+        }
+        k.div_ceil(most).next_multiple_of(16)
+    };
+    let splits = k.div_ceil(chunk);
+    (splits >= 2).then_some((splits, chunk))
+}
+
+/// Which kernel runs GEMM `g` on a GPU of `sms` SMs, with how many k splits, and whether the
+/// launch fills one wave (a block per SM) or why not. [`GemmKernel::Auto`] takes the 128x128
+/// tile when its tiles are at least the SMs, else the 64x64 tile when its are, else split-K
+/// over the 64x64 tile where k allows; `TESSERA_GEMM_KERNEL` overrides it. A pure function of
+/// the shape, unit-tested over the training jobs' GEMMs.
+pub fn gemm_plan(g: &Gemm, sms: usize) -> Result<GemmPlan> {
+    let tiles = |bm: usize, bn: usize| g.m.div_ceil(bm) * g.n.div_ceil(bn);
+    let (big, small) = (tiles(consts::GEMM_BM as usize, consts::GEMM_BN as usize), tiles(64, 64));
+    let asked = if g.kernel == GemmKernel::Auto { auto_kernel()? } else { g.kernel };
+    let (kernel, splits, chunk) = match asked {
+        GemmKernel::Auto if big >= sms => (GemmKernel::Tiled, 1, g.k),
+        GemmKernel::Auto if small >= sms => (GemmKernel::Small, 1, g.k),
+        GemmKernel::Auto => match wave_split(small, g.k, sms) {
+            Some((s, c)) => (GemmKernel::SplitK, s, c),
+            None => (GemmKernel::Small, 1, g.k),
+        },
+        GemmKernel::SplitK => {
+            let chunk = match g.split_k {
+                0 => wave_split(small, g.k, sms).map_or(g.k.max(1), |(_, c)| c),
+                s => g.k.div_ceil(s).next_multiple_of(16).max(16),
+            };
+            (GemmKernel::SplitK, g.k.div_ceil(chunk).max(1), chunk)
+        }
+        k => (k, 1, g.k),
+    };
+    let tiles_run = if matches!(kernel, GemmKernel::Small | GemmKernel::SplitK) { small } else { big };
+    let blocks = tiles_run * splits;
+    let short_of_a_wave = (blocks < sms).then(|| {
+        let why_k = if g.k / SPLITK_MIN_CHUNK < 2 {
+            format!("k = {} is too short to split (chunks of at least {SPLITK_MIN_CHUNK})", g.k)
+        } else {
+            format!(
+                "k = {} splits at most {} ways in chunks of at least {SPLITK_MIN_CHUNK}",
+                g.k,
+                g.k / SPLITK_MIN_CHUNK
+            )
+        };
+        match asked {
+            GemmKernel::Auto | GemmKernel::SplitK => {
+                format!("C ({}x{}) has {small} tiles of 64x64 and {why_k}: {blocks} blocks for {sms} SMs", g.m, g.n)
+            }
+            k => format!("the {} family was asked for: {blocks} blocks for {sms} SMs", k.name()),
+        }
+    });
+    Ok(GemmPlan { kernel, splits, chunk, blocks, short_of_a_wave })
+}
+
 /// The launch of GEMM `g` by kernel family `kernel` (resolved: not [`GemmKernel::Auto`]): one
 /// block per tile of C (x over column tiles, y over row tiles), the family's block size. A pure
 /// function of the shape, so the launch limits are unit-tested at extreme shapes: an error where
 /// the row tiles exceed grid.y's 65535 or the column tiles a grid dimension.
 pub(crate) fn gemm_launch(g: &Gemm, kernel: GemmKernel) -> Result<LaunchConfig> {
     let (bm, bn, threads) = match kernel {
-        GemmKernel::Small => (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS),
+        GemmKernel::Small | GemmKernel::SplitK => {
+            (consts::GEMM_SMALL_BM, consts::GEMM_SMALL_BN, consts::GEMM_SMALL_THREADS)
+        }
         GemmKernel::Wide8 | GemmKernel::Wide16 => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_WIDE_THREADS),
         _ => (consts::GEMM_BM, consts::GEMM_BN, consts::GEMM_THREADS),
     };
@@ -368,19 +476,64 @@ macro_rules! gpu_impl {
                 if g.k > (i32::MAX - 64) as usize {
                     return Err(Error::shape("gemm", format!("k = {} is beyond the CUDA kernels' 2^31 - 65", g.k)));
                 }
-                let big_tiles = g.m.div_ceil(consts::GEMM_BM as usize) * g.n.div_ceil(consts::GEMM_BN as usize);
-                let asked = if g.kernel == GemmKernel::Auto { auto_kernel()? } else { g.kernel };
-                let kernel = match asked {
-                    // The 128x128 tile needs about one block per SM to fill the GPU; below that the
-                    // 64x64 tile gives four times the blocks.
-                    GemmKernel::Auto if big_tiles < self.sms() => GemmKernel::Small,
-                    GemmKernel::Auto => GemmKernel::Tiled,
-                    k => k,
-                };
-                let cfg = gemm_launch(g, kernel)?;
+                let plan = gemm_plan(g, self.sms())?;
+                let kernel = plan.kernel;
+                let mut cfg = gemm_launch(g, kernel)?;
                 let kk = &self.kernels().gemm;
                 let s = self.stream();
                 let act = g.act.code();
+                if kernel == GemmKernel::SplitK && plan.splits > 1 {
+                    // k in `splits` chunks into the stream's workspace, then their sum in chunk order.
+                    cfg.grid_dim.2 = as_u32("gemm", "k splits", plan.splits)?;
+                    let mn = g.m * g.n;
+                    let need = plan
+                        .splits
+                        .checked_mul(mn)
+                        .ok_or_else(|| Error::shape("gemm", "the split-K workspace overflows"))?;
+                    let mut ws = self.gemm_workspace().lock().unwrap_or_else(|e| e.into_inner());
+                    if ws.as_ref().is_none_or(|w| Self::buf_len(w) < need) {
+                        *ws = None;
+                        *ws = Some(self.alloc::<f32>(need)?);
+                    }
+                    let w = ws.as_mut().expect("allocated above");
+                    let chunk = as_i32("gemm", "k chunk", plan.chunk)?;
+                    {
+                        let mut wv = Self::view_range_mut(w, 0..need);
+                        // SAFETY: lengths checked by `g.check`; the workspace holds splits*m*n floats;
+                        // block (x, y, z) writes its 64x64 tile of chunk z's product at ws[z*m*n ..]
+                        // (guarded at the edges).
+                        unsafe {
+                            match (g.trans_a, g.trans_b) {
+                                (false, false) => kk.gemm_splitk_nn(s, cfg, m, n, k, chunk, a, b, &mut wv),
+                                (false, true) => kk.gemm_splitk_nt(s, cfg, m, n, k, chunk, a, b, &mut wv),
+                                (true, false) => kk.gemm_splitk_tn(s, cfg, m, n, k, chunk, a, b, &mut wv),
+                                (true, true) => kk.gemm_splitk_tt(s, cfg, m, n, k, chunk, a, b, &mut wv),
+                            }
+                        }
+                        .map_err(Error::driver("launching gemm_splitk"))?;
+                    }
+                    let rcfg = crate::ops::elementwise_cfg(mn, self.sms());
+                    let splits = as_i32("gemm", "k splits", plan.splits)?;
+                    // SAFETY: the workspace holds splits*m*n floats, c and act_out m*n, bias n
+                    // (checked); grid-stride over m*n.
+                    return unsafe {
+                        kk.gemm_splitk_reduce(
+                            s,
+                            rcfg,
+                            mn as i64,
+                            n,
+                            splits,
+                            &Self::view_range(w, 0..need),
+                            g.alpha,
+                            g.beta,
+                            c,
+                            bias,
+                            act,
+                            act_out,
+                        )
+                    }
+                    .map_err(Error::driver("launching gemm_splitk_reduce"));
+                }
                 // One launch of the kernel `$name` with the common arguments.
                 macro_rules! launch {
                     ($name:ident) => {
@@ -397,10 +550,11 @@ macro_rules! gpu_impl {
                         (Auto | Tiled, false, true) => launch!(gemm_nt),
                         (Auto | Tiled, true, false) => launch!(gemm_tn),
                         (Auto | Tiled, true, true) => launch!(gemm_tt),
-                        (Small, false, false) => launch!(gemm_small_nn),
-                        (Small, false, true) => launch!(gemm_small_nt),
-                        (Small, true, false) => launch!(gemm_small_tn),
-                        (Small, true, true) => launch!(gemm_small_tt),
+                        // Split-K with one chunk is the 64x64 tile.
+                        (Small | SplitK, false, false) => launch!(gemm_small_nn),
+                        (Small | SplitK, false, true) => launch!(gemm_small_nt),
+                        (Small | SplitK, true, false) => launch!(gemm_small_tn),
+                        (Small | SplitK, true, true) => launch!(gemm_small_tt),
                         (Pipe8, false, false) => launch!(gemm_pipe8_nn),
                         (Pipe8, false, true) => launch!(gemm_pipe8_nt),
                         (Pipe8, true, false) => launch!(gemm_pipe8_tn),
@@ -455,6 +609,101 @@ mod launch_tests {
             let e = gemm_launch(&Gemm::new(tile * 65535 + 1, 8, 8), kernel).unwrap_err().to_string();
             assert!(e.contains("more than 65535 row tiles"), "{e}");
         }
+    }
+
+    /// The GEMMs of a training step of an MLP (`widths`, batch `b`): each layer's forward
+    /// (b x out, k = in), input gradient (b x in, k = out; not the first layer's) and weight
+    /// gradient (in x out, k = b, A transposed).
+    fn mlp_gemms(widths: &[usize], b: usize) -> Vec<(String, Gemm)> {
+        let mut out = Vec::new();
+        for (l, w) in widths.windows(2).enumerate() {
+            let (i, o) = (w[0], w[1]);
+            out.push((format!("layer {l} forward"), Gemm::new(b, o, i)));
+            if l > 0 {
+                out.push((format!("layer {l} input gradient"), Gemm::new(b, i, o).trans_b(true)));
+            }
+            out.push((format!("layer {l} weight gradient"), Gemm::new(i, o, b).trans_a(true)));
+        }
+        out
+    }
+
+    /// The GEMMs of a character-level GPT of issue #16's size (6 layers of width 384, 6 heads,
+    /// context 256, batch 64, a vocabulary of 65): tokens x (3 width) for the fused QKV
+    /// projection, the attention output and MLP projections, the MLP's 4x expansion, and the
+    /// head; each forward with its two gradients.
+    fn gpt_gemms() -> Vec<(String, Gemm)> {
+        let (t, d, v) = (64 * 256, 384, 65);
+        let mut out = Vec::new();
+        for (name, i, o) in
+            [("qkv", d, 3 * d), ("attention out", d, d), ("mlp up", d, 4 * d), ("mlp down", 4 * d, d), ("head", d, v)]
+        {
+            out.push((format!("{name} forward"), Gemm::new(t, o, i)));
+            out.push((format!("{name} input gradient"), Gemm::new(t, i, o).trans_b(true)));
+            out.push((format!("{name} weight gradient"), Gemm::new(i, o, t).trans_a(true)));
+        }
+        out
+    }
+
+    /// For every GEMM of the default job (784-512-512-10, batch 128), the large MLP
+    /// (784-4096x3-10, batch 1024) and the GPT, on 132 SMs (an H100 SXM or H200): the launch
+    /// fills at least one wave (a block per SM), or the plan says why it cannot. The ones that
+    /// cannot are exactly the expected few (C of at most 16 tiles with a short k).
+    #[test]
+    fn every_training_gemm_fills_a_wave_or_says_why() {
+        let sms = 132;
+        let mut short = Vec::new();
+        let jobs = [
+            ("default", mlp_gemms(&[784, 512, 512, 10], 128)),
+            ("large", mlp_gemms(&[784, 4096, 4096, 4096, 10], 1024)),
+            ("gpt", gpt_gemms()),
+        ];
+        for (job, gemms) in jobs {
+            for (what, g) in gemms {
+                let p = gemm_plan(&g, sms).unwrap();
+                assert_ne!(p.kernel, GemmKernel::Auto);
+                let tiles = g.m.div_ceil(64) * g.n.div_ceil(64);
+                if p.kernel == GemmKernel::SplitK {
+                    assert!(p.splits >= 2 && p.chunk % 16 == 0 && p.chunk >= SPLITK_MIN_CHUNK, "{job} {what}: {p:?}");
+                    assert_eq!(p.splits, g.k.div_ceil(p.chunk), "{job} {what}: {p:?}");
+                    assert_eq!(p.blocks, tiles * p.splits, "{job} {what}: {p:?}");
+                }
+                match &p.short_of_a_wave {
+                    None => assert!(p.blocks >= sms, "{job} {what}: {p:?}"),
+                    Some(why) => {
+                        assert!(p.blocks < sms && why.contains("blocks for 132 SMs"), "{job} {what}: {why}");
+                        short.push(format!("{job} {what} ({}x{}x{}): {why}", g.m, g.n, g.k));
+                    }
+                }
+            }
+        }
+        eprintln!("GEMMs short of a wave on 132 SMs:\n{}", short.join("\n"));
+        // The default job's 10-class head: its forward (128x10, k = 512), weight gradient
+        // (512x10, k = 128), and the last hidden layer's input gradient (128x512, k = 10) are
+        // too small in C and k; everything else fills a wave.
+        assert_eq!(short.len(), 3, "{short:#?}");
+        assert!(short.iter().all(|s| s.starts_with("default layer 2")), "{short:#?}");
+        // The default job's first layer: split-K lifts 16 tiles to at least a wave.
+        let p = gemm_plan(&Gemm::new(128, 512, 784), sms).unwrap();
+        assert_eq!((p.kernel, p.splits, p.chunk, p.blocks), (GemmKernel::SplitK, 10, 80, 160));
+    }
+
+    /// Explicit split counts round the chunk up to a multiple of 16 (so fewer chunks may run);
+    /// the launch adds the chunks as grid.z over the 64x64 tiles.
+    #[test]
+    fn split_k_plans_round_chunks_and_launch_one_z_per_chunk() {
+        let g = Gemm::new(70, 33, 100).split_k(3);
+        let p = gemm_plan(&g, 132).unwrap();
+        assert_eq!((p.splits, p.chunk), (3, 48));
+        let p = gemm_plan(&Gemm::new(70, 33, 100).split_k(100), 132).unwrap();
+        assert_eq!((p.splits, p.chunk), (7, 16), "chunks are at least one k-tile");
+        let p = gemm_plan(&Gemm::new(70, 33, 0).split_k(4), 132).unwrap();
+        assert_eq!(p.splits, 1, "k = 0 is not split");
+        let c = gemm_launch(&g, GemmKernel::SplitK).unwrap();
+        assert_eq!((c.grid_dim.0, c.grid_dim.1, c.block_dim.0), (1, 2, consts::GEMM_SMALL_THREADS as u32));
+        // A family asked for by name is not split, and says so when it leaves SMs idle.
+        let p = gemm_plan(&Gemm::new(128, 512, 784).kernel(GemmKernel::Tiled), 132).unwrap();
+        assert_eq!((p.kernel, p.splits, p.blocks), (GemmKernel::Tiled, 1, 4));
+        assert!(p.short_of_a_wave.unwrap().contains("the tiled family was asked for"));
     }
 
     /// The elementwise launch: at least one block, at most 16 per SM, 4 elements per thread in

@@ -309,7 +309,18 @@ macro_rules! gpu_impl {
                     // SAFETY: logits and dlogits hold rows*cols, labels and row_loss rows elements, err
                     // one (checked); one warp per row; labels are range-checked in the kernel.
                     unsafe {
-                        self.kernels().loss.xent_fwd_bwd(self.stream(), cfg, r, c, logits, labels, scale, row_loss, dlogits, err)
+                        self.kernels().loss.xent_fwd_bwd(
+                            self.stream(),
+                            cfg,
+                            r,
+                            c,
+                            logits,
+                            labels,
+                            scale,
+                            row_loss,
+                            dlogits,
+                            err,
+                        )
                     }
                     .map_err(Error::driver("launching cross-entropy"))?;
                 }

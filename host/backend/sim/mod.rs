@@ -590,11 +590,20 @@ impl<T> ViewLen for SimViewMut<'_, T> {
 // ---- the device -------------------------------------------------------------------------------
 
 /// A simulated GPU (`sim`, or `sim:N` for N logical devices). See the module docs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct SimDevice {
     index: usize,
     stream: SimStream,
+    /// The split-K GEMM's workspace, kept between calls (work of this stream only).
+    gemm_ws: Arc<Mutex<Option<SimBuf<f32>>>>,
 }
+
+impl PartialEq for SimDevice {
+    fn eq(&self, o: &Self) -> bool {
+        self.index == o.index && self.stream == o.stream
+    }
+}
+impl Eq for SimDevice {}
 
 static KERNELS: SimAllKernels = SimAllKernels {
     activation: SimActivationKernels,
@@ -622,7 +631,7 @@ impl SimDevice {
     /// Simulated device number `index`, running work as it is issued
     /// ([`StreamOrder::Immediate`]).
     pub fn new(index: usize) -> Self {
-        SimDevice { index, stream: SimStream::default() }
+        SimDevice { index, stream: SimStream::default(), gemm_ws: Arc::default() }
     }
     /// `count` simulated devices `sim:0..count` that run their work in `order`. In deferred
     /// mode they share one scheduler, so that events, copies and races between them are seen.
@@ -634,7 +643,11 @@ impl SimDevice {
                 (0..count)
                     .map(|index| {
                         let id = sched.new_stream(format!("sim:{index}"));
-                        SimDevice { index, stream: SimStream { q: Some(Queue { sched: sched.clone(), id }) } }
+                        SimDevice {
+                            index,
+                            stream: SimStream { q: Some(Queue { sched: sched.clone(), id }) },
+                            gemm_ws: Arc::default(),
+                        }
                     })
                     .collect()
             }
@@ -663,6 +676,10 @@ impl SimDevice {
     /// The streaming-multiprocessor count reported to launch heuristics ([`SIM_SMS`]).
     pub fn sms(&self) -> usize {
         SIM_SMS
+    }
+    /// The split-K GEMM's workspace of this stream.
+    pub(crate) fn gemm_workspace(&self) -> &Mutex<Option<SimBuf<f32>>> {
+        &self.gemm_ws
     }
     /// Failures found since the last call that could report them (a buffer freed while another
     /// stream's queued work used it), as an error.
@@ -758,7 +775,7 @@ impl Backend for SimDevice {
                 SimStream { q: Some(Queue { sched: q.sched.clone(), id }) }
             }
         };
-        Ok(SimDevice { index: self.index, stream })
+        Ok(SimDevice { index: self.index, stream, gemm_ws: Arc::default() })
     }
     fn duplicate<T: Elem>(&self, src: &SimView<'_, T>) -> Result<SimBuf<T>> {
         bump(&counters::ALLOCS);
