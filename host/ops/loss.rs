@@ -324,11 +324,7 @@ macro_rules! gpu_impl {
                     }
                     .map_err(Error::driver("launching cross-entropy"))?;
                 }
-                let cfg = LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = crate::ops::reduce::final_sum_launch();
                 // SAFETY: row_loss holds rows elements, loss one (checked); final_sum runs as one block
                 // (rows = 0 writes 0).
                 unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, r, &row_loss.as_view(), scale, loss) }
@@ -343,7 +339,7 @@ macro_rules! gpu_impl {
                 unsafe {
                     self.kernels().reduce.mse_partial(
                         self.stream(),
-                        Self::partial_cfg(),
+                        crate::ops::reduce::partial_sum_launch(),
                         n,
                         pred,
                         target,

@@ -120,6 +120,21 @@ pub(crate) struct ColSumLaunch {
     pub(crate) last: LaunchConfig,
 }
 
+/// The launch `partial_sum` and `mse_partial` are written for: a fixed grid of
+/// `REDUCE_BLOCKS` blocks, each writing one partial (grid-stride over any n, 64-bit indices).
+pub(crate) fn partial_sum_launch() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (consts::REDUCE_BLOCKS as u32, 1, 1),
+        block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The launch `final_sum` is written for: one block, whatever the number of partials.
+pub(crate) fn final_sum_launch() -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (consts::REDUCE_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
 pub(crate) fn col_sum_launch(rows: usize, cols: usize) -> Result<ColSumLaunch> {
     let col_blocks = as_u32("col_sum", "column blocks", cols.div_ceil(consts::COLSUM_COLS as usize))?;
     let block_dim = (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1);
@@ -141,26 +156,13 @@ macro_rules! gpu_impl {
             pub(crate) fn finish_sum(&self, partials: &$view<'_, f32>, scale: f32) -> Result<f32> {
                 let mut out = self.alloc::<f32>(1)?;
                 let m = as_i32("sum", "partials", partials.len())?;
-                let cfg = LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = final_sum_launch();
                 // SAFETY: partials holds m elements, out one; final_sum runs as one block.
                 unsafe {
                     self.kernels().reduce.final_sum(self.stream(), cfg, m, partials, scale, &mut out.as_view_mut())
                 }
                 .map_err(Error::driver("launching final_sum"))?;
                 Ok(self.download(&out.as_view())?[0])
-            }
-
-            /// The launch shape `partial_sum` and `mse_partial` are written for.
-            pub(crate) fn partial_cfg() -> LaunchConfig {
-                LaunchConfig {
-                    grid_dim: (consts::REDUCE_BLOCKS as u32, 1, 1),
-                    block_dim: (consts::REDUCE_THREADS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                }
             }
         }
 
@@ -255,7 +257,7 @@ macro_rules! gpu_impl {
                 unsafe {
                     self.kernels().reduce.partial_sum(
                         self.stream(),
-                        Self::partial_cfg(),
+                        partial_sum_launch(),
                         n,
                         squared as i32,
                         x,
@@ -294,5 +296,37 @@ mod launch_tests {
         let cols = (1usize << 31) - 1;
         let l = super::col_sum_launch(3, cols).unwrap();
         assert!(l.last.grid_dim.0 as usize * consts::COLSUM_COLS as usize >= cols);
+    }
+
+    /// The fixed-shape reductions launch the block size their kernels' `__launch_bounds__`
+    /// declare: `partial_sum` and `mse_partial` a fixed grid of partials that `final_sum`'s one
+    /// block reduces; the grid-stride ones (`sum_scaled`, `axpy`, `scale`, `mse_bwd`, split-K's
+    /// reduce) the elementwise block. Sizes beyond the kernels' index types are refused.
+    #[test]
+    fn fixed_shape_reductions_launch_what_their_kernels_are_written_for() {
+        let bounds = |name: &str| {
+            crate::kernels::KERNELS.iter().find(|k| k.name == name).and_then(|k| k.launch_bounds()).map(|b| b.0)
+        };
+        let p = super::partial_sum_launch();
+        assert_eq!(p.grid_dim, (consts::REDUCE_BLOCKS as u32, 1, 1));
+        let f = super::final_sum_launch();
+        assert_eq!(f.grid_dim, (1, 1, 1));
+        for (name, cfg) in [("partial_sum", p), ("mse_partial", p), ("final_sum", f)] {
+            if let Some(t) = bounds(name) {
+                assert_eq!(cfg.block_dim, (t, 1, 1), "{name}");
+            }
+        }
+        // final_sum takes the partials' count as an int.
+        assert!(super::as_i32("sum", "partials", consts::REDUCE_BLOCKS as usize).is_ok());
+        let ew = crate::ops::elementwise_cfg(1 << 40, 132);
+        for name in ["sum_scaled", "axpy", "scale", "mse_bwd", "gemm_splitk_reduce"] {
+            if let Some(t) = bounds(name) {
+                assert_eq!(ew.block_dim, (t, 1, 1), "{name}");
+            }
+        }
+        // n is a long long: any buffer length up to 2^63 - 1, and not beyond.
+        assert!(super::as_i64("sum", "n", (1usize << 63) - 1).is_ok());
+        let e = super::as_i64("sum", "n", usize::MAX).unwrap_err().to_string();
+        assert!(e.contains("sum"), "{e}");
     }
 }
