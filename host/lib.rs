@@ -105,5 +105,6 @@ pub use ops::gemm::{Gemm, GemmKernel, GemmOps};
 pub use ops::loss::LossOps;
 pub use ops::optim::{AdamW, OptimOps, Optimizer, OptimizerConfig, Sgd};
 pub use ops::reduce::ReduceOps;
+pub use ops::transformer::TransformerOps;
 pub use ops::Ops;
 pub use tensor::Tensor;

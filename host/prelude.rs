@@ -14,6 +14,7 @@ pub use crate::ops::loss::LossOps;
 pub use crate::ops::optim::{AdamW, OptimOps, Optimizer, Sgd};
 pub use crate::ops::reduce::ReduceOps;
 pub use crate::ops::shaped::MatMul;
+pub use crate::ops::transformer::TransformerOps;
 pub use crate::ops::Ops;
 pub use crate::parallel::comm::{Communicator, LocalGroup};
 pub use crate::parallel::engine::Engine;

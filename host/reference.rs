@@ -156,3 +156,101 @@ pub fn adamw(o: &AdamW, t: u64, s: f32, w: &[f32], g: &[f32], m: &[f32], v: &[f3
     }
     (wo, mo, vo)
 }
+
+/// Token + position embedding: `out[r] = wte[ids[r]] + wpe[r % t]` (rows of `c`).
+pub fn embed(t: usize, c: usize, ids: &[f32], wte: &[f32], wpe: &[f32]) -> Vec<f64> {
+    let mut out = vec![0f64; ids.len() * c];
+    for (r, &id) in ids.iter().enumerate() {
+        let tok = id as usize;
+        for j in 0..c {
+            out[r * c + j] = wte[tok * c + j] as f64 + wpe[(r % t) * c + j] as f64;
+        }
+    }
+    out
+}
+
+/// The embedding tables' gradients: `dwte = keep * dwte_in + ` each token's rows of `dout`,
+/// `dwpe[p] = keep * dwpe_in[p] + ` position `p`'s rows, for `p < t` (the rest kept as given).
+pub fn embed_backward(
+    t: usize,
+    c: usize,
+    ids: &[f32],
+    dout: &[f32],
+    keep: f32,
+    dwte_in: &[f32],
+    dwpe_in: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let k = keep as f64;
+    let mut dwte: Vec<f64> = dwte_in.iter().map(|&v| if keep != 0.0 { k * v as f64 } else { 0.0 }).collect();
+    let mut dwpe: Vec<f64> = dwpe_in
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if i >= t * c {
+                v as f64
+            } else if keep != 0.0 {
+                k * v as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    for (r, &id) in ids.iter().enumerate() {
+        for j in 0..c {
+            dwte[id as usize * c + j] += dout[r * c + j] as f64;
+            dwpe[(r % t) * c + j] += dout[r * c + j] as f64;
+        }
+    }
+    (dwte, dwpe)
+}
+
+/// LayerNorm over rows of `c` (biased variance): `(y, mean, rstd)`.
+pub fn layernorm(c: usize, eps: f32, x: &[f32], gamma: &[f32], beta: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / c;
+    let (mut y, mut mean, mut rstd) = (vec![0f64; x.len()], vec![0f64; rows], vec![0f64; rows]);
+    for r in 0..rows {
+        let xr = &x[r * c..][..c];
+        let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / c as f64;
+        let rs = 1.0 / (var + eps as f64).sqrt();
+        for j in 0..c {
+            y[r * c + j] = (xr[j] as f64 - mu) * rs * gamma[j] as f64 + beta[j] as f64;
+        }
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+    (y, mean, rstd)
+}
+
+/// LayerNorm's backward: `(dx, dgamma, dbeta)` with `dgamma = keep * dgamma_in + sum dy xhat`,
+/// `dbeta = keep * dbeta_in + sum dy` (the statistics recomputed in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    c: usize,
+    eps: f32,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    keep: f32,
+    dgamma_in: &[f32],
+    dbeta_in: &[f32],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / c;
+    let (_, mean, rstd) = layernorm(c, eps, x, gamma, gamma);
+    let k = keep as f64;
+    let mut dgamma: Vec<f64> = dgamma_in.iter().map(|&v| if keep != 0.0 { k * v as f64 } else { 0.0 }).collect();
+    let mut dbeta: Vec<f64> = dbeta_in.iter().map(|&v| if keep != 0.0 { k * v as f64 } else { 0.0 }).collect();
+    let mut dx = vec![0f64; x.len()];
+    for r in 0..rows {
+        let xh: Vec<f64> = (0..c).map(|j| (x[r * c + j] as f64 - mean[r]) * rstd[r]).collect();
+        let g: Vec<f64> = (0..c).map(|j| dy[r * c + j] as f64 * gamma[j] as f64).collect();
+        let mg = g.iter().sum::<f64>() / c as f64;
+        let mgx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64;
+        for j in 0..c {
+            dx[r * c + j] = rstd[r] * (g[j] - mg - xh[j] * mgx);
+            dgamma[j] += dy[r * c + j] as f64 * xh[j];
+            dbeta[j] += dy[r * c + j] as f64;
+        }
+    }
+    (dx, dgamma, dbeta)
+}

@@ -44,6 +44,14 @@
 // block (TESSERA_EW_THREADS,1,1), any grid (grid-stride loops).
 #define TESSERA_EW_THREADS 256
 
+// ---- the transformer's ops (transformer.cu) --------------------------------------------------
+// layernorm_fwd / layernorm_bwd: one warp per row, block (TESSERA_LN_THREADS,1,1), any grid
+// (grid-stride over rows in steps of TESSERA_LN_THREADS / 32).
+#define TESSERA_LN_THREADS 256
+// layernorm_dparams: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(c / 32), 1, 1).
+// embed_fwd, embed_bwd_wte, embed_bwd_wpe: block (TESSERA_EMBED_THREADS,1,1); see transformer.cu.
+#define TESSERA_EMBED_THREADS 256
+
 // ---- reductions (reduce.cu) -----------------------------------------------------------------
 // col_sum: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(cols / 32), 1, 1).
 #define TESSERA_COLSUM_COLS 32

@@ -4,6 +4,7 @@
 //! where a GPU is present and print "skipped: no CUDA device" where not.
 
 use tessera::check::{assert_close, finite_diff, inputs, POISON};
+use tessera::ops::transformer::LAYERNORM_EPS;
 use tessera::reference as r;
 use tessera::{Activation, AdamW, Backend, Error, Gemm, GemmKernel, Ops, Sgd};
 
@@ -136,6 +137,199 @@ fn gemm_split_k<B: Ops>(d: &B) {
                 assert!(run() == (pre, post), "{name}: a second run gave other bits");
             }
         }
+    }
+}
+
+/// Seeded token ids in `0..vocab`, as the f32 whole numbers a model's input holds.
+fn token_ids(seed: u64, n: usize, vocab: usize) -> Vec<f32> {
+    inputs(seed, n, 1.0).iter().map(|&u| (((u + 1.0) * 0.5 * vocab as f32) as usize).min(vocab - 1) as f32).collect()
+}
+
+/// Token + position embedding and its backward (a deterministic scatter into the tables, with
+/// and without accumulation) against the reference, repeated runs giving the same bits; an id
+/// outside the vocabulary refused on the CPU and a NaN row on a GPU.
+fn embedding<B: Ops>(d: &B) {
+    // (sequences, t, c, vocab, positions in the table): one row; a prime width; c above a
+    // block of channels; many rows sharing few tokens; a table longer than t.
+    for (i, &(bs, t, c, vocab, tmax)) in
+        [(1, 1, 1, 1, 1), (2, 3, 5, 7, 3), (3, 8, 300, 65, 10), (12, 64, 128, 65, 64), (2, 5, 33, 1000, 9)]
+            .iter()
+            .enumerate()
+    {
+        let rows = bs * t;
+        let seed = 7000 + i as u64 * 10;
+        let ids = token_ids(seed, rows, vocab);
+        let (wte, wpe) = (inputs(seed + 1, vocab * c, 1.0), inputs(seed + 2, tmax * c, 1.0));
+        let (ib, wteb, wpeb) = (up(d, &ids), up(d, &wte), up(d, &wpe));
+        let mut out = poisoned(d, rows * c);
+        d.embed_forward(t, c, &B::view(&ib), &B::view(&wteb), &B::view(&wpeb), &mut B::view_mut(&mut out)).unwrap();
+        let name = format!("{} embedding {bs}x{t}x{c} vocab {vocab}", d.name());
+        assert_close(&format!("{name} forward"), &down(d, &out), &r::embed(t, c, &ids, &wte, &wpe), 1e-6, 1e-6);
+        let dout = inputs(seed + 3, rows * c, 1.0);
+        let dob = up(d, &dout);
+        for keep in [0.0f32, 0.5] {
+            let (g0, p0) = (inputs(seed + 4, vocab * c, 1.0), inputs(seed + 5, tmax * c, 1.0));
+            let run = || {
+                let (mut gw, mut gp) = (up(d, &g0), up(d, &p0));
+                if keep == 0.0 {
+                    // Not read: poison the part the backward writes.
+                    gw = poisoned(d, vocab * c);
+                    d.write(&mut B::view_range_mut(&mut gp, 0..t * c), &vec![tessera::check::POISON; t * c]).unwrap();
+                }
+                d.embed_backward(
+                    t,
+                    c,
+                    &B::view(&ib),
+                    &B::view(&dob),
+                    keep,
+                    &mut B::view_mut(&mut gw),
+                    &mut B::view_mut(&mut gp),
+                )
+                .unwrap();
+                (down(d, &gw), down(d, &gp))
+            };
+            let (gw, gp) = run();
+            let (ww, wp) = r::embed_backward(t, c, &ids, &dout, keep, &g0, &p0);
+            assert_close(&format!("{name} dwte keep {keep}"), &gw, &ww, 1e-5, 1e-5);
+            assert_close(&format!("{name} dwpe keep {keep}"), &gp, &wp, 1e-5, 1e-5);
+            assert!(run() == (gw, gp), "{name}: a second backward gave other bits");
+        }
+    }
+    // Bad ids: out of range, negative, not whole.
+    let (t, c, vocab) = (2, 4, 5);
+    let (wte, wpe) = (up(d, &inputs(1, vocab * c, 1.0)), up(d, &inputs(2, t * c, 1.0)));
+    for bad in [5.0f32, -1.0, 2.5] {
+        let ids = up(d, &[1.0, bad, 0.0, 4.0]);
+        let mut out = poisoned(d, 4 * c);
+        let r = d.embed_forward(t, c, &B::view(&ids), &B::view(&wte), &B::view(&wpe), &mut B::view_mut(&mut out));
+        if d.name().starts_with("cpu") {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(&format!("token id {bad} at position 1")) && e.contains("0..5"), "{e}");
+        } else {
+            r.unwrap();
+            let got = down(d, &out);
+            assert!(got[c..2 * c].iter().all(|v| v.is_nan()), "{}: id {bad} must give a NaN row: {got:?}", d.name());
+            assert!(got[..c].iter().chain(&got[2 * c..]).all(|v| v.is_finite()), "{got:?}");
+        }
+    }
+    // Shapes that do not fit.
+    let ids = up(d, &[0.0; 5]);
+    let mut out = poisoned(d, 5 * c);
+    let e = d.embed_forward(2, c, &B::view(&ids), &B::view(&wte), &B::view(&wpe), &mut B::view_mut(&mut out));
+    assert!(e.unwrap_err().to_string().contains("not a whole number of sequences of 2"));
+    let ids = up(d, &[0.0; 6]);
+    let mut out = poisoned(d, 6 * c);
+    let e = d.embed_forward(3, c, &B::view(&ids), &B::view(&wte), &B::view(&wpe), &mut B::view_mut(&mut out));
+    assert!(e.unwrap_err().to_string().contains("3 positions of 4 need at least 12"));
+}
+
+/// LayerNorm forward and backward against the reference, at widths from 1 to above a warp's
+/// stride and on rows whose mean dwarfs their spread (where a one-pass sum of squares loses
+/// every digit); the parameters' gradients accumulated or not; the same bits twice.
+fn layernorm<B: Ops>(d: &B) {
+    for (i, &(rows, c, offset)) in
+        [(1, 1, 0.0f32), (3, 7, 0.0), (17, 32, 0.5), (5, 129, 0.0), (40, 1000, 0.0), (9, 64, 1000.0)].iter().enumerate()
+    {
+        let seed = 8000 + i as u64 * 10;
+        let x: Vec<f32> = inputs(seed, rows * c, 1.0).iter().map(|v| v + offset).collect();
+        let gamma: Vec<f32> = inputs(seed + 1, c, 0.5).iter().map(|v| v + 1.0).collect();
+        let beta = inputs(seed + 2, c, 0.5);
+        let (xb, gb, bb) = (up(d, &x), up(d, &gamma), up(d, &beta));
+        let (mut y, mut mean, mut rstd) = (poisoned(d, rows * c), poisoned(d, rows), poisoned(d, rows));
+        d.layernorm_forward(
+            c,
+            LAYERNORM_EPS,
+            &B::view(&xb),
+            &B::view(&gb),
+            &B::view(&bb),
+            &mut B::view_mut(&mut y),
+            &mut B::view_mut(&mut mean),
+            &mut B::view_mut(&mut rstd),
+        )
+        .unwrap();
+        let name = format!("{} layernorm {rows}x{c} offset {offset}", d.name());
+        let (wy, wm, wr) = r::layernorm(c, LAYERNORM_EPS, &x, &gamma, &beta);
+        // Rows of width 1 have variance 0: y = beta, exactly.
+        let tol = if offset > 100.0 { 2e-3 } else { 1e-4 };
+        assert_close(&format!("{name} y"), &down(d, &y), &wy, tol, tol);
+        assert_close(&format!("{name} mean"), &down(d, &mean), &wm, 1e-5, 1e-6);
+        assert_close(&format!("{name} rstd"), &down(d, &rstd), &wr, tol, tol);
+        let dy = inputs(seed + 3, rows * c, 1.0);
+        let dyb = up(d, &dy);
+        for keep in [0.0f32, 1.0] {
+            let (g0, b0) = (inputs(seed + 4, c, 1.0), inputs(seed + 5, c, 1.0));
+            let run = || {
+                let mut dx = poisoned(d, rows * c);
+                let (mut dg, mut db) =
+                    if keep == 0.0 { (poisoned(d, c), poisoned(d, c)) } else { (up(d, &g0), up(d, &b0)) };
+                d.layernorm_backward(
+                    c,
+                    &B::view(&xb),
+                    &B::view(&dyb),
+                    &B::view(&gb),
+                    &B::view(&mean),
+                    &B::view(&rstd),
+                    &mut B::view_mut(&mut dx),
+                    keep,
+                    &mut B::view_mut(&mut dg),
+                    &mut B::view_mut(&mut db),
+                )
+                .unwrap();
+                (down(d, &dx), down(d, &dg), down(d, &db))
+            };
+            let (dx, dg, db) = run();
+            let (wdx, wdg, wdb) = r::layernorm_backward(c, LAYERNORM_EPS, &x, &dy, &gamma, keep, &g0, &b0);
+            let tol = if offset > 100.0 { 5e-3 } else { 1e-3 };
+            assert_close(&format!("{name} dx keep {keep}"), &dx, &wdx, tol, tol);
+            assert_close(&format!("{name} dgamma keep {keep}"), &dg, &wdg, tol, tol);
+            assert_close(&format!("{name} dbeta keep {keep}"), &db, &wdb, 1e-4, 1e-4);
+            assert!(run() == (dx, dg, db), "{name}: a second backward gave other bits");
+        }
+    }
+    // Mismatched shapes are refused.
+    let (x, g) = (up(d, &[1.0; 6]), up(d, &[1.0; 4]));
+    let (mut y, mut m, mut s) = (poisoned(d, 6), poisoned(d, 2), poisoned(d, 2));
+    let e = d
+        .layernorm_forward(
+            4,
+            1e-5,
+            &B::view(&x),
+            &B::view(&g),
+            &B::view(&g),
+            &mut B::view_mut(&mut y),
+            &mut B::view_mut(&mut m),
+            &mut B::view_mut(&mut s),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("6 values are not rows of 4"), "{e}");
+}
+
+/// The reference LayerNorm backward is the derivative of the reference forward (finite
+/// differences of `sum(w * y)` in x, gamma and beta).
+#[test]
+fn layernorm_reference_matches_finite_differences() {
+    let (rows, c) = (3, 6);
+    let x = inputs(1, rows * c, 1.0);
+    let gamma = inputs(2, c, 1.0);
+    let beta = inputs(3, c, 1.0);
+    let w = inputs(4, rows * c, 1.0);
+    let (dx, dg, db) = r::layernorm_backward(c, LAYERNORM_EPS, &x, &w, &gamma, 0.0, &[0.0; 6], &[0.0; 6]);
+    let loss = |x: &[f64], g: &[f64], b: &[f64]| {
+        let f = |v: &[f64]| v.iter().map(|&u| u as f32).collect::<Vec<f32>>();
+        let (y, _, _) = r::layernorm(c, LAYERNORM_EPS, &f(x), &f(g), &f(b));
+        y.iter().zip(&w).map(|(y, w)| y * *w as f64).sum::<f64>()
+    };
+    let (xd, gd, bd) = (f64s(&x), f64s(&gamma), f64s(&beta));
+    for (i, want) in dx.iter().enumerate() {
+        let fd = finite_diff(|v| loss(v, &gd, &bd), &xd, i, 1e-3);
+        assert!((fd - want).abs() < 2e-3, "dx[{i}]: {fd} vs {want}");
+    }
+    for j in 0..c {
+        let fd = finite_diff(|v| loss(&xd, v, &bd), &gd, j, 1e-3);
+        assert!((fd - dg[j]).abs() < 2e-3, "dgamma[{j}]: {fd} vs {}", dg[j]);
+        let fd = finite_diff(|v| loss(&xd, &gd, v), &bd, j, 1e-3);
+        assert!((fd - db[j]).abs() < 2e-3, "dbeta[{j}]: {fd} vs {}", db[j]);
     }
 }
 
@@ -629,4 +823,6 @@ on_every_backend!(
     cross_entropy_rejects_bad_labels,
     mean_squared_error,
     optimizers,
+    embedding,
+    layernorm,
 );

@@ -300,6 +300,72 @@ pub fn memory_cases<B: Ops>(d: &B, n: usize) -> Vec<Case> {
             }),
         );
     }
+    {
+        // The GPT's shapes: rows of 128 (the default job) and 768 (GPT-2 small) channels.
+        for c in [128usize, 768] {
+            let rows = (n / c).max(1);
+            let dd = d.clone();
+            let (x, g, b) = (buf(d, 1, rows * c), buf(d, 2, c), buf(d, 3, c));
+            let (mut y, mut m, mut s) = (buf(d, 4, rows * c), buf(d, 5, rows), buf(d, 6, rows));
+            add(
+                "transformer",
+                &format!("layernorm fwd {rows}x{c}"),
+                4.0 * (2 * rows * c + 2 * rows) as f64,
+                Box::new(move || {
+                    dd.layernorm_forward(
+                        c,
+                        1e-5,
+                        &B::view(&x),
+                        &B::view(&g),
+                        &B::view(&b),
+                        &mut B::view_mut(&mut y),
+                        &mut B::view_mut(&mut m),
+                        &mut B::view_mut(&mut s),
+                    )
+                    .unwrap()
+                }),
+            );
+            let dd = d.clone();
+            let (x, dy, g, m, s) =
+                (buf(d, 1, rows * c), buf(d, 2, rows * c), buf(d, 3, c), buf(d, 4, rows), buf(d, 5, rows));
+            let (mut dx, mut dg, mut db) = (buf(d, 6, rows * c), buf(d, 7, c), buf(d, 8, c));
+            add(
+                "transformer",
+                &format!("layernorm bwd {rows}x{c}"),
+                // x and dy read twice (dx, then the parameters' sums), dx written.
+                4.0 * (5 * rows * c) as f64,
+                Box::new(move || {
+                    dd.layernorm_backward(
+                        c,
+                        &B::view(&x),
+                        &B::view(&dy),
+                        &B::view(&g),
+                        &B::view(&m),
+                        &B::view(&s),
+                        &mut B::view_mut(&mut dx),
+                        0.0,
+                        &mut B::view_mut(&mut dg),
+                        &mut B::view_mut(&mut db),
+                    )
+                    .unwrap()
+                }),
+            );
+            let (t, vocab) = (64usize, 65usize);
+            let rows = (rows / t).max(1) * t;
+            let dd = d.clone();
+            let ids = d.upload(&(0..rows).map(|i| ((i * 7) % vocab) as f32).collect::<Vec<_>>()).unwrap();
+            let (wte, wpe, mut out) = (buf(d, 1, vocab * c), buf(d, 2, t * c), buf(d, 3, rows * c));
+            add(
+                "transformer",
+                &format!("embedding fwd {rows}x{c}"),
+                4.0 * (3 * rows * c) as f64,
+                Box::new(move || {
+                    dd.embed_forward(t, c, &B::view(&ids), &B::view(&wte), &B::view(&wpe), &mut B::view_mut(&mut out))
+                        .unwrap()
+                }),
+            );
+        }
+    }
     v
 }
 

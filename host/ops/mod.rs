@@ -7,6 +7,7 @@ pub mod loss;
 pub mod optim;
 pub mod reduce;
 pub mod shaped;
+pub mod transformer;
 
 use cudarc::driver::LaunchConfig;
 
@@ -14,8 +15,25 @@ use crate::error::{Error, Result};
 use crate::kernels::consts;
 
 /// Every op family: what training code asks of a device.
-pub trait Ops: gemm::GemmOps + activation::ActivationOps + reduce::ReduceOps + loss::LossOps + optim::OptimOps {}
-impl<B: gemm::GemmOps + activation::ActivationOps + reduce::ReduceOps + loss::LossOps + optim::OptimOps> Ops for B {}
+pub trait Ops:
+    gemm::GemmOps
+    + activation::ActivationOps
+    + reduce::ReduceOps
+    + loss::LossOps
+    + optim::OptimOps
+    + transformer::TransformerOps
+{
+}
+impl<
+        B: gemm::GemmOps
+            + activation::ActivationOps
+            + reduce::ReduceOps
+            + loss::LossOps
+            + optim::OptimOps
+            + transformer::TransformerOps,
+    > Ops for B
+{
+}
 
 /// `x` as a kernel `int`, or an error naming it.
 pub(crate) fn as_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {

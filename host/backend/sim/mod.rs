@@ -611,6 +611,7 @@ static KERNELS: SimAllKernels = SimAllKernels {
     loss: SimLossKernels,
     optim: SimOptimKernels,
     reduce: SimReduceKernels,
+    transformer: SimTransformerKernels,
 };
 
 fn bytes_of<T>(len: usize) -> usize {

@@ -1,0 +1,471 @@
+//! The transformer's own ops: token + position embedding (forward, and a backward that
+//! scatters into the tables deterministically) and LayerNorm (one-pass Welford statistics;
+//! backward with its two row reductions fused, and the parameters' gradients as fixed-order
+//! column sums). CUDA: `kernels/transformer.cu`.
+//!
+//! Rows are `rows = B * T` positions of `c` channels, row `r` being position `r % T` of
+//! sequence `r / T`. Token ids are f32 whole numbers (a model's first input is f32 data).
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+use rayon::prelude::*;
+
+use crate::backend::cpu::{lane_sum, wide, CpuDevice};
+use crate::backend::cuda::CudaDevice;
+use crate::backend::sim::{SimDevice, SimView, SimViewMut};
+use crate::backend::{check_len, Backend};
+use crate::error::{Error, Result};
+use crate::kernels::consts;
+use crate::ops::{as_i32, as_u32};
+
+/// Rows per partial sum of the CPU's LayerNorm parameter gradients.
+const LN_BLOCK_ROWS: usize = 64;
+
+/// The LayerNorm epsilon of PyTorch and GPT-2.
+pub const LAYERNORM_EPS: f32 = 1e-5;
+
+/// Embedding and LayerNorm.
+pub trait TransformerOps: Backend {
+    /// `out[r, :] = wte[ids[r], :] + wpe[r % t, :]` for `rows = ids.len()` rows of `c` channels:
+    /// `wte` holds a `vocab x c` token table, `wpe` at least `t x c` positions. An id that is not a
+    /// whole number in `0..vocab` is an error on the CPU and a NaN row on a GPU (which cannot
+    /// report it without waiting): check ids on the host, where they come from.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_forward(
+        &self,
+        t: usize,
+        c: usize,
+        ids: &Self::Ref<'_, f32>,
+        wte: &Self::Ref<'_, f32>,
+        wpe: &Self::Ref<'_, f32>,
+        out: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// The tables' gradients from `dout` (`rows x c`): `dwte = keep * dwte + ` the sum of the rows
+    /// of each token, `dwpe[p] = keep * dwpe[p] + ` the sum over sequences of position `p`'s rows
+    /// (the first `t` rows of `dwpe`; the rest untouched). Sums run in row order, whatever the
+    /// device: the same bits every run. `keep = 0`: the old values are not read.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_backward(
+        &self,
+        t: usize,
+        c: usize,
+        ids: &Self::Ref<'_, f32>,
+        dout: &Self::Ref<'_, f32>,
+        keep: f32,
+        dwte: &mut Self::Mut<'_, f32>,
+        dwpe: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// LayerNorm over rows of `c`: `y = (x - mean) / sqrt(var + eps) * gamma + beta` with the
+    /// biased variance; `mean` and `rstd` (one per row) are kept for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        c: usize,
+        eps: f32,
+        x: &Self::Ref<'_, f32>,
+        gamma: &Self::Ref<'_, f32>,
+        beta: &Self::Ref<'_, f32>,
+        y: &mut Self::Mut<'_, f32>,
+        mean: &mut Self::Mut<'_, f32>,
+        rstd: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// LayerNorm's backward: `dx` (written), and `dgamma = keep * dgamma + sum_r dy xhat`,
+    /// `dbeta = keep * dbeta + sum_r dy`, summed in row order.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        c: usize,
+        x: &Self::Ref<'_, f32>,
+        dy: &Self::Ref<'_, f32>,
+        gamma: &Self::Ref<'_, f32>,
+        mean: &Self::Ref<'_, f32>,
+        rstd: &Self::Ref<'_, f32>,
+        dx: &mut Self::Mut<'_, f32>,
+        keep: f32,
+        dgamma: &mut Self::Mut<'_, f32>,
+        dbeta: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+}
+
+/// Rows of an embedding, checked: `ids` a whole number of sequences of `t`, the tables holding
+/// whole rows of `c` (and `wpe` at least `t`), `out` rows x c. Returns `(rows, vocab)`.
+fn check_embed(t: usize, c: usize, ids: usize, wte: usize, wpe: usize, out: usize) -> Result<(usize, usize)> {
+    if t == 0 || c == 0 {
+        return Err(Error::shape("embedding", format!("sequence length {t} and width {c} must be at least 1")));
+    }
+    if ids % t != 0 {
+        return Err(Error::shape("embedding", format!("{ids} ids are not a whole number of sequences of {t}")));
+    }
+    if wte % c != 0 || wte == 0 {
+        return Err(Error::shape("embedding", format!("the token table holds {wte} values, not rows of {c}")));
+    }
+    if wpe % c != 0 || wpe / c < t {
+        return Err(Error::shape(
+            "embedding",
+            format!("the position table holds {wpe} values: {t} positions of {c} need at least {}", t * c),
+        ));
+    }
+    check_len("embedding", &format!("out ({ids}x{c})"), out, ids * c)?;
+    Ok((ids, wte / c))
+}
+
+fn check_layernorm(c: usize, x: usize, params: &[usize], y: usize, stats: &[usize]) -> Result<usize> {
+    if c == 0 || x % c != 0 {
+        return Err(Error::shape("layernorm", format!("{x} values are not rows of {c}")));
+    }
+    for &p in params {
+        check_len("layernorm", "gamma/beta", p, c)?;
+    }
+    check_len("layernorm", "output", y, x)?;
+    for &s in stats {
+        check_len("layernorm", "mean/rstd (one per row)", s, x / c)?;
+    }
+    Ok(x / c)
+}
+
+/// The token at position `r`, or an error naming it.
+fn token(ids: &[f32], r: usize, vocab: usize) -> Result<usize> {
+    let f = ids[r];
+    if f >= 0.0 && (f as f64) < vocab as f64 && f.fract() == 0.0 {
+        Ok(f as usize)
+    } else {
+        Err(Error::Invalid(format!("token id {f} at position {r} is not a whole number in 0..{vocab}")))
+    }
+}
+
+impl TransformerOps for CpuDevice {
+    fn embed_forward(
+        &self,
+        t: usize,
+        c: usize,
+        ids: &&[f32],
+        wte: &&[f32],
+        wpe: &&[f32],
+        out: &mut &mut [f32],
+    ) -> Result<()> {
+        let (rows, vocab) = check_embed(t, c, ids.len(), wte.len(), wpe.len(), out.len())?;
+        let toks = (0..rows).map(|r| token(ids, r, vocab)).collect::<Result<Vec<_>>>()?;
+        out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+            let (w, p) = (&wte[toks[r] * c..][..c], &wpe[(r % t) * c..][..c]);
+            o.iter_mut().zip(w.iter().zip(p)).for_each(|(o, (a, b))| *o = a + b);
+        });
+        Ok(())
+    }
+
+    fn embed_backward(
+        &self,
+        t: usize,
+        c: usize,
+        ids: &&[f32],
+        dout: &&[f32],
+        keep: f32,
+        dwte: &mut &mut [f32],
+        dwpe: &mut &mut [f32],
+    ) -> Result<()> {
+        let (rows, vocab) = check_embed(t, c, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
+        // Each token's rows in increasing order (a stable bucketing), then each table row sums its
+        // own: the order of the GPU kernel.
+        let mut by_token: Vec<Vec<usize>> = vec![Vec::new(); vocab];
+        for r in 0..rows {
+            by_token[token(ids, r, vocab)?].push(r);
+        }
+        dwte.par_chunks_mut(c).zip(by_token.par_iter()).for_each(|(w, rs)| {
+            let mut acc = vec![0f32; c];
+            for &r in rs {
+                acc.iter_mut().zip(&dout[r * c..][..c]).for_each(|(a, d)| *a += d);
+            }
+            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep != 0.0 { keep * *w + a } else { a });
+        });
+        dwpe[..t * c].par_chunks_mut(c).enumerate().for_each(|(p, w)| {
+            let mut acc = vec![0f32; c];
+            for r in (p..rows).step_by(t) {
+                acc.iter_mut().zip(&dout[r * c..][..c]).for_each(|(a, d)| *a += d);
+            }
+            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep != 0.0 { keep * *w + a } else { a });
+        });
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        c: usize,
+        eps: f32,
+        x: &&[f32],
+        gamma: &&[f32],
+        beta: &&[f32],
+        y: &mut &mut [f32],
+        mean: &mut &mut [f32],
+        rstd: &mut &mut [f32],
+    ) -> Result<()> {
+        check_layernorm(c, x.len(), &[gamma.len(), beta.len()], y.len(), &[mean.len(), rstd.len()])?;
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
+            |((yr, xr), (m, s))| {
+                wide(|| {
+                    // Two passes over the row (in cache) with f64 lane sums: as sound as Welford.
+                    let mu = lane_sum(xr, |v| v as f64) / c as f64;
+                    let var = lane_sum(xr, |v| (v as f64 - mu) * (v as f64 - mu)) / c as f64;
+                    let (mu32, rs32) = (mu as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+                    for ((y, &x), (&g, &b)) in yr.iter_mut().zip(xr).zip(gamma.iter().zip(beta.iter())) {
+                        *y = (x - mu32) * rs32 * g + b;
+                    }
+                    *m = mu32;
+                    *s = rs32;
+                })
+            },
+        );
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        c: usize,
+        x: &&[f32],
+        dy: &&[f32],
+        gamma: &&[f32],
+        mean: &&[f32],
+        rstd: &&[f32],
+        dx: &mut &mut [f32],
+        keep: f32,
+        dgamma: &mut &mut [f32],
+        dbeta: &mut &mut [f32],
+    ) -> Result<()> {
+        let rows = check_layernorm(
+            c,
+            x.len(),
+            &[gamma.len(), dgamma.len(), dbeta.len()],
+            dx.len(),
+            &[mean.len(), rstd.len()],
+        )?;
+        check_len("layernorm", "dy", dy.len(), x.len())?;
+        dx.par_chunks_mut(c).enumerate().for_each(|(r, dxr)| {
+            let (xr, dyr, mu, rs) = (&x[r * c..][..c], &dy[r * c..][..c], mean[r], rstd[r]);
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for j in 0..c {
+                let g = dyr[j] * gamma[j];
+                sg += g;
+                sgx += g * (xr[j] - mu) * rs;
+            }
+            let (sg, sgx) = (sg / c as f32, sgx / c as f32);
+            for j in 0..c {
+                dxr[j] = rs * (dyr[j] * gamma[j] - sg - (xr[j] - mu) * rs * sgx);
+            }
+        });
+        // The parameters' gradients: per block of LN_BLOCK_ROWS rows (in parallel) a partial sum
+        // in row order, then the blocks' partials in block order. The blocks are fixed by the
+        // shape, not the thread count: the same bits on any machine.
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..rows.div_ceil(LN_BLOCK_ROWS))
+            .into_par_iter()
+            .map(|blk| {
+                wide(|| {
+                    let (mut ag, mut ab) = (vec![0f32; c], vec![0f32; c]);
+                    for r in blk * LN_BLOCK_ROWS..((blk + 1) * LN_BLOCK_ROWS).min(rows) {
+                        let (xr, dyr, mu, rs) = (&x[r * c..][..c], &dy[r * c..][..c], mean[r], rstd[r]);
+                        for j in 0..c {
+                            ag[j] += dyr[j] * (xr[j] - mu) * rs;
+                            ab[j] += dyr[j];
+                        }
+                    }
+                    (ag, ab)
+                })
+            })
+            .collect();
+        for j in 0..c {
+            let (mut ag, mut ab) = (0f32, 0f32);
+            for (pg, pb) in &parts {
+                ag += pg[j];
+                ab += pb[j];
+            }
+            dgamma[j] = if keep != 0.0 { keep * dgamma[j] + ag } else { ag };
+            dbeta[j] = if keep != 0.0 { keep * dbeta[j] + ab } else { ab };
+        }
+        Ok(())
+    }
+}
+
+/// The launches of the embedding kernels: one block per row (or table row) up to 16 per SM,
+/// `TESSERA_EMBED_THREADS` channels per block along y.
+pub(crate) fn embed_launch(rows: usize, c: usize, sms: usize) -> Result<LaunchConfig> {
+    let threads = consts::EMBED_THREADS as usize;
+    let x = as_u32("embedding", "rows", rows.clamp(1, sms * 16))?;
+    let y = as_u32("embedding", "channel blocks", c.div_ceil(threads).max(1))?;
+    if y > 65535 {
+        return Err(Error::shape("embedding", format!("width {c} needs more than 65535 blocks of {threads}")));
+    }
+    Ok(LaunchConfig { grid_dim: (x, y, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The launch of `layernorm_fwd` / `layernorm_bwd`: a warp per row, up to 16 blocks per SM.
+pub(crate) fn layernorm_launch(rows: usize, sms: usize) -> LaunchConfig {
+    let threads = consts::LN_THREADS as usize;
+    let blocks = rows.div_ceil(threads / 32).clamp(1, sms * 16);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The GPU side, written once for the CUDA device and the simulator.
+macro_rules! gpu_impl {
+    ($dev:ident, $view:ident, $view_mut:ident) => {
+        impl TransformerOps for $dev {
+            fn embed_forward(
+                &self,
+                t: usize,
+                c: usize,
+                ids: &$view<'_, f32>,
+                wte: &$view<'_, f32>,
+                wpe: &$view<'_, f32>,
+                out: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let (rows, vocab) = check_embed(t, c, ids.len(), wte.len(), wpe.len(), out.len())?;
+                let (r, t32, c32, v) = (
+                    as_i32("embedding", "rows", rows)?,
+                    as_i32("embedding", "t", t)?,
+                    as_i32("embedding", "c", c)?,
+                    as_i32("embedding", "vocab", vocab)?,
+                );
+                let mut cfg = embed_launch(rows, c, self.sms())?;
+                cfg.grid_dim.1 = 1;
+                // SAFETY: ids hold rows, out rows*c, wte vocab*c and wpe at least t*c elements
+                // (checked); the kernel reads wte only at ids it has range-checked.
+                unsafe { self.kernels().transformer.embed_fwd(self.stream(), cfg, r, t32, c32, v, ids, wte, wpe, out) }
+                    .map_err(Error::driver("launching embed_fwd"))
+            }
+
+            fn embed_backward(
+                &self,
+                t: usize,
+                c: usize,
+                ids: &$view<'_, f32>,
+                dout: &$view<'_, f32>,
+                keep: f32,
+                dwte: &mut $view_mut<'_, f32>,
+                dwpe: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let (rows, vocab) = check_embed(t, c, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
+                let (r, t32, c32, v) = (
+                    as_i32("embedding", "rows", rows)?,
+                    as_i32("embedding", "t", t)?,
+                    as_i32("embedding", "c", c)?,
+                    as_i32("embedding", "vocab", vocab)?,
+                );
+                let k = &self.kernels().transformer;
+                let cfg = embed_launch(vocab, c, self.sms())?;
+                // SAFETY: ids hold rows, dout rows*c, dwte vocab*c (checked); block (x, y) owns the
+                // table rows x, x + gridDim.x, ... for channels of its y block, guarded by c.
+                unsafe { k.embed_bwd_wte(self.stream(), cfg, r, c32, v, ids, dout, keep, dwte) }
+                    .map_err(Error::driver("launching embed_bwd_wte"))?;
+                let cfg = embed_launch(t, c, self.sms())?;
+                // SAFETY: dout holds rows*c with rows a multiple of t, dwpe at least t*c (checked).
+                unsafe { k.embed_bwd_wpe(self.stream(), cfg, r, t32, c32, dout, keep, dwpe) }
+                    .map_err(Error::driver("launching embed_bwd_wpe"))
+            }
+
+            fn layernorm_forward(
+                &self,
+                c: usize,
+                eps: f32,
+                x: &$view<'_, f32>,
+                gamma: &$view<'_, f32>,
+                beta: &$view<'_, f32>,
+                y: &mut $view_mut<'_, f32>,
+                mean: &mut $view_mut<'_, f32>,
+                rstd: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let rows = check_layernorm(c, x.len(), &[gamma.len(), beta.len()], y.len(), &[mean.len(), rstd.len()])?;
+                let (r, c32) = (as_i32("layernorm", "rows", rows)?, as_i32("layernorm", "c", c)?);
+                let cfg = layernorm_launch(rows, self.sms());
+                // SAFETY: x and y hold rows*c, gamma and beta c, mean and rstd rows (checked); a
+                // warp per row, grid-stride.
+                unsafe {
+                    self.kernels().transformer.layernorm_fwd(
+                        self.stream(),
+                        cfg,
+                        r,
+                        c32,
+                        eps,
+                        x,
+                        gamma,
+                        beta,
+                        y,
+                        mean,
+                        rstd,
+                    )
+                }
+                .map_err(Error::driver("launching layernorm_fwd"))
+            }
+
+            fn layernorm_backward(
+                &self,
+                c: usize,
+                x: &$view<'_, f32>,
+                dy: &$view<'_, f32>,
+                gamma: &$view<'_, f32>,
+                mean: &$view<'_, f32>,
+                rstd: &$view<'_, f32>,
+                dx: &mut $view_mut<'_, f32>,
+                keep: f32,
+                dgamma: &mut $view_mut<'_, f32>,
+                dbeta: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let rows = check_layernorm(
+                    c,
+                    x.len(),
+                    &[gamma.len(), dgamma.len(), dbeta.len()],
+                    dx.len(),
+                    &[mean.len(), rstd.len()],
+                )?;
+                check_len("layernorm", "dy", dy.len(), x.len())?;
+                let (r, c32) = (as_i32("layernorm", "rows", rows)?, as_i32("layernorm", "c", c)?);
+                let k = &self.kernels().transformer;
+                let cfg = layernorm_launch(rows, self.sms());
+                // SAFETY: x, dy and dx hold rows*c, gamma c, mean and rstd rows (checked).
+                unsafe { k.layernorm_bwd(self.stream(), cfg, r, c32, x, dy, gamma, mean, rstd, dx) }
+                    .map_err(Error::driver("launching layernorm_bwd"))?;
+                let cols = as_u32("layernorm", "column blocks", c.div_ceil(consts::COLSUM_COLS as usize))?;
+                let cfg = LaunchConfig {
+                    grid_dim: (cols, 1, 1),
+                    block_dim: (consts::COLSUM_COLS as u32, consts::COLSUM_ROWS as u32, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: as above; dgamma and dbeta hold c (checked); block x owns columns
+                // [32x, 32x + 32) below c.
+                unsafe { k.layernorm_dparams(self.stream(), cfg, r, c32, x, dy, mean, rstd, keep, dgamma, dbeta) }
+                    .map_err(Error::driver("launching layernorm_dparams"))
+            }
+        }
+    };
+}
+
+gpu_impl!(CudaDevice, CudaView, CudaViewMut);
+gpu_impl!(SimDevice, SimView, SimViewMut);
+
+#[cfg(test)]
+mod launch_tests {
+    use super::*;
+
+    /// The launches at the edges, with the block size of the kernels' `__launch_bounds__`.
+    #[test]
+    fn transformer_launches_stay_within_their_limits() {
+        let bounds = |name: &str| {
+            crate::kernels::KERNELS.iter().find(|k| k.name == name).and_then(|k| k.launch_bounds()).map(|b| b.0)
+        };
+        let e = embed_launch(0, 1, 132).unwrap();
+        assert_eq!((e.grid_dim, e.block_dim.0), ((1, 1, 1), consts::EMBED_THREADS as u32));
+        let e = embed_launch(50257, 768, 132).unwrap();
+        assert_eq!(e.grid_dim, (132 * 16, 3, 1));
+        assert!(embed_launch(4, 256 * 65536, 132).unwrap_err().to_string().contains("65535"));
+        let l = layernorm_launch(1, 132);
+        assert_eq!(l.grid_dim, (1, 1, 1));
+        assert_eq!(layernorm_launch(16384, 132).grid_dim.0, 16384 / 8);
+        assert_eq!(layernorm_launch(1 << 30, 132).grid_dim.0, 132 * 16);
+        for (name, threads) in [
+            ("embed_fwd", consts::EMBED_THREADS),
+            ("embed_bwd_wte", consts::EMBED_THREADS),
+            ("embed_bwd_wpe", consts::EMBED_THREADS),
+            ("layernorm_fwd", consts::LN_THREADS),
+            ("layernorm_bwd", consts::LN_THREADS),
+            ("layernorm_dparams", consts::COLSUM_COLS * consts::COLSUM_ROWS),
+        ] {
+            if let Some(t) = bounds(name) {
+                assert_eq!(t, threads as u32, "{name}");
+            }
+        }
+    }
+}

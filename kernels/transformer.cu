@@ -1,0 +1,173 @@
+// transformer.cu -- the transformer's own ops: token + position embedding, and LayerNorm.
+//
+// Layout: row-major, contiguous f32. A batch of B sequences of T positions is rows = B*T rows
+// of c channels (row r is position r % T of sequence r / T).
+//
+// embed_fwd(rows, t, c, vocab, ids, wte, wpe, out)
+//   out[r, :] = wte[ids[r], :] + wpe[r % t, :]. ids are token ids held as f32 whole numbers
+//   (exact below 2^24); an id that is not a whole number in 0..vocab gives a NaN row (the host
+//   checks ids where they come from; the CPU refuses them). wte is vocab x c, wpe at least t x c.
+//   Launch: block (TESSERA_EMBED_THREADS,1,1), any grid (grid-stride over rows; threads over c).
+// embed_bwd_wte(rows, c, vocab, ids, dout, keep, dwte)
+//   dwte[v, :] = keep * dwte[v, :] + sum over r with ids[r] == v of dout[r, :], r in increasing
+//   order: each block owns its rows of the table and scans the ids, so no two blocks write one
+//   element and the sum's order does not depend on timing (no atomics: same bits every run).
+//   keep == 0: dwte is not read. Launch: block (TESSERA_EMBED_THREADS,1,1), grid (any, ceil(c /
+//   TESSERA_EMBED_THREADS), 1): blockIdx.x grid-strides over the vocabulary, blockIdx.y picks
+//   TESSERA_EMBED_THREADS channels.
+// embed_bwd_wpe(rows, t, c, dout, keep, dwpe)
+//   dwpe[p, :] = keep * dwpe[p, :] + sum over b of dout[b*t + p, :], b in increasing order
+//   (rows a multiple of t). Launch: as embed_bwd_wte, blockIdx.x grid-striding over positions.
+//
+// layernorm_fwd(rows, c, eps, x, gamma, beta, y, mean, rstd)
+//   Per row: mean and variance in one pass (Welford per lane, lanes merged by Chan's formula
+//   in a fixed butterfly, lane 0's result broadcast), rstd = 1 / sqrt(var + eps) with the
+//   biased variance; y = (x - mean) * rstd * gamma + beta; mean[r], rstd[r] kept for backward.
+// layernorm_bwd(rows, c, x, dy, gamma, mean, rstd, dx)
+//   xhat = (x - mean) rstd, g = dy * gamma; dx = rstd (g - mean(g) - xhat mean(g xhat)): the two
+//   row reductions in one pass, then the row written.
+//   Both: one warp per row, block (TESSERA_LN_THREADS,1,1), any grid (grid-stride over rows).
+// layernorm_dparams(rows, c, x, dy, mean, rstd, keep, dgamma, dbeta)
+//   dgamma[j] = keep dgamma[j] + sum_r dy[r,j] xhat[r,j], dbeta[j] = keep dbeta[j] + sum_r dy[r,j]:
+//   thread (tx, ty) of a block sums rows ty, ty + 8, ... of column 32 bx + tx in order, then the
+//   8 partial sums are added in order (deterministic). keep == 0: not read.
+//   Launch: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(c / 32), 1, 1).
+#include "common.cuh"
+
+namespace {
+
+// Chan et al.'s merge of (n, mean, m2) with (nb, mb, m2b) into the first.
+__device__ __forceinline__ void welford_merge(float& n, float& mean, float& m2, float nb, float mb, float m2b) {
+  const float nt = n + nb;
+  if (nt == 0.0f) return;
+  const float d = mb - mean;
+  const float f = nb / nt;
+  mean = mean + d * f;
+  m2 = m2 + m2b + d * d * n * f;
+  n = nt;
+}
+
+// The mean and 1/sqrt(var + eps) of a row of c floats, computed by one warp; every lane gets
+// lane 0's bits.
+__device__ __forceinline__ void row_stats(const float* xr, int c, float eps, int lane, float& mean, float& rstd) {
+  float n = 0.0f, mu = 0.0f, m2 = 0.0f;
+  for (int j = lane; j < c; j += 32) {
+    const float v = xr[j];
+    n += 1.0f;
+    const float d = v - mu;
+    mu += d / n;
+    m2 += d * (v - mu);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float nb = __shfl_xor_sync(0xffffffffu, n, off);
+    const float mb = __shfl_xor_sync(0xffffffffu, mu, off);
+    const float m2b = __shfl_xor_sync(0xffffffffu, m2, off);
+    welford_merge(n, mu, m2, nb, mb, m2b);
+  }
+  mean = __shfl_sync(0xffffffffu, mu, 0);
+  const float var = __shfl_sync(0xffffffffu, m2, 0) / (float)c;
+  rstd = 1.0f / sqrtf(var + eps);
+}
+
+}  // namespace
+
+extern "C" __global__ __launch_bounds__(256) void embed_fwd(int rows, int t, int c, int vocab, const float* ids, const float* wte, const float* wpe, float* out) {
+  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float f = ids[r];
+    const bool ok = f >= 0.0f && f < (float)vocab && f == floorf(f);
+    const long long w = ok ? (long long)f * c : 0;
+    const long long p = (long long)(r % t) * c;
+    const long long o = (long long)r * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[o + j] = ok ? wte[w + j] + wpe[p + j] : __int_as_float(0x7fc00000);
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void embed_bwd_wte(int rows, int c, int vocab, const float* ids, const float* dout, float keep, float* dwte) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  for (int v = blockIdx.x; v < vocab; v += gridDim.x) {
+    if (j >= c) continue;
+    const float fv = (float)v;
+    float acc = 0.0f;
+    for (int r = 0; r < rows; ++r)
+      if (ids[r] == fv) acc += dout[(long long)r * c + j];
+    const long long o = (long long)v * c + j;
+    dwte[o] = keep != 0.0f ? keep * dwte[o] + acc : acc;
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void embed_bwd_wpe(int rows, int t, int c, const float* dout, float keep, float* dwpe) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= c) return;
+  for (int p = blockIdx.x; p < t; p += gridDim.x) {
+    float acc = 0.0f;
+    for (int r = p; r < rows; r += t) acc += dout[(long long)r * c + j];
+    const long long o = (long long)p * c + j;
+    dwpe[o] = keep != 0.0f ? keep * dwpe[o] + acc : acc;
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void layernorm_fwd(int rows, int c, float eps, const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd) {
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+    const float* xr = x + (long long)r * c;
+    float mu, rs;
+    row_stats(xr, c, eps, lane, mu, rs);
+    float* yr = y + (long long)r * c;
+    for (int j = lane; j < c; j += 32) yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+    if (lane == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void layernorm_bwd(int rows, int c, const float* x, const float* dy, const float* gamma, const float* mean, const float* rstd, float* dx) {
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+    const long long o = (long long)r * c;
+    const float mu = mean[r], rs = rstd[r];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = lane; j < c; j += 32) {
+      const float g = dy[o + j] * gamma[j];
+      sg += g;
+      sgx += g * (x[o + j] - mu) * rs;
+    }
+    sg = tessera_warp_sum(sg) / (float)c;
+    sgx = tessera_warp_sum(sgx) / (float)c;
+    for (int j = lane; j < c; j += 32) {
+      const float xh = (x[o + j] - mu) * rs;
+      dx[o + j] = rs * (dy[o + j] * gamma[j] - sg - xh * sgx);
+    }
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void layernorm_dparams(int rows, int c, const float* x, const float* dy, const float* mean, const float* rstd, float keep, float* dgamma, float* dbeta) {
+  __shared__ float sg[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+  __shared__ float sb[TESSERA_COLSUM_ROWS][TESSERA_COLSUM_COLS + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int j = blockIdx.x * TESSERA_COLSUM_COLS + tx;
+  float ag = 0.0f, ab = 0.0f;
+  if (j < c) {
+    for (int r = ty; r < rows; r += TESSERA_COLSUM_ROWS) {
+      const long long o = (long long)r * c + j;
+      const float d = dy[o];
+      ag += d * (x[o] - mean[r]) * rstd[r];
+      ab += d;
+    }
+  }
+  sg[ty][tx] = ag;
+  sb[ty][tx] = ab;
+  __syncthreads();
+  if (ty == 0 && j < c) {
+    float g = 0.0f, b = 0.0f;
+    for (int q = 0; q < TESSERA_COLSUM_ROWS; ++q) {
+      g += sg[q][tx];
+      b += sb[q][tx];
+    }
+    dgamma[j] = keep != 0.0f ? keep * dgamma[j] + g : g;
+    dbeta[j] = keep != 0.0f ? keep * dbeta[j] + b : b;
+  }
+}
