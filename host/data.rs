@@ -263,9 +263,175 @@ pub fn batch_indices(order: &[usize], batch: usize, b: usize) -> &[usize] {
     &order[start..(start + batch).min(order.len())]
 }
 
+/// A character-level text corpus: its vocabulary (the sorted distinct characters), and the
+/// text as token ids split into a training part and a validation part (the first 90% and the
+/// last 10% of the characters, the split published character-level results use).
+#[derive(Debug, Clone)]
+pub struct TextCorpus {
+    /// Where it came from (`tinyshakespeare (vendored)` or a path).
+    pub name: String,
+    /// The vocabulary: token `i` is `vocab[i]`.
+    pub vocab: Vec<char>,
+    /// The training characters as token ids.
+    pub train: Vec<u32>,
+    /// The validation characters as token ids.
+    pub val: Vec<u32>,
+}
+
+const TINY_SHAKESPEARE: &[u8] = include_bytes!("../data/tinyshakespeare/input.txt.gz");
+
+impl TextCorpus {
+    /// The vendored tiny Shakespeare (`data/tinyshakespeare/`: 1,115,394 characters, 65 distinct).
+    pub fn tiny_shakespeare() -> Result<Self> {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(TINY_SHAKESPEARE)
+            .read_to_string(&mut text)
+            .map_err(|e| bad("tinyshakespeare (vendored)", format!("corrupt gzip stream: {e}")))?;
+        Self::from_text("tinyshakespeare (vendored)", &text)
+    }
+
+    /// A corpus from a UTF-8 text file (plain, or gzip recognised by its magic bytes).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| bad(&name, format!("cannot read it: {e}")))?;
+        let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_end(&mut out)
+                .map_err(|e| bad(&name, format!("corrupt gzip stream: {e}")))?;
+            out
+        } else {
+            bytes
+        };
+        let text = String::from_utf8(bytes).map_err(|e| bad(&name, format!("not UTF-8 text: {e}")))?;
+        Self::from_text(&name, &text)
+    }
+
+    /// A corpus of `text`: vocabulary and the 90/10 split. Refuses a text too short to hold a
+    /// validation part of at least two characters.
+    pub fn from_text(name: &str, text: &str) -> Result<Self> {
+        let chars: Vec<char> = text.chars().collect();
+        let n_val = chars.len() - chars.len() * 9 / 10;
+        if n_val < 2 {
+            return Err(bad(
+                name,
+                format!("{} characters: too short to split into training and validation text", chars.len()),
+            ));
+        }
+        let mut vocab = chars.clone();
+        vocab.sort_unstable();
+        vocab.dedup();
+        let index: std::collections::HashMap<char, u32> =
+            vocab.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        let ids: Vec<u32> = chars.iter().map(|c| index[c]).collect();
+        let split = chars.len() - n_val;
+        Ok(TextCorpus { name: name.to_string(), vocab, train: ids[..split].to_vec(), val: ids[split..].to_vec() })
+    }
+
+    /// Token ids of `s`, or an error naming the first character outside the vocabulary.
+    pub fn encode(&self, s: &str) -> Result<Vec<u32>> {
+        s.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                self.vocab.binary_search(&c).map(|t| t as u32).map_err(|_| {
+                    Error::Invalid(format!(
+                        "character {c:?} (at {i}) is not in the vocabulary of {} ({} characters: {:?})",
+                        self.name,
+                        self.vocab.len(),
+                        self.vocab.iter().collect::<String>()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The text of token ids (ids outside the vocabulary are an error).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        ids.iter()
+            .map(|&t| {
+                self.vocab.get(t as usize).copied().ok_or_else(|| {
+                    Error::Invalid(format!("token {t} is outside the vocabulary of {} characters", self.vocab.len()))
+                })
+            })
+            .collect()
+    }
+
+    /// The windows of `part` starting at `starts`, `t` characters each: the inputs as f32 token
+    /// ids (`starts.len() x t`) and the labels, each position's next character.
+    fn windows(part: &[u32], starts: &[usize], t: usize) -> (Vec<f32>, Vec<i32>) {
+        let mut x = Vec::with_capacity(starts.len() * t);
+        let mut y = Vec::with_capacity(starts.len() * t);
+        for &s in starts {
+            x.extend(part[s..s + t].iter().map(|&v| v as f32));
+            y.extend(part[s + 1..s + t + 1].iter().map(|&v| v as i32));
+        }
+        (x, y)
+    }
+
+    /// A batch of training windows for step `step`: `batch` random starts drawn from a
+    /// generator seeded by `seed` and the step, so a resumed run draws exactly the windows the
+    /// uninterrupted one would. Errors when the training text is not longer than `t`.
+    pub fn train_batch(&self, seed: u64, step: u64, batch: usize, t: usize) -> Result<(Vec<f32>, Vec<i32>)> {
+        if self.train.len() <= t {
+            return Err(bad(
+                &self.name,
+                format!("{} training characters cannot hold a window of {t} and its next character", self.train.len()),
+            ));
+        }
+        let mut rng = Rng::new(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) ^ 0x5EED_7E47);
+        let starts: Vec<usize> = (0..batch).map(|_| rng.below(self.train.len() - t)).collect();
+        Ok(Self::windows(&self.train, &starts, t))
+    }
+
+    /// The fixed validation windows: up to `count` windows of `t`, evenly spaced over the
+    /// validation text (the same every run, whatever the seed).
+    pub fn val_windows(&self, count: usize, t: usize) -> Result<(Vec<f32>, Vec<i32>)> {
+        if self.val.len() <= t {
+            return Err(bad(
+                &self.name,
+                format!("{} validation characters cannot hold a window of {t} and its next character", self.val.len()),
+            ));
+        }
+        let span = self.val.len() - t;
+        let count = count.clamp(1, span);
+        let starts: Vec<usize> = (0..count).map(|i| i * span / count).collect();
+        Ok(Self::windows(&self.val, &starts, t))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vendored_tiny_shakespeare_has_the_documented_split_and_windows() {
+        let c = TextCorpus::tiny_shakespeare().unwrap();
+        assert_eq!(c.vocab.len(), 65);
+        assert_eq!(c.vocab[0], '\n');
+        assert_eq!((c.train.len(), c.val.len()), (1_003_854, 111_540));
+        let text = c.decode(&c.train[..13]).unwrap();
+        assert_eq!(text, "First Citizen");
+        assert_eq!(c.encode("ROMEO:").unwrap().len(), 6);
+        let e = c.encode("ROMEO\u{e9}").unwrap_err().to_string();
+        assert!(e.contains("'\u{e9}'") && e.contains("at 5"), "{e}");
+        // Windows: labels are the next characters; the same step and seed give the same batch.
+        let (x, y) = c.train_batch(1, 7, 3, 8).unwrap();
+        assert_eq!((x.len(), y.len()), (24, 24));
+        for w in 0..3 {
+            for p in 0..7 {
+                assert_eq!(x[w * 8 + p + 1] as i32, y[w * 8 + p]);
+            }
+        }
+        assert_eq!(c.train_batch(1, 7, 3, 8).unwrap(), (x.clone(), y.clone()));
+        assert_ne!(c.train_batch(1, 8, 3, 8).unwrap().0, x);
+        assert_ne!(c.train_batch(2, 7, 3, 8).unwrap().0, x);
+        let (vx, _) = c.val_windows(100, 64).unwrap();
+        assert_eq!(vx.len(), 6400);
+        assert_eq!(c.val_windows(100, 64).unwrap().0, vx);
+        assert!(TextCorpus::from_text("t", "abc").unwrap_err().to_string().contains("too short"));
+        let small = TextCorpus::from_text("t", "abcdefghijklmnopqrst").unwrap();
+        assert!(small.train_batch(0, 0, 1, 18).unwrap_err().to_string().contains("cannot hold a window of 18"));
+    }
 
     #[test]
     fn vendored_mnist_has_the_documented_counts() {

@@ -4,7 +4,7 @@
 
 pub use crate::backend::{Backend, Elem, ViewLen};
 pub use crate::checkpoint::Checkpoint;
-pub use crate::data::Dataset;
+pub use crate::data::{Dataset, TextCorpus};
 pub use crate::device::{DeviceSpec, Devices};
 pub use crate::error::{Error, Result};
 pub use crate::nn::{Ctx, Layer, LayerCost, Linear, MlpConfig, Model, ModelInfo, Network, ParamSpec, Saved, Work};
