@@ -254,3 +254,67 @@ pub fn layernorm_backward(
     }
     (dx, dgamma, dbeta)
 }
+
+/// Causal self-attention, unfused: per sequence of `t` and head, the full score matrix
+/// `q k^T / sqrt(d)` masked above the diagonal, its row softmax, times v. `qkv` is `rows x 3c`
+/// (q, k, v side by side), the result `rows x c`; also each row's probabilities (`[w][j]` for
+/// `w = (b * heads + h) * t + i`, `j <= i`), for the backward.
+pub fn attention(t: usize, c: usize, heads: usize, qkv: &[f32]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let d = c / heads;
+    let rows = qkv.len() / (3 * c);
+    let scale = 1.0 / (d as f64).sqrt();
+    let at = |r: usize, part: usize, h: usize, e: usize| qkv[r * 3 * c + part * c + h * d + e] as f64;
+    let mut out = vec![0f64; rows * c];
+    let mut probs = vec![Vec::new(); rows * heads];
+    for b in 0..rows / t {
+        for h in 0..heads {
+            for i in 0..t {
+                let r = b * t + i;
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| scale * (0..d).map(|e| at(r, 0, h, e) * at(b * t + j, 1, h, e)).sum::<f64>())
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
+                for e in 0..d {
+                    out[r * c + h * d + e] = p.iter().enumerate().map(|(j, pj)| pj * at(b * t + j, 2, h, e)).sum();
+                }
+                probs[(b * heads + h) * t + i] = p;
+            }
+        }
+    }
+    (out, probs)
+}
+
+/// The attention's backward, unfused: `dqkv` (`rows x 3c`) from `dout` (`rows x c`):
+/// `dv = P^T dout`, `dP = dout v^T`, `dS = P (dP - rowsum(P dP))`, `dq = dS k / sqrt(d)`,
+/// `dk = dS^T q / sqrt(d)`.
+pub fn attention_backward(t: usize, c: usize, heads: usize, qkv: &[f32], dout: &[f32]) -> Vec<f64> {
+    let d = c / heads;
+    let rows = qkv.len() / (3 * c);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (_, probs) = attention(t, c, heads, qkv);
+    let at = |r: usize, part: usize, h: usize, e: usize| qkv[r * 3 * c + part * c + h * d + e] as f64;
+    let mut dqkv = vec![0f64; rows * 3 * c];
+    for b in 0..rows / t {
+        for h in 0..heads {
+            for i in 0..t {
+                let r = b * t + i;
+                let p = &probs[(b * heads + h) * t + i];
+                let g = |e: usize| dout[r * c + h * d + e] as f64;
+                let dp: Vec<f64> = (0..=i).map(|j| (0..d).map(|e| g(e) * at(b * t + j, 2, h, e)).sum()).collect();
+                let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..=i {
+                    let ds = p[j] * (dp[j] - pdp);
+                    let rj = b * t + j;
+                    for e in 0..d {
+                        dqkv[r * 3 * c + h * d + e] += scale * ds * at(rj, 1, h, e);
+                        dqkv[rj * 3 * c + c + h * d + e] += scale * ds * at(r, 0, h, e);
+                        dqkv[rj * 3 * c + 2 * c + h * d + e] += p[j] * g(e);
+                    }
+                }
+            }
+        }
+    }
+    dqkv
+}

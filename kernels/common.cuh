@@ -51,6 +51,10 @@
 // layernorm_dparams: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(c / 32), 1, 1).
 // embed_fwd, embed_bwd_wte, embed_bwd_wpe: block (TESSERA_EMBED_THREADS,1,1); see transformer.cu.
 #define TESSERA_EMBED_THREADS 256
+// attn_fwd, attn_bwd_dq, attn_bwd_dkv: one warp per (sequence, head, position), block
+// (TESSERA_ATTN_THREADS,1,1), any grid (grid-stride); head size at most TESSERA_ATTN_MAX_HEAD.
+#define TESSERA_ATTN_THREADS 256
+#define TESSERA_ATTN_MAX_HEAD 256
 
 // ---- reductions (reduce.cu) -----------------------------------------------------------------
 // col_sum: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(cols / 32), 1, 1).

@@ -32,9 +32,51 @@
 //   thread (tx, ty) of a block sums rows ty, ty + 8, ... of column 32 bx + tx in order, then the
 //   8 partial sums are added in order (deterministic). keep == 0: not read.
 //   Launch: block (TESSERA_COLSUM_COLS, TESSERA_COLSUM_ROWS, 1), grid (ceil(c / 32), 1, 1).
+//
+// Causal multi-head self-attention, fused (FlashAttention's online softmax: no T x T matrix in
+// memory). qkv is rows x 3C (q, k, v side by side, as one projection makes them; head h uses
+// channels [h d, h d + d) of each), out rows x C, lse one per (sequence, head, position) at
+// ((b H + h) T + i). d = C / H <= TESSERA_ATTN_MAX_HEAD; scale = 1 / sqrt(d) from the host.
+// attn_fwd(b, t, h, d, scale, qkv, out, lse)
+//   One warp per query row: lanes hold elements lane, lane + 32, ... of q and of the output
+//   accumulator; for each key j <= i in order: s = scale q.k_j (a fixed butterfly sum), the
+//   running max and normaliser updated, the accumulator rescaled and p v_j added. out = acc / l,
+//   lse = m + log l (what the backward recomputes the probabilities from).
+// attn_bwd_dq(b, t, h, d, scale, qkv, out, dout, lse, dsum, dqkv)
+//   One warp per query row: dsum = dout.out for the row (kept for attn_bwd_dkv), then for each
+//   key j <= i: p = exp(s - lse), ds = p (dout.v_j - dsum), dq += scale ds k_j; writes the q
+//   part of dqkv.
+// attn_bwd_dkv(b, t, h, d, scale, qkv, dout, lse, dsum, dqkv)
+//   One warp per key row j, after attn_bwd_dq: for each query i >= j in order, the same p and ds
+//   recomputed: dv += p dout_i, dk += scale ds q_i; writes the k and v parts of dqkv.
+//   Every sum runs in a fixed order, so the backward gives the same bits every run.
+//   Launch (all three): block (TESSERA_ATTN_THREADS,1,1), any grid: warps grid-stride over the
+//   b h t rows (fewer than 2^31).
 #include "common.cuh"
 
 namespace {
+
+constexpr int kAttnPerLane = TESSERA_ATTN_MAX_HEAD / 32;
+
+// The dot product of a row held by a warp (element lane + 32 e in a[e]) with the row at p (d
+// elements), summed in a fixed butterfly: every lane gets the same bits.
+__device__ __forceinline__ float warp_dot(const float (&a)[kAttnPerLane], const float* p, int d, int lane) {
+  float s = 0.0f;
+#pragma unroll
+  for (int e = 0; e < kAttnPerLane; ++e) {
+    const int k = lane + 32 * e;
+    if (k < d) s += a[e] * p[k];
+  }
+  return tessera_warp_sum(s);
+}
+
+__device__ __forceinline__ void warp_load(float (&a)[kAttnPerLane], const float* p, int d, int lane) {
+#pragma unroll
+  for (int e = 0; e < kAttnPerLane; ++e) {
+    const int k = lane + 32 * e;
+    a[e] = k < d ? p[k] : 0.0f;
+  }
+}
 
 // Chan et al.'s merge of (n, mean, m2) with (nb, mb, m2b) into the first.
 __device__ __forceinline__ void welford_merge(float& n, float& mean, float& m2, float nb, float mb, float m2b) {
@@ -169,5 +211,134 @@ extern "C" __global__ __launch_bounds__(256) void layernorm_dparams(int rows, in
     }
     dgamma[j] = keep != 0.0f ? keep * dgamma[j] + g : g;
     dbeta[j] = keep != 0.0f ? keep * dbeta[j] + b : b;
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void attn_fwd(int b, int t, int h, int d, float scale, const float* qkv, float* out, float* lse) {
+  const int lane = threadIdx.x & 31;
+  const long long c = (long long)h * d, stride = 3 * c;
+  const long long total = (long long)b * h * t;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
+    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
+    const int wi = (int)w;
+    const int i = wi % t;
+    const int hh = (wi / t) % h;
+    const long long bb = wi / (t * h);
+    const long long row0 = bb * t;
+    float q[kAttnPerLane], acc[kAttnPerLane];
+    warp_load(q, qkv + (row0 + i) * stride + (long long)hh * d, d, lane);
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) acc[e] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    for (int j = 0; j <= i; ++j) {
+      const float* kj = qkv + (row0 + j) * stride + c + (long long)hh * d;
+      const float s = scale * warp_dot(q, kj, d, lane);
+      const float mn = fmaxf(m, s);
+      const float alpha = expf(m - mn);
+      const float p = expf(s - mn);
+      l = l * alpha + p;
+      const float* vj = kj + c;
+#pragma unroll
+      for (int e = 0; e < kAttnPerLane; ++e) {
+        const int k = lane + 32 * e;
+        acc[e] = acc[e] * alpha + (k < d ? p * vj[k] : 0.0f);
+      }
+      m = mn;
+    }
+    float* o = out + (row0 + i) * c + (long long)hh * d;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) {
+      const int k = lane + 32 * e;
+      if (k < d) o[k] = acc[e] * inv;
+    }
+    if (lane == 0) lse[w] = m + logf(l);
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void attn_bwd_dq(int b, int t, int h, int d, float scale, const float* qkv, const float* out, const float* dout, const float* lse, float* dsum, float* dqkv) {
+  const int lane = threadIdx.x & 31;
+  const long long c = (long long)h * d, stride = 3 * c;
+  const long long total = (long long)b * h * t;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
+    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
+    const int wi = (int)w;
+    const int i = wi % t;
+    const int hh = (wi / t) % h;
+    const long long bb = wi / (t * h);
+    const long long row0 = bb * t;
+    float q[kAttnPerLane], g[kAttnPerLane], dq[kAttnPerLane];
+    warp_load(q, qkv + (row0 + i) * stride + (long long)hh * d, d, lane);
+    warp_load(g, dout + (row0 + i) * c + (long long)hh * d, d, lane);
+    const float dd = warp_dot(g, out + (row0 + i) * c + (long long)hh * d, d, lane);
+    if (lane == 0) dsum[w] = dd;
+    const float li = lse[w];
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) dq[e] = 0.0f;
+    for (int j = 0; j <= i; ++j) {
+      const float* kj = qkv + (row0 + j) * stride + c + (long long)hh * d;
+      const float p = expf(scale * warp_dot(q, kj, d, lane) - li);
+      const float ds = p * (warp_dot(g, kj + c, d, lane) - dd);
+#pragma unroll
+      for (int e = 0; e < kAttnPerLane; ++e) {
+        const int k = lane + 32 * e;
+        if (k < d) dq[e] += scale * ds * kj[k];
+      }
+    }
+    float* o = dqkv + (row0 + i) * stride + (long long)hh * d;
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) {
+      const int k = lane + 32 * e;
+      if (k < d) o[k] = dq[e];
+    }
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void attn_bwd_dkv(int b, int t, int h, int d, float scale, const float* qkv, const float* dout, const float* lse, const float* dsum, float* dqkv) {
+  const int lane = threadIdx.x & 31;
+  const long long c = (long long)h * d, stride = 3 * c;
+  const long long total = (long long)b * h * t;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
+    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
+    const int wi = (int)w;
+    const int j = wi % t;
+    const int hh = (wi / t) % h;
+    const long long bb = wi / (t * h);
+    const long long row0 = bb * t;
+    const long long base = (bb * h + hh) * t;
+    float kk[kAttnPerLane], vv[kAttnPerLane], dk[kAttnPerLane], dv[kAttnPerLane];
+    warp_load(kk, qkv + (row0 + j) * stride + c + (long long)hh * d, d, lane);
+    warp_load(vv, qkv + (row0 + j) * stride + 2 * c + (long long)hh * d, d, lane);
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) {
+      dk[e] = 0.0f;
+      dv[e] = 0.0f;
+    }
+    for (int i = j; i < t; ++i) {
+      const float* qi = qkv + (row0 + i) * stride + (long long)hh * d;
+      const float* gi = dout + (row0 + i) * c + (long long)hh * d;
+      const float p = expf(scale * warp_dot(kk, qi, d, lane) - lse[base + i]);
+      const float ds = p * (warp_dot(vv, gi, d, lane) - dsum[base + i]);
+#pragma unroll
+      for (int e = 0; e < kAttnPerLane; ++e) {
+        const int k = lane + 32 * e;
+        if (k < d) {
+          dv[e] += p * gi[k];
+          dk[e] += scale * ds * qi[k];
+        }
+      }
+    }
+    float* ok = dqkv + (row0 + j) * stride + c + (long long)hh * d;
+#pragma unroll
+    for (int e = 0; e < kAttnPerLane; ++e) {
+      const int k = lane + 32 * e;
+      if (k < d) {
+        ok[k] = dk[e];
+        ok[c + k] = dv[e];
+      }
+    }
   }
 }

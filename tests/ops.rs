@@ -305,6 +305,88 @@ fn layernorm<B: Ops>(d: &B) {
     assert!(e.contains("6 values are not rows of 4"), "{e}");
 }
 
+/// Causal multi-head attention, fused, against the unfused f64 reference: head sizes from 1 to
+/// above a warp (and not powers of two), t of 1 and t not a multiple of anything, one and several
+/// heads and sequences, large scores (the online softmax's rescaling); the backward too, the same
+/// bits twice; shapes that do not fit refused.
+fn attention<B: Ops>(d: &B) {
+    // (sequences, t, heads, head size, input scale)
+    for (i, &(bs, t, heads, hd, scale)) in [
+        (1, 1, 1, 1, 1.0f32),
+        (2, 5, 1, 3, 1.0),
+        (1, 9, 3, 7, 1.0),
+        (2, 7, 2, 40, 1.0),
+        (1, 33, 4, 8, 1.0),
+        (1, 6, 2, 16, 8.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let c = heads * hd;
+        let rows = bs * t;
+        let seed = 9000 + i as u64 * 10;
+        let qkv = inputs(seed, rows * 3 * c, scale);
+        let qb = up(d, &qkv);
+        let (mut out, mut lse) = (poisoned(d, rows * c), poisoned(d, rows * heads));
+        d.attention_forward(t, c, heads, &B::view(&qb), &mut B::view_mut(&mut out), &mut B::view_mut(&mut lse))
+            .unwrap();
+        let name = format!("{} attention {bs}x{t} heads {heads}x{hd} scale {scale}", d.name());
+        let (want, _) = r::attention(t, c, heads, &qkv);
+        let o = down(d, &out);
+        assert_close(&format!("{name} forward"), &o, &want, 1e-5, 1e-4);
+        let dout = inputs(seed + 1, rows * c, 1.0);
+        let gb = up(d, &dout);
+        let run = || {
+            let (mut dq, mut ds) = (poisoned(d, rows * 3 * c), poisoned(d, rows * heads));
+            d.attention_backward(
+                t,
+                c,
+                heads,
+                &B::view(&qb),
+                &B::view(&out),
+                &B::view(&gb),
+                &B::view(&lse),
+                &mut B::view_mut(&mut dq),
+                &mut B::view_mut(&mut ds),
+            )
+            .unwrap();
+            down(d, &dq)
+        };
+        let got = run();
+        assert_close(&format!("{name} backward"), &got, &r::attention_backward(t, c, heads, &qkv, &dout), 1e-4, 1e-3);
+        assert!(run() == got, "{name}: a second backward gave other bits");
+    }
+    let qkv = up(d, &[0.0; 2 * 3 * 6]);
+    let (mut out, mut lse) = (poisoned(d, 12), poisoned(d, 8));
+    let e = d.attention_forward(2, 6, 4, &B::view(&qkv), &mut B::view_mut(&mut out), &mut B::view_mut(&mut lse));
+    assert!(e.unwrap_err().to_string().contains("width 6 must split into 4 heads"));
+    let (mut out, mut lse) = (poisoned(d, 12), poisoned(d, 3));
+    let e = d.attention_forward(2, 6, 1, &B::view(&qkv), &mut B::view_mut(&mut out), &mut B::view_mut(&mut lse));
+    assert!(e.unwrap_err().to_string().contains("lse"));
+    let (big, mut out, mut lse) = (up(d, &vec![0.0; 3 * 300]), poisoned(d, 300), poisoned(d, 1));
+    let e = d.attention_forward(1, 300, 1, &B::view(&big), &mut B::view_mut(&mut out), &mut B::view_mut(&mut lse));
+    assert!(e.unwrap_err().to_string().contains("at most 256"));
+}
+
+/// The unfused reference attention's backward is its derivative (finite differences of
+/// `sum(w * out)` in every input).
+#[test]
+fn attention_reference_matches_finite_differences() {
+    let (t, c, heads) = (4, 6, 2);
+    let qkv = inputs(3, 2 * t * 3 * c, 1.0);
+    let w = inputs(4, 2 * t * c, 1.0);
+    let grad = r::attention_backward(t, c, heads, &qkv, &w);
+    let x = f64s(&qkv);
+    let loss = |v: &[f64]| {
+        let f: Vec<f32> = v.iter().map(|&u| u as f32).collect();
+        r::attention(t, c, heads, &f).0.iter().zip(&w).map(|(o, w)| o * *w as f64).sum::<f64>()
+    };
+    for (i, want) in grad.iter().enumerate() {
+        let fd = finite_diff(loss, &x, i, 1e-3);
+        assert!((fd - want).abs() < 2e-3, "dqkv[{i}]: {fd} vs {want}");
+    }
+}
+
 /// The reference LayerNorm backward is the derivative of the reference forward (finite
 /// differences of `sum(w * y)` in x, gamma and beta).
 #[test]
@@ -825,4 +907,5 @@ on_every_backend!(
     optimizers,
     embedding,
     layernorm,
+    attention,
 );

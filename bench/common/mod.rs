@@ -350,6 +350,29 @@ pub fn memory_cases<B: Ops>(d: &B, n: usize) -> Vec<Case> {
                     .unwrap()
                 }),
             );
+            // Causal attention at the default GPT job's shape (t 64, 4 heads), as many
+            // sequences as fill n: bytes of qkv read and out written (the scores stay on chip).
+            let (t, heads) = (64usize, 4usize);
+            let seqs = (rows / t).max(1);
+            let dd = d.clone();
+            let (qkv, mut o, mut l) =
+                (buf(d, 1, seqs * t * 3 * c), buf(d, 2, seqs * t * c), buf(d, 3, seqs * t * heads));
+            add(
+                "transformer",
+                &format!("attention fwd {seqs}x{t}x{c} heads {heads}"),
+                4.0 * (4 * seqs * t * c) as f64,
+                Box::new(move || {
+                    dd.attention_forward(
+                        t,
+                        c,
+                        heads,
+                        &B::view(&qkv),
+                        &mut B::view_mut(&mut o),
+                        &mut B::view_mut(&mut l),
+                    )
+                    .unwrap()
+                }),
+            );
             let (t, vocab) = (64usize, 65usize);
             let rows = (rows / t).max(1) * t;
             let dd = d.clone();

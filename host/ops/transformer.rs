@@ -1,7 +1,9 @@
 //! The transformer's own ops: token + position embedding (forward, and a backward that
 //! scatters into the tables deterministically) and LayerNorm (one-pass Welford statistics;
 //! backward with its two row reductions fused, and the parameters' gradients as fixed-order
-//! column sums). CUDA: `kernels/transformer.cu`.
+//! column sums), and causal multi-head self-attention fused in the FlashAttention manner (online
+//! softmax, no T x T matrix in memory; the backward recomputes the probabilities from the saved
+//! log-sum-exp, in a fixed order). CUDA: `kernels/transformer.cu`.
 //!
 //! Rows are `rows = B * T` positions of `c` channels, row `r` being position `r % T` of
 //! sequence `r / T`. Token ids are f32 whole numbers (a model's first input is f32 data).
@@ -68,6 +70,37 @@ pub trait TransformerOps: Backend {
         mean: &mut Self::Mut<'_, f32>,
         rstd: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
+    /// Causal self-attention over `heads` heads of `qkv` (`rows x 3c`: q, k and v side by side, as
+    /// one projection makes them; head `h` uses channels `[h d, h d + d)` of each, `d = c / heads`
+    /// at most 256): `out` (`rows x c`) = softmax(q k^T / sqrt(d), each position seeing itself
+    /// and the earlier ones of its sequence of `t`) v, per head; `lse` (`rows x heads`, at
+    /// `(sequence * heads + head) * t + position`) keeps each row's log-sum-exp for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        t: usize,
+        c: usize,
+        heads: usize,
+        qkv: &Self::Ref<'_, f32>,
+        out: &mut Self::Mut<'_, f32>,
+        lse: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// The attention's backward: `dqkv` (`rows x 3c`, written) from `dout`, recomputing the
+    /// probabilities from `qkv` and `lse`; `dsum` (`rows x heads`) is scratch. Every sum runs in
+    /// a fixed order: the same bits every run.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        t: usize,
+        c: usize,
+        heads: usize,
+        qkv: &Self::Ref<'_, f32>,
+        out: &Self::Ref<'_, f32>,
+        dout: &Self::Ref<'_, f32>,
+        lse: &Self::Ref<'_, f32>,
+        dqkv: &mut Self::Mut<'_, f32>,
+        dsum: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
     /// LayerNorm's backward: `dx` (written), and `dgamma = keep * dgamma + sum_r dy xhat`,
     /// `dbeta = keep * dbeta + sum_r dy`, summed in row order.
     #[allow(clippy::too_many_arguments)]
@@ -120,6 +153,33 @@ fn check_layernorm(c: usize, x: usize, params: &[usize], y: usize, stats: &[usiz
         check_len("layernorm", "mean/rstd (one per row)", s, x / c)?;
     }
     Ok(x / c)
+}
+
+/// An attention's shape, checked: returns `(rows, head size)`.
+fn check_attention(t: usize, c: usize, heads: usize, qkv: usize, out: usize, lse: usize) -> Result<(usize, usize)> {
+    if t == 0 || c == 0 || heads == 0 || c % heads != 0 {
+        return Err(Error::shape(
+            "attention",
+            format!("width {c} must split into {heads} heads of equal size (and t = {t} be at least 1)"),
+        ));
+    }
+    let d = c / heads;
+    if d > consts::ATTN_MAX_HEAD as usize {
+        return Err(Error::shape(
+            "attention",
+            format!("heads of {d} channels: at most {} (use more heads)", consts::ATTN_MAX_HEAD),
+        ));
+    }
+    if out % (t * c) != 0 {
+        return Err(Error::shape("attention", format!("{out} outputs are not whole sequences of {t} x {c}")));
+    }
+    let rows = out / c;
+    check_len("attention", &format!("qkv ({rows}x{})", 3 * c), qkv, rows * 3 * c)?;
+    check_len("attention", &format!("lse ({rows}x{heads})"), lse, rows * heads)?;
+    if rows.checked_mul(heads).is_none_or(|w| w >= i32::MAX as usize / 2) {
+        return Err(Error::shape("attention", format!("{rows} rows x {heads} heads exceed the kernels' 2^30 rows")));
+    }
+    Ok((rows, d))
 }
 
 /// The token at position `r`, or an error naming it.
@@ -182,6 +242,123 @@ impl TransformerOps for CpuDevice {
             }
             w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep != 0.0 { keep * *w + a } else { a });
         });
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        t: usize,
+        c: usize,
+        heads: usize,
+        qkv: &&[f32],
+        out: &mut &mut [f32],
+        lse: &mut &mut [f32],
+    ) -> Result<()> {
+        let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
+        let scale = 1.0 / (d as f32).sqrt();
+        // One task per (sequence, head, position): the kernel's warp, in the same order.
+        let res: Vec<(Vec<f32>, f32)> = (0..rows * heads)
+            .into_par_iter()
+            .map(|w| {
+                let (i, h, b) = (w % t, (w / t) % heads, w / (t * heads));
+                let row = |r: usize, part: usize| &qkv[(b * t + r) * 3 * c + part * c + h * d..][..d];
+                let q = row(i, 0);
+                let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+                for j in 0..=i {
+                    let s = scale * q.iter().zip(row(j, 1)).map(|(a, b)| a * b).sum::<f32>();
+                    let mn = m.max(s);
+                    let (alpha, p) = ((m - mn).exp(), (s - mn).exp());
+                    l = l * alpha + p;
+                    acc.iter_mut().zip(row(j, 2)).for_each(|(a, v)| *a = *a * alpha + p * v);
+                    m = mn;
+                }
+                acc.iter_mut().for_each(|a| *a /= l);
+                (acc, m + l.ln())
+            })
+            .collect();
+        for (w, (o, l)) in res.into_iter().enumerate() {
+            let (i, h, b) = (w % t, (w / t) % heads, w / (t * heads));
+            out[(b * t + i) * c + h * d..][..d].copy_from_slice(&o);
+            lse[w] = l;
+        }
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        t: usize,
+        c: usize,
+        heads: usize,
+        qkv: &&[f32],
+        out: &&[f32],
+        dout: &&[f32],
+        lse: &&[f32],
+        dqkv: &mut &mut [f32],
+        dsum: &mut &mut [f32],
+    ) -> Result<()> {
+        let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
+        check_len("attention", "dout", dout.len(), out.len())?;
+        check_len("attention", "dqkv", dqkv.len(), qkv.len())?;
+        check_len("attention", "dsum", dsum.len(), lse.len())?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let at = |w: usize| (w % t, (w / t) % heads, w / (t * heads));
+        // The range of head h's part (q 0, k 1, v 2; 0 for out) of row r of sequence b.
+        let row = |width: usize, b: usize, r: usize, part: usize, h: usize| -> std::ops::Range<usize> {
+            let s = (b * t + r) * width + part * c + h * d;
+            s..s + d
+        };
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        // dsum = dout . out per row.
+        dsum.par_iter_mut().enumerate().for_each(|(w, s)| {
+            let (i, h, b) = at(w);
+            let r = row(c, b, i, 0, h);
+            *s = dot(&dout[r.clone()], &out[r]);
+        });
+        let dsum: &[f32] = dsum;
+        let n = rows * heads;
+        // dq per query row, then dk and dv per key row, each summing in a fixed order.
+        let dq: Vec<Vec<f32>> = (0..n)
+            .into_par_iter()
+            .map(|w| {
+                let (i, h, b) = at(w);
+                let q = &qkv[row(3 * c, b, i, 0, h)];
+                let g = &dout[row(c, b, i, 0, h)];
+                let mut dq = vec![0f32; d];
+                for j in 0..=i {
+                    let k = &qkv[row(3 * c, b, j, 1, h)];
+                    let v = &qkv[row(3 * c, b, j, 2, h)];
+                    let p = (scale * dot(q, k) - lse[w]).exp();
+                    let ds = p * (dot(g, v) - dsum[w]);
+                    dq.iter_mut().zip(k).for_each(|(a, kk)| *a += scale * ds * kk);
+                }
+                dq
+            })
+            .collect();
+        let dkv: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+            .into_par_iter()
+            .map(|w| {
+                let (j, h, b) = at(w);
+                let base = w - j;
+                let k = &qkv[row(3 * c, b, j, 1, h)];
+                let v = &qkv[row(3 * c, b, j, 2, h)];
+                let (mut dk, mut dv) = (vec![0f32; d], vec![0f32; d]);
+                for i in j..t {
+                    let q = &qkv[row(3 * c, b, i, 0, h)];
+                    let g = &dout[row(c, b, i, 0, h)];
+                    let p = (scale * dot(k, q) - lse[base + i]).exp();
+                    let ds = p * (dot(v, g) - dsum[base + i]);
+                    dv.iter_mut().zip(g).for_each(|(a, gg)| *a += p * gg);
+                    dk.iter_mut().zip(q).for_each(|(a, qq)| *a += scale * ds * qq);
+                }
+                (dk, dv)
+            })
+            .collect();
+        for (w, (q, (k, v))) in dq.into_iter().zip(dkv).enumerate() {
+            let (i, h, b) = at(w);
+            dqkv[row(3 * c, b, i, 0, h)].copy_from_slice(&q);
+            dqkv[row(3 * c, b, i, 1, h)].copy_from_slice(&k);
+            dqkv[row(3 * c, b, i, 2, h)].copy_from_slice(&v);
+        }
         Ok(())
     }
 
@@ -293,6 +470,14 @@ pub(crate) fn embed_launch(rows: usize, c: usize, sms: usize) -> Result<LaunchCo
     Ok(LaunchConfig { grid_dim: (x, y, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 })
 }
 
+/// The launch of the attention kernels: a warp per (sequence, head, position), up to 16 blocks
+/// per SM.
+pub(crate) fn attention_launch(rows_heads: usize, sms: usize) -> LaunchConfig {
+    let threads = consts::ATTN_THREADS as usize;
+    let blocks = rows_heads.div_ceil(threads / 32).clamp(1, sms * 16);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The launch of `layernorm_fwd` / `layernorm_bwd`: a warp per row, up to 16 blocks per SM.
 pub(crate) fn layernorm_launch(rows: usize, sms: usize) -> LaunchConfig {
     let threads = consts::LN_THREADS as usize;
@@ -355,6 +540,55 @@ macro_rules! gpu_impl {
                 // SAFETY: dout holds rows*c with rows a multiple of t, dwpe at least t*c (checked).
                 unsafe { k.embed_bwd_wpe(self.stream(), cfg, r, t32, c32, dout, keep, dwpe) }
                     .map_err(Error::driver("launching embed_bwd_wpe"))
+            }
+
+            fn attention_forward(
+                &self,
+                t: usize,
+                c: usize,
+                heads: usize,
+                qkv: &$view<'_, f32>,
+                out: &mut $view_mut<'_, f32>,
+                lse: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
+                let scale = 1.0 / (d as f32).sqrt();
+                let (b, t32, h, d32) = ((rows / t) as i32, t as i32, heads as i32, d as i32);
+                let cfg = attention_launch(rows * heads, self.sms());
+                // SAFETY: qkv holds rows*3c, out rows*c, lse rows*heads (checked); rows*heads < 2^30
+                // (checked), so the kernel's int row index does not overflow.
+                unsafe { self.kernels().transformer.attn_fwd(self.stream(), cfg, b, t32, h, d32, scale, qkv, out, lse) }
+                    .map_err(Error::driver("launching attn_fwd"))
+            }
+
+            fn attention_backward(
+                &self,
+                t: usize,
+                c: usize,
+                heads: usize,
+                qkv: &$view<'_, f32>,
+                out: &$view<'_, f32>,
+                dout: &$view<'_, f32>,
+                lse: &$view<'_, f32>,
+                dqkv: &mut $view_mut<'_, f32>,
+                dsum: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
+                check_len("attention", "dout", dout.len(), out.len())?;
+                check_len("attention", "dqkv", dqkv.len(), qkv.len())?;
+                check_len("attention", "dsum", dsum.len(), lse.len())?;
+                let scale = 1.0 / (d as f32).sqrt();
+                let (b, t32, h, d32) = ((rows / t) as i32, t as i32, heads as i32, d as i32);
+                let k = &self.kernels().transformer;
+                let cfg = attention_launch(rows * heads, self.sms());
+                // SAFETY: as in the forward; dout rows*c, dqkv rows*3c, dsum rows*heads (checked).
+                unsafe { k.attn_bwd_dq(self.stream(), cfg, b, t32, h, d32, scale, qkv, out, dout, lse, dsum, dqkv) }
+                    .map_err(Error::driver("launching attn_bwd_dq"))?;
+                // SAFETY: as above; runs after attn_bwd_dq (stream order), which wrote dsum.
+                unsafe {
+                    k.attn_bwd_dkv(self.stream(), cfg, b, t32, h, d32, scale, qkv, dout, lse, &dsum.as_view(), dqkv)
+                }
+                .map_err(Error::driver("launching attn_bwd_dkv"))
             }
 
             fn layernorm_forward(
@@ -455,6 +689,13 @@ mod launch_tests {
         assert_eq!(l.grid_dim, (1, 1, 1));
         assert_eq!(layernorm_launch(16384, 132).grid_dim.0, 16384 / 8);
         assert_eq!(layernorm_launch(1 << 30, 132).grid_dim.0, 132 * 16);
+        // A warp per (sequence, head, position): the default GPT job's 12 x 64 rows x 4 heads.
+        assert_eq!(attention_launch(12 * 64 * 4, 132).grid_dim.0, 12 * 64 * 4 / 8);
+        assert_eq!(attention_launch(1, 132).grid_dim.0, 1);
+        let e = check_attention(1, 4, 1, 12, 4, 1 << 30).unwrap_err().to_string();
+        assert!(e.contains("lse"), "{e}");
+        let e = check_attention(1, 1, 1, 3 << 30, 1 << 30, 1 << 30).unwrap_err().to_string();
+        assert!(e.contains("2^30 rows"), "{e}");
         for (name, threads) in [
             ("embed_fwd", consts::EMBED_THREADS),
             ("embed_bwd_wte", consts::EMBED_THREADS),
@@ -462,6 +703,9 @@ mod launch_tests {
             ("layernorm_fwd", consts::LN_THREADS),
             ("layernorm_bwd", consts::LN_THREADS),
             ("layernorm_dparams", consts::COLSUM_COLS * consts::COLSUM_ROWS),
+            ("attn_fwd", consts::ATTN_THREADS),
+            ("attn_bwd_dq", consts::ATTN_THREADS),
+            ("attn_bwd_dkv", consts::ATTN_THREADS),
         ] {
             if let Some(t) = bounds(name) {
                 assert_eq!(t, threads as u32, "{name}");
