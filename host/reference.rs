@@ -169,27 +169,27 @@ pub fn embed(t: usize, c: usize, ids: &[f32], wte: &[f32], wpe: &[f32]) -> Vec<f
     out
 }
 
-/// The embedding tables' gradients: `dwte = keep * dwte_in + ` each token's rows of `dout`,
-/// `dwpe[p] = keep * dwpe_in[p] + ` position `p`'s rows, for `p < t` (the rest kept as given).
+/// The embedding tables' gradients: `dwte = keep.0 * dwte_in + ` each token's rows of `dout`,
+/// `dwpe[p] = keep.1 * dwpe_in[p] + ` position `p`'s rows, for `p < t` (the rest kept as given).
 pub fn embed_backward(
     t: usize,
     c: usize,
     ids: &[f32],
     dout: &[f32],
-    keep: f32,
+    keep: (f32, f32),
     dwte_in: &[f32],
     dwpe_in: &[f32],
 ) -> (Vec<f64>, Vec<f64>) {
-    let k = keep as f64;
-    let mut dwte: Vec<f64> = dwte_in.iter().map(|&v| if keep != 0.0 { k * v as f64 } else { 0.0 }).collect();
+    let (k0, k1) = (keep.0 as f64, keep.1 as f64);
+    let mut dwte: Vec<f64> = dwte_in.iter().map(|&v| if keep.0 != 0.0 { k0 * v as f64 } else { 0.0 }).collect();
     let mut dwpe: Vec<f64> = dwpe_in
         .iter()
         .enumerate()
         .map(|(i, &v)| {
             if i >= t * c {
                 v as f64
-            } else if keep != 0.0 {
-                k * v as f64
+            } else if keep.1 != 0.0 {
+                k1 * v as f64
             } else {
                 0.0
             }

@@ -167,13 +167,15 @@ fn embedding<B: Ops>(d: &B) {
         assert_close(&format!("{name} forward"), &down(d, &out), &r::embed(t, c, &ids, &wte, &wpe), 1e-6, 1e-6);
         let dout = inputs(seed + 3, rows * c, 1.0);
         let dob = up(d, &dout);
-        for keep in [0.0f32, 0.5] {
+        for keep in [(0.0f32, 0.0f32), (0.5, 0.0), (0.0, 1.0), (1.0, 0.5)] {
             let (g0, p0) = (inputs(seed + 4, vocab * c, 1.0), inputs(seed + 5, tmax * c, 1.0));
             let run = || {
                 let (mut gw, mut gp) = (up(d, &g0), up(d, &p0));
-                if keep == 0.0 {
-                    // Not read: poison the part the backward writes.
+                // Not read where the keep is 0: poison the part the backward writes.
+                if keep.0 == 0.0 {
                     gw = poisoned(d, vocab * c);
+                }
+                if keep.1 == 0.0 {
                     d.write(&mut B::view_range_mut(&mut gp, 0..t * c), &vec![tessera::check::POISON; t * c]).unwrap();
                 }
                 d.embed_backward(
@@ -190,8 +192,8 @@ fn embedding<B: Ops>(d: &B) {
             };
             let (gw, gp) = run();
             let (ww, wp) = r::embed_backward(t, c, &ids, &dout, keep, &g0, &p0);
-            assert_close(&format!("{name} dwte keep {keep}"), &gw, &ww, 1e-5, 1e-5);
-            assert_close(&format!("{name} dwpe keep {keep}"), &gp, &wp, 1e-5, 1e-5);
+            assert_close(&format!("{name} dwte keep {keep:?}"), &gw, &ww, 1e-5, 1e-5);
+            assert_close(&format!("{name} dwpe keep {keep:?}"), &gp, &wp, 1e-5, 1e-5);
             assert!(run() == (gw, gp), "{name}: a second backward gave other bits");
         }
     }

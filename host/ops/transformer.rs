@@ -41,10 +41,10 @@ pub trait TransformerOps: Backend {
         wpe: &Self::Ref<'_, f32>,
         out: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
-    /// The tables' gradients from `dout` (`rows x c`): `dwte = keep * dwte + ` the sum of the rows
-    /// of each token, `dwpe[p] = keep * dwpe[p] + ` the sum over sequences of position `p`'s rows
-    /// (the first `t` rows of `dwpe`; the rest untouched). Sums run in row order, whatever the
-    /// device: the same bits every run. `keep = 0`: the old values are not read.
+    /// The tables' gradients from `dout` (`rows x c`): `dwte = keep.0 * dwte + ` the sum of the
+    /// rows of each token, `dwpe[p] = keep.1 * dwpe[p] + ` the sum over sequences of position
+    /// `p`'s rows (the first `t` rows of `dwpe`; the rest untouched). Sums run in row order,
+    /// whatever the device: the same bits every run. A keep of 0: the old values are not read.
     #[allow(clippy::too_many_arguments)]
     fn embed_backward(
         &self,
@@ -52,7 +52,7 @@ pub trait TransformerOps: Backend {
         c: usize,
         ids: &Self::Ref<'_, f32>,
         dout: &Self::Ref<'_, f32>,
-        keep: f32,
+        keep: (f32, f32),
         dwte: &mut Self::Mut<'_, f32>,
         dwpe: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
@@ -217,7 +217,7 @@ impl TransformerOps for CpuDevice {
         c: usize,
         ids: &&[f32],
         dout: &&[f32],
-        keep: f32,
+        keep: (f32, f32),
         dwte: &mut &mut [f32],
         dwpe: &mut &mut [f32],
     ) -> Result<()> {
@@ -233,14 +233,14 @@ impl TransformerOps for CpuDevice {
             for &r in rs {
                 acc.iter_mut().zip(&dout[r * c..][..c]).for_each(|(a, d)| *a += d);
             }
-            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep != 0.0 { keep * *w + a } else { a });
+            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep.0 != 0.0 { keep.0 * *w + a } else { a });
         });
         dwpe[..t * c].par_chunks_mut(c).enumerate().for_each(|(p, w)| {
             let mut acc = vec![0f32; c];
             for r in (p..rows).step_by(t) {
                 acc.iter_mut().zip(&dout[r * c..][..c]).for_each(|(a, d)| *a += d);
             }
-            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep != 0.0 { keep * *w + a } else { a });
+            w.iter_mut().zip(acc).for_each(|(w, a)| *w = if keep.1 != 0.0 { keep.1 * *w + a } else { a });
         });
         Ok(())
     }
@@ -519,7 +519,7 @@ macro_rules! gpu_impl {
                 c: usize,
                 ids: &$view<'_, f32>,
                 dout: &$view<'_, f32>,
-                keep: f32,
+                keep: (f32, f32),
                 dwte: &mut $view_mut<'_, f32>,
                 dwpe: &mut $view_mut<'_, f32>,
             ) -> Result<()> {
@@ -534,11 +534,11 @@ macro_rules! gpu_impl {
                 let cfg = embed_launch(vocab, c, self.sms())?;
                 // SAFETY: ids hold rows, dout rows*c, dwte vocab*c (checked); block (x, y) owns the
                 // table rows x, x + gridDim.x, ... for channels of its y block, guarded by c.
-                unsafe { k.embed_bwd_wte(self.stream(), cfg, r, c32, v, ids, dout, keep, dwte) }
+                unsafe { k.embed_bwd_wte(self.stream(), cfg, r, c32, v, ids, dout, keep.0, dwte) }
                     .map_err(Error::driver("launching embed_bwd_wte"))?;
                 let cfg = embed_launch(t, c, self.sms())?;
                 // SAFETY: dout holds rows*c with rows a multiple of t, dwpe at least t*c (checked).
-                unsafe { k.embed_bwd_wpe(self.stream(), cfg, r, t32, c32, dout, keep, dwpe) }
+                unsafe { k.embed_bwd_wpe(self.stream(), cfg, r, t32, c32, dout, keep.1, dwpe) }
                     .map_err(Error::driver("launching embed_bwd_wpe"))
             }
 
