@@ -515,3 +515,115 @@ fn profile_counts_the_host_work_of_a_step_on_simulated_devices() {
     let (ok, _, err) = tessera(&["train", "--widths", "784,32,10", "--steps", "1", "--profile", "--device", "cpu"]);
     assert!(ok && err.contains("run with --device sim"), "{err}");
 }
+
+/// A small GPT's data: `seqs` windows of `t` characters of tiny Shakespeare and their next
+/// characters, as a model takes them.
+fn gpt_batch(seqs: usize, t: usize) -> (tessera::data::TextCorpus, Vec<f32>, Vec<i32>) {
+    let text = tessera::data::TextCorpus::tiny_shakespeare().unwrap();
+    let (x, y) = text.train_batch(3, 0, seqs, t).unwrap();
+    (text, x, y)
+}
+
+/// The GPT's layers (embedding, blocks, tied head) give the gradients of their loss: every
+/// parameter tensor checked against central differences of the f32 loss at a spread of indices
+/// (wte, shared by the embedding and the head, gets both contributions); the parameters carry
+/// GPT-2's names.
+#[test]
+fn gpt_gradients_match_finite_differences() {
+    use tessera::nn::GptConfig;
+    let dev = CpuDevice::new(0);
+    let (text, x, y) = gpt_batch(3, 6);
+    let cfg = GptConfig { vocab: text.vocab.len(), t: 6, c: 8, heads: 2, layers: 2 };
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let names: Vec<&str> = info.params.iter().map(|p| p.name.as_str()).collect();
+    for want in ["wte", "wpe", "h.0.ln_1.weight", "h.1.attn.c_attn.weight", "h.1.mlp.c_proj.bias", "ln_f.weight"] {
+        assert!(names.contains(&want), "{want} not among {names:?}");
+    }
+    assert_eq!(names.iter().filter(|n| **n == "wte").count(), 1, "one wte, shared by embedding and head");
+    let mut p = model.init(5).unwrap();
+    // Biases and LayerNorm parameters away from their initial 0 and 1, so that every path counts.
+    for q in info.params.iter().filter(|q| q.name.ends_with("bias") || q.name.contains("ln_")) {
+        for (k, v) in p[q.range.clone()].iter_mut().enumerate() {
+            *v += 0.05 * ((k % 7) as f32 - 3.0);
+        }
+    }
+    let loss_at = |params: &[f32]| -> f64 {
+        let mut net = Network::with_params(&dev, &model, params).unwrap();
+        net.load_batch(&dev, &x, &y).unwrap();
+        net.forward(&dev).unwrap();
+        net.loss(&dev).unwrap() as f64
+    };
+    let mut net = Network::with_params(&dev, &model, &p).unwrap();
+    net.load_batch(&dev, &x, &y).unwrap();
+    net.forward(&dev).unwrap();
+    let loss = net.backward(&dev, false).unwrap();
+    assert!((loss as f64 - loss_at(&p)).abs() < 1e-6, "backward's loss is the forward's");
+    // Uniform random guessing over 65 characters is ln 65 = 4.17; a fresh model is near it.
+    assert!((loss - (text.vocab.len() as f32).ln()).abs() < 0.3, "{loss}");
+    let g = dev.download(&CpuDevice::view(net.grads())).unwrap();
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for q in &info.params {
+        let len = q.range.len();
+        for k in [0, len / 3, len / 2, len - 1] {
+            let i = q.range.start + k;
+            let (mut up, mut down) = (p.clone(), p.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss_at(&up) - loss_at(&down)) / (2.0 * h as f64);
+            let gi = g[i] as f64;
+            assert!((gi - fd).abs() <= 3e-4 + 2e-2 * fd.abs(), "d loss / d {}[{k}] = {gi} vs fd {fd}", q.name);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4 * 27, "{checked}");
+}
+
+/// The GPT on the CUDA simulator (the transformer's kernels through the GPU's code path, work
+/// deferred until waited on) takes the same first steps as on the CPU; split into pipeline
+/// stages by blocks (the tied wte on the first and the last stage), it trains to the same
+/// weights as one device.
+#[test]
+fn gpt_runs_in_the_simulator_and_pipelines_by_blocks() {
+    use tessera::nn::GptConfig;
+    use tessera::parallel::engine::Engine;
+    use tessera::parallel::{Plan, ScheduleKind};
+    let (text, _, _) = gpt_batch(1, 4);
+    let cfg = GptConfig { vocab: text.vocab.len(), t: 8, c: 16, heads: 2, layers: 2 };
+    let tc = TrainConfig {
+        optimizer: OptimizerConfig::Sgd(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }),
+        schedule: LrSchedule::Constant,
+        clip_norm: None,
+        seed: 4,
+    };
+    let batches: Vec<(Vec<f32>, Vec<i32>)> = (0..3).map(|s| text.train_batch(9, s, 4, 8).unwrap()).collect();
+    let cpu = CpuDevice::new(0);
+    let mut a = Trainer::new(&cpu, &cfg.model().unwrap(), tc.clone()).unwrap();
+    let la: Vec<f32> = batches.iter().map(|(x, y)| a.step(x, y).unwrap().loss).collect();
+    let sim = tessera::SimDevice::group(1, tessera::StreamOrder::Deferred { shuffle: Some(2) }).remove(0);
+    let mut b = Trainer::new(&sim, &cfg.model().unwrap(), tc.clone()).unwrap();
+    let lb: Vec<f32> = batches.iter().map(|(x, y)| b.step(x, y).unwrap().loss).collect();
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim {lb:?}");
+    }
+    let want = a.network().download_params(&cpu).unwrap();
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let cpus: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
+    for (dp, pp, m, kind) in
+        [(1, 2, 2, ScheduleKind::OneFOneB), (2, 2, 1, ScheduleKind::GPipe), (1, 4, 4, ScheduleKind::GPipe)]
+    {
+        let plan = Plan::new(&info, dp, pp, m, kind).unwrap();
+        let desc = plan.describe();
+        let mut e = Engine::new(&cpus[..dp * pp], &model, tc.clone(), plan).unwrap();
+        for (x, y) in &batches {
+            e.step(x, y).unwrap();
+        }
+        let got = e.params().unwrap();
+        let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max)
+            / want.iter().map(|w| w.abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5, "{desc}: relative difference {err:e}");
+        assert!(e.replicas_identical().unwrap(), "{desc}");
+    }
+}

@@ -34,6 +34,7 @@
 //! The MLP ([`MlpConfig::model`]) is one such model, built of [`Linear`] layers;
 //! `examples/own_layer.rs` builds another from a layer of its own.
 
+pub mod gpt;
 mod linear;
 mod mlp;
 mod stage;
@@ -41,6 +42,7 @@ mod stage;
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use gpt::GptConfig;
 pub use linear::Linear;
 pub use mlp::{MlpConfig, Network};
 pub use stage::{LayerDone, Stage};
@@ -134,6 +136,14 @@ impl<B: Backend> Saved<B> {
         }
         Ok(self.bufs[i].as_mut().unwrap())
     }
+    /// Buffers `0..lens.len()`, buffer `i` of `lens[i]` floats, all at once (to write several in
+    /// one forward).
+    pub fn keep_all(&mut self, dev: &B, lens: &[usize]) -> Result<Vec<&mut B::Buf<f32>>> {
+        for (i, &len) in lens.iter().enumerate() {
+            self.keep(dev, i, len)?;
+        }
+        Ok(self.bufs.iter_mut().take(lens.len()).map(|b| b.as_mut().expect("kept above")).collect())
+    }
     /// Buffer `i` as forward left it.
     pub fn get(&self, i: usize) -> Result<&B::Buf<f32>> {
         self.bufs.get(i).and_then(|b| b.as_ref()).ok_or_else(|| {
@@ -175,6 +185,19 @@ impl<'a, B: Backend> Work<'a, B> {
     /// Returns a scratch buffer for later use.
     pub fn give_back(&mut self, buf: B::Buf<f32>) {
         self.scratch.push(buf);
+    }
+    /// Writes `src` as parameter `i`'s gradient (a copy for the step's first contribution, an
+    /// add after): for ops that compute several gradients into scratch at once.
+    pub fn put_grad(&mut self, dev: &B, i: usize, src: &B::Ref<'_, f32>) -> Result<()>
+    where
+        B: crate::ops::Ops,
+    {
+        let (mut g, beta) = self.grad(i);
+        if beta == 0.0 {
+            dev.copy(src, &mut g)
+        } else {
+            dev.axpy(1.0, src, &mut g)
+        }
     }
 }
 

@@ -1,0 +1,540 @@
+//! A GPT (GPT-2's architecture: token and position embedding, blocks of pre-norm causal
+//! self-attention and a GELU MLP with residual connections, a final LayerNorm, and the output
+//! projection tied to the token embedding) as layers of the layer contract: [`TokenEmbedding`],
+//! one [`Block`] per transformer block (so a model pipelines by blocks), and [`Head`]. A
+//! sample's input is its `t` token ids (as f32 whole numbers), its labels the `t` next tokens.
+//!
+//! Parameters carry GPT-2's names (`wte`, `wpe`, `h.{i}.ln_1.weight`, `h.{i}.attn.c_attn.weight`,
+//! ..., `ln_f.bias`), with every weight stored `inputs x outputs` as GPT-2's `Conv1D` does; `wte`
+//! is one parameter shared by the embedding and the head.
+
+use crate::error::{Error, Result};
+use crate::nn::{Ctx, Layer, LayerCost, Model, ParamSpec, Saved, Work};
+use crate::ops::activation::Activation;
+use crate::ops::gemm::Gemm;
+use crate::ops::transformer::LAYERNORM_EPS;
+use crate::ops::Ops;
+use crate::rng::Rng;
+
+/// A GPT's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GptConfig {
+    /// Tokens in the vocabulary.
+    pub vocab: usize,
+    /// Context: positions per sequence.
+    pub t: usize,
+    /// Width (channels).
+    pub c: usize,
+    /// Attention heads (dividing the width).
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+}
+
+impl GptConfig {
+    /// Checks the shape: every size at least 1, heads dividing the width into heads of at most 256.
+    pub fn validate(&self) -> Result<()> {
+        let GptConfig { vocab, t, c, heads, layers } = *self;
+        if vocab == 0 || t == 0 || c == 0 || heads == 0 || layers == 0 {
+            return Err(Error::Invalid(format!("a GPT needs every size at least 1: {self:?}")));
+        }
+        if c % heads != 0 || c / heads > 256 {
+            return Err(Error::Invalid(format!(
+                "width {c} must split into {heads} heads of equal size, at most 256 each"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The model: embedding, `layers` blocks, head, with `vocab` classes per position.
+    pub fn model<B: Ops>(&self) -> Result<Model<B>> {
+        self.validate()?;
+        let mut m = Model::new("gpt").push(TokenEmbedding { vocab: self.vocab, t: self.t, c: self.c });
+        for i in 0..self.layers {
+            m = m.push(Block { index: i, layers: self.layers, t: self.t, c: self.c, heads: self.heads });
+        }
+        Ok(m.push(Head { vocab: self.vocab, t: self.t, c: self.c }).classes(self.vocab))
+    }
+}
+
+/// The first `len` floats of a buffer.
+fn head<B: Ops>(b: &B::Buf<f32>, len: usize) -> B::Ref<'_, f32> {
+    B::view_range(b, 0..len)
+}
+
+/// The first `len` floats of a buffer, writable.
+fn head_mut<B: Ops>(b: &mut B::Buf<f32>, len: usize) -> B::Mut<'_, f32> {
+    B::view_range_mut(b, 0..len)
+}
+
+/// A whole buffer.
+fn full<B: Ops>(b: &B::Buf<f32>) -> B::Ref<'_, f32> {
+    B::view(b)
+}
+
+/// A whole buffer, writable.
+fn full_mut<B: Ops>(b: &mut B::Buf<f32>) -> B::Mut<'_, f32> {
+    B::view_mut(b)
+}
+
+/// Normal(0, std) initial values.
+fn normal(rng: &mut Rng, values: &mut [f32], std: f32) {
+    values.iter_mut().for_each(|v| *v = std * rng.normal());
+}
+
+/// Token and position embedding: `t` ids in, `t x c` out. Parameters `wte` (`vocab x c`, shared
+/// with the head) and `wpe` (`t x c`).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEmbedding {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Context.
+    pub t: usize,
+    /// Width.
+    pub c: usize,
+}
+
+impl<B: Ops> Layer<B> for TokenEmbedding {
+    fn describe(&self) -> String {
+        format!("embedding {} tokens + {} positions x {}", self.vocab, self.t, self.c)
+    }
+    fn inputs(&self) -> usize {
+        self.t
+    }
+    fn outputs(&self) -> usize {
+        self.t * self.c
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::shared("wte", &[self.vocab, self.c]), ParamSpec::shared("wpe", &[self.t, self.c])]
+    }
+    fn init(&self, _i: usize, rng: &mut Rng, values: &mut [f32]) {
+        normal(rng, values, 0.02);
+    }
+    fn cost(&self) -> LayerCost {
+        LayerCost { flops_per_sample: 3.0 * (self.t * self.c) as f64, ..LayerCost::default() }
+    }
+    fn forward(&self, cx: &Ctx<'_, B>, x: &B::Ref<'_, f32>, y: &mut B::Mut<'_, f32>, _: &mut Saved<B>) -> Result<()> {
+        cx.dev.embed_forward(self.t, self.c, x, &cx.param(0), &cx.param(1), y)
+    }
+    fn backward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        dy: &B::Ref<'_, f32>,
+        dx: Option<&mut B::Mut<'_, f32>>,
+        _: &Saved<B>,
+        work: &mut Work<'_, B>,
+    ) -> Result<()> {
+        if dx.is_some() {
+            return Err(Error::Invalid(
+                "the token embedding's input is token ids, which have no gradient: it must be the model's first layer"
+                    .into(),
+            ));
+        }
+        let dev = cx.dev;
+        let n = self.t * self.c;
+        let mut dpe = work.take_scratch(dev, n)?;
+        let r = (|| {
+            {
+                let (mut dwte, keep) = work.grad(0);
+                dev.embed_backward(
+                    self.t,
+                    self.c,
+                    x,
+                    dy,
+                    (keep, 0.0),
+                    &mut dwte,
+                    &mut B::view_range_mut(&mut dpe, 0..n),
+                )?;
+            }
+            work.put_grad(dev, 1, &B::view_range(&dpe, 0..n))
+        })();
+        work.give_back(dpe);
+        r
+    }
+}
+
+/// A pre-norm transformer block on `t x c` per sample: `x2 = x + attn(ln_1(x))`, `y = x2 +
+/// mlp(ln_2(x2))`, the attention causal over `heads` heads, the MLP `c -> 4c (GELU) -> c`.
+#[derive(Debug, Clone, Copy)]
+pub struct Block {
+    /// Its index among the blocks (its parameters are `h.{index}.*`).
+    pub index: usize,
+    /// Blocks in the model (the residual projections start at 0.02 / sqrt(2 layers), as GPT-2).
+    pub layers: usize,
+    /// Context.
+    pub t: usize,
+    /// Width.
+    pub c: usize,
+    /// Heads.
+    pub heads: usize,
+}
+
+/// Saved buffers of a block, by index.
+const H1: usize = 0;
+const M1: usize = 1;
+const R1: usize = 2;
+const QKV: usize = 3;
+const ATT: usize = 4;
+const LSE: usize = 5;
+const X2: usize = 6;
+const H2: usize = 7;
+const M2: usize = 8;
+const R2: usize = 9;
+const FCZ: usize = 10;
+const FCA: usize = 11;
+
+impl<B: Ops> Layer<B> for Block {
+    fn describe(&self) -> String {
+        format!("block {}: {} heads x {}, context {}", self.index, self.heads, self.c / self.heads, self.t)
+    }
+    fn inputs(&self) -> usize {
+        self.t * self.c
+    }
+    fn outputs(&self) -> usize {
+        self.t * self.c
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let (c, h) = (self.c, format!("h.{}", self.index));
+        let p = |name: &str, shape: &[usize]| ParamSpec::shared(&format!("{h}.{name}"), shape);
+        vec![
+            p("ln_1.weight", &[c]),
+            p("ln_1.bias", &[c]),
+            p("attn.c_attn.weight", &[c, 3 * c]),
+            p("attn.c_attn.bias", &[3 * c]),
+            p("attn.c_proj.weight", &[c, c]),
+            p("attn.c_proj.bias", &[c]),
+            p("ln_2.weight", &[c]),
+            p("ln_2.bias", &[c]),
+            p("mlp.c_fc.weight", &[c, 4 * c]),
+            p("mlp.c_fc.bias", &[4 * c]),
+            p("mlp.c_proj.weight", &[4 * c, c]),
+            p("mlp.c_proj.bias", &[c]),
+        ]
+    }
+    fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]) {
+        match i {
+            0 | 6 => values.fill(1.0),
+            2 | 8 => normal(rng, values, 0.02),
+            4 | 10 => normal(rng, values, 0.02 / (2.0 * self.layers as f32).sqrt()),
+            _ => {}
+        }
+    }
+    fn cost(&self) -> LayerCost {
+        let (t, c) = (self.t as f64, self.c as f64);
+        // Matrices: 12 c^2 multiply-adds per position, 3x for forward + backward; attention
+        // t^2 c forward, about 2.5x that backward.
+        LayerCost {
+            flops_per_sample: 6.0 * 12.0 * c * c * t + 7.0 * t * t * c,
+            saved_floats_per_sample: self.t * (13 * self.c + 4 + self.heads),
+            scratch_floats_per_sample: self.t * (14 * self.c + self.heads),
+        }
+    }
+
+    fn forward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        y: &mut B::Mut<'_, f32>,
+        saved: &mut Saved<B>,
+    ) -> Result<()> {
+        let (dev, c) = (cx.dev, self.c);
+        let n = cx.rows * self.t;
+        let lens = [n * c, n, n, 3 * n * c, n * c, n * self.heads, n * c, n * c, n, n, 4 * n * c, 4 * n * c];
+        let bufs: [&mut B::Buf<f32>; 12] = saved.keep_all(dev, &lens)?.try_into().ok().expect("12 buffers");
+        let [h1, m1, r1, qkv, att, lse, x2, h2, m2, r2, fcz, fca] = bufs;
+        let p = |i: usize| cx.param(i);
+        let v = full::<B>;
+        let vm = full_mut::<B>;
+        dev.layernorm_forward(c, LAYERNORM_EPS, x, &p(0), &p(1), &mut vm(h1), &mut vm(m1), &mut vm(r1))?;
+        dev.gemm(&Gemm::new(n, 3 * c, c), &v(h1), &p(2), Some(&p(3)), &mut vm(qkv), None)?;
+        dev.attention_forward(self.t, c, self.heads, &v(qkv), &mut vm(att), &mut vm(lse))?;
+        // x2 = x + att W + b: the residual first, then the projection added by the GEMM's beta.
+        dev.copy(x, &mut vm(x2))?;
+        dev.gemm(&Gemm::new(n, c, c).beta(1.0), &v(att), &p(4), Some(&p(5)), &mut vm(x2), None)?;
+        dev.layernorm_forward(c, LAYERNORM_EPS, &v(x2), &p(6), &p(7), &mut vm(h2), &mut vm(m2), &mut vm(r2))?;
+        let fc = Gemm::new(n, 4 * c, c).activation(Activation::GeluTanh);
+        dev.gemm(&fc, &v(h2), &p(8), Some(&p(9)), &mut vm(fcz), Some(&mut vm(fca)))?;
+        dev.copy(&v(x2), y)?;
+        dev.gemm(&Gemm::new(n, c, 4 * c).beta(1.0), &v(fca), &p(10), Some(&p(11)), y, None)
+    }
+
+    fn backward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        dy: &B::Ref<'_, f32>,
+        dx: Option<&mut B::Mut<'_, f32>>,
+        saved: &Saved<B>,
+        work: &mut Work<'_, B>,
+    ) -> Result<()> {
+        let (dev, c, t, heads) = (cx.dev, self.c, self.t, self.heads);
+        let n = cx.rows * t;
+        let s = |i: usize| saved.get(i).map(|b| B::view(b));
+        let p = |i: usize| cx.param(i);
+        // Scratch: two of n x 4c (the MLP's hidden gradient before and after GELU), n x 3c
+        // (qkv's gradient), three of n x c, the attention's row sums, and LayerNorm's gradients.
+        let sizes = [4 * n * c, 4 * n * c, 3 * n * c, n * c, n * c, n * c, n * heads, 2 * c];
+        let mut bufs = Vec::with_capacity(sizes.len());
+        for &len in &sizes {
+            match work.take_scratch(dev, len) {
+                Ok(b) => bufs.push(b),
+                Err(e) => {
+                    bufs.into_iter().for_each(|b| work.give_back(b));
+                    return Err(e);
+                }
+            }
+        }
+        let result = (|| -> Result<()> {
+            let [df, dz, dqkv, dx2, da, dh, dsum, dln] = &mut bufs[..] else { unreachable!() };
+            let w = head_mut::<B>;
+            let r = head::<B>;
+            // y = x2 + gelu(h2 Wfc + bfc) Wp2 + bp2
+            {
+                let (mut g, beta) = work.grad(10);
+                dev.gemm(&Gemm::new(4 * c, c, n).trans_a(true).beta(beta), &s(FCA)?, dy, None, &mut g, None)?;
+            }
+            {
+                let (mut g, beta) = work.grad(11);
+                dev.col_sum(n, c, dy, beta, &mut g)?;
+            }
+            dev.gemm(&Gemm::new(n, 4 * c, c).trans_b(true), dy, &p(10), None, &mut w(df, 4 * n * c), None)?;
+            dev.act_backward(Activation::GeluTanh, &s(FCZ)?, &r(df, 4 * n * c), &mut w(dz, 4 * n * c))?;
+            {
+                let (mut g, beta) = work.grad(8);
+                dev.gemm(
+                    &Gemm::new(c, 4 * c, n).trans_a(true).beta(beta),
+                    &s(H2)?,
+                    &r(dz, 4 * n * c),
+                    None,
+                    &mut g,
+                    None,
+                )?;
+            }
+            {
+                let (mut g, beta) = work.grad(9);
+                dev.col_sum(n, 4 * c, &r(dz, 4 * n * c), beta, &mut g)?;
+            }
+            dev.gemm(&Gemm::new(n, c, 4 * c).trans_b(true), &r(dz, 4 * n * c), &p(8), None, &mut w(dh, n * c), None)?;
+            // Through ln_2, plus the residual: dx2 = ln_2'(dh) + dy.
+            {
+                let (mut dg, mut db) = B::split_mut(dln, c);
+                dev.layernorm_backward(
+                    c,
+                    &s(X2)?,
+                    &r(dh, n * c),
+                    &p(6),
+                    &s(M2)?,
+                    &s(R2)?,
+                    &mut w(dx2, n * c),
+                    0.0,
+                    &mut B::sub_mut(&mut dg, 0..c),
+                    &mut B::sub_mut(&mut db, 0..c),
+                )?;
+            }
+            work.put_grad(dev, 6, &r(dln, c))?;
+            work.put_grad(dev, 7, &B::view_range(dln, c..2 * c))?;
+            dev.axpy(1.0, dy, &mut w(dx2, n * c))?;
+            // x2 = x + attn(h1 Wqkv + bqkv) Wp + bp
+            {
+                let (mut g, beta) = work.grad(4);
+                dev.gemm(&Gemm::new(c, c, n).trans_a(true).beta(beta), &s(ATT)?, &r(dx2, n * c), None, &mut g, None)?;
+            }
+            {
+                let (mut g, beta) = work.grad(5);
+                dev.col_sum(n, c, &r(dx2, n * c), beta, &mut g)?;
+            }
+            dev.gemm(&Gemm::new(n, c, c).trans_b(true), &r(dx2, n * c), &p(4), None, &mut w(da, n * c), None)?;
+            dev.attention_backward(
+                t,
+                c,
+                heads,
+                &s(QKV)?,
+                &s(ATT)?,
+                &r(da, n * c),
+                &s(LSE)?,
+                &mut w(dqkv, 3 * n * c),
+                &mut w(dsum, n * heads),
+            )?;
+            {
+                let (mut g, beta) = work.grad(2);
+                dev.gemm(
+                    &Gemm::new(c, 3 * c, n).trans_a(true).beta(beta),
+                    &s(H1)?,
+                    &r(dqkv, 3 * n * c),
+                    None,
+                    &mut g,
+                    None,
+                )?;
+            }
+            {
+                let (mut g, beta) = work.grad(3);
+                dev.col_sum(n, 3 * c, &r(dqkv, 3 * n * c), beta, &mut g)?;
+            }
+            dev.gemm(&Gemm::new(n, c, 3 * c).trans_b(true), &r(dqkv, 3 * n * c), &p(2), None, &mut w(dh, n * c), None)?;
+            // Through ln_1 (into dx, or scratch when no input gradient is asked for), plus the
+            // residual: dx = ln_1'(dh) + dx2.
+            macro_rules! ln_1_backward {
+                ($into:expr) => {{
+                    let (mut dg, mut db) = B::split_mut(dln, c);
+                    let (mut dg, mut db) = (B::sub_mut(&mut dg, 0..c), B::sub_mut(&mut db, 0..c));
+                    let done = dev.layernorm_backward(
+                        c,
+                        x,
+                        &r(dh, n * c),
+                        &p(0),
+                        &s(M1)?,
+                        &s(R1)?,
+                        $into,
+                        0.0,
+                        &mut dg,
+                        &mut db,
+                    );
+                    done
+                }};
+            }
+            match dx {
+                Some(d) => {
+                    ln_1_backward!(&mut *d)?;
+                    dev.axpy(1.0, &r(dx2, n * c), d)?;
+                }
+                None => ln_1_backward!(&mut w(da, n * c))?,
+            }
+            work.put_grad(dev, 0, &r(dln, c))?;
+            work.put_grad(dev, 1, &B::view_range(dln, c..2 * c))
+        })();
+        bufs.into_iter().for_each(|b| work.give_back(b));
+        result
+    }
+}
+
+/// The final LayerNorm and the output projection tied to the token embedding: `t x c` in,
+/// `t x vocab` logits out. Parameters `ln_f.weight`, `ln_f.bias` and the shared `wte`.
+#[derive(Debug, Clone, Copy)]
+pub struct Head {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Context.
+    pub t: usize,
+    /// Width.
+    pub c: usize,
+}
+
+impl<B: Ops> Layer<B> for Head {
+    fn describe(&self) -> String {
+        format!("head: ln_f, {} x {} tied to wte", self.c, self.vocab)
+    }
+    fn inputs(&self) -> usize {
+        self.t * self.c
+    }
+    fn outputs(&self) -> usize {
+        self.t * self.vocab
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::shared("ln_f.weight", &[self.c]),
+            ParamSpec::shared("ln_f.bias", &[self.c]),
+            ParamSpec::shared("wte", &[self.vocab, self.c]),
+        ]
+    }
+    fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]) {
+        match i {
+            0 => values.fill(1.0),
+            2 => normal(rng, values, 0.02),
+            _ => {}
+        }
+    }
+    fn cost(&self) -> LayerCost {
+        LayerCost {
+            flops_per_sample: 6.0 * (self.t * self.c * self.vocab) as f64,
+            saved_floats_per_sample: self.t * (self.c + 2),
+            scratch_floats_per_sample: self.t * self.c + 2 * self.c,
+        }
+    }
+    fn forward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        y: &mut B::Mut<'_, f32>,
+        saved: &mut Saved<B>,
+    ) -> Result<()> {
+        let (dev, c) = (cx.dev, self.c);
+        let n = cx.rows * self.t;
+        let bufs: [&mut B::Buf<f32>; 3] = saved.keep_all(dev, &[n * c, n, n])?.try_into().ok().expect("3 buffers");
+        let [h, m, r] = bufs;
+        dev.layernorm_forward(
+            c,
+            LAYERNORM_EPS,
+            x,
+            &cx.param(0),
+            &cx.param(1),
+            &mut B::view_mut(h),
+            &mut B::view_mut(m),
+            &mut B::view_mut(r),
+        )?;
+        // logits = h wte^T (wte is vocab x c).
+        dev.gemm(&Gemm::new(n, self.vocab, c).trans_b(true), &B::view(h), &cx.param(2), None, y, None)
+    }
+    fn backward(
+        &self,
+        cx: &Ctx<'_, B>,
+        x: &B::Ref<'_, f32>,
+        dy: &B::Ref<'_, f32>,
+        dx: Option<&mut B::Mut<'_, f32>>,
+        saved: &Saved<B>,
+        work: &mut Work<'_, B>,
+    ) -> Result<()> {
+        let (dev, c, v) = (cx.dev, self.c, self.vocab);
+        let n = cx.rows * self.t;
+        {
+            // dwte (vocab x c) += dy^T h
+            let (mut g, beta) = work.grad(2);
+            dev.gemm(&Gemm::new(v, c, n).trans_a(true).beta(beta), dy, &B::view(saved.get(0)?), None, &mut g, None)?;
+        }
+        let mut dh = work.take_scratch(dev, n * c)?;
+        let mut dln = match work.take_scratch(dev, 2 * c) {
+            Ok(b) => b,
+            Err(e) => {
+                work.give_back(dh);
+                return Err(e);
+            }
+        };
+        let result = (|| -> Result<()> {
+            dev.gemm(&Gemm::new(n, c, v), dy, &cx.param(2), None, &mut B::view_range_mut(&mut dh, 0..n * c), None)?;
+            macro_rules! ln_f_backward {
+                ($into:expr) => {{
+                    let (mut dg, mut db) = B::split_mut(&mut dln, c);
+                    let (mut dg, mut db) = (B::sub_mut(&mut dg, 0..c), B::sub_mut(&mut db, 0..c));
+                    let done = dev.layernorm_backward(
+                        c,
+                        x,
+                        &B::view_range(&dh, 0..n * c),
+                        &cx.param(0),
+                        &B::view(saved.get(1)?),
+                        &B::view(saved.get(2)?),
+                        $into,
+                        0.0,
+                        &mut dg,
+                        &mut db,
+                    );
+                    done
+                }};
+            }
+            let r = match dx {
+                Some(d) => ln_f_backward!(d),
+                None => {
+                    let mut tmp = work.take_scratch(dev, n * c)?;
+                    let r = ln_f_backward!(&mut B::view_range_mut(&mut tmp, 0..n * c));
+                    work.give_back(tmp);
+                    r
+                }
+            };
+            r?;
+            work.put_grad(dev, 0, &B::view_range(&dln, 0..c))?;
+            work.put_grad(dev, 1, &B::view_range(&dln, c..2 * c))
+        })();
+        work.give_back(dh);
+        work.give_back(dln);
+        result
+    }
+}
