@@ -8,7 +8,7 @@ use std::str::FromStr;
 use crate::data::{batch_indices, batches_per_epoch, epoch_order, Dataset};
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelInfo, Network};
-pub use crate::ops::optim::{apply_optimizer, OptimizerConfig};
+pub use crate::ops::optim::{apply_optimizer, apply_optimizer_masked, OptimizerConfig};
 use crate::ops::Ops;
 
 /// How the learning rate moves with the step.
@@ -227,8 +227,10 @@ impl<B: Ops> Trainer<B> {
         };
         let lr = self.cfg.optimizer.lr() * self.cfg.schedule.factor(self.step);
         self.step += 1;
+        let no_decay = self.net.layout().no_decay.clone();
         let (params, grads) = self.net.params_and_grads();
-        apply_optimizer(dev, &self.cfg.optimizer, lr, self.step, grad_scale, params, grads, &mut self.state)?;
+        let (opt, t) = (&self.cfg.optimizer, self.step);
+        apply_optimizer_masked(dev, opt, lr, t, grad_scale, params, grads, &mut self.state, &no_decay)?;
         if !read && self.unread < LOSS_SLOTS {
             return Ok(StepStats { loss: f32::NAN, loss_steps: 0, lr, grad_norm });
         }

@@ -627,3 +627,53 @@ fn gpt_runs_in_the_simulator_and_pipelines_by_blocks() {
         assert!(e.replicas_identical().unwrap(), "{desc}");
     }
 }
+
+/// AdamW decays the GPT's matrices only: the stage layout's undecayed ranges are exactly its
+/// biases and LayerNorm parameters, and the masked update equals AdamW without decay there and
+/// with it elsewhere. An MLP (every parameter decayed) updates as one call did.
+#[test]
+fn weight_decay_skips_what_the_model_marks() {
+    use tessera::nn::GptConfig;
+    use tessera::train::{apply_optimizer, apply_optimizer_masked};
+    let dev = CpuDevice::new(0);
+    let cfg = GptConfig { vocab: 11, t: 4, c: 8, heads: 2, layers: 2 };
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let layout = info.stage_layout(0..info.depth());
+    let mut want: Vec<std::ops::Range<usize>> = Vec::new();
+    for (k, &p) in layout.params.iter().enumerate() {
+        let name = &info.params[p].name;
+        if name.ends_with("bias") || name.contains("ln_") {
+            let r = layout.local[k].clone();
+            match want.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => want.push(r),
+            }
+        }
+    }
+    assert_eq!(layout.no_decay, want);
+    assert!(layout.no_decay.len() >= 8, "{:?}", layout.no_decay);
+    let n = layout.len;
+    let (w0, g) = (tessera::check::inputs(1, n, 1.0), tessera::check::inputs(2, n, 1.0));
+    let adamw = |wd: f32| OptimizerConfig::AdamW(AdamW { lr: 0.01, weight_decay: wd, ..AdamW::default() });
+    let step = |opt: &OptimizerConfig, mask: &[std::ops::Range<usize>]| {
+        let mut w = w0.clone();
+        let mut state = vec![vec![0f32; n], vec![0f32; n]];
+        apply_optimizer_masked(&dev, opt, 0.01, 1, 1.0, &mut w, &g, &mut state, mask).unwrap();
+        w
+    };
+    let masked = step(&adamw(0.1), &layout.no_decay);
+    let (all, none) = (step(&adamw(0.1), &[]), step(&adamw(0.0), &[]));
+    for i in 0..n {
+        let skipped = layout.no_decay.iter().any(|r| r.contains(&i));
+        assert_eq!(masked[i], if skipped { none[i] } else { all[i] }, "parameter {i} (skipped: {skipped})");
+    }
+    assert_ne!(all, none);
+    // Every parameter decayed: the same bits as the single call.
+    let mut w = w0.clone();
+    let mut state = vec![vec![0f32; n], vec![0f32; n]];
+    apply_optimizer(&dev, &adamw(0.1), 0.01, 1, 1.0, &mut w, &g, &mut state).unwrap();
+    assert_eq!(w, all);
+    let bad = apply_optimizer_masked(&dev, &adamw(0.1), 0.01, 1, 1.0, &mut w, &g, &mut state, &[5..9, 2..3]);
+    assert!(bad.unwrap_err().to_string().contains("sorted"));
+}

@@ -197,19 +197,20 @@ impl<B: Ops> Layer<B> for Block {
     fn params(&self) -> Vec<ParamSpec> {
         let (c, h) = (self.c, format!("h.{}", self.index));
         let p = |name: &str, shape: &[usize]| ParamSpec::shared(&format!("{h}.{name}"), shape);
+        // Weight decay on the matrices only (GPT-2's and nanoGPT's rule).
         vec![
-            p("ln_1.weight", &[c]),
-            p("ln_1.bias", &[c]),
+            p("ln_1.weight", &[c]).no_decay(),
+            p("ln_1.bias", &[c]).no_decay(),
             p("attn.c_attn.weight", &[c, 3 * c]),
-            p("attn.c_attn.bias", &[3 * c]),
+            p("attn.c_attn.bias", &[3 * c]).no_decay(),
             p("attn.c_proj.weight", &[c, c]),
-            p("attn.c_proj.bias", &[c]),
-            p("ln_2.weight", &[c]),
-            p("ln_2.bias", &[c]),
+            p("attn.c_proj.bias", &[c]).no_decay(),
+            p("ln_2.weight", &[c]).no_decay(),
+            p("ln_2.bias", &[c]).no_decay(),
             p("mlp.c_fc.weight", &[c, 4 * c]),
-            p("mlp.c_fc.bias", &[4 * c]),
+            p("mlp.c_fc.bias", &[4 * c]).no_decay(),
             p("mlp.c_proj.weight", &[4 * c, c]),
-            p("mlp.c_proj.bias", &[c]),
+            p("mlp.c_proj.bias", &[c]).no_decay(),
         ]
     }
     fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]) {
@@ -432,8 +433,8 @@ impl<B: Ops> Layer<B> for Head {
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::shared("ln_f.weight", &[self.c]),
-            ParamSpec::shared("ln_f.bias", &[self.c]),
+            ParamSpec::shared("ln_f.weight", &[self.c]).no_decay(),
+            ParamSpec::shared("ln_f.bias", &[self.c]).no_decay(),
             ParamSpec::shared("wte", &[self.vocab, self.c]),
         ]
     }

@@ -210,6 +210,11 @@ impl<B: Ops> Network<B> {
         dev.download(&B::view(self.stage.output(0)?))
     }
 
+    /// Where the parameters sit in the buffer (and which skip weight decay).
+    pub fn layout(&self) -> &crate::nn::StageLayout {
+        self.stage.layout()
+    }
+
     /// Mean cross-entropy of the last forward against the loaded labels.
     pub fn loss(&self, dev: &B) -> Result<f32> {
         self.stage.loss(dev, 0)

@@ -60,16 +60,24 @@ pub struct ParamSpec {
     pub shape: Vec<usize>,
     /// Whether `name` is model-wide, so that every layer declaring it shares one parameter.
     pub shared: bool,
+    /// Whether the optimizer's weight decay applies to it (true unless [`ParamSpec::no_decay`]:
+    /// GPT-2 and its kin decay matrices, not biases and normalisation gains).
+    pub decay: bool,
 }
 
 impl ParamSpec {
     /// A parameter of this layer alone, named `layers.{i}.{name}` in the model.
     pub fn new(name: &str, shape: &[usize]) -> Self {
-        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: false }
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: false, decay: true }
     }
     /// A parameter named `name` in the whole model, shared by every layer that declares it.
     pub fn shared(name: &str, shape: &[usize]) -> Self {
-        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: true }
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: true, decay: true }
+    }
+    /// The same parameter, left out of the optimizer's weight decay.
+    pub fn no_decay(mut self) -> Self {
+        self.decay = false;
+        self
     }
     /// Number of values.
     pub fn len(&self) -> usize {
@@ -251,6 +259,8 @@ pub struct ParamInfo {
     pub range: Range<usize>,
     /// The layers that use it (more than one for a shared parameter).
     pub layers: Vec<usize>,
+    /// Whether the optimizer's weight decay applies to it ([`ParamSpec::decay`]).
+    pub decay: bool,
 }
 
 /// One layer of a model, described without a device.
@@ -340,7 +350,16 @@ impl ModelInfo {
             buckets.push(start..off);
             layer_params.push(mine);
         }
-        StageLayout { layers, params, local, buckets, layer_params, len: off }
+        // The ranges the optimizer's weight decay skips, merged where they touch.
+        let mut no_decay: Vec<Range<usize>> = Vec::new();
+        for (k, _) in params.iter().enumerate().filter(|(_, &p)| !self.params[p].decay) {
+            let r = local[k].clone();
+            match no_decay.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => no_decay.push(r),
+            }
+        }
+        StageLayout { layers, params, local, buckets, layer_params, no_decay, len: off }
     }
 }
 
@@ -358,6 +377,8 @@ pub struct StageLayout {
     pub buckets: Vec<Range<usize>>,
     /// Per layer of the stage, its parameters as indices into `params`.
     pub layer_params: Vec<Vec<usize>>,
+    /// The ranges of the buffer the optimizer's weight decay skips (sorted, merged).
+    pub no_decay: Vec<Range<usize>>,
     /// Floats in the stage's buffer.
     pub len: usize,
 }
@@ -476,7 +497,13 @@ impl<B: Backend> Model<B> {
                     Some(_) => return Err(bad(format!("layer {i} declares parameter `{}` twice", spec.name))),
                     None => {
                         let n = spec.len();
-                        params.push(ParamInfo { name, shape: spec.shape, range: off..off + n, layers: vec![i] });
+                        params.push(ParamInfo {
+                            name,
+                            shape: spec.shape,
+                            range: off..off + n,
+                            layers: vec![i],
+                            decay: spec.decay,
+                        });
                         off = off.checked_add(n).ok_or_else(|| bad("more parameters than an address holds".into()))?;
                         mine.push(params.len() - 1);
                     }

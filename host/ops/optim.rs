@@ -158,19 +158,85 @@ pub fn apply_optimizer<B: OptimOps>(
     grads: &B::Buf<f32>,
     state: &mut [B::Buf<f32>],
 ) -> Result<()> {
-    let mut w = B::view_mut(params);
-    let g = B::view(grads);
-    match (*opt, state) {
-        (OptimizerConfig::Sgd(o), [mom]) => {
-            dev.sgd_step(&Sgd { lr, ..o }, grad_scale, &mut w, &g, &mut B::view_mut(mom))
+    apply_optimizer_masked(dev, opt, lr, t, grad_scale, params, grads, state, &[])
+}
+
+/// [`apply_optimizer`] with the weight decay left out over the ranges `no_decay` (sorted, not
+/// overlapping; [`crate::nn::StageLayout::no_decay`]): one update per run of decayed or undecayed
+/// parameters, the same arithmetic as one update over all where the decay is 0 or nothing is
+/// left out.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_optimizer_masked<B: OptimOps>(
+    dev: &B,
+    opt: &OptimizerConfig,
+    lr: f32,
+    t: u64,
+    grad_scale: f32,
+    params: &mut B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    state: &mut [B::Buf<f32>],
+    no_decay: &[std::ops::Range<usize>],
+) -> Result<()> {
+    let n = B::buf_len(params);
+    let decay = match *opt {
+        OptimizerConfig::Sgd(o) => o.weight_decay,
+        OptimizerConfig::AdamW(o) => o.weight_decay,
+    };
+    // Runs of the buffer: (range, whether decayed).
+    let mut runs = Vec::new();
+    if decay == 0.0 || no_decay.is_empty() {
+        runs.push((0..n, true));
+    } else {
+        let mut at = 0;
+        for r in no_decay {
+            if r.start < at || r.end > n {
+                return Err(Error::Invalid(format!(
+                    "the ranges without weight decay must be sorted, apart and inside the {n} parameters; {r:?} is not"
+                )));
+            }
+            if r.start > at {
+                runs.push((at..r.start, true));
+            }
+            if !r.is_empty() {
+                runs.push((r.clone(), false));
+            }
+            at = r.end;
         }
-        (OptimizerConfig::AdamW(o), [m, v]) => {
-            dev.adamw_step(&AdamW { lr, ..o }, t, grad_scale, &mut w, &g, &mut B::view_mut(m), &mut B::view_mut(v))
-        }
-        (o, s) => {
-            Err(Error::Invalid(format!("{} needs {} state buffers, {} given", o.name(), o.slots().len(), s.len())))
+        if at < n {
+            runs.push((at..n, true));
         }
     }
+    for (r, decayed) in runs {
+        let mut w = B::view_range_mut(params, r.clone());
+        let g = B::view_range(grads, r.clone());
+        match (*opt, &mut *state) {
+            (OptimizerConfig::Sgd(o), [mom]) => {
+                let o = Sgd { lr, weight_decay: if decayed { o.weight_decay } else { 0.0 }, ..o };
+                dev.sgd_step(&o, grad_scale, &mut w, &g, &mut B::view_range_mut(mom, r.clone()))?
+            }
+            (OptimizerConfig::AdamW(o), [m, v]) => {
+                let o = AdamW { lr, weight_decay: if decayed { o.weight_decay } else { 0.0 }, ..o };
+                dev.adamw_step(
+                    &o,
+                    t,
+                    grad_scale,
+                    &mut w,
+                    &g,
+                    &mut B::view_range_mut(m, r.clone()),
+                    &mut B::view_range_mut(v, r.clone()),
+                )?
+            }
+            (o, s) => {
+                return Err(Error::Invalid(format!(
+                    "{} needs {} state buffers, {} given",
+                    o.name(),
+                    o.slots().len(),
+                    s.len()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An optimizer that owns its state: one buffer per slot ([`OptimizerConfig::slots`]) for each

@@ -22,7 +22,7 @@ use crate::parallel::comm::{Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
-use crate::train::{apply_optimizer, count_correct, Eval, Run, StepStats, TrainConfig};
+use crate::train::{apply_optimizer_masked, count_correct, Eval, Run, StepStats, TrainConfig};
 
 /// A shared parameter of which this stage holds a copy, as do other stages of its replica.
 #[derive(Debug, Clone)]
@@ -984,8 +984,10 @@ fn worker_actions<B: Ops>(
                         }
                         None => (None, 1.0),
                     };
+                    let no_decay = w.stage.layout().no_decay.clone();
                     let (params, grads) = w.stage.params_and_grads();
-                    apply_optimizer(&dev, &ctx.cfg.optimizer, ctx.lr, ctx.t, scale, params, grads, &mut w.state)?;
+                    let (opt, lr, t) = (&ctx.cfg.optimizer, ctx.lr, ctx.t);
+                    apply_optimizer_masked(&dev, opt, lr, t, scale, params, grads, &mut w.state, &no_decay)?;
                     let mut loss = 0f32;
                     if ctx.read_loss {
                         // The one wait of the step: the losses of the steps since the last read.
