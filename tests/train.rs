@@ -677,3 +677,42 @@ fn weight_decay_skips_what_the_model_marks() {
     let bad = apply_optimizer_masked(&dev, &adamw(0.1), 0.01, 1, 1.0, &mut w, &g, &mut state, &[5..9, 2..3]);
     assert!(bad.unwrap_err().to_string().contains("sorted"));
 }
+
+/// `tessera train --model gpt`: a small GPT trains on the vendored text, on one device, in
+/// pipeline stages and on simulated devices (deferred streams), printing the validation loss
+/// at intervals; flags of the MLP, and GPT flags without --model gpt, are refused.
+#[test]
+fn cli_trains_a_gpt_and_reports_the_validation_loss() {
+    let small = ["train", "--model", "gpt", "--width", "32", "--heads", "2", "--layers", "2", "--context", "16"];
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = small.to_vec();
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let (ok, out, err) = common::tessera_env(&args, env);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.lines().last().unwrap()).unwrap()
+    };
+    let j = run(&["--steps", "20", "--eval-every", "10"], &[]);
+    let vals = j["val_losses"].as_array().unwrap();
+    assert_eq!(vals.len(), 2, "{j}");
+    let (first, last) = (vals[0]["val_loss"].as_f64().unwrap(), vals[1]["val_loss"].as_f64().unwrap());
+    assert!(last < first && last < (65f64).ln(), "the validation loss falls: {j}");
+    // Two pipeline stages and two replicas give the one-device run's losses (SGD: no rounding
+    // of AdamW's division to amplify).
+    let one = run(&["--steps", "4", "--optimizer", "sgd", "--lr", "0.1"], &[]);
+    let pp =
+        run(&["--steps", "4", "--optimizer", "sgd", "--lr", "0.1", "--device", "cpu:4", "--pp", "2", "--dp", "2"], &[]);
+    let (a, b) = (one["val_loss"].as_f64().unwrap(), pp["val_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a, "{one} vs {pp}");
+    let sim = run(&["--steps", "2", "--device", "sim", "--batch", "2"], &[("TESSERA_SIM_STREAMS", "deferred:5")]);
+    assert!(sim["val_loss"].as_f64().unwrap().is_finite(), "{sim}");
+    for (args, want) in [
+        (&["train", "--model", "gpt", "--widths", "3,4"][..], "--widths shapes an MLP"),
+        (&["train", "--model", "gpt", "--epochs", "2"][..], "--epochs counts passes over images"),
+        (&["train", "--model", "gpt", "--width", "130", "--heads", "4"][..], "width 130 must split into 4 heads"),
+        (&["train", "--heads", "4"][..], "--heads shapes a GPT: add --model gpt"),
+    ] {
+        let (ok, _, err) = tessera(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -38,6 +38,15 @@ pub(crate) enum Cmd {
     Plan(PlanArgs),
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
+pub(crate) enum ModelName {
+    /// An MLP classifier on images (MNIST).
+    #[default]
+    Mlp,
+    /// A character-level GPT on text (tiny Shakespeare).
+    Gpt,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub(crate) enum OptName {
     Adamw,
@@ -124,6 +133,25 @@ pub(crate) struct TrainArgs {
     /// gradients through a one-rank NCCL communicator, to check NCCL on one GPU.
     #[arg(long, value_enum)]
     pub(crate) allreduce: Option<AllReduceName>,
+    /// The model: mlp (an MLP on MNIST digits) or gpt (a character-level GPT on tiny
+    /// Shakespeare, nanoGPT's CPU configuration by default).
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub(crate) model: ModelName,
+    /// GPT: transformer blocks [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) layers: Option<usize>,
+    /// GPT: attention heads [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) heads: Option<usize>,
+    /// GPT: width (channels) [default: 128].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) width: Option<usize>,
+    /// GPT: context (characters per window) [default: 64].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) context: Option<usize>,
+    /// GPT: the validation loss every N steps (and at the end) [default: 250].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) eval_every: Option<u64>,
     /// Layer widths from inputs to classes [default: 784,512,512,10].
     #[arg(long)]
     pub(crate) widths: Option<Counts>,

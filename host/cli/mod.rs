@@ -5,6 +5,7 @@
 #[macro_use]
 pub(crate) mod output;
 mod args;
+mod gpt;
 mod info;
 mod interrupt;
 mod plan;

@@ -146,6 +146,20 @@ pub(crate) fn train_config(
 }
 
 pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
+    if a.model == super::args::ModelName::Gpt {
+        return super::gpt::train_gpt(&a, world.is_some());
+    }
+    for (flag, given) in [
+        ("--layers", a.layers.is_some()),
+        ("--heads", a.heads.is_some()),
+        ("--width", a.width.is_some()),
+        ("--context", a.context.is_some()),
+        ("--eval-every", a.eval_every.is_some()),
+    ] {
+        if given {
+            return Err(Error::Invalid(format!("{flag} shapes a GPT: add --model gpt, or leave {flag} out")));
+        }
+    }
     let ckpt = a
         .resume
         .as_deref()
