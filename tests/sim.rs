@@ -381,4 +381,17 @@ fn deferred_work_runs_when_waited_on() {
     for part in ["kernel double_off_by_one on sim:0 (queued earlier)", "out-of-bounds write", "y[1000]"] {
         assert!(e.contains(part), "report lacks `{part}`:\n{e}");
     }
+    // A wait that ends a stream's queue is waited for too: synchronizing b runs what b waits
+    // on, even with nothing queued on b after the wait.
+    unsafe { k.double_off_by_one(a.stream(), cfg(2, 256, 0), n as i64, &xb.as_view(), &mut y.as_view_mut()) }.unwrap();
+    b.wait_event(&a.record_event().unwrap()).unwrap();
+    let e = b.synchronize().unwrap_err().to_string();
+    assert!(e.contains("kernel double_off_by_one on sim:0"), "{e}");
+    // And a stream waiting on that stream's later point, through the chain c -> b -> a.
+    let c = a.with_own_queue().unwrap();
+    unsafe { k.double_off_by_one(a.stream(), cfg(2, 256, 0), n as i64, &xb.as_view(), &mut y.as_view_mut()) }.unwrap();
+    b.wait_event(&a.record_event().unwrap()).unwrap();
+    c.wait_event(&b.record_event().unwrap()).unwrap();
+    let e = c.synchronize().unwrap_err().to_string();
+    assert!(e.contains("kernel double_off_by_one on sim:0"), "{e}");
 }

@@ -38,6 +38,18 @@ struct Staging {
     next: usize,
 }
 
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // A queued copy may still read a page-locked buffer: let it finish before the buffer
+        // is freed (cuMemFreeHost does not promise to wait).
+        for (_, done) in &self.slots {
+            if let Some(e) = done {
+                let _ = e.synchronize();
+            }
+        }
+    }
+}
+
 /// What every logical device on one GPU shares.
 struct Gpu {
     ordinal: usize,

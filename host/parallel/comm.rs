@@ -204,6 +204,74 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        let r = self.ring_all_reduce(buf);
+        if r.is_err() {
+            // Work queued before the failure may still use `buf`: finish it before the caller
+            // can free or reuse the buffer.
+            let _ = self.dev.synchronize();
+        }
+        r
+    }
+
+    fn all_reduce_mean(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        self.all_reduce_sum(buf)?;
+        let s = 1.0 / self.size as f32;
+        self.dev.scale(s, &mut B::view_mut(buf))?;
+        // The caller uses `buf` on its own queue next.
+        self.dev.synchronize()
+    }
+
+    fn broadcast(&mut self, buf: &mut B::Buf<f32>, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(Error::Invalid(format!("broadcast root {root} is not a rank of a group of {}", self.size)));
+        }
+        if self.rank == root {
+            for r in (0..self.size).filter(|&r| r != root) {
+                self.post(&B::view(buf), r)?;
+            }
+            self.wire.flush()?;
+        } else {
+            let got = self.take(root)?;
+            if B::buf_len(&got) != B::buf_len(buf) {
+                return Err(Error::shape(
+                    "broadcast",
+                    format!("root sent {} elements, rank {} holds {}", B::buf_len(&got), self.rank, B::buf_len(buf)),
+                ));
+            }
+            self.dev.copy(&B::view(&got), &mut B::view_mut(buf))?;
+        }
+        // The root's copies read `buf`, the others' copy writes it: done before the caller
+        // touches it again on its own queue.
+        self.dev.synchronize()
+    }
+
+    fn send(&mut self, buf: &B::Ref<'_, f32>, to: usize) -> Result<()> {
+        if to >= self.size {
+            return Err(Error::Invalid(format!("send to rank {to} in a group of {}", self.size)));
+        }
+        self.post(buf, to)?;
+        // The posted copy reads `buf`: done before the caller may write it again.
+        self.dev.synchronize()
+    }
+
+    fn recv(&mut self, buf: &mut B::Mut<'_, f32>, from: usize) -> Result<()> {
+        if from >= self.size {
+            return Err(Error::Invalid(format!("recv from rank {from} in a group of {}", self.size)));
+        }
+        let got = self.take(from)?;
+        self.dev.copy(&B::view(&got), buf)?;
+        // The copy writes `buf`, which the caller reads next on its own queue.
+        self.dev.synchronize()
+    }
+
+    fn wait_event(&mut self, event: &B::Event) -> Result<()> {
+        self.dev.wait_event(event)
+    }
+}
+
+impl<B: Ops, W: Wire<B>> RingComm<B, W> {
+    /// The ring all-reduce (reduce-scatter, then all-gather), ending with its queue drained.
+    fn ring_all_reduce(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
         let n = self.size;
         if n == 1 {
             return Ok(());
@@ -239,54 +307,6 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
         }
         self.wire.flush()?;
         self.dev.synchronize()
-    }
-
-    fn all_reduce_mean(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
-        self.all_reduce_sum(buf)?;
-        let s = 1.0 / self.size as f32;
-        self.dev.scale(s, &mut B::view_mut(buf))
-    }
-
-    fn broadcast(&mut self, buf: &mut B::Buf<f32>, root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(Error::Invalid(format!("broadcast root {root} is not a rank of a group of {}", self.size)));
-        }
-        if self.rank == root {
-            for r in (0..self.size).filter(|&r| r != root) {
-                self.post(&B::view(buf), r)?;
-            }
-            self.wire.flush()?;
-        } else {
-            let got = self.take(root)?;
-            if B::buf_len(&got) != B::buf_len(buf) {
-                return Err(Error::shape(
-                    "broadcast",
-                    format!("root sent {} elements, rank {} holds {}", B::buf_len(&got), self.rank, B::buf_len(buf)),
-                ));
-            }
-            self.dev.copy(&B::view(&got), &mut B::view_mut(buf))?;
-        }
-        Ok(())
-    }
-
-    fn send(&mut self, buf: &B::Ref<'_, f32>, to: usize) -> Result<()> {
-        if to >= self.size {
-            return Err(Error::Invalid(format!("send to rank {to} in a group of {}", self.size)));
-        }
-        self.post(buf, to)
-    }
-
-    fn recv(&mut self, buf: &mut B::Mut<'_, f32>, from: usize) -> Result<()> {
-        if from >= self.size {
-            return Err(Error::Invalid(format!("recv from rank {from} in a group of {}", self.size)));
-        }
-        let got = self.take(from)?;
-        let r = self.dev.copy(&B::view(&got), buf);
-        r
-    }
-
-    fn wait_event(&mut self, event: &B::Event) -> Result<()> {
-        self.dev.wait_event(event)
     }
 }
 

@@ -135,13 +135,18 @@ pub(crate) struct Point {
     clock: Vec<u64>,
 }
 
+/// Freed memory waiting for the queued work that uses it: that work's (stream, sequence
+/// number)s, and the release.
+type Zombie = (Vec<(usize, u64)>, Box<dyn FnOnce() + Send>);
+
 struct State {
     streams: Vec<Stream>,
     /// What the host has seen finish.
     host: Vec<u64>,
     history: Vec<Record>,
-    /// Memory freed on the host while queued work used it: released once the queues are empty.
-    zombies: Vec<Box<dyn FnOnce() + Send>>,
+    /// Memory freed on the host while queued work used it, with that work (stream, sequence
+    /// number): released once it has all run.
+    zombies: Vec<Zombie>,
     /// Failures found outside a call that could return them (a free), reported at the next one.
     faults: Vec<String>,
     rng: u64,
@@ -258,11 +263,19 @@ impl Sched {
         Point { stream, seq: s.issued, clock: s.clock.clone() }
     }
 
-    /// Makes `stream`'s later work wait for `p`.
+    /// Makes `stream`'s later work wait for `p`. The wait is an entry of the stream's queue with
+    /// its own sequence number, so that waiting for the stream waits for what it waits on.
     pub(crate) fn wait(&self, stream: usize, p: &Point) {
         let mut st = self.lock();
+        let host = st.host.clone();
         let s = &mut st.streams[stream];
+        join(&mut s.clock, &host);
         join(&mut s.clock, &p.clock);
+        s.issued += 1;
+        if s.clock.len() <= stream {
+            s.clock.resize(stream + 1, 0);
+        }
+        s.clock[stream] = s.issued;
         s.queue.push_back(Entry::Wait { stream: p.stream, seq: p.seq });
     }
 
@@ -275,15 +288,19 @@ impl Sched {
     /// The host waits for the point `p` (an event).
     pub(crate) fn sync_point(&self, p: &Point) -> Result<()> {
         let mut st = self.lock();
-        let ran = self.run_until(&mut st, p.stream, p.seq);
+        // On a failure the host has not seen the point: nothing is pruned or released.
+        self.run_until(&mut st, p.stream, p.seq)?;
         join(&mut st.host, &p.clock);
         let host = st.host.clone();
         st.history.retain(|r| at(&host, r.stream) < r.seq);
-        if st.streams.iter().all(|s| s.queue.is_empty()) {
-            let zombies = std::mem::take(&mut st.zombies);
-            zombies.into_iter().for_each(|free| free());
+        let zombies = std::mem::take(&mut st.zombies);
+        for (users, free) in zombies {
+            if users.iter().all(|&(s, seq)| st.streams[s].done >= seq) {
+                free();
+            } else {
+                st.zombies.push((users, free));
+            }
         }
-        ran?;
         take_faults(&mut st)
     }
 
@@ -307,6 +324,7 @@ impl Sched {
                             let (t, seq) = (*t, *seq);
                             if st.streams[t].done >= seq {
                                 st.streams[i].queue.pop_front();
+                                st.streams[i].done += 1;
                                 changed = true;
                             } else if st.streams[i].done < need[i] && need[t] < seq {
                                 need[t] = seq;
@@ -355,14 +373,14 @@ impl Sched {
         let mut st = self.lock();
         let mut point = st.streams[home].clock.clone();
         join(&mut point, &st.host.clone());
-        let mut in_use = false;
+        let mut users = Vec::new();
         let mut faults = Vec::new();
         for r in &st.history {
             if !r.access.iter().any(|a| a.overlaps(start, end)) {
                 continue;
             }
             if r.seq > st.streams[r.stream].done {
-                in_use = true;
+                users.push((r.stream, r.seq));
             }
             if r.stream != home && at(&point, r.stream) < r.seq {
                 faults.push(format!(
@@ -384,8 +402,8 @@ impl Sched {
             r.access.retain(|a| !a.overlaps(start, end));
         }
         st.history.retain(|r| !r.access.is_empty());
-        if in_use {
-            st.zombies.push(free);
+        if !users.is_empty() {
+            st.zombies.push((users, free));
         } else {
             drop(st);
             free();
@@ -414,6 +432,6 @@ impl Drop for Sched {
         for s in &mut st.streams {
             s.queue.clear();
         }
-        std::mem::take(&mut st.zombies).into_iter().for_each(|free| free());
+        std::mem::take(&mut st.zombies).into_iter().for_each(|(_, free)| free());
     }
 }
