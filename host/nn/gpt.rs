@@ -77,6 +77,53 @@ fn full_mut<B: Ops>(b: &mut B::Buf<f32>) -> B::Mut<'_, f32> {
     B::view_mut(b)
 }
 
+/// A linear map's parameter gradients over `n` rows, parameters `(w, b)` of a map `fan_in ->
+/// fan_out`: `dW = x^T dz` and `db` = the column sums of `dz`, each written with its beta.
+#[allow(clippy::too_many_arguments)]
+fn linear_grads<B: Ops>(
+    dev: &B,
+    work: &mut Work<'_, B>,
+    (wi, bi): (usize, usize),
+    n: usize,
+    fan_in: usize,
+    fan_out: usize,
+    x: &B::Ref<'_, f32>,
+    dz: &B::Ref<'_, f32>,
+) -> Result<()> {
+    {
+        let (mut g, beta) = work.grad(wi);
+        dev.gemm(&Gemm::new(fan_in, fan_out, n).trans_a(true).beta(beta), x, dz, None, &mut g, None)?;
+    }
+    let (mut g, beta) = work.grad(bi);
+    dev.col_sum(n, fan_out, dz, beta, &mut g)
+}
+
+/// A LayerNorm's backward: `dx` written, and its gain and bias gradients (parameters `gi`,
+/// `gi + 1`) through `dln` (`2c` floats of scratch).
+#[allow(clippy::too_many_arguments)]
+fn ln_grads<B: Ops>(
+    dev: &B,
+    work: &mut Work<'_, B>,
+    gi: usize,
+    c: usize,
+    x: &B::Ref<'_, f32>,
+    dy: &B::Ref<'_, f32>,
+    gamma: &B::Ref<'_, f32>,
+    mean: &B::Ref<'_, f32>,
+    rstd: &B::Ref<'_, f32>,
+    dx: &mut B::Mut<'_, f32>,
+    dln: &mut B::Buf<f32>,
+) -> Result<()> {
+    {
+        let (mut dg, mut db) = B::split_mut(dln, c);
+        let (mut dg, mut db) = (B::sub_mut(&mut dg, 0..c), B::sub_mut(&mut db, 0..c));
+        let done = dev.layernorm_backward(c, x, dy, gamma, mean, rstd, dx, 0.0, &mut dg, &mut db);
+        done?;
+    }
+    work.put_grad(dev, gi, &B::view_range(dln, 0..c))?;
+    work.put_grad(dev, gi + 1, &B::view_range(dln, c..2 * c))
+}
+
 /// Normal(0, std) initial values.
 fn normal(rng: &mut Rng, values: &mut [f32], std: f32) {
     values.iter_mut().for_each(|v| *v = std * rng.normal());
@@ -291,60 +338,16 @@ impl<B: Ops> Layer<B> for Block {
             let w = head_mut::<B>;
             let r = head::<B>;
             // y = x2 + gelu(h2 Wfc + bfc) Wp2 + bp2
-            {
-                let (mut g, beta) = work.grad(10);
-                dev.gemm(&Gemm::new(4 * c, c, n).trans_a(true).beta(beta), &s(FCA)?, dy, None, &mut g, None)?;
-            }
-            {
-                let (mut g, beta) = work.grad(11);
-                dev.col_sum(n, c, dy, beta, &mut g)?;
-            }
+            linear_grads(dev, work, (10, 11), n, 4 * c, c, &s(FCA)?, dy)?;
             dev.gemm(&Gemm::new(n, 4 * c, c).trans_b(true), dy, &p(10), None, &mut w(df, 4 * n * c), None)?;
             dev.act_backward(Activation::GeluTanh, &s(FCZ)?, &r(df, 4 * n * c), &mut w(dz, 4 * n * c))?;
-            {
-                let (mut g, beta) = work.grad(8);
-                dev.gemm(
-                    &Gemm::new(c, 4 * c, n).trans_a(true).beta(beta),
-                    &s(H2)?,
-                    &r(dz, 4 * n * c),
-                    None,
-                    &mut g,
-                    None,
-                )?;
-            }
-            {
-                let (mut g, beta) = work.grad(9);
-                dev.col_sum(n, 4 * c, &r(dz, 4 * n * c), beta, &mut g)?;
-            }
+            linear_grads(dev, work, (8, 9), n, c, 4 * c, &s(H2)?, &r(dz, 4 * n * c))?;
             dev.gemm(&Gemm::new(n, c, 4 * c).trans_b(true), &r(dz, 4 * n * c), &p(8), None, &mut w(dh, n * c), None)?;
             // Through ln_2, plus the residual: dx2 = ln_2'(dh) + dy.
-            {
-                let (mut dg, mut db) = B::split_mut(dln, c);
-                dev.layernorm_backward(
-                    c,
-                    &s(X2)?,
-                    &r(dh, n * c),
-                    &p(6),
-                    &s(M2)?,
-                    &s(R2)?,
-                    &mut w(dx2, n * c),
-                    0.0,
-                    &mut B::sub_mut(&mut dg, 0..c),
-                    &mut B::sub_mut(&mut db, 0..c),
-                )?;
-            }
-            work.put_grad(dev, 6, &r(dln, c))?;
-            work.put_grad(dev, 7, &B::view_range(dln, c..2 * c))?;
+            ln_grads(dev, work, 6, c, &s(X2)?, &r(dh, n * c), &p(6), &s(M2)?, &s(R2)?, &mut w(dx2, n * c), dln)?;
             dev.axpy(1.0, dy, &mut w(dx2, n * c))?;
             // x2 = x + attn(h1 Wqkv + bqkv) Wp + bp
-            {
-                let (mut g, beta) = work.grad(4);
-                dev.gemm(&Gemm::new(c, c, n).trans_a(true).beta(beta), &s(ATT)?, &r(dx2, n * c), None, &mut g, None)?;
-            }
-            {
-                let (mut g, beta) = work.grad(5);
-                dev.col_sum(n, c, &r(dx2, n * c), beta, &mut g)?;
-            }
+            linear_grads(dev, work, (4, 5), n, c, c, &s(ATT)?, &r(dx2, n * c))?;
             dev.gemm(&Gemm::new(n, c, c).trans_b(true), &r(dx2, n * c), &p(4), None, &mut w(da, n * c), None)?;
             dev.attention_backward(
                 t,
@@ -357,52 +360,18 @@ impl<B: Ops> Layer<B> for Block {
                 &mut w(dqkv, 3 * n * c),
                 &mut w(dsum, n * heads),
             )?;
-            {
-                let (mut g, beta) = work.grad(2);
-                dev.gemm(
-                    &Gemm::new(c, 3 * c, n).trans_a(true).beta(beta),
-                    &s(H1)?,
-                    &r(dqkv, 3 * n * c),
-                    None,
-                    &mut g,
-                    None,
-                )?;
-            }
-            {
-                let (mut g, beta) = work.grad(3);
-                dev.col_sum(n, 3 * c, &r(dqkv, 3 * n * c), beta, &mut g)?;
-            }
+            linear_grads(dev, work, (2, 3), n, c, 3 * c, &s(H1)?, &r(dqkv, 3 * n * c))?;
             dev.gemm(&Gemm::new(n, c, 3 * c).trans_b(true), &r(dqkv, 3 * n * c), &p(2), None, &mut w(dh, n * c), None)?;
             // Through ln_1 (into dx, or scratch when no input gradient is asked for), plus the
             // residual: dx = ln_1'(dh) + dx2.
-            macro_rules! ln_1_backward {
-                ($into:expr) => {{
-                    let (mut dg, mut db) = B::split_mut(dln, c);
-                    let (mut dg, mut db) = (B::sub_mut(&mut dg, 0..c), B::sub_mut(&mut db, 0..c));
-                    let done = dev.layernorm_backward(
-                        c,
-                        x,
-                        &r(dh, n * c),
-                        &p(0),
-                        &s(M1)?,
-                        &s(R1)?,
-                        $into,
-                        0.0,
-                        &mut dg,
-                        &mut db,
-                    );
-                    done
-                }};
-            }
+            let (m1, r1) = (s(M1)?, s(R1)?);
             match dx {
                 Some(d) => {
-                    ln_1_backward!(&mut *d)?;
-                    dev.axpy(1.0, &r(dx2, n * c), d)?;
+                    ln_grads(dev, work, 0, c, x, &r(dh, n * c), &p(0), &m1, &r1, d, dln)?;
+                    dev.axpy(1.0, &r(dx2, n * c), d)
                 }
-                None => ln_1_backward!(&mut w(da, n * c))?,
+                None => ln_grads(dev, work, 0, c, x, &r(dh, n * c), &p(0), &m1, &r1, &mut w(da, n * c), dln),
             }
-            work.put_grad(dev, 0, &r(dln, c))?;
-            work.put_grad(dev, 1, &B::view_range(dln, c..2 * c))
         })();
         bufs.into_iter().for_each(|b| work.give_back(b));
         result
@@ -502,37 +471,29 @@ impl<B: Ops> Layer<B> for Head {
         };
         let result = (|| -> Result<()> {
             dev.gemm(&Gemm::new(n, c, v), dy, &cx.param(2), None, &mut B::view_range_mut(&mut dh, 0..n * c), None)?;
-            macro_rules! ln_f_backward {
-                ($into:expr) => {{
-                    let (mut dg, mut db) = B::split_mut(&mut dln, c);
-                    let (mut dg, mut db) = (B::sub_mut(&mut dg, 0..c), B::sub_mut(&mut db, 0..c));
-                    let done = dev.layernorm_backward(
-                        c,
-                        x,
-                        &B::view_range(&dh, 0..n * c),
-                        &cx.param(0),
-                        &B::view(saved.get(1)?),
-                        &B::view(saved.get(2)?),
-                        $into,
-                        0.0,
-                        &mut dg,
-                        &mut db,
-                    );
-                    done
-                }};
-            }
-            let r = match dx {
-                Some(d) => ln_f_backward!(d),
+            let (m, rs) = (B::view(saved.get(1)?), B::view(saved.get(2)?));
+            let dhv = B::view_range(&dh, 0..n * c);
+            match dx {
+                Some(d) => ln_grads(dev, work, 0, c, x, &dhv, &cx.param(0), &m, &rs, d, &mut dln),
                 None => {
                     let mut tmp = work.take_scratch(dev, n * c)?;
-                    let r = ln_f_backward!(&mut B::view_range_mut(&mut tmp, 0..n * c));
+                    let r = ln_grads(
+                        dev,
+                        work,
+                        0,
+                        c,
+                        x,
+                        &dhv,
+                        &cx.param(0),
+                        &m,
+                        &rs,
+                        &mut B::view_range_mut(&mut tmp, 0..n * c),
+                        &mut dln,
+                    );
                     work.give_back(tmp);
                     r
                 }
-            };
-            r?;
-            work.put_grad(dev, 0, &B::view_range(&dln, 0..c))?;
-            work.put_grad(dev, 1, &B::view_range(&dln, c..2 * c))
+            }
         })();
         work.give_back(dh);
         work.give_back(dln);
