@@ -70,6 +70,20 @@ __device__ __forceinline__ float warp_dot(const float (&a)[kAttnPerLane], const 
   return tessera_warp_sum(s);
 }
 
+// Where warp row w of the b h t rows sits: (sequence, head, position) order, as lse is laid
+// out. 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host
+// checks).
+struct AttnRow {
+  int pos;
+  int head;
+  long long row0;  // the sequence's first row of qkv / out
+};
+
+__device__ __forceinline__ AttnRow attn_row(long long w, int t, int h) {
+  const int wi = (int)w;
+  return AttnRow{wi % t, (wi / t) % h, (long long)(wi / (t * h)) * t};
+}
+
 __device__ __forceinline__ void warp_load(float (&a)[kAttnPerLane], const float* p, int d, int lane) {
 #pragma unroll
   for (int e = 0; e < kAttnPerLane; ++e) {
@@ -220,12 +234,9 @@ extern "C" __global__ __launch_bounds__(256) void attn_fwd(int b, int t, int h, 
   const long long total = (long long)b * h * t;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
-    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
-    const int wi = (int)w;
-    const int i = wi % t;
-    const int hh = (wi / t) % h;
-    const long long bb = wi / (t * h);
-    const long long row0 = bb * t;
+    const AttnRow at = attn_row(w, t, h);
+    const int i = at.pos, hh = at.head;
+    const long long row0 = at.row0;
     float q[kAttnPerLane], acc[kAttnPerLane];
     warp_load(q, qkv + (row0 + i) * stride + (long long)hh * d, d, lane);
 #pragma unroll
@@ -263,12 +274,9 @@ extern "C" __global__ __launch_bounds__(256) void attn_bwd_dq(int b, int t, int 
   const long long total = (long long)b * h * t;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
-    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
-    const int wi = (int)w;
-    const int i = wi % t;
-    const int hh = (wi / t) % h;
-    const long long bb = wi / (t * h);
-    const long long row0 = bb * t;
+    const AttnRow at = attn_row(w, t, h);
+    const int i = at.pos, hh = at.head;
+    const long long row0 = at.row0;
     float q[kAttnPerLane], g[kAttnPerLane], dq[kAttnPerLane];
     warp_load(q, qkv + (row0 + i) * stride + (long long)hh * d, d, lane);
     warp_load(g, dout + (row0 + i) * c + (long long)hh * d, d, lane);
@@ -302,13 +310,10 @@ extern "C" __global__ __launch_bounds__(256) void attn_bwd_dkv(int b, int t, int
   const long long total = (long long)b * h * t;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); w < total; w += warps) {
-    // 32-bit divisions (a 64-bit one is a call with a stack frame): b h t < 2^31 (the host checks).
-    const int wi = (int)w;
-    const int j = wi % t;
-    const int hh = (wi / t) % h;
-    const long long bb = wi / (t * h);
-    const long long row0 = bb * t;
-    const long long base = (bb * h + hh) * t;
+    const AttnRow at = attn_row(w, t, h);
+    const int j = at.pos, hh = at.head;
+    const long long row0 = at.row0;
+    const long long base = w - j;  // the (sequence, head)'s first row
     float kk[kAttnPerLane], vv[kAttnPerLane], dk[kAttnPerLane], dv[kAttnPerLane];
     warp_load(kk, qkv + (row0 + j) * stride + c + (long long)hh * d, d, lane);
     warp_load(vv, qkv + (row0 + j) * stride + 2 * c + (long long)hh * d, d, lane);

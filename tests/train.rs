@@ -711,6 +711,8 @@ fn cli_trains_a_gpt_and_reports_the_validation_loss() {
         (&["train", "--model", "gpt", "--epochs", "2"][..], "--epochs counts passes over images"),
         (&["train", "--model", "gpt", "--width", "130", "--heads", "4"][..], "width 130 must split into 4 heads"),
         (&["train", "--heads", "4"][..], "--heads shapes a GPT: add --model gpt"),
+        (&["train", "--model", "gpt", "--momentum", "0.5"][..], "--momentum is for --optimizer sgd"),
+        (&["train", "--model", "gpt", "--batch", "0"][..], "--batch 0: a batch holds at least 1"),
     ] {
         let (ok, _, err) = tessera(args);
         assert!(!ok && err.contains(want), "{args:?}: {err}");

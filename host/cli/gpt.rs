@@ -10,12 +10,13 @@ use tessera::data::TextCorpus;
 use tessera::nn::{GptConfig, Network};
 use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
-use tessera::train::{LrSchedule, OptimizerConfig, Run, TrainConfig};
-use tessera::{AdamW, Devices, Error, Sgd};
+use tessera::train::{LrSchedule, Run, TrainConfig};
+use tessera::{Devices, Error};
 
-use super::args::{OptName, SchedName, TrainArgs};
+use super::args::{SchedName, TrainArgs};
 use super::interrupt;
 use super::plan::make_plan;
+use super::train::{batch_from_flags, optimizer_from_flags, OptDefaults};
 
 /// Validation windows in the loss the run reports.
 const VAL_WINDOWS: usize = 200;
@@ -46,20 +47,8 @@ fn gpt_config(a: &TrainArgs, vocab: usize) -> tessera::Result<(GptConfig, TrainC
     };
     gpt.validate()?;
     let steps = a.steps.unwrap_or(2000);
-    let lr = a.lr.unwrap_or(1e-3);
-    let optimizer = match a.optimizer.unwrap_or(OptName::Adamw) {
-        OptName::Adamw => OptimizerConfig::AdamW(AdamW {
-            lr,
-            beta2: 0.99,
-            weight_decay: a.weight_decay.unwrap_or(0.1),
-            ..AdamW::default()
-        }),
-        OptName::Sgd => OptimizerConfig::Sgd(Sgd {
-            lr,
-            momentum: a.momentum.unwrap_or(0.9),
-            weight_decay: a.weight_decay.unwrap_or(0.0),
-        }),
-    };
+    let optimizer =
+        optimizer_from_flags(a, OptDefaults { adamw_lr: 1e-3, adamw_decay: 0.1, beta2: Some(0.99), sgd_lr: 1e-3 })?;
     let schedule = match a.lr_schedule.unwrap_or(SchedName::Cosine) {
         SchedName::Constant if a.warmup.is_some() => {
             return Err(Error::Invalid("--warmup is the warm-up of the cosine schedule: leave it out".into()))
@@ -76,7 +65,7 @@ fn gpt_config(a: &TrainArgs, vocab: usize) -> tessera::Result<(GptConfig, TrainC
     };
     let cfg = TrainConfig { optimizer, schedule, clip_norm: Some(a.clip.unwrap_or(1.0)), seed: a.seed.unwrap_or(0) };
     cfg.validate()?;
-    Ok((gpt, cfg, a.batch.unwrap_or(12), steps))
+    Ok((gpt, cfg, batch_from_flags(a, 12)?, steps))
 }
 
 /// `tessera train --model gpt`.
@@ -93,9 +82,6 @@ pub(crate) fn train_gpt(a: &TrainArgs, under_mpi: bool) -> tessera::Result<()> {
         None => TextCorpus::tiny_shakespeare()?,
     };
     let (gpt, cfg, batch, steps) = gpt_config(a, text.vocab.len())?;
-    if batch == 0 {
-        return Err(Error::Invalid("--batch must be at least 1".into()));
-    }
     let (val_x, val_y) = text.val_windows(VAL_WINDOWS, gpt.t)?;
     // Checks the text can hold a training window before any device is opened.
     text.train_batch(cfg.seed, 0, 1, gpt.t)?;

@@ -101,48 +101,74 @@ pub(crate) fn train_config(
         return Ok((mlp, cc.clone(), c.batch));
     }
     let model = MlpConfig::new(widths.unwrap_or_else(|| vec![784, 512, 512, 10]), act.unwrap_or(Activation::Relu))?;
-    let opt = a.optimizer.unwrap_or(OptName::Adamw);
-    if opt == OptName::Adamw && a.momentum.is_some() {
-        return Err(Error::Invalid(
-            "--momentum is for --optimizer sgd (AdamW's moments are fixed by its betas)".into(),
-        ));
-    }
     let cosine = a.lr_schedule == Some(SchedName::Cosine);
     if a.warmup.is_some() && !cosine {
         return Err(Error::Invalid(
             "--warmup is the warm-up of --lr-schedule cosine: add that, or leave --warmup out".into(),
         ));
     }
-    let optimizer = match opt {
-        OptName::Adamw => OptimizerConfig::AdamW(AdamW {
-            lr: a.lr.unwrap_or(1e-3),
-            weight_decay: a.weight_decay.unwrap_or(0.01),
-            ..AdamW::default()
-        }),
-        OptName::Sgd => OptimizerConfig::Sgd(Sgd {
-            lr: a.lr.unwrap_or(0.05),
-            momentum: a.momentum.unwrap_or(0.9),
-            weight_decay: a.weight_decay.unwrap_or(0.0),
-        }),
-    };
+    let optimizer =
+        optimizer_from_flags(a, OptDefaults { adamw_lr: 1e-3, adamw_decay: 0.01, beta2: None, sgd_lr: 0.05 })?;
     let schedule = match a.lr_schedule.unwrap_or(SchedName::Constant) {
         SchedName::Constant => LrSchedule::Constant,
         // The total is filled in once the data (and so the steps per epoch) is known.
         SchedName::Cosine => LrSchedule::Cosine { warmup: a.warmup.unwrap_or(0), total: 0, min_factor: 0.0 },
     };
-    let batch = a.batch.unwrap_or(128);
+    let batch = batch_from_flags(a, 128)?;
+    Ok((model, TrainConfig { optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
+}
+
+/// A model's defaults for the optimizer flags.
+pub(crate) struct OptDefaults {
+    pub(crate) adamw_lr: f32,
+    pub(crate) adamw_decay: f32,
+    /// AdamW's beta2 (`None`: AdamW's default).
+    pub(crate) beta2: Option<f32>,
+    pub(crate) sgd_lr: f32,
+}
+
+/// The optimizer the flags name (`--optimizer`, `--lr`, `--weight-decay`, `--momentum`), with a
+/// model's defaults where they are silent, checked before anything is loaded or printed.
+pub(crate) fn optimizer_from_flags(a: &TrainArgs, d: OptDefaults) -> tessera::Result<OptimizerConfig> {
+    let opt = a.optimizer.unwrap_or(OptName::Adamw);
+    if opt == OptName::Adamw && a.momentum.is_some() {
+        return Err(Error::Invalid(
+            "--momentum is for --optimizer sgd (AdamW's moments are fixed by its betas)".into(),
+        ));
+    }
+    let optimizer = match opt {
+        OptName::Adamw => {
+            let base = AdamW::default();
+            OptimizerConfig::AdamW(AdamW {
+                lr: a.lr.unwrap_or(d.adamw_lr),
+                weight_decay: a.weight_decay.unwrap_or(d.adamw_decay),
+                beta2: d.beta2.unwrap_or(base.beta2),
+                ..base
+            })
+        }
+        OptName::Sgd => OptimizerConfig::Sgd(Sgd {
+            lr: a.lr.unwrap_or(d.sgd_lr),
+            momentum: a.momentum.unwrap_or(0.9),
+            weight_decay: a.weight_decay.unwrap_or(0.0),
+        }),
+    };
+    match &optimizer {
+        OptimizerConfig::AdamW(o) => o.validate()?,
+        OptimizerConfig::Sgd(o) => o.validate()?,
+    }
+    Ok(optimizer)
+}
+
+/// `--batch`, or the model's default, within 1 and the largest batch a checkpoint records.
+pub(crate) fn batch_from_flags(a: &TrainArgs, default: usize) -> tessera::Result<usize> {
+    let batch = a.batch.unwrap_or(default);
     if batch == 0 || batch > tessera::checkpoint::MAX_BATCH {
         return Err(Error::Invalid(format!(
             "--batch {batch}: a batch holds at least 1 and at most {} samples",
             tessera::checkpoint::MAX_BATCH
         )));
     }
-    // The optimizer's settings are checked before anything is loaded or printed.
-    match &optimizer {
-        OptimizerConfig::AdamW(o) => o.validate()?,
-        OptimizerConfig::Sgd(o) => o.validate()?,
-    }
-    Ok((model, TrainConfig { optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
+    Ok(batch)
 }
 
 pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {

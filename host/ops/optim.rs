@@ -162,7 +162,7 @@ pub fn apply_optimizer<B: OptimOps>(
 }
 
 /// [`apply_optimizer`] with the weight decay left out over the ranges `no_decay` (sorted, not
-/// overlapping; [`crate::nn::StageLayout::no_decay`]): one update per run of decayed or undecayed
+/// overlapping; the ranges a model marks, as a stage layout's `no_decay`): one update per run of decayed or undecayed
 /// parameters, the same arithmetic as one update over all where the decay is 0 or nothing is
 /// left out.
 #[allow(clippy::too_many_arguments)]

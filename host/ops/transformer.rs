@@ -470,19 +470,20 @@ pub(crate) fn embed_launch(rows: usize, c: usize, sms: usize) -> Result<LaunchCo
     Ok(LaunchConfig { grid_dim: (x, y, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 })
 }
 
-/// The launch of the attention kernels: a warp per (sequence, head, position), up to 16 blocks
-/// per SM.
-pub(crate) fn attention_launch(rows_heads: usize, sms: usize) -> LaunchConfig {
-    let threads = consts::ATTN_THREADS as usize;
-    let blocks = rows_heads.div_ceil(threads / 32).clamp(1, sms * 16);
+/// A launch of `threads`-thread blocks with a warp per row (grid-stride), up to 16 blocks per SM.
+fn warp_per_row_launch(rows: usize, threads: usize, sms: usize) -> LaunchConfig {
+    let blocks = rows.div_ceil(threads / 32).clamp(1, sms * 16);
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The launch of `layernorm_fwd` / `layernorm_bwd`: a warp per row, up to 16 blocks per SM.
+/// The launch of the attention kernels: a warp per (sequence, head, position).
+pub(crate) fn attention_launch(rows_heads: usize, sms: usize) -> LaunchConfig {
+    warp_per_row_launch(rows_heads, consts::ATTN_THREADS as usize, sms)
+}
+
+/// The launch of `layernorm_fwd` / `layernorm_bwd`: a warp per row.
 pub(crate) fn layernorm_launch(rows: usize, sms: usize) -> LaunchConfig {
-    let threads = consts::LN_THREADS as usize;
-    let blocks = rows.div_ceil(threads / 32).clamp(1, sms * 16);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+    warp_per_row_launch(rows, consts::LN_THREADS as usize, sms)
 }
 
 /// The GPU side, written once for the CUDA device and the simulator.
