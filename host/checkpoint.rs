@@ -65,6 +65,22 @@ impl DataId {
     }
 }
 
+impl DataId {
+    /// The identity of a text corpus: its name and a CRC-32 over its vocabulary and both
+    /// splits' token ids.
+    pub fn of_text(text: &crate::data::TextCorpus) -> DataId {
+        let mut h = crc32fast::Hasher::new();
+        let vocab: String = text.vocab.iter().collect();
+        h.update(&(vocab.len() as u64).to_le_bytes());
+        h.update(vocab.as_bytes());
+        for ids in [&text.train, &text.val] {
+            h.update(&(ids.len() as u64).to_le_bytes());
+            h.update(bytemuck::cast_slice(ids));
+        }
+        DataId { name: text.name.clone(), crc32: h.finalize() }
+    }
+}
+
 impl std::fmt::Display for DataId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (contents crc32 {:08x})", self.name, self.crc32)
@@ -92,6 +108,10 @@ pub struct Checkpoint {
     pub state: Vec<Vec<f32>>,
     /// The data the run was trained on.
     pub data: DataId,
+    /// A character-level text model's vocabulary: the characters its token ids stand for, in id
+    /// order (metadata `vocab`), so that a sampler can encode a prompt and decode what it
+    /// writes; `None` for other models.
+    pub vocab: Option<String>,
 }
 
 /// CRC-32 over every tensor's name, shape and little-endian bytes, in name order.
@@ -298,6 +318,9 @@ impl Checkpoint {
         put("batch_in_epoch", self.cursor.batch.to_string());
         put("data", self.data.name.clone());
         put("data_crc32", format!("{:08x}", self.data.crc32));
+        if let Some(v) = &self.vocab {
+            put("vocab", v.clone());
+        }
         m
     }
 
@@ -312,6 +335,9 @@ impl Checkpoint {
             return Err(Error::Invalid(
                 "a parameter name is empty or holds a comma; checkpoints cannot list it".into(),
             ));
+        }
+        if let Some(v) = &self.vocab {
+            check_vocab(v).map_err(Error::Invalid)?;
         }
         let mut views = Vec::new();
         for ((name, shape), range) in self.tensors.iter().zip(&ranges) {
@@ -530,7 +556,23 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { model, tensors, config, batch: batch as usize, step, cursor, params, state, data })
+        let vocab = match md.get("vocab") {
+            Some(v) => Some(check_vocab(v).map(|_| v.clone()).map_err(|why| err(format!("metadata `vocab`: {why}")))?),
+            None => None,
+        };
+        Ok(Checkpoint { model, tensors, config, batch: batch as usize, step, cursor, params, state, data, vocab })
+    }
+}
+
+/// A vocabulary holds at least one character and none twice.
+fn check_vocab(v: &str) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    if v.is_empty() {
+        return Err("a vocabulary of no characters".into());
+    }
+    match v.chars().find(|c| !seen.insert(*c)) {
+        Some(c) => Err(format!("the character {c:?} is listed twice, so two token ids would stand for it")),
+        None => Ok(()),
     }
 }
 
@@ -557,6 +599,7 @@ mod tests {
             params: (0..n).map(|i| i as f32 * 0.25 - 1.0).collect(),
             state: vec![vec![0.5; n], vec![1e-7; n]],
             data: DataId { name: "mnist-10k (vendored)".into(), crc32: 0x1234_abcd },
+            vocab: None,
         }
     }
 

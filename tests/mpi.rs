@@ -541,3 +541,63 @@ fn a_researchers_own_layer_trains_across_processes() {
     let (out, err) = mpirun_example("own_layer_mpi", 4);
     assert!(out.contains("own layer under mpi: ok"), "{out}{err}");
 }
+
+/// The GPT across processes: `tessera train --model gpt` under `mpirun -np 2` and `-np 4`
+/// (data parallel, pipelined with the tied wte on the first and last rank's stages, both)
+/// ends 5 SGD steps with the single process's weights, within the oracle's 1e-5; rank 0 alone
+/// prints the result.
+#[test]
+fn gpt_ranks_across_processes_match_the_single_device_run() {
+    if !mpirun_present() {
+        return;
+    }
+    let base = [
+        "train",
+        "--model",
+        "gpt",
+        "--device",
+        "cpu",
+        "--width",
+        "32",
+        "--heads",
+        "2",
+        "--layers",
+        "2",
+        "--context",
+        "16",
+        "--batch",
+        "8",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--steps",
+        "5",
+        "--eval-every",
+        "5",
+    ];
+    let reference = tmp("gpt-mpi-ref.safetensors");
+    let mut a = base.to_vec();
+    a.extend_from_slice(&["--save", reference.to_str().unwrap()]);
+    let (ok, _, err) = tessera(&a);
+    assert!(ok, "{err}");
+    let want = params(&reference);
+    let meshes: [(usize, &[&str]); 3] = [
+        (2, &["--dp", "2"]),
+        (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"]),
+        (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"]),
+    ];
+    for (np, mesh) in meshes {
+        let out = tmp(&format!("gpt-mpi-{np}-{}.safetensors", mesh.join("")));
+        let mut a = base.to_vec();
+        a.extend_from_slice(&["--save", out.to_str().unwrap(), "--json"]);
+        a.extend_from_slice(mesh);
+        let (ok, stdout, err) = mpirun(np, &a);
+        assert!(ok, "mpirun -n {np} {mesh:?} failed:\n{err}");
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
+        assert_eq!(j["steps"], 5, "rank 0 prints, once: {stdout}");
+        let e = rel_err(&params(&out), &want);
+        eprintln!("mpirun -n {np} {mesh:?} (gpt): ||w - w_ref|| / ||w_ref|| = {e:.2e}");
+        assert!(e <= 1e-5, "mpirun -n {np} {mesh:?} (gpt): relative error {e:.3e}");
+    }
+}

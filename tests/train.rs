@@ -77,6 +77,7 @@ fn resuming_from_a_checkpoint_continues_exactly() {
         params: first.network().download_params(&dev).unwrap(),
         state: first.optimizer_state().unwrap(),
         data: tessera::checkpoint::DataId { name: "synthetic".into(), crc32: 7 },
+        vocab: None,
     };
     let ck = Checkpoint::from_bytes("mem", &ck.to_bytes().unwrap()).unwrap();
     ck.check_model(&info).unwrap();
@@ -447,6 +448,7 @@ fn cli_resume_refuses_a_model_it_cannot_build() {
         params: mlp.init(1),
         state: vec![vec![0.0; info.param_count()]; 2],
         data: tessera::checkpoint::DataId { name: "x".into(), crc32: 1 },
+        vocab: None,
     };
     let p = common::tmp("own-model.safetensors");
     ck.save(&p).unwrap();
@@ -715,6 +717,255 @@ fn cli_trains_a_gpt_and_reports_the_validation_loss() {
         (&["train", "--model", "gpt", "--batch", "0"][..], "--batch 0: a batch holds at least 1"),
     ] {
         let (ok, _, err) = tessera(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// The oracle grid on the GPT: every mesh of dp in {1, 2} x pp in {1, 2, 4} x microbatches in
+/// {1, 4} x {GPipe, 1F1B} (the tied wte on the first and last stage when split) takes 5 SGD
+/// steps to the weights of one device, within 1e-5 relative.
+#[test]
+fn gpt_oracle_grid_matches_one_device() {
+    use tessera::nn::GptConfig;
+    use tessera::parallel::engine::Engine;
+    use tessera::parallel::{Plan, ScheduleKind};
+    let (text, _, _) = gpt_batch(1, 4);
+    // Embedding, 4 blocks and the head: 6 layers, so 4 stages exist.
+    let cfg = GptConfig { vocab: text.vocab.len(), t: 8, c: 16, heads: 2, layers: 4 };
+    let tc = TrainConfig {
+        optimizer: OptimizerConfig::Sgd(Sgd { lr: 0.2, momentum: 0.9, weight_decay: 0.0 }),
+        schedule: LrSchedule::Constant,
+        clip_norm: None,
+        seed: 11,
+    };
+    let batches: Vec<(Vec<f32>, Vec<i32>)> = (0..5).map(|s| text.train_batch(2, s, 8, 8).unwrap()).collect();
+    let cpu = CpuDevice::new(0);
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let mut one = Trainer::new(&cpu, &model, tc.clone()).unwrap();
+    for (x, y) in &batches {
+        one.step(x, y).unwrap();
+    }
+    let want = one.network().download_params(&cpu).unwrap();
+    let w0 = model.init(tc.seed).unwrap();
+    let moved = want.iter().zip(&w0).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the steps move the weights ({moved})");
+    let info = model.info().unwrap();
+    let cpus: Vec<CpuDevice> = (0..8).map(CpuDevice::new).collect();
+    let mut runs = 0;
+    for dp in [1, 2] {
+        for pp in [1, 2, 4] {
+            for m in [1, 4] {
+                for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+                    let plan = Plan::new(&info, dp, pp, m, kind).unwrap();
+                    let desc = plan.describe();
+                    let mut e = Engine::new(&cpus[..dp * pp], &model, tc.clone(), plan).unwrap();
+                    for (x, y) in &batches {
+                        e.step(x, y).unwrap();
+                    }
+                    let got = e.params().unwrap();
+                    let num: f64 = got.iter().zip(&want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+                    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+                    let err = (num / den).sqrt();
+                    assert!(err <= 1e-5, "{desc}: relative difference {err:e}");
+                    assert!(e.replicas_identical().unwrap(), "{desc}");
+                    runs += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(runs, 24);
+}
+
+/// A GPT's shape, parameter names and shapes, flat parameters, and one window (inputs, ids).
+type GptCase = (tessera::nn::GptConfig, Vec<(String, Vec<usize>)>, Vec<f32>, Vec<f32>, Vec<i32>);
+
+/// A small GPT with its parameters moved off their initial values (biases and LayerNorms too).
+fn trained_gpt() -> GptCase {
+    use tessera::nn::GptConfig;
+    let (text, x, _) = gpt_batch(1, 8);
+    let cfg = GptConfig { vocab: text.vocab.len(), t: 8, c: 16, heads: 2, layers: 2 };
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let mut p = model.init(3).unwrap();
+    let mut rng = tessera::rng::Rng::new(8);
+    p.iter_mut().for_each(|v| *v += 0.1 * rng.normal());
+    let ids: Vec<i32> = x.iter().map(|v| *v as i32).collect();
+    (cfg, Checkpoint::tensors_of(&info), p, x, ids)
+}
+
+/// The host decoder with its key/value cache gives the logits of the model's forward pass on
+/// the CPU backend at every position; after a reset it starts again at position 0; a full
+/// cache and a token outside the vocabulary are refused.
+#[test]
+fn gpt_decoder_matches_the_model_forward() {
+    use tessera::nn::GptDecoder;
+    let (cfg, tensors, p, x, ids) = trained_gpt();
+    let dev = CpuDevice::new(0);
+    let mut net = Network::with_params(&dev, &cfg.model::<CpuDevice>().unwrap(), &p).unwrap();
+    net.load_batch(&dev, &x, &ids).unwrap();
+    net.forward(&dev).unwrap();
+    let want = net.logits(&dev).unwrap();
+    let mut dec = GptDecoder::new(cfg, &tensors, &p).unwrap();
+    for round in 0..2 {
+        dec.reset();
+        for (i, &id) in ids.iter().enumerate() {
+            let got = dec.feed(id as u32).unwrap().to_vec();
+            let row = &want[i * cfg.vocab..][..cfg.vocab];
+            for (k, (g, w)) in got.iter().zip(row).enumerate() {
+                assert!((g - w).abs() <= 1e-4 + 1e-4 * w.abs(), "round {round} position {i} logit {k}: {g} vs {w}");
+            }
+        }
+    }
+    assert_eq!(dec.len(), cfg.t);
+    assert!(dec.feed(0).unwrap_err().to_string().contains("context of 8 positions is full"));
+    dec.reset();
+    assert!(dec.feed(cfg.vocab as u32).unwrap_err().to_string().contains("outside the vocabulary"));
+    // Parameters of another shape are named.
+    let mut other = tensors.clone();
+    other[0].1 = vec![cfg.vocab + 1, cfg.c];
+    let e = GptDecoder::new(cfg, &other, &vec![0.0; p.len() + cfg.c]).err().unwrap().to_string();
+    assert!(e.contains("`wte`"), "{e}");
+}
+
+/// Sampling: temperature 0 and top-k 1 take the likeliest token; temperature 1 draws by the
+/// softmax's probabilities; the same seed writes the same tokens; the generator shifts its
+/// context past the model's and keeps writing.
+#[test]
+fn gpt_sampling_draws_from_the_softmax() {
+    use tessera::nn::decode::sample_logits;
+    use tessera::nn::GptDecoder;
+    use tessera::rng::Rng;
+    let mut rng = Rng::new(1);
+    let logits = [0.0f32, 3f32.ln(), -1.0, 0.5];
+    assert_eq!(sample_logits(&logits, 0.0, None, &mut rng), 1);
+    assert_eq!(sample_logits(&logits, 5.0, Some(1), &mut rng), 1);
+    let (n, mut hits) = (20_000, [0usize; 4]);
+    for _ in 0..n {
+        hits[sample_logits(&logits, 1.0, Some(2), &mut rng) as usize] += 1;
+    }
+    // Top 2: ids 1 and 3 with weights 3 and e^0.5.
+    let p1 = 3.0 / (3.0 + 0.5f64.exp());
+    assert_eq!(hits[0] + hits[2], 0, "{hits:?}");
+    assert!((hits[1] as f64 / n as f64 - p1).abs() < 0.015, "{hits:?} vs p = {p1}");
+    let (cfg, tensors, p, _, ids) = trained_gpt();
+    let mut dec = GptDecoder::new(cfg, &tensors, &p).unwrap();
+    let prompt: Vec<u32> = ids[..3].iter().map(|&i| i as u32).collect();
+    let mut seen = 0;
+    let a = dec.generate(&prompt, 30, 0.8, None, &mut Rng::new(5), |_| seen += 1).unwrap();
+    let b = dec.generate(&prompt, 30, 0.8, None, &mut Rng::new(5), |_| {}).unwrap();
+    assert_eq!((a.len(), seen), (30, 30));
+    assert_eq!(a, b, "same seed, same text");
+    assert!(a.iter().all(|&t| (t as usize) < cfg.vocab));
+    // Greedy past the context: after the shift, each token is the argmax of a forward pass
+    // over the tokens since the restart.
+    let g = dec.generate(&prompt, 12, 0.0, None, &mut Rng::new(0), |_| {}).unwrap();
+    let mut all = prompt.clone();
+    all.extend(&g);
+    // Positions: the prompt and tokens up to the context; then restart from the last t/2.
+    let t = cfg.t;
+    let restart = t; // the first shift happens once t tokens are in the cache
+    let window = &all[restart - t / 2 + 1..restart + 1];
+    let mut check = GptDecoder::new(cfg, &tensors, &p).unwrap();
+    let mut last = Vec::new();
+    for &w in window {
+        last = check.feed(w).unwrap().to_vec();
+    }
+    let argmax = last.iter().enumerate().fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
+    assert_eq!(argmax as u32, all[restart + 1], "the token after the shift: {all:?}");
+    assert!(dec.generate(&[], 3, 1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("empty"));
+    let long = vec![0u32; t + 1];
+    assert!(dec.generate(&long, 3, 1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("longer than"));
+    assert!(dec.generate(&prompt, 3, -1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("temperature"));
+}
+
+/// `tessera train --model gpt --save` and `--resume`: a run stopped at step 3 and resumed
+/// ends with the weights of the uninterrupted run; the checkpoint carries GPT-2's names, the
+/// model's shape and its vocabulary; flags that contradict it, and the wrong model kind, are
+/// refused. `tessera sample` writes text from it, and refuses bad input with the reason.
+#[test]
+fn cli_gpt_checkpoints_resume_and_sample() {
+    let small = ["train", "--model", "gpt", "--width", "32", "--heads", "2", "--layers", "2", "--context", "16"];
+    let run = |extra: &[&str]| {
+        let mut args = small.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, out, err) = tessera(&args);
+        assert!(ok, "{args:?}: {err}");
+        (out, err)
+    };
+    let (straight, first, resumed) = (tmp("gpt-straight.st"), tmp("gpt-first.st"), tmp("gpt-resumed.st"));
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    run(&["--steps", "6", "--save", &s(&straight)]);
+    let (_, err) = run(&["--steps", "6", "--stop-at", "3", "--save", &s(&first)]);
+    assert!(err.contains("continue the run with --resume"), "{err}");
+    let c = Checkpoint::load(&first).unwrap();
+    assert_eq!(c.step, 3);
+    assert_eq!(c.model, "GPT 2 layers, width 32, 2 heads, context 16, vocabulary 65");
+    assert_eq!(c.vocab.as_deref().map(|v| v.chars().count()), Some(65));
+    let names: Vec<&str> = c.tensors.iter().map(|t| t.0.as_str()).collect();
+    for want in ["wte", "wpe", "h.0.ln_1.weight", "h.0.attn.c_attn.weight", "h.1.mlp.c_proj.bias", "ln_f.bias"] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    // Resumed with the flags left out: the run's own settings.
+    let (ok, _, err) = tessera(&["train", "--model", "gpt", "--resume", &s(&first), "--save", &s(&resumed)]);
+    assert!(ok, "{err}");
+    let (a, b) = (Checkpoint::load(&straight).unwrap(), Checkpoint::load(&resumed).unwrap());
+    assert_eq!(b.step, 6);
+    assert_eq!(a.params, b.params, "resumed = uninterrupted, bit for bit");
+    assert_eq!(a.state, b.state);
+    for (args, want) in [
+        (vec!["train", "--model", "gpt", "--resume", &s(&first), "--width", "64"], "--width (checkpoint: 32)"),
+        (vec!["train", "--model", "gpt", "--resume", &s(&first), "--steps", "9"], "cosine schedule ends at step 6"),
+        (vec!["train", "--resume", &s(&first)], "resume it with --model gpt"),
+        (vec!["train", "--model", "gpt", "--eval-every", "0"], "'0' for '--eval-every"),
+    ] {
+        let (ok, _, err) = tessera(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    // Other text: refused, naming the data.
+    let other = tmp("other.txt");
+    std::fs::write(&other, "to be or not to be, that is the question: ".repeat(50)).unwrap();
+    let (ok, _, err) = tessera(&["train", "--model", "gpt", "--resume", &s(&first), "--data", &s(&other)]);
+    assert!(!ok && err.contains("it was trained on tinyshakespeare"), "{err}");
+
+    // Sampling.
+    let (ok, out, err) =
+        tessera(&["sample", "--checkpoint", &s(&resumed), "--prompt", "ROMEO:", "--tokens", "40", "--seed", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ROMEO:") && out.trim_end().chars().count() <= 46, "{out}");
+    assert!(err.contains("40 tokens in"), "{err}");
+    let resumed_path = s(&resumed);
+    let json = |args: &[&str]| {
+        let mut v = vec!["sample", "--checkpoint", resumed_path.as_str(), "--json"];
+        v.extend_from_slice(args);
+        let (ok, out, err) = tessera(&v);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let (j1, j2) = (json(&["--tokens", "100", "--seed", "3"]), json(&["--tokens", "100", "--seed", "3"]));
+    assert_eq!(j1["text"], j2["text"], "same seed, same text");
+    assert_eq!(j1["tokens"], 100);
+    assert_eq!(j1["text"].as_str().unwrap().chars().count(), 100);
+    let mlp = tmp("mlp-for-sample.st");
+    let (ok, _, err) = tessera(&["train", "--widths", "784,8,10", "--steps", "1", "--save", &s(&mlp)]);
+    assert!(ok, "{err}");
+    let corrupt = tmp("corrupt.st");
+    std::fs::write(&corrupt, b"not a checkpoint").unwrap();
+    for (args, want) in [
+        (vec!["--checkpoint", &s(&mlp)], "an image classifier"),
+        (
+            vec!["--checkpoint", &s(&resumed), "--prompt", "caf\u{e9}"],
+            "'\u{e9}' (at 3) is not in the model's vocabulary",
+        ),
+        (vec!["--checkpoint", &s(&resumed), "--prompt", &"a".repeat(17)], "longer than the model's context of 16"),
+        (vec!["--checkpoint", &s(&resumed), "--prompt", ""], "--prompt is empty"),
+        (vec!["--checkpoint", &s(&resumed), "--temperature", "-1"], "temperature -1"),
+        (vec!["--checkpoint", &s(&resumed), "--top-k", "0"], "top-k 0"),
+        (vec!["--checkpoint", &s(&corrupt)], "not a readable safetensors file"),
+        (vec!["--checkpoint", "/nonexistent/gpt.st"], "/nonexistent/gpt.st"),
+    ] {
+        let mut v = vec!["sample"];
+        v.extend_from_slice(&args);
+        let (ok, _, err) = tessera(&v);
         assert!(!ok && err.contains(want), "{args:?}: {err}");
     }
 }

@@ -31,8 +31,12 @@ pub(crate) enum Cmd {
         verbose: bool,
     },
     /// Train an MLP classifier (by default 784-512-512-10 on the 10,000 vendored MNIST digits:
-    /// 8,000 to train, 2,000 to test) and report the test accuracy.
+    /// 8,000 to train, 2,000 to test) and report the test accuracy; or, with --model gpt, a
+    /// character-level GPT on tiny Shakespeare and report the validation loss.
     Train(TrainArgs),
+    /// Write text from a GPT checkpoint (tessera train --model gpt --save FILE), decoded on the
+    /// CPU with a key/value cache.
+    Sample(SampleArgs),
     /// Print the plan of a run over several devices (mesh, stages, schedule chart, memory per
     /// device, estimated step time and bubble) without training.
     Plan(PlanArgs),
@@ -116,6 +120,33 @@ impl std::str::FromStr for Counts {
     fn from_str(s: &str) -> tessera::Result<Self> {
         MlpConfig::parse_widths(s).map(Counts)
     }
+}
+
+/// `tessera sample`'s flags.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SampleArgs {
+    /// The GPT checkpoint (written by tessera train --model gpt --save FILE).
+    #[arg(long)]
+    pub(crate) checkpoint: PathBuf,
+    /// The text to continue (characters of the model's vocabulary, at most its context).
+    #[arg(long, default_value = "\n")]
+    pub(crate) prompt: String,
+    /// Tokens (characters) to write after the prompt.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) tokens: usize,
+    /// Softmax temperature: 1 samples the model's distribution, lower is more conservative, 0
+    /// always takes the likeliest character.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    pub(crate) temperature: f32,
+    /// Sample among the K likeliest characters only.
+    #[arg(long = "top-k")]
+    pub(crate) top_k: Option<usize>,
+    /// Seed of the sampling: the same seed, checkpoint and flags write the same text.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// One JSON line (the text, tokens, tokens/s) instead of the text as it is written.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// A size in bytes: `2GiB`, `512MiB`, `3000000`.

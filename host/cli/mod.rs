@@ -1,4 +1,5 @@
-//! The `tessera` command line: arguments (`args`), the commands (`info`, `train`, `plan`),
+//! The `tessera` command line: arguments (`args`), the commands (`info`, `train` with `gpt`,
+//! `plan`, `sample`),
 //! printing that survives closed pipes (`output`), and signals (`interrupt`). Library logic
 //! lives in the library; this folder turns flags into its calls and its results into lines.
 
@@ -9,6 +10,7 @@ mod gpt;
 mod info;
 mod interrupt;
 mod plan;
+mod sample;
 mod train;
 
 use std::process::ExitCode;
@@ -74,6 +76,7 @@ pub fn main() -> ExitCode {
         Cmd::Kernels { verbose } => kernels(verbose),
         Cmd::Train(args) => train(args, world.clone()),
         Cmd::Plan(args) => plan(args),
+        Cmd::Sample(args) => sample::sample(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,12 @@ pub(crate) fn train_config(
     let act = a.activation;
     if let Some(c) = ckpt {
         let path = a.resume.as_ref().unwrap().display().to_string();
+        if tessera::nn::GptConfig::from_description(&c.model).is_some() {
+            return Err(Error::Checkpoint {
+                path,
+                reason: format!("it holds the model `{}`: resume it with --model gpt", c.model),
+            });
+        }
         let mlp = MlpConfig::from_description(&c.model).ok_or_else(|| Error::Checkpoint {
             path: path.clone(),
             reason: format!(
@@ -44,61 +50,15 @@ pub(crate) fn train_config(
             ),
         })?;
         let mut conflicts = Vec::new();
-        let cc = &c.config;
         if widths.as_ref().is_some_and(|w| *w != mlp.widths) {
             conflicts.push(format!("--widths (checkpoint: {})", mlp.widths_string()));
         }
         if act.is_some_and(|x| x != mlp.act) {
             conflicts.push(format!("--activation (checkpoint: {})", mlp.act));
         }
-        if a.batch.is_some_and(|b| b != c.batch) {
-            conflicts.push(format!("--batch (checkpoint: {})", c.batch));
-        }
-        if a.seed.is_some_and(|s| s != cc.seed) {
-            conflicts.push(format!("--seed (checkpoint: {})", cc.seed));
-        }
-        if a.optimizer.is_some_and(|o| (o == OptName::Sgd) != matches!(cc.optimizer, OptimizerConfig::Sgd(_))) {
-            conflicts.push(format!("--optimizer (checkpoint: {})", cc.optimizer.name()));
-        }
-        if a.lr.is_some_and(|lr| lr != cc.optimizer.lr()) {
-            conflicts.push(format!("--lr (checkpoint: {})", cc.optimizer.lr()));
-        }
-        let (wd, momentum) = match &cc.optimizer {
-            OptimizerConfig::AdamW(o) => (o.weight_decay, None),
-            OptimizerConfig::Sgd(o) => (o.weight_decay, Some(o.momentum)),
-        };
-        if a.weight_decay.is_some_and(|w| w != wd) {
-            conflicts.push(format!("--weight-decay (checkpoint: {wd})"));
-        }
-        if a.momentum.is_some_and(|m| Some(m) != momentum) {
-            conflicts.push(match momentum {
-                Some(m) => format!("--momentum (checkpoint: {m})"),
-                None => "--momentum (the checkpoint's optimizer is adamw, which has none)".to_string(),
-            });
-        }
-        let cosine = matches!(cc.schedule, LrSchedule::Cosine { .. });
-        if a.lr_schedule.is_some_and(|s| (s == SchedName::Cosine) != cosine) {
-            conflicts.push(format!("--lr-schedule (checkpoint: {})", cc.schedule));
-        }
-        if let Some(w) = a.warmup {
-            if !matches!(cc.schedule, LrSchedule::Cosine { warmup, .. } if warmup == w) {
-                conflicts.push(format!("--warmup (checkpoint: {})", cc.schedule));
-            }
-        }
-        if a.clip != cc.clip_norm && a.clip.is_some() {
-            let was = cc.clip_norm.map_or("no clipping".to_string(), |c| c.to_string());
-            conflicts.push(format!("--clip (checkpoint: {was})"));
-        }
-        if !conflicts.is_empty() {
-            return Err(Error::Checkpoint {
-                path: a.resume.as_ref().unwrap().display().to_string(),
-                reason: format!(
-                    "it was saved by a run with other settings: {}. Leave these flags out to continue that run",
-                    conflicts.join(", ")
-                ),
-            });
-        }
-        return Ok((mlp, cc.clone(), c.batch));
+        conflicts.extend(run_conflicts(a, c));
+        refuse_conflicts(a, conflicts)?;
+        return Ok((mlp, c.config.clone(), c.batch));
     }
     let model = MlpConfig::new(widths.unwrap_or_else(|| vec![784, 512, 512, 10]), act.unwrap_or(Activation::Relu))?;
     let cosine = a.lr_schedule == Some(SchedName::Cosine);
@@ -116,6 +76,66 @@ pub(crate) fn train_config(
     };
     let batch = batch_from_flags(a, 128)?;
     Ok((model, TrainConfig { optimizer, schedule, clip_norm: a.clip, seed: a.seed.unwrap_or(0) }, batch))
+}
+
+/// The flags that contradict the run a checkpoint continues (batch, seed, optimizer and its
+/// settings, schedule, clipping), each named with the checkpoint's value.
+pub(crate) fn run_conflicts(a: &TrainArgs, c: &Checkpoint) -> Vec<String> {
+    let mut conflicts = Vec::new();
+    let cc = &c.config;
+    if a.batch.is_some_and(|b| b != c.batch) {
+        conflicts.push(format!("--batch (checkpoint: {})", c.batch));
+    }
+    if a.seed.is_some_and(|s| s != cc.seed) {
+        conflicts.push(format!("--seed (checkpoint: {})", cc.seed));
+    }
+    if a.optimizer.is_some_and(|o| (o == OptName::Sgd) != matches!(cc.optimizer, OptimizerConfig::Sgd(_))) {
+        conflicts.push(format!("--optimizer (checkpoint: {})", cc.optimizer.name()));
+    }
+    if a.lr.is_some_and(|lr| lr != cc.optimizer.lr()) {
+        conflicts.push(format!("--lr (checkpoint: {})", cc.optimizer.lr()));
+    }
+    let (wd, momentum) = match &cc.optimizer {
+        OptimizerConfig::AdamW(o) => (o.weight_decay, None),
+        OptimizerConfig::Sgd(o) => (o.weight_decay, Some(o.momentum)),
+    };
+    if a.weight_decay.is_some_and(|w| w != wd) {
+        conflicts.push(format!("--weight-decay (checkpoint: {wd})"));
+    }
+    if a.momentum.is_some_and(|m| Some(m) != momentum) {
+        conflicts.push(match momentum {
+            Some(m) => format!("--momentum (checkpoint: {m})"),
+            None => "--momentum (the checkpoint's optimizer is adamw, which has none)".to_string(),
+        });
+    }
+    let cosine = matches!(cc.schedule, LrSchedule::Cosine { .. });
+    if a.lr_schedule.is_some_and(|s| (s == SchedName::Cosine) != cosine) {
+        conflicts.push(format!("--lr-schedule (checkpoint: {})", cc.schedule));
+    }
+    if let Some(w) = a.warmup {
+        if !matches!(cc.schedule, LrSchedule::Cosine { warmup, .. } if warmup == w) {
+            conflicts.push(format!("--warmup (checkpoint: {})", cc.schedule));
+        }
+    }
+    if a.clip != cc.clip_norm && a.clip.is_some() {
+        let was = cc.clip_norm.map_or("no clipping".to_string(), |c| c.to_string());
+        conflicts.push(format!("--clip (checkpoint: {was})"));
+    }
+    conflicts
+}
+
+/// An error naming `conflicts`, the flags that contradict the checkpoint being resumed.
+pub(crate) fn refuse_conflicts(a: &TrainArgs, conflicts: Vec<String>) -> tessera::Result<()> {
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Checkpoint {
+        path: a.resume.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        reason: format!(
+            "it was saved by a run with other settings: {}. Leave these flags out to continue that run",
+            conflicts.join(", ")
+        ),
+    })
 }
 
 /// A model's defaults for the optimizer flags.
@@ -173,7 +193,7 @@ pub(crate) fn batch_from_flags(a: &TrainArgs, default: usize) -> tessera::Result
 
 pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     if a.model == super::args::ModelName::Gpt {
-        return super::gpt::train_gpt(&a, world.is_some());
+        return super::gpt::train_gpt(&a, world);
     }
     for (flag, given) in [
         ("--layers", a.layers.is_some()),
@@ -325,7 +345,10 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
     let spec: DeviceSpec = a.device.spec;
     #[cfg(feature = "mpi")]
     if let Some(w) = world {
-        return train_mpi(&a, &w, spec, &mlp, cfg, batch, ckpt, total_steps, &train_set, &test_set, data_id);
+        let line = run_line(&mlp, &cfg, batch, &data_name, &train_set, &test_set);
+        let job =
+            Job { a: &a, mlp: &mlp, batch, total_steps, train_set: &train_set, test_set: &test_set, data: data_id };
+        return train_mpi(&a, &w, spec, &job, cfg, batch, ckpt, &line);
     }
     let _ = world;
     if let Some(ar) = &a.allreduce {
@@ -425,23 +448,45 @@ pub(crate) fn train_local<B: LocalGroup>(
     run_training(trainer, cursor, job)
 }
 
-/// `mpirun -np N tessera train ...`: this process is one rank of the mesh.
+/// What one rank of an MPI job trains: the model it builds, and the run once its engine exists.
+#[cfg(feature = "mpi")]
+pub(crate) trait RankJob {
+    /// The model, on any device type.
+    fn model<B: Ops>(&self) -> tessera::Result<tessera::nn::Model<B>>;
+    /// The run from `cursor` on, with `trainer` on this rank's `dev`.
+    fn run<T: Pipelined, B: Ops>(&self, trainer: T, dev: &B, cursor: Cursor) -> tessera::Result<()>;
+}
+
+#[cfg(feature = "mpi")]
+impl RankJob for Job<'_> {
+    fn model<B: Ops>(&self) -> tessera::Result<tessera::nn::Model<B>> {
+        Ok(self.mlp.model())
+    }
+    fn run<T: Pipelined, B: Ops>(&self, trainer: T, _dev: &B, cursor: Cursor) -> tessera::Result<()> {
+        run_training(trainer, cursor, self)
+    }
+}
+
+/// `job`'s model on the device type of `_dev`.
+#[cfg(feature = "mpi")]
+fn model_on<B: Ops, J: RankJob>(job: &J, _dev: &B) -> tessera::Result<tessera::nn::Model<B>> {
+    job.model()
+}
+
+/// `mpirun -np N tessera train ...`: this process is one rank of the mesh, running `job` (rank 0
+/// prints `run_line` first).
 #[cfg(feature = "mpi")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_mpi(
+pub(crate) fn train_mpi<J: RankJob>(
     a: &TrainArgs,
     w: &std::sync::Arc<tessera::parallel::mpi::MpiWorld>,
     spec: DeviceSpec,
-    mlp: &MlpConfig,
+    job: &J,
     cfg: TrainConfig,
     batch: usize,
     ckpt: Option<Checkpoint>,
-    total_steps: u64,
-    train_set: &Dataset,
-    test_set: &Dataset,
-    data: DataId,
+    run_line: &str,
 ) -> tessera::Result<()> {
-    let data_name = data.name.clone();
     let one = |count: usize| -> tessera::Result<()> {
         if count != 1 {
             return Err(Error::Invalid(format!(
@@ -481,7 +526,7 @@ pub(crate) fn train_mpi(
             DeviceSpec::Cuda { .. } | DeviceSpec::Auto => "the GPU of its local rank (the CPU without one)".to_string(),
         };
         errln!("mpi: {} ranks; each runs on {per_rank}", w.size());
-        errln!("{}", run_line(mlp, &cfg, batch, &data_name, train_set, test_set));
+        errln!("{run_line}");
     }
     let nccl = a.allreduce.map(|r| r == AllReduceName::Nccl);
     if nccl == Some(true) && !matches!(spec, DeviceSpec::Cuda { .. } | DeviceSpec::Auto) {
@@ -490,7 +535,7 @@ pub(crate) fn train_mpi(
     macro_rules! go {
         ($dev:expr, $all_reduce:expr, $sharing:expr) => {{
             let dev = $dev;
-            let model = mlp.model();
+            let model = model_on(job, &dev)?;
             let devs = vec![dev.clone(); w.size()];
             let (plan, why, _) = make_plan(&devs, &a.mesh, &model.info()?, &cfg, batch, None, $sharing)?;
             if w.rank() == 0 && !a.json {
@@ -513,8 +558,7 @@ pub(crate) fn train_mpi(
                 $all_reduce,
             )?;
             tessera::parallel::mpi::install_termination_notice(w);
-            let job = Job { a, mlp, batch, total_steps, train_set, test_set, data: data.clone() };
-            run_training(trainer, cursor, &job)
+            job.run(trainer, &dev, cursor)
         }};
     }
     use tessera::parallel::mpi::{AllReduce, StageGroup};
@@ -632,6 +676,7 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
             params: trainer.flat_params()?,
             state: trainer.flat_optimizer_state()?,
             data: data.clone(),
+            vocab: None,
         })
     };
     if let Err(Error::Interrupted { signal, step }) = fitted {
@@ -652,23 +697,7 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     let eval = trainer.evaluate_on(test_set, 1000)?;
     let wall = t0.elapsed().as_secs_f64();
     if let Some(path) = a.timeline.as_ref().filter(|_| root) {
-        let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
-        let title = format!(
-            "step {} of {} on {}",
-            trainer.steps_done(),
-            trainer.plan().describe(),
-            trainer.devices().join(", ")
-        );
-        tessera::checkpoint::write_atomically(path, t.to_svg(&title, "s").as_bytes())?;
-        if !a.json {
-            errln!(
-                "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
-                path.display(),
-                100.0 * t.idle_fraction(),
-                100.0
-                    * tessera::parallel::schedule::bubble_fraction(trainer.plan().mesh.pp, trainer.plan().microbatches)
-            );
-        }
+        write_timeline(&trainer, path, a.json)?;
     }
     // Every rank takes part in gathering the parameters; rank 0 writes them, after the result.
     let gathered = match &a.save {
@@ -678,28 +707,7 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     if !root {
         return Ok(());
     }
-    if a.profile {
-        if !simulated {
-            errln!(
-                "profile: host work is counted on simulated devices, which run the GPU's code path: run with \
-                 --device sim (or sim:N)"
-            );
-        } else {
-            for (i, c) in per_step.iter().enumerate() {
-                errln!(
-                    "profile: step {}: {} launches, {} host syncs, {} allocations, {} host->device, {} device->host, {} \
-                     device->device copies",
-                    start_step + i as u64 + 1,
-                    c.launches,
-                    c.host_syncs,
-                    c.allocations,
-                    c.host_to_device,
-                    c.device_to_host,
-                    c.device_to_device
-                );
-            }
-        }
-    }
+    let profile = if a.profile { profile_report(simulated, &per_step, start_step, a.json) } else { None };
     if !eval.loss.is_finite() {
         errln!(
             "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
@@ -731,20 +739,8 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
             "wall_seconds": wall,
         });
         let mut j = j;
-        if a.profile && simulated {
-            j["profile"] = per_step
-                .iter()
-                .map(|c| {
-                    serde_json::json!({
-                        "launches": c.launches,
-                        "host_syncs": c.host_syncs,
-                        "allocations": c.allocations,
-                        "host_to_device": c.host_to_device,
-                        "device_to_host": c.device_to_host,
-                        "device_to_device": c.device_to_device,
-                    })
-                })
-                .collect();
+        if let Some(p) = profile {
+            j["profile"] = p;
         }
         outln!("{j}");
     } else {
@@ -769,6 +765,72 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
         }
     }
     Ok(())
+}
+
+/// `--timeline FILE`: the last step's timeline drawn as SVG, with its idle fraction against
+/// the GPipe bubble of the plan.
+pub(crate) fn write_timeline<T: Pipelined>(trainer: &T, path: &std::path::Path, json: bool) -> tessera::Result<()> {
+    let t = trainer.timeline().ok_or_else(|| Error::Invalid("--timeline: no step was taken".into()))?;
+    let title =
+        format!("step {} of {} on {}", trainer.steps_done(), trainer.plan().describe(), trainer.devices().join(", "));
+    tessera::checkpoint::write_atomically(path, t.to_svg(&title, "s").as_bytes())?;
+    if !json {
+        errln!(
+            "wrote {}: measured idle {:.1}% (the GPipe bubble for this plan would be {:.1}%)",
+            path.display(),
+            100.0 * t.idle_fraction(),
+            100.0 * tessera::parallel::schedule::bubble_fraction(trainer.plan().mesh.pp, trainer.plan().microbatches)
+        );
+    }
+    Ok(())
+}
+
+/// `--profile`: each step's host work on simulated devices (launches, syncs, allocations,
+/// copies), printed unless `json`, and as JSON for `--json`; `None` (with a note) when the
+/// devices are not simulated.
+pub(crate) fn profile_report(
+    simulated: bool,
+    per_step: &[tessera::backend::sim::SimCounts],
+    start_step: u64,
+    json: bool,
+) -> Option<serde_json::Value> {
+    if !simulated {
+        errln!(
+            "profile: host work is counted on simulated devices, which run the GPU's code path: run with --device \
+             sim (or sim:N)"
+        );
+        return None;
+    }
+    if !json {
+        for (i, c) in per_step.iter().enumerate() {
+            errln!(
+                "profile: step {}: {} launches, {} host syncs, {} allocations, {} host->device, {} device->host, {} \
+                 device->device copies",
+                start_step + i as u64 + 1,
+                c.launches,
+                c.host_syncs,
+                c.allocations,
+                c.host_to_device,
+                c.device_to_host,
+                c.device_to_device
+            );
+        }
+    }
+    Some(
+        per_step
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "launches": c.launches,
+                    "host_syncs": c.host_syncs,
+                    "allocations": c.allocations,
+                    "host_to_device": c.host_to_device,
+                    "device_to_host": c.device_to_host,
+                    "device_to_device": c.device_to_device,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Checks before training that an output file of `flag` can be written where it is asked for

@@ -46,10 +46,46 @@ impl GptConfig {
         Ok(())
     }
 
+    /// `GPT 4 layers, width 128, 4 heads, context 64, vocabulary 65`: the model's name, which a
+    /// checkpoint keeps and [`GptConfig::from_description`] reads back.
+    pub fn describe(&self) -> String {
+        format!(
+            "GPT {} layers, width {}, {} heads, context {}, vocabulary {}",
+            self.layers, self.c, self.heads, self.t, self.vocab
+        )
+    }
+
+    /// The config that [`GptConfig::describe`] described, or `None` when `s` does not describe
+    /// a valid GPT.
+    pub fn from_description(s: &str) -> Option<GptConfig> {
+        let rest = s.trim().strip_prefix("GPT ")?;
+        let mut parts = rest.split(", ");
+        let mut field = |suffix: &str, prefix: &str| -> Option<usize> {
+            let p = parts.next()?;
+            p.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+        };
+        let layers = field(" layers", "")?;
+        let c = field("", "width ")?;
+        let heads = field(" heads", "")?;
+        let t = field("", "context ")?;
+        let vocab = field("", "vocabulary ")?;
+        if parts.next().is_some() {
+            return None;
+        }
+        let g = GptConfig { vocab, t, c, heads, layers };
+        g.validate().ok().map(|_| g)
+    }
+
+    /// Parameters in the model: `vocab x c + t x c`, 12 c^2 + 13 c per block, `2c` for `ln_f`.
+    pub fn param_count(&self) -> usize {
+        let c = self.c;
+        (self.vocab + self.t) * c + self.layers * (12 * c * c + 13 * c) + 2 * c
+    }
+
     /// The model: embedding, `layers` blocks, head, with `vocab` classes per position.
     pub fn model<B: Ops>(&self) -> Result<Model<B>> {
         self.validate()?;
-        let mut m = Model::new("gpt").push(TokenEmbedding { vocab: self.vocab, t: self.t, c: self.c });
+        let mut m = Model::new(&self.describe()).push(TokenEmbedding { vocab: self.vocab, t: self.t, c: self.c });
         for i in 0..self.layers {
             m = m.push(Block { index: i, layers: self.layers, t: self.t, c: self.c, heads: self.heads });
         }

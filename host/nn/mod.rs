@@ -34,6 +34,7 @@
 //! The MLP ([`MlpConfig::model`]) is one such model, built of [`Linear`] layers;
 //! `examples/own_layer.rs` builds another from a layer of its own.
 
+pub mod decode;
 pub mod gpt;
 mod linear;
 mod mlp;
@@ -42,6 +43,7 @@ mod stage;
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use decode::GptDecoder;
 pub use gpt::GptConfig;
 pub use linear::Linear;
 pub use mlp::{MlpConfig, Network};

@@ -11,6 +11,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
+use crate::backend::cpu::math::fast_exp;
 use crate::backend::cpu::{lane_sum, wide, CpuDevice};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
@@ -192,6 +193,36 @@ fn token(ids: &[f32], r: usize, vocab: usize) -> Result<usize> {
     }
 }
 
+/// `a . b` in f32 with eight independent lanes added in lane order (vectorises; the order
+/// depends only on the length).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    acc.iter().sum()
+}
+
+/// Head `h`'s q, k and v rows of sequence `b` (each `t x d`, contiguous) from the `t x 3c`
+/// rows of `qkv`.
+fn gather_head(qkv: &[f32], t: usize, c: usize, d: usize, b: usize, h: usize) -> [Vec<f32>; 3] {
+    std::array::from_fn(|part| {
+        let mut m = Vec::with_capacity(t * d);
+        for i in 0..t {
+            m.extend_from_slice(&qkv[(b * t + i) * 3 * c + part * c + h * d..][..d]);
+        }
+        m
+    })
+}
+
 impl TransformerOps for CpuDevice {
     fn embed_forward(
         &self,
@@ -256,30 +287,43 @@ impl TransformerOps for CpuDevice {
     ) -> Result<()> {
         let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
         let scale = 1.0 / (d as f32).sqrt();
-        // One task per (sequence, head, position): the kernel's warp, in the same order.
-        let res: Vec<(Vec<f32>, f32)> = (0..rows * heads)
+        // One task per (sequence, head) with its q, k and v gathered: per query row the scores
+        // of the keys up to it, their softmax (the max first, so the exponentials never
+        // overflow), and the weighted sum of the values, each in a fixed order.
+        let res: Vec<(Vec<f32>, Vec<f32>)> = (0..(rows / t) * heads)
             .into_par_iter()
-            .map(|w| {
-                let (i, h, b) = (w % t, (w / t) % heads, w / (t * heads));
-                let row = |r: usize, part: usize| &qkv[(b * t + r) * 3 * c + part * c + h * d..][..d];
-                let q = row(i, 0);
-                let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
-                for j in 0..=i {
-                    let s = scale * q.iter().zip(row(j, 1)).map(|(a, b)| a * b).sum::<f32>();
-                    let mn = m.max(s);
-                    let (alpha, p) = ((m - mn).exp(), (s - mn).exp());
-                    l = l * alpha + p;
-                    acc.iter_mut().zip(row(j, 2)).for_each(|(a, v)| *a = *a * alpha + p * v);
-                    m = mn;
-                }
-                acc.iter_mut().for_each(|a| *a /= l);
-                (acc, m + l.ln())
+            .map(|task| {
+                let (h, b) = (task % heads, task / heads);
+                wide(|| {
+                    let [q, k, v] = gather_head(qkv, t, c, d, b, h);
+                    let (mut o, mut l, mut s) = (vec![0f32; t * d], vec![0f32; t], vec![0f32; t]);
+                    for i in 0..t {
+                        let qi = &q[i * d..][..d];
+                        let s = &mut s[..=i];
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            *sj = scale * dot(qi, &k[j * d..][..d]);
+                        }
+                        let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+                        let sum: f32 = s.iter().sum();
+                        let oi = &mut o[i * d..][..d];
+                        for (j, &p) in s.iter().enumerate() {
+                            oi.iter_mut().zip(&v[j * d..][..d]).for_each(|(a, &vv)| *a += p * vv);
+                        }
+                        let inv = 1.0 / sum;
+                        oi.iter_mut().for_each(|a| *a *= inv);
+                        l[i] = m + sum.ln();
+                    }
+                    (o, l)
+                })
             })
             .collect();
-        for (w, (o, l)) in res.into_iter().enumerate() {
-            let (i, h, b) = (w % t, (w / t) % heads, w / (t * heads));
-            out[(b * t + i) * c + h * d..][..d].copy_from_slice(&o);
-            lse[w] = l;
+        for (task, (o, l)) in res.into_iter().enumerate() {
+            let (h, b) = (task % heads, task / heads);
+            for i in 0..t {
+                out[(b * t + i) * c + h * d..][..d].copy_from_slice(&o[i * d..][..d]);
+            }
+            lse[task * t..][..t].copy_from_slice(&l);
         }
         Ok(())
     }
@@ -301,63 +345,55 @@ impl TransformerOps for CpuDevice {
         check_len("attention", "dqkv", dqkv.len(), qkv.len())?;
         check_len("attention", "dsum", dsum.len(), lse.len())?;
         let scale = 1.0 / (d as f32).sqrt();
-        let at = |w: usize| (w % t, (w / t) % heads, w / (t * heads));
-        // The range of head h's part (q 0, k 1, v 2; 0 for out) of row r of sequence b.
-        let row = |width: usize, b: usize, r: usize, part: usize, h: usize| -> std::ops::Range<usize> {
-            let s = (b * t + r) * width + part * c + h * d;
-            s..s + d
-        };
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-        // dsum = dout . out per row.
-        dsum.par_iter_mut().enumerate().for_each(|(w, s)| {
-            let (i, h, b) = at(w);
-            let r = row(c, b, i, 0, h);
-            *s = dot(&dout[r.clone()], &out[r]);
-        });
-        let dsum: &[f32] = dsum;
-        let n = rows * heads;
-        // dq per query row, then dk and dv per key row, each summing in a fixed order.
-        let dq: Vec<Vec<f32>> = (0..n)
+        // One task per (sequence, head): the probabilities recomputed from the scores and the
+        // kept log-sum-exp, then dq, dk and dv accumulated over the causal pairs in a fixed
+        // order (query rows ascending, keys ascending).
+        let res: Vec<(Vec<f32>, Vec<f32>)> = (0..(rows / t) * heads)
             .into_par_iter()
-            .map(|w| {
-                let (i, h, b) = at(w);
-                let q = &qkv[row(3 * c, b, i, 0, h)];
-                let g = &dout[row(c, b, i, 0, h)];
-                let mut dq = vec![0f32; d];
-                for j in 0..=i {
-                    let k = &qkv[row(3 * c, b, j, 1, h)];
-                    let v = &qkv[row(3 * c, b, j, 2, h)];
-                    let p = (scale * dot(q, k) - lse[w]).exp();
-                    let ds = p * (dot(g, v) - dsum[w]);
-                    dq.iter_mut().zip(k).for_each(|(a, kk)| *a += scale * ds * kk);
-                }
-                dq
+            .map(|task| {
+                let (h, b) = (task % heads, task / heads);
+                wide(|| {
+                    let [q, k, v] = gather_head(qkv, t, c, d, b, h);
+                    let lse = &lse[task * t..][..t];
+                    let mut dqkv = vec![0f32; 3 * t * d];
+                    let (dq, dkv) = dqkv.split_at_mut(t * d);
+                    let (dk, dv) = dkv.split_at_mut(t * d);
+                    let mut ds = vec![0f32; t];
+                    let mut sums = vec![0f32; t];
+                    for i in 0..t {
+                        let row = (b * t + i) * c + h * d;
+                        let (qi, gi) = (&q[i * d..][..d], &dout[row..][..d]);
+                        let di = dot(gi, &out[row..][..d]);
+                        sums[i] = di;
+                        let ds = &mut ds[..=i];
+                        for (j, x) in ds.iter_mut().enumerate() {
+                            *x = scale * dot(qi, &k[j * d..][..d]) - lse[i];
+                        }
+                        ds.iter_mut().for_each(|x| *x = fast_exp(*x));
+                        for (j, x) in ds.iter_mut().enumerate() {
+                            let p = *x;
+                            let vj = &v[j * d..][..d];
+                            dv[j * d..][..d].iter_mut().zip(gi).for_each(|(a, &g)| *a += p * g);
+                            *x = scale * p * (dot(gi, vj) - di);
+                        }
+                        let dqi = &mut dq[i * d..][..d];
+                        for (j, &x) in ds.iter().enumerate() {
+                            dqi.iter_mut().zip(&k[j * d..][..d]).for_each(|(a, &kk)| *a += x * kk);
+                            dk[j * d..][..d].iter_mut().zip(qi).for_each(|(a, &qq)| *a += x * qq);
+                        }
+                    }
+                    (dqkv, sums)
+                })
             })
             .collect();
-        let dkv: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
-            .into_par_iter()
-            .map(|w| {
-                let (j, h, b) = at(w);
-                let base = w - j;
-                let k = &qkv[row(3 * c, b, j, 1, h)];
-                let v = &qkv[row(3 * c, b, j, 2, h)];
-                let (mut dk, mut dv) = (vec![0f32; d], vec![0f32; d]);
-                for i in j..t {
-                    let q = &qkv[row(3 * c, b, i, 0, h)];
-                    let g = &dout[row(c, b, i, 0, h)];
-                    let p = (scale * dot(k, q) - lse[base + i]).exp();
-                    let ds = p * (dot(v, g) - dsum[base + i]);
-                    dv.iter_mut().zip(g).for_each(|(a, gg)| *a += p * gg);
-                    dk.iter_mut().zip(q).for_each(|(a, qq)| *a += scale * ds * qq);
+        for (task, (g, sums)) in res.into_iter().enumerate() {
+            let (h, b) = (task % heads, task / heads);
+            for i in 0..t {
+                for part in 0..3 {
+                    dqkv[(b * t + i) * 3 * c + part * c + h * d..][..d].copy_from_slice(&g[(part * t + i) * d..][..d]);
                 }
-                (dk, dv)
-            })
-            .collect();
-        for (w, (q, (k, v))) in dq.into_iter().zip(dkv).enumerate() {
-            let (i, h, b) = at(w);
-            dqkv[row(3 * c, b, i, 0, h)].copy_from_slice(&q);
-            dqkv[row(3 * c, b, i, 1, h)].copy_from_slice(&k);
-            dqkv[row(3 * c, b, i, 2, h)].copy_from_slice(&v);
+            }
+            dsum[task * t..][..t].copy_from_slice(&sums);
         }
         Ok(())
     }
