@@ -125,6 +125,26 @@ def main():
                 ratio = f"{t['rate'] / p['samples_per_s']:.2f}" if t else ""
                 out.append(f"| {fn} | {p['device']} | {tr} | {p['peer']} | {p['samples_per_s']:,.0f} | {ratio} |")
             out.append("")
+        gpt = [p for p in peers if p["bench"] == "gpt_step"]
+        if gpt:
+            out += ["## GPT training step vs peers (steps/s)", "", "| model, batch | tessera | peer | peer steps/s | ratio |", "|---|---|---|---|---|"]
+            for p in gpt:
+                fn = f"gpt {p['layers']}x{p['width']} heads {p['heads']} context {p['context']} batch {p['batch']}"
+                t = by_group.get("gpt_step/cpu", {}).get(fn)
+                tr = f"{t['rate']:,.2f}" if t else "not run"
+                ratio = f"{t['rate'] / p['steps_per_s']:.2f}" if t else ""
+                out.append(f"| {fn} | {tr} | {p['peer']} | {p['steps_per_s']:,.2f} | {ratio} |")
+            out.append("")
+        ops = [p for p in peers if p["bench"] == "transformer"]
+        if ops:
+            out += ["## transformer kernels vs peers (GB/s, the same bytes counted)", "", "| case | device | tessera | peer | peer | ratio |", "|---|---|---|---|---|---|"]
+            for p in ops:
+                dev = "cuda" if p.get("device", "cpu").startswith("cuda") else "cpu"
+                t = by_group.get(f"transformer/{dev}", {}).get(f"tessera {p['case']}")
+                tr = t["rate"] / 1e9 if t else None
+                pr = p["bytes_per_s"] / 1e9
+                out.append(f"| {p['case']} | {dev} | {tr:,.2f} | {p['peer']} | {pr:,.2f} | {tr / pr:.2f} |" if tr else f"| {p['case']} | {dev} | not run | {p['peer']} | {pr:,.2f} | |")
+            out.append("")
         gemms = [p for p in peers if p["bench"] == "gemm"]
         if gemms:
             out += ["## CPU GEMM vs numpy (GFLOP/s)", "", f"BLAS: {gemms[0].get('blas', '')}", "", "| shape | tessera | numpy | ratio |", "|---|---|---|---|"]

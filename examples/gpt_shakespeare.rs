@@ -2,7 +2,7 @@
 //! `tessera::nn::gpt` (nanoGPT's CPU configuration by default: 4 blocks of width 128 with 4
 //! heads, context 64, batch 12), AdamW (beta2 0.99, weight decay 0.1 on the matrices), a linear
 //! warm-up then a cosine decay to a tenth, gradient clipping at 1, and the validation loss (the
-//! mean over fixed windows of the validation text) printed as it trains.
+//! mean over the whole validation text) printed as it trains.
 //!
 //!   cargo run --release --example gpt_shakespeare -- [steps] [device]
 //!
@@ -17,8 +17,8 @@ use tessera::{AdamW, DeviceSpec, Devices, Ops};
 fn val_loss<B: Ops>(dev: &B, net: &mut Network<B>, x: &[f32], y: &[i32], t: usize) -> tessera::Result<f64> {
     let rows = x.len() / t;
     let mut total = 0f64;
-    for start in (0..rows).step_by(32) {
-        let end = (start + 32).min(rows);
+    for start in (0..rows).step_by(64) {
+        let end = (start + 64).min(rows);
         net.load_batch(dev, &x[start * t..end * t], &y[start * t..end * t])?;
         net.forward(dev)?;
         total += net.loss(dev)? as f64 * (end - start) as f64;
@@ -39,7 +39,7 @@ fn run<B: Ops>(dev: &B, steps: u64) -> tessera::Result<()> {
     let model = gpt.model::<B>()?;
     let mut trainer = Trainer::new(dev, &model, cfg)?;
     println!("{} parameters on {}", model.info()?.param_count(), dev.name());
-    let (vx, vy) = text.val_windows(200, gpt.t)?;
+    let (vx, vy) = text.val_text_windows(gpt.t)?;
     let t0 = std::time::Instant::now();
     for step in 0..steps {
         let (x, y) = text.train_batch(seed, step, batch, gpt.t)?;

@@ -383,6 +383,21 @@ impl TextCorpus {
         Ok(Self::windows(&self.train, &starts, t))
     }
 
+    /// The whole validation text as windows of `t` side by side (starting at 0, `t`, `2t`, ...,
+    /// each with its next characters as labels), so that every character but the first few is
+    /// predicted once: the mean loss over them is the validation loss of the text, the same
+    /// every run.
+    pub fn val_text_windows(&self, t: usize) -> Result<(Vec<f32>, Vec<i32>)> {
+        if self.val.len() <= t {
+            return Err(bad(
+                &self.name,
+                format!("{} validation characters cannot hold a window of {t} and its next character", self.val.len()),
+            ));
+        }
+        let starts: Vec<usize> = (0..self.val.len() - t).step_by(t).collect();
+        Ok(Self::windows(&self.val, &starts, t))
+    }
+
     /// The fixed validation windows: up to `count` windows of `t`, evenly spaced over the
     /// validation text (the same every run, whatever the seed).
     pub fn val_windows(&self, count: usize, t: usize) -> Result<(Vec<f32>, Vec<i32>)> {
@@ -428,6 +443,11 @@ mod tests {
         let (vx, _) = c.val_windows(100, 64).unwrap();
         assert_eq!(vx.len(), 6400);
         assert_eq!(c.val_windows(100, 64).unwrap().0, vx);
+        // The whole text: windows side by side, every character after the first predicted once.
+        let (ax, ay) = c.val_text_windows(64).unwrap();
+        assert_eq!(ax.len(), 1742 * 64);
+        assert_eq!(ay[64 * 1741 + 63], c.val[1741 * 64 + 64] as i32);
+        assert_eq!(ax[64] as u32, c.val[64]);
         assert!(TextCorpus::from_text("t", "abc").unwrap_err().to_string().contains("too short"));
         let small = TextCorpus::from_text("t", "abcdefghijklmnopqrst").unwrap();
         assert!(small.train_batch(0, 0, 1, 18).unwrap_err().to_string().contains("cannot hold a window of 18"));

@@ -18,5 +18,7 @@ peers=target/peers-cpu.jsonl
 # current numpy, so the peers run without them (tessera never reads them).
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$py python3 bench/peers/gemm_numpy.py | tee -a "$peers"
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$py python3 bench/peers/mlp_step.py --framework jax --device cpu | tee -a "$peers"
+env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$py python3 bench/peers/gpt_step.py --seconds 10 | tee -a "$peers"
+env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$py python3 bench/peers/transformer_ops.py | tee -a "$peers"
 python3 bench/results.py --peers "$peers" --out "bench/results/$(date -u +%Y-%m-%d)-cpu.md" \
   --title "tessera on the CPU: kernels, training and the parallel engine against their peers" --command "scripts/bench.sh"

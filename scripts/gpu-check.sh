@@ -94,6 +94,16 @@ job() { # job LABEL ARGS...: a training run whose JSON result goes to the summar
 }
 job "default on cuda" --device cuda
 job "cuda:0x4 dp2 pp2" --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200
+# The GPT job on the card (nanoGPT's CPU configuration, 2,000 steps), then text from it.
+echo; echo "== $bin/tessera train --model gpt --device cuda --save target/gpt.st --json"
+if out="$("$bin/tessera" train --model gpt --device cuda --save target/gpt.st --json)"; then
+  echo "$out"
+  note "train gpt on cuda: $(tail -n 1 <<<"$out" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("validation loss %.4f after %d steps, %.1f steps/s" % (j["val_loss"], j["steps"], j["steps_per_second"]))' 2>/dev/null || tail -c 200 <<<"$out")"
+  echo; echo "== $bin/tessera sample --checkpoint target/gpt.st --prompt ROMEO: --tokens 300 --seed 1"
+  "$bin/tessera" sample --checkpoint target/gpt.st --prompt "ROMEO:" --tokens 300 --seed 1 || { status=1; note "FAILED sample"; }
+else
+  echo "!! FAILED: train --model gpt"; status=1; note "FAILED train gpt on cuda"
+fi
 report=target/kernel-report.md
 if [ "${1:-}" != quick ]; then
   # The kernel report first: each op verified against the reference and timed beside its peer.
@@ -113,9 +123,15 @@ if [ "${1:-}" != quick ]; then
         || echo "!! peer failed: pytorch $mode $1"
     done
   done
+  if fits 30 "PyTorch layer_norm / scaled_dot_product_attention peers"; then
+    python3 bench/peers/transformer_ops.py --framework torch --device cuda | tee -a "$peers" \
+      || echo "!! peer failed: pytorch transformer ops"
+  fi
   [ -s "$peers" ] && note "PyTorch peers (samples/s): $(python3 -c 'import json,sys
 for l in open(sys.argv[1]):
-    j=json.loads(l); print("%s %s b%s %.0f;" % (j.get("peer"), j.get("widths"), j.get("batch"), j.get("samples_per_s", 0)), end=" ")' "$peers" 2>/dev/null)"
+    j=json.loads(l)
+    if j.get("bench") == "train_step": print("%s %s b%s %.0f;" % (j.get("peer"), j.get("widths"), j.get("batch"), j.get("samples_per_s", 0)), end=" ")
+    if j.get("bench") == "transformer": print("%s %s %.0f GB/s;" % (j.get("peer"), j.get("case"), j.get("bytes_per_s", 0) / 1e9), end=" ")' "$peers" 2>/dev/null)"
   fits 60 "criterion gemm (each family beside cuBLAS)" && run "$bin/bench-gemm" --bench --warm-up-time 1 --measurement-time 1 cuda
   fits 40 "criterion elementwise" && run "$bin/bench-elementwise" --bench --warm-up-time 1 --measurement-time 1 cuda
   fits 60 "criterion train_step" && run "$bin/bench-train_step" --bench --warm-up-time 1 --measurement-time 2 cuda

@@ -121,6 +121,7 @@ def main():
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gelu", choices=["tanh", "erf"], default="tanh")
+    ap.add_argument("--no-bias", action="store_true", help="no biases in the linear maps and LayerNorms (nanoGPT's bias=False)")
     ap.add_argument("--seconds", type=float, default=10.0, help="timed run (without --train-steps)")
     ap.add_argument("--train-steps", type=int, default=0, help="train this many steps and print the validation loss")
     ap.add_argument("--eval-every", type=int, default=250)
@@ -202,6 +203,9 @@ def main():
         norm = jnp.sqrt(sum(jnp.sum(l * l) for l in leaves))
         scale = jnp.minimum(1.0, clip / (norm + 1e-6))
         g = jax.tree_util.tree_map(lambda l: l * scale, g)
+        if args.no_bias:  # biases start at 0 and never move: the model has none
+            g = jax.tree_util.tree_map_with_path(
+                lambda path, l: l * 0 if str(path[-1]).find("bias") >= 0 else l, g)
         m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
         v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
@@ -234,6 +238,8 @@ def main():
     p = init(jax.random.PRNGKey(args.seed))
     if args.init:
         p = from_checkpoint(args.init, p)
+    if args.no_bias:
+        p = jax.tree_util.tree_map_with_path(lambda path, l: l * 0 if str(path[-1]).find("bias") >= 0 else l, p)
     m = jax.tree_util.tree_map(jnp.zeros_like, p)
     v = jax.tree_util.tree_map(jnp.zeros_like, p)
     params = sum(l.size for l in jax.tree_util.tree_leaves(p))
@@ -250,8 +256,19 @@ def main():
                 print(f"step {s + 1:>5}: train loss {float(loss):.4f}, validation loss {vl:.4f} "
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
         wall = time.perf_counter() - t0
+        # The whole validation text, each character predicted once: windows at 0, T, 2T, ...
+        starts_all = list(range(0, len(val) - T, T))
+        total = 0.0
+        for i in range(0, len(starts_all), 256):
+            chunk = starts_all[i:i + 256]
+            xa = jnp.asarray(np.stack([val[s:s + T] for s in chunk]))
+            ya = jnp.asarray(np.stack([val[s + 1:s + T + 1] for s in chunk]))
+            total += float(eval_loss(p, xa, ya)) * len(chunk)
+        print(f"validation loss over the whole validation text ({len(starts_all)} windows): "
+              f"{total / len(starts_all):.4f}", flush=True)
         print(json.dumps({"bench": "gpt_train", "peer": peer, "params": params, "steps": args.train_steps,
-                          "val_loss": val_losses[-1][1], "val_losses": val_losses, "wall_s": wall,
+                          "val_loss": val_losses[-1][1], "val_loss_all": total / len(starts_all),
+                          "val_losses": val_losses, "wall_s": wall,
                           "steps_per_s": args.train_steps / wall}))
         return
     for s in range(5):  # compile and warm up

@@ -183,6 +183,10 @@ pub(crate) struct TrainArgs {
     /// GPT: the validation loss every N steps (and at the end) [default: 250].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) eval_every: Option<u64>,
+    /// GPT: measure the validation loss on N windows evenly spaced over the validation text
+    /// instead of the whole text (faster, noisier) [default: the whole text].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) val_windows: Option<usize>,
     /// Layer widths from inputs to classes [default: 784,512,512,10].
     #[arg(long)]
     pub(crate) widths: Option<Counts>,

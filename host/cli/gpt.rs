@@ -1,7 +1,7 @@
 //! `tessera train --model gpt`: a character-level GPT on tiny Shakespeare (or a text file of
 //! one's own), nanoGPT's CPU configuration by default, on any devices and plan (in one process
-//! or one rank per process under mpirun), printing the validation loss (the mean over fixed
-//! windows of the validation text) at intervals and at the end; `--save` and `--resume` keep a
+//! or one rank per process under mpirun), printing the validation loss (the mean over the whole
+//! validation text, in windows of the context side by side) at intervals and at the end; `--save` and `--resume` keep a
 //! run's progress in a checkpoint that `tessera sample` writes text from.
 
 use std::time::Instant;
@@ -23,9 +23,6 @@ use super::train::{
     write_timeline, OptDefaults, Pipelined,
 };
 use super::World;
-
-/// Validation windows in the loss the run reports.
-const VAL_WINDOWS: usize = 200;
 
 /// The flags that shape an MLP run, refused with a GPT.
 fn refuse_mlp_flags(a: &TrainArgs) -> tessera::Result<()> {
@@ -158,7 +155,10 @@ pub(crate) fn train_gpt(a: &TrainArgs, world: World) -> tessera::Result<()> {
     };
     let data = DataId::of_text(&text);
     let (gpt, cfg, batch, steps) = gpt_config(a, &text, &data, ckpt.as_ref())?;
-    let (val_x, val_y) = text.val_windows(VAL_WINDOWS, gpt.t)?;
+    let (val_x, val_y) = match a.val_windows {
+        Some(n) => text.val_windows(n, gpt.t)?,
+        None => text.val_text_windows(gpt.t)?,
+    };
     // Checks the text can hold a training window before any device is opened.
     text.train_batch(cfg.seed, 0, 1, gpt.t)?;
     let line = format!(
@@ -239,16 +239,16 @@ fn run_local<B: LocalGroup>(
     run_gpt(trainer, &devs[0], job)
 }
 
-/// The validation loss of `params` on `dev`: the mean cross-entropy over the fixed windows, in
-/// batches of 32 windows.
+/// The validation loss of `params` on `dev`: the mean cross-entropy over the whole validation
+/// text (windows side by side), in batches of 64 windows.
 fn val_loss<B: Ops>(dev: &B, job: &GptJob<'_>, params: &[f32]) -> tessera::Result<f64> {
     let t = job.gpt.t;
     let mut net = Network::with_params(dev, &job.gpt.model::<B>()?, params)?;
     let (x, y) = job.val;
     let rows = x.len() / t;
     let mut total = 0f64;
-    for start in (0..rows).step_by(32) {
-        let end = (start + 32).min(rows);
+    for start in (0..rows).step_by(64) {
+        let end = (start + 64).min(rows);
         net.load_batch(dev, &x[start * t..end * t], &y[start * t..end * t])?;
         net.forward(dev)?;
         total += net.loss(dev)? as f64 * (end - start) as f64;

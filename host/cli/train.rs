@@ -201,9 +201,10 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         ("--width", a.width.is_some()),
         ("--context", a.context.is_some()),
         ("--eval-every", a.eval_every.is_some()),
+        ("--val-windows", a.val_windows.is_some()),
     ] {
         if given {
-            return Err(Error::Invalid(format!("{flag} shapes a GPT: add --model gpt, or leave {flag} out")));
+            return Err(Error::Invalid(format!("{flag} is a GPT's flag: add --model gpt, or leave {flag} out")));
         }
     }
     let ckpt = a

@@ -212,13 +212,13 @@ impl GptDecoder {
         }
         check_sampling(temperature, top_k)?;
         self.reset();
-        let mut history: Vec<u32> = Vec::with_capacity(prompt.len() + tokens);
+        // Not sized by `tokens`: a huge count grows the text as it is written, never up front.
+        let mut history: Vec<u32> = prompt.to_vec();
         let mut logits = Vec::new();
         for &p in prompt {
             logits = self.feed(p)?.to_vec();
-            history.push(p);
         }
-        let mut out = Vec::with_capacity(tokens);
+        let mut out = Vec::new();
         for n in 0..tokens {
             let next = sample_logits(&logits, temperature, top_k, rng);
             emit(next);
