@@ -542,10 +542,11 @@ fn a_researchers_own_layer_trains_across_processes() {
     assert!(out.contains("own layer under mpi: ok"), "{out}{err}");
 }
 
-/// The GPT across processes: `tessera train --model gpt` under `mpirun -np 2` and `-np 4`
-/// (data parallel, pipelined with the tied wte on the first and last rank's stages, both)
-/// ends 5 SGD steps with the single process's weights, within the oracle's 1e-5; rank 0 alone
-/// prints the result.
+/// The GPT across processes: `tessera train --model gpt` under `mpirun -np 2` (dp 2) and
+/// under `-np 4` the oracle grid's four-rank meshes (dp 2 x pp 2 and pp 4, each with 1 and 4
+/// microbatches, GPipe and 1F1B; the tied wte on the first and last rank's stages) ends 5 SGD
+/// steps with the single process's weights, within the oracle's 1e-5; rank 0 alone prints the
+/// result.
 #[test]
 fn gpt_ranks_across_processes_match_the_single_device_run() {
     if !mpirun_present() {
@@ -582,12 +583,16 @@ fn gpt_ranks_across_processes_match_the_single_device_run() {
     let (ok, _, err) = tessera(&a);
     assert!(ok, "{err}");
     let want = params(&reference);
-    let meshes: [(usize, &[&str]); 3] = [
-        (2, &["--dp", "2"]),
-        (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"]),
-        (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"]),
-    ];
-    for (np, mesh) in meshes {
+    let mut meshes: Vec<(usize, Vec<&str>)> = vec![(2, vec!["--dp", "2"])];
+    for (dp, pp) in [("2", "2"), ("1", "4")] {
+        for m in ["1", "4"] {
+            for s in ["gpipe", "1f1b"] {
+                meshes.push((4, vec!["--dp", dp, "--pp", pp, "--microbatches", m, "--schedule", s]));
+            }
+        }
+    }
+    for (np, mesh) in &meshes {
+        let (np, mesh) = (*np, mesh.as_slice());
         let out = tmp(&format!("gpt-mpi-{np}-{}.safetensors", mesh.join("")));
         let mut a = base.to_vec();
         a.extend_from_slice(&["--save", out.to_str().unwrap(), "--json"]);
