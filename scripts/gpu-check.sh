@@ -4,9 +4,10 @@
 # gpu-bin/. It prints the devices and kernels, runs every test on the GPU (ops, training,
 # the parallel oracle on logical devices of the GPU, NCCL with one rank: all-reduce, bus
 # bandwidth and NCCL-backed training steps), the default training job on `cuda` and
-# on cuda:0x4, the kernel report (each op against the f64 reference, timed beside cuBLAS or a
-# device copy), the PyTorch peers, then the criterion groups while time is left, and ends with
-# a one-screen summary.
+# on cuda:0x4, the GPT job on `cuda` and text sampled from it, the kernel report (each op
+# against the f64 reference, timed beside cuBLAS or a device copy), the PyTorch peers (the
+# training step; layer_norm and scaled_dot_product_attention beside the transformer kernels),
+# then the criterion groups while time is left, and ends with a one-screen summary.
 #   usage: scripts/gpu-check.sh [quick]      (quick: tests, the training jobs and a short
 #   report, about 3 minutes.) The full run keeps to a budget of TESSERA_GPU_BUDGET_S seconds
 #   (default 480: 8 minutes): each optional part starts only if its estimate fits in what is
