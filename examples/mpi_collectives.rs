@@ -1,6 +1,7 @@
 //! The MPI communicator on its own, outside training: run it under a launcher,
-//! `mpirun -np 3 target/debug/examples/mpi_collectives`. Every rank all-reduces, broadcasts,
-//! and passes a buffer round the ring with send and recv, and checks what it got; rank 0
+//! `mpirun -np 3 target/debug/examples/mpi_collectives`. Every rank all-reduces,
+//! reduce-scatters and all-gathers, broadcasts, and passes a buffer round the ring with send
+//! and recv, and checks what it got; rank 0
 //! prints `mpi collectives: ok on N ranks`.
 
 use tessera::parallel::comm::Communicator;
@@ -21,6 +22,16 @@ fn main() -> Result<(), tessera::Error> {
             let want: f32 = (0..n).map(|r| (r * 1000 + i % 1000) as f32).sum();
             assert_eq!(*x, want, "rank {rank}: all-reduce at {i} of {len}");
         }
+        // Reduce-scatter: this rank's part holds the sums; all-gather: every part everywhere.
+        let mut s: Vec<f32> = (0..len).map(|i| (rank * 1000 + i % 1000) as f32).collect();
+        comm.reduce_scatter_sum(&mut s)?;
+        let part = tessera::parallel::comm::chunks(len, n)[rank].clone();
+        for i in part {
+            let want: f32 = (0..n).map(|r| (r * 1000 + i % 1000) as f32).sum();
+            assert_eq!(s[i], want, "rank {rank}: reduce-scatter at {i} of {len}");
+        }
+        comm.all_gather(&mut s)?;
+        assert_eq!(s, v, "rank {rank}: reduce-scatter then all-gather = all-reduce ({len})");
         // The mean of the same.
         let mut m: Vec<f32> = vec![rank as f32; len];
         comm.all_reduce_mean(&mut m)?;

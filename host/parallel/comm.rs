@@ -28,6 +28,15 @@ pub trait Communicator<B: Backend>: Send {
     fn all_reduce_mean(&mut self, buf: &mut B::Buf<f32>) -> Result<()>;
     /// Copies `root`'s `buf` into every other rank's `buf`.
     fn broadcast(&mut self, buf: &mut B::Buf<f32>, root: usize) -> Result<()>;
+    /// Reduce-scatter: sums `buf` over the group and leaves on each rank the sum of its own
+    /// part, the range [`chunks`]`(len, size)[rank]` of `buf`; the rest of `buf` is scratch
+    /// afterwards. Each rank sends and receives `(size - 1) / size` of the buffer, half an
+    /// all-reduce; followed by [`Communicator::all_gather`] it gives every rank the sums.
+    fn reduce_scatter_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()>;
+    /// All-gather: copies each rank's part of its `buf` (the range [`chunks`]`(len,
+    /// size)[rank]`) into the same range of every other rank's `buf`. Every rank passes a
+    /// buffer of the same length.
+    fn all_gather(&mut self, buf: &mut B::Buf<f32>) -> Result<()>;
     /// Sends `buf` to rank `to`.
     fn send(&mut self, buf: &B::Ref<'_, f32>, to: usize) -> Result<()>;
     /// Receives from rank `from` into `buf` (lengths must agree).
@@ -221,6 +230,19 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
         self.dev.synchronize()
     }
 
+    fn reduce_scatter_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        let r = self.ring_reduce_scatter(buf).and_then(|_| self.wire.flush());
+        // Drained either way: the caller reads its part (or frees the buffer) next.
+        let s = self.dev.synchronize();
+        r.and(s)
+    }
+
+    fn all_gather(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        let r = self.ring_all_gather(buf, 0).and_then(|_| self.wire.flush());
+        let s = self.dev.synchronize();
+        r.and(s)
+    }
+
     fn broadcast(&mut self, buf: &mut B::Buf<f32>, root: usize) -> Result<()> {
         if root >= self.size {
             return Err(Error::Invalid(format!("broadcast root {root} is not a rank of a group of {}", self.size)));
@@ -270,6 +292,48 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
 }
 
 impl<B: Ops, W: Wire<B>> RingComm<B, W> {
+    /// The ring's reduce-scatter on its own: after `n - 1` steps rank r holds the full sum of
+    /// chunk r (each chunk summed in ring order, starting from the rank after its owner).
+    fn ring_reduce_scatter(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        let n = self.size;
+        let c = chunks(B::buf_len(buf), n);
+        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        for step in 0..n.saturating_sub(1) {
+            let send = (self.rank + 2 * n - step - 1) % n;
+            let recv = (self.rank + 2 * n - step - 2) % n;
+            if !c[send].is_empty() {
+                self.post(&B::view_range(buf, c[send].clone()), next)?;
+            }
+            if !c[recv].is_empty() {
+                let got = self.take(prev)?;
+                let mut v = B::view_mut(buf);
+                self.dev.axpy(1.0, &B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ring's all-gather: rank r starts with chunk `(r + shift) mod n` final and passes
+    /// the final chunks round the ring until every rank has all of them.
+    fn ring_all_gather(&mut self, buf: &mut B::Buf<f32>, shift: usize) -> Result<()> {
+        let n = self.size;
+        let c = chunks(B::buf_len(buf), n);
+        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        for step in 0..n.saturating_sub(1) {
+            let send = (self.rank + shift + n - step) % n;
+            let recv = (self.rank + shift + 2 * n - step - 1) % n;
+            if !c[send].is_empty() {
+                self.post(&B::view_range(buf, c[send].clone()), next)?;
+            }
+            if !c[recv].is_empty() {
+                let got = self.take(prev)?;
+                let mut v = B::view_mut(buf);
+                self.dev.copy(&B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The ring all-reduce (reduce-scatter, then all-gather), ending with its queue drained.
     fn ring_all_reduce(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
         let n = self.size;
@@ -485,15 +549,11 @@ impl Drop for SharedComm {
 /// the L1 cache while the next is added).
 const SHARED_BLOCK: usize = 4096;
 
-impl Communicator<crate::CpuDevice> for SharedComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn all_reduce_sum(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+impl SharedComm {
+    /// The shared-memory collectives: publish every rank's buffer, then (when `reduce`) each
+    /// rank sums its own chunk from all buffers into its own, then (when `gather`) copies every
+    /// other chunk from its owner; `what` names the collective in errors.
+    fn collective(&mut self, buf: &mut [f32], reduce: bool, gather: bool, what: &'static str) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         if n == 1 {
             return Ok(());
@@ -512,7 +572,7 @@ impl Communicator<crate::CpuDevice> for SharedComm {
         let same_length = bufs.iter().all(|b| b.1 == len);
         let guard = PhaseGuard { rv: &self.rv, rank: me };
         let c = chunks(len, n);
-        if same_length {
+        if same_length && reduce {
             // Reduce: chunk `me`, in the ring's order, into this rank's own buffer. No other
             // rank reads chunk `me` of any buffer, or writes anything, in this phase.
             let mine = c[me].clone();
@@ -534,9 +594,11 @@ impl Communicator<crate::CpuDevice> for SharedComm {
             }
         }
         std::mem::forget(guard);
-        self.rv.wait(me, true, true)?;
+        if reduce && gather {
+            self.rv.wait(me, true, true)?;
+        }
         let guard = PhaseGuard { rv: &self.rv, rank: me };
-        if same_length {
+        if same_length && gather {
             // Gather: every other chunk from its owner, which does not write its own chunk now.
             for (k, ck) in c.iter().enumerate().filter(|(k, ck)| *k != me && !ck.is_empty()) {
                 let src = bufs[k].0 .0;
@@ -551,14 +613,35 @@ impl Communicator<crate::CpuDevice> for SharedComm {
         if !same_length {
             let lens: Vec<String> = bufs.iter().map(|b| b.1.to_string()).collect();
             return Err(Error::shape(
-                "all-reduce",
+                what,
                 format!(
-                    "ranks 0..{n} hold {} elements: every rank must reduce a buffer of the same length",
+                    "ranks 0..{n} hold {} elements: every rank must pass a buffer of the same length",
                     lens.join(", ")
                 ),
             ));
         }
         Ok(())
+    }
+}
+
+impl Communicator<crate::CpuDevice> for SharedComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+        self.collective(buf, true, true, "all-reduce")
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+        self.collective(buf, true, false, "reduce-scatter")
+    }
+
+    fn all_gather(&mut self, buf: &mut Vec<f32>) -> Result<()> {
+        self.collective(buf, false, true, "all-gather")
     }
 
     fn all_reduce_mean(&mut self, buf: &mut Vec<f32>) -> Result<()> {
@@ -704,5 +787,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Reduce-scatter leaves each rank the sum of its own part, and all-gather then gives every
+    /// rank every part: the all-reduce's values, over the ring (CPU and simulated devices) and
+    /// the shared-memory group, for lengths that do not split evenly and fewer elements than
+    /// ranks.
+    fn reduce_scatter_then_all_gather<B: Ops>(devs: &[B], comms: Vec<Box<dyn Communicator<B>>>, len: usize) {
+        let n = devs.len();
+        let input = |r: usize, i: usize| ((r * 31 + i * 7) % 101) as f32;
+        let ranks: Vec<_> = comms.into_iter().zip(devs.iter().cloned()).collect();
+        let got = on_threads(ranks, |r, (mut c, d)| {
+            let mut b = d.upload(&(0..len).map(|i| input(r, i)).collect::<Vec<_>>()).unwrap();
+            c.reduce_scatter_sum(&mut b).unwrap();
+            let part = d.download(&B::view(&b)).unwrap();
+            c.all_gather(&mut b).unwrap();
+            let all = d.download(&B::view(&b)).unwrap();
+            (part, all)
+        });
+        let want: Vec<f32> = (0..len).map(|i| (0..n).map(|r| input(r, i)).sum()).collect();
+        let parts = chunks(len, n);
+        for (r, (part, all)) in got.iter().enumerate() {
+            assert_eq!(&part[parts[r].clone()], &want[parts[r].clone()], "n={n} len={len}: rank {r}'s part");
+            assert_eq!(all, &want, "n={n} len={len}: rank {r} after the all-gather");
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_compose_to_the_all_reduce() {
+        use crate::backend::sim::{SimDevice, StreamOrder};
+        for n in 1usize..=4 {
+            for len in [1usize, 3, 7, 1000, SHARED_BLOCK + 5] {
+                let cpus: Vec<CpuDevice> = (0..n).map(CpuDevice::new).collect();
+                let boxed = |v: Vec<LocalComm<CpuDevice>>| {
+                    v.into_iter().map(|c| Box::new(c) as Box<dyn Communicator<CpuDevice>>).collect()
+                };
+                reduce_scatter_then_all_gather(&cpus, boxed(LocalComm::group(&cpus)), len);
+                let shared =
+                    SharedComm::group(&cpus).into_iter().map(|c| Box::new(c) as Box<dyn Communicator<CpuDevice>>);
+                reduce_scatter_then_all_gather(&cpus, shared.collect(), len);
+                if len <= 1000 {
+                    let sims = SimDevice::group(n, StreamOrder::Deferred { shuffle: Some(n as u64) });
+                    let comms =
+                        LocalComm::group(&sims).into_iter().map(|c| Box::new(c) as Box<dyn Communicator<SimDevice>>);
+                    reduce_scatter_then_all_gather(&sims, comms.collect(), len);
+                }
+            }
+        }
+        // The shared-memory group refuses parts of different lengths on every rank.
+        let cpus: Vec<CpuDevice> = (0..2).map(CpuDevice::new).collect();
+        let errs = on_threads(SharedComm::group(&cpus), |r, mut c| {
+            let mut v = vec![1.0f32; 4 + r];
+            c.reduce_scatter_sum(&mut v).unwrap_err().to_string()
+        });
+        assert!(errs.iter().all(|e| e.contains("reduce-scatter") && e.contains("same length")), "{errs:?}");
     }
 }

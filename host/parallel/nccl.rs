@@ -53,6 +53,9 @@ pub struct Nccl {
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> NcclResult,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> NcclResult,
+    reduce_scatter:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> NcclResult,
+    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, RawStream) -> NcclResult,
     send: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, RawComm, RawStream) -> NcclResult,
     recv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, RawComm, RawStream) -> NcclResult,
     _lib: libloading::Library,
@@ -138,6 +141,8 @@ unsafe fn bind(lib: libloading::Library, at: &Path) -> std::result::Result<Nccl,
         error_string: sym!("ncclGetErrorString"),
         all_reduce: sym!("ncclAllReduce"),
         broadcast: sym!("ncclBroadcast"),
+        reduce_scatter: sym!("ncclReduceScatter"),
+        all_gather: sym!("ncclAllGather"),
         send: sym!("ncclSend"),
         recv: sym!("ncclRecv"),
         _lib: lib,
@@ -256,6 +261,78 @@ impl Communicator<CudaDevice> for NcclComm {
     }
     fn all_reduce_mean(&mut self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Result<()> {
         self.all_reduce(buf, NCCL_AVG)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Result<()> {
+        let (n, len) = (self.size, buf.len());
+        if n == 1 {
+            return Ok(());
+        }
+        if len % n != 0 {
+            // NCCL's reduce-scatter takes equal parts: uneven ones get the whole sum (every
+            // part, this rank's included, holds its sum; twice the traffic).
+            return self.all_reduce(buf, NCCL_SUM);
+        }
+        let count = len / n;
+        let stream = self.dev.stream().clone();
+        {
+            let (ptr, _sync) = buf.device_ptr_mut(&stream);
+            let p = ptr as *mut f32;
+            // SAFETY: `p` holds `len` floats on this device; NCCL's in-place reduce-scatter
+            // receives into this rank's part of the send buffer.
+            let r = unsafe {
+                (self.nccl.reduce_scatter)(
+                    p as *const c_void,
+                    p.add(self.rank * count) as *mut c_void,
+                    count,
+                    NCCL_FLOAT32,
+                    NCCL_SUM,
+                    self.comm,
+                    self.stream(),
+                )
+            };
+            self.nccl.check("reduce-scatter", r)?;
+        }
+        self.dev.synchronize()
+    }
+    fn all_gather(&mut self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Result<()> {
+        let (n, len) = (self.size, buf.len());
+        if n == 1 {
+            return Ok(());
+        }
+        let stream = self.dev.stream().clone();
+        {
+            let (ptr, _sync) = buf.device_ptr_mut(&stream);
+            let p = ptr as *mut f32;
+            if len % n == 0 {
+                let count = len / n;
+                // SAFETY: in place: this rank's part of the receive buffer is what it sends.
+                let r = unsafe {
+                    (self.nccl.all_gather)(
+                        p.add(self.rank * count) as *const c_void,
+                        p as *mut c_void,
+                        count,
+                        NCCL_FLOAT32,
+                        self.comm,
+                        self.stream(),
+                    )
+                };
+                self.nccl.check("all-gather", r)?;
+            } else {
+                // Uneven parts: each owner broadcasts its own, in rank order on every rank.
+                for (root, c) in crate::parallel::comm::chunks(len, n).into_iter().enumerate() {
+                    if c.is_empty() {
+                        continue;
+                    }
+                    // SAFETY: `c` lies within the `len` floats at `p`; in place.
+                    let r = unsafe {
+                        let q = p.add(c.start) as *mut c_void;
+                        (self.nccl.broadcast)(q, q, c.len(), NCCL_FLOAT32, root as c_int, self.comm, self.stream())
+                    };
+                    self.nccl.check("all-gather (broadcast of a part)", r)?;
+                }
+            }
+        }
+        self.dev.synchronize()
     }
     fn broadcast(&mut self, buf: &mut cudarc::driver::CudaSlice<f32>, root: usize) -> Result<()> {
         if root >= self.size() {
