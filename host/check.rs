@@ -139,6 +139,8 @@ pub fn fake_nccl_c_source() -> String {
         "ncclCommDestroy",
         "ncclAllReduce",
         "ncclBroadcast",
+        "ncclReduceScatter",
+        "ncclAllGather",
         "ncclSend",
         "ncclRecv",
     ] {

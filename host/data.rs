@@ -384,9 +384,9 @@ impl TextCorpus {
     }
 
     /// The whole validation text as windows of `t` side by side (starting at 0, `t`, `2t`, ...,
-    /// each with its next characters as labels), so that every character but the first few is
-    /// predicted once: the mean loss over them is the validation loss of the text, the same
-    /// every run.
+    /// each with its next characters as labels), so that every character is predicted once
+    /// except the first and the last few (fewer than `t`, past the last whole window): the
+    /// mean loss over them is the validation loss of the text, the same every run.
     pub fn val_text_windows(&self, t: usize) -> Result<(Vec<f32>, Vec<i32>)> {
         if self.val.len() <= t {
             return Err(bad(

@@ -831,15 +831,31 @@ fn gpt_sampling_draws_from_the_softmax() {
     let (cfg, tensors, p, _, ids) = trained_gpt();
     let mut dec = GptDecoder::new(cfg, &tensors, &p).unwrap();
     let prompt: Vec<u32> = ids[..3].iter().map(|&i| i as u32).collect();
-    let mut seen = 0;
-    let a = dec.generate(&prompt, 30, 0.8, None, &mut Rng::new(5), |_| seen += 1).unwrap();
-    let b = dec.generate(&prompt, 30, 0.8, None, &mut Rng::new(5), |_| {}).unwrap();
-    assert_eq!((a.len(), seen), (30, 30));
+    let mut write = |tokens: usize, temperature: f32, seed: u64| {
+        let mut out = Vec::new();
+        let n = dec
+            .generate(&prompt, tokens, temperature, None, &mut Rng::new(seed), |t| {
+                out.push(t);
+                true
+            })
+            .unwrap();
+        assert_eq!(n, out.len());
+        out
+    };
+    let (a, b) = (write(30, 0.8, 5), write(30, 0.8, 5));
+    assert_eq!(a.len(), 30);
     assert_eq!(a, b, "same seed, same text");
     assert!(a.iter().all(|&t| (t as usize) < cfg.vocab));
     // Greedy past the context: after the shift, each token is the argmax of a forward pass
     // over the tokens since the restart.
-    let g = dec.generate(&prompt, 12, 0.0, None, &mut Rng::new(0), |_| {}).unwrap();
+    let g = write(12, 0.0, 0);
+    // A reader that stops after 4 tokens stops the writing there.
+    let mut taken = 0;
+    let n = dec.generate(&prompt, 100, 1.0, None, &mut rng, |_| {
+        taken += 1;
+        taken < 4
+    });
+    assert_eq!((n.unwrap(), taken), (4, 4));
     let mut all = prompt.clone();
     all.extend(&g);
     // Positions: the prompt and tokens up to the context; then restart from the last t/2.
@@ -853,10 +869,11 @@ fn gpt_sampling_draws_from_the_softmax() {
     }
     let argmax = last.iter().enumerate().fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
     assert_eq!(argmax as u32, all[restart + 1], "the token after the shift: {all:?}");
-    assert!(dec.generate(&[], 3, 1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("empty"));
+    assert!(dec.generate(&[], 3, 1.0, None, &mut rng, |_| true).unwrap_err().to_string().contains("empty"));
     let long = vec![0u32; t + 1];
-    assert!(dec.generate(&long, 3, 1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("longer than"));
-    assert!(dec.generate(&prompt, 3, -1.0, None, &mut rng, |_| {}).unwrap_err().to_string().contains("temperature"));
+    assert!(dec.generate(&long, 3, 1.0, None, &mut rng, |_| true).unwrap_err().to_string().contains("longer than"));
+    let e = dec.generate(&prompt, 3, -1.0, None, &mut rng, |_| true).unwrap_err().to_string();
+    assert!(e.contains("temperature"), "{e}");
 }
 
 /// `tessera train --model gpt --save` and `--resume`: a run stopped at step 3 and resumed
@@ -897,6 +914,11 @@ fn cli_gpt_checkpoints_resume_and_sample() {
         (vec!["train", "--model", "gpt", "--resume", &s(&first), "--width", "64"], "--width (checkpoint: 32)"),
         (vec!["train", "--model", "gpt", "--resume", &s(&first), "--steps", "9"], "cosine schedule ends at step 6"),
         (vec!["train", "--resume", &s(&first)], "resume it with --model gpt"),
+        (vec!["train", "--model", "gpt", "--resume", &s(&first), "--stop-at", "2"], "resumed at step 3"),
+        (
+            vec!["train", "--model", "gpt", "--width", "4294967296", "--heads", "16777216", "--layers", "1"],
+            "more parameters than memory can address",
+        ),
         (vec!["train", "--model", "gpt", "--eval-every", "0"], "'0' for '--eval-every"),
     ] {
         let (ok, _, err) = tessera(&args);

@@ -269,8 +269,20 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
     }
     let seed = trainer.train_config().seed;
     let start = trainer.steps_done();
-    let stop = a.stop_at.map_or(job.steps, |s| s.clamp(start, job.steps));
+    if let Some(s) = a.stop_at.filter(|&s| s < start) {
+        return Err(Error::Invalid(format!(
+            "--stop-at {s}: the run resumed at step {start}, past it; give a later step (or leave --stop-at out)"
+        )));
+    }
+    let stop = a.stop_at.map_or(job.steps, |s| s.min(job.steps));
     let every = a.eval_every.unwrap_or(250);
+    // How to go on from a checkpoint of this run: a constant schedule does not record the
+    // run's length, so the hint names it.
+    let constant = matches!(trainer.train_config().schedule, LrSchedule::Constant);
+    let resume_hint = |path: &std::path::Path| match constant {
+        true => format!("--resume {} --steps {}", path.display(), job.steps),
+        false => format!("--resume {}", path.display()),
+    };
     let pb = if a.json || !root { ProgressBar::hidden() } else { ProgressBar::new(stop) };
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  loss {msg}  [{elapsed_precise}<{eta_precise}]")
@@ -318,7 +330,9 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
     for step in start..stop {
         let (x, y) = job.text.train_batch(seed, step, job.batch, job.gpt.t)?;
         let done = step + 1;
-        let s = trainer.train_step_reading(&x, &y, done % a.loss_every == 0 || done == stop)?;
+        // Evaluation steps read the loss too, so the line they print is this step's.
+        let read = done % a.loss_every == 0 || done % every == 0 || done == stop;
+        let s = trainer.train_step_reading(&x, &y, read)?;
         if a.profile {
             let now = tessera::backend::sim::counts();
             per_step.push(now - counted);
@@ -346,7 +360,7 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
                     if root {
                         c.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
                     }
-                    format!("saved {} (continue the run with --resume {})", path.display(), path.display())
+                    format!("saved {} (continue the run with {})", path.display(), resume_hint(path))
                 }
                 None => "nothing saved (give --save FILE to keep a run's progress)".to_string(),
             };
@@ -413,7 +427,7 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
         c.save(path).map_err(|e| Error::Invalid(format!("--save: {e}")))?;
         if !a.json {
             let more = if c.step < job.steps {
-                format!("; continue the run with --resume {}", path.display())
+                format!("; continue the run with {}", resume_hint(path))
             } else {
                 format!("; write text with: tessera sample --checkpoint {}", path.display())
             };

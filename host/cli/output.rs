@@ -11,6 +11,11 @@ static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
 static STDERR_GONE: AtomicBool = AtomicBool::new(false);
 
 /// Writes to stdout or stderr; a failed write (a closed pipe) marks the stream gone.
+/// Whether stdout's reader has gone (a write to it failed): output after that is dropped.
+pub(crate) fn stdout_gone() -> bool {
+    STDOUT_GONE.load(Ordering::Relaxed)
+}
+
 pub(crate) fn emit(to_stderr: bool, args: std::fmt::Arguments<'_>, newline: bool) {
     let gone = if to_stderr { &STDERR_GONE } else { &STDOUT_GONE };
     if gone.load(Ordering::Relaxed) {

@@ -52,10 +52,11 @@ pub(crate) fn sample(a: SampleArgs) -> tessera::Result<()> {
         .enumerate()
         .map(|(i, ch)| {
             vocab.iter().position(|&v| v == ch).map(|p| p as u32).ok_or_else(|| {
-                let known: String = vocab.iter().filter(|c| !c.is_control()).collect();
+                let known: String = vocab.iter().collect();
+                let default = if a.prompt == "\n" { " (the default prompt is a newline: give --prompt)" } else { "" };
                 Error::Invalid(format!(
-                    "--prompt: the character {ch:?} (at {i}) is not in the model's vocabulary of {} characters: \
-                     {known:?} (and newline)",
+                    "--prompt: the character {ch:?} (at {i}) is not in the model's vocabulary of {} characters, \
+                     {known:?}{default}",
                     vocab.len()
                 ))
             })
@@ -82,9 +83,13 @@ pub(crate) fn sample(a: SampleArgs) -> tessera::Result<()> {
     }
     let written = dec.generate(&prompt, a.tokens, a.temperature, a.top_k, &mut rng, |id| {
         let ch = vocab[id as usize];
-        text.push(ch);
         if streaming {
             out!("{ch}");
+            // A reader that went away (`| head`) ends the writing.
+            !super::output::stdout_gone()
+        } else {
+            text.push(ch);
+            true
         }
     })?;
     let secs = t0.elapsed().as_secs_f64();
@@ -95,21 +100,21 @@ pub(crate) fn sample(a: SampleArgs) -> tessera::Result<()> {
             "step": ck.step,
             "prompt": a.prompt,
             "text": text,
-            "tokens": written.len(),
+            "tokens": written,
             "temperature": a.temperature,
             "top_k": a.top_k,
             "seed": a.seed,
             "seconds": secs,
-            "tokens_per_second": written.len() as f64 / secs.max(1e-9),
+            "tokens_per_second": written as f64 / secs.max(1e-9),
         });
         outln!("{j}");
     } else {
         outln!();
         errln!(
             "{} tokens in {:.3} s ({:.0} tokens/s) from {} (step {})",
-            written.len(),
+            written,
             secs,
-            written.len() as f64 / secs.max(1e-9),
+            written as f64 / secs.max(1e-9),
             path,
             ck.step
         );

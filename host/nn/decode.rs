@@ -187,10 +187,12 @@ impl GptDecoder {
         Ok(&self.logits)
     }
 
-    /// Writes `tokens` tokens after `prompt` (its ids; at least one, at most the context),
-    /// each drawn by [`sample_logits`] with `temperature` and `top_k` from `rng`, calling
-    /// `emit` with each as it is chosen; returns them. Past the context, the cache restarts from
-    /// the last `t / 2` tokens (see the module's documentation).
+    /// Writes up to `tokens` tokens after `prompt` (its ids; at least one, at most the
+    /// context), each drawn by [`sample_logits`] with `temperature` and `top_k` from `rng`,
+    /// handing each to `emit` as it is chosen; `emit` returns false to stop early (a reader
+    /// went away). Returns how many were written. Past the context, the cache restarts from the
+    /// last `t / 2` tokens (see the module's documentation); only the last `t` tokens are kept,
+    /// so memory does not grow with `tokens`.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -198,8 +200,8 @@ impl GptDecoder {
         temperature: f32,
         top_k: Option<usize>,
         rng: &mut Rng,
-        mut emit: impl FnMut(u32),
-    ) -> Result<Vec<u32>> {
+        mut emit: impl FnMut(u32) -> bool,
+    ) -> Result<usize> {
         let t = self.cfg.t;
         if prompt.is_empty() {
             return Err(Error::Invalid("the prompt is empty: give at least one token to start from".into()));
@@ -218,14 +220,15 @@ impl GptDecoder {
         for &p in prompt {
             logits = self.feed(p)?.to_vec();
         }
-        let mut out = Vec::new();
         for n in 0..tokens {
             let next = sample_logits(&logits, temperature, top_k, rng);
-            emit(next);
-            out.push(next);
+            let more = emit(next);
             history.push(next);
-            if n + 1 == tokens {
-                break;
+            if history.len() > 2 * t {
+                history.drain(..history.len() - t);
+            }
+            if n + 1 == tokens || !more {
+                return Ok(n + 1);
             }
             if self.len == t {
                 // Context shift: restart from the last t / 2 tokens (the new one included).
@@ -238,7 +241,7 @@ impl GptDecoder {
                 logits = self.feed(next)?.to_vec();
             }
         }
-        Ok(out)
+        Ok(0)
     }
 }
 

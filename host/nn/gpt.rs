@@ -43,6 +43,9 @@ impl GptConfig {
                 "width {c} must split into {heads} heads of equal size, at most 256 each"
             )));
         }
+        if self.checked_param_count().is_none() {
+            return Err(Error::Invalid(format!("a GPT of {self:?} has more parameters than memory can address")));
+        }
         Ok(())
     }
 
@@ -76,10 +79,17 @@ impl GptConfig {
         g.validate().ok().map(|_| g)
     }
 
-    /// Parameters in the model: `vocab x c + t x c`, 12 c^2 + 13 c per block, `2c` for `ln_f`.
+    /// Parameters in the model: `vocab x c + t x c`, 12 c^2 + 13 c per block, `2c` for `ln_f`
+    /// (`usize::MAX` for a shape past what memory can address, which `validate` refuses).
     pub fn param_count(&self) -> usize {
+        self.checked_param_count().unwrap_or(usize::MAX)
+    }
+
+    fn checked_param_count(&self) -> Option<usize> {
         let c = self.c;
-        (self.vocab + self.t) * c + self.layers * (12 * c * c + 13 * c) + 2 * c
+        let embed = self.vocab.checked_add(self.t)?.checked_mul(c)?;
+        let block = c.checked_mul(c)?.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
+        embed.checked_add(self.layers.checked_mul(block)?)?.checked_add(c.checked_mul(2)?)
     }
 
     /// The model: embedding, `layers` blocks, head, with `vocab` classes per position.

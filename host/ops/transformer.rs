@@ -211,16 +211,51 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-/// Head `h`'s q, k and v rows of sequence `b` (each `t x d`, contiguous) from the `t x 3c`
-/// rows of `qkv`.
-fn gather_head(qkv: &[f32], t: usize, c: usize, d: usize, b: usize, h: usize) -> [Vec<f32>; 3] {
+/// Head `h`'s rows of sequence `b` from a `t x width` matrix whose parts of `c` columns each
+/// hold the heads side by side (`qkv`: width 3c, parts q, k, v; `out`: width c, one part): for
+/// each of its parts (up to 3), a contiguous `t x d` copy (empty for parts it lacks).
+fn gather_head(m: &[f32], t: usize, c: usize, width: usize, d: usize, b: usize, h: usize) -> [Vec<f32>; 3] {
+    let parts = width / c;
     std::array::from_fn(|part| {
-        let mut m = Vec::with_capacity(t * d);
-        for i in 0..t {
-            m.extend_from_slice(&qkv[(b * t + i) * 3 * c + part * c + h * d..][..d]);
+        if part >= parts {
+            return Vec::new();
         }
-        m
+        let mut out = Vec::with_capacity(t * d);
+        for i in 0..t {
+            out.extend_from_slice(&m[(b * t + i) * width + part * c + h * d..][..d]);
+        }
+        out
     })
+}
+
+/// `c = op(a) op(b)` for small row-major matrices (`m x k` times `k x n`; `a_t`: `a` is stored
+/// `k x m`, `b_t`: `b` is stored `n x k`), with `matrixmultiply` (single-threaded at these
+/// sizes, the same order of additions every run).
+#[allow(clippy::too_many_arguments)]
+fn small_mm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "small_mm: operands too short");
+    let (rsa, csa) = if a_t { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the strides address exactly m x k of `a`, k x n of `b` and m x n of `c` (checked
+    // above); with beta 0, `c` is only written.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
 }
 
 impl TransformerOps for CpuDevice {
@@ -287,33 +322,32 @@ impl TransformerOps for CpuDevice {
     ) -> Result<()> {
         let (rows, d) = check_attention(t, c, heads, qkv.len(), out.len(), lse.len())?;
         let scale = 1.0 / (d as f32).sqrt();
-        // One task per (sequence, head) with its q, k and v gathered: per query row the scores
-        // of the keys up to it, their softmax (the max first, so the exponentials never
-        // overflow), and the weighted sum of the values, each in a fixed order.
+        // One task per (sequence, head) with its q, k and v gathered: the scores S = q k^T as
+        // one small product, each row's causal softmax (the max first, so the exponentials
+        // never overflow; zero above the diagonal), then P v as another. Every sum runs in a
+        // fixed order, whatever the threads.
         let res: Vec<(Vec<f32>, Vec<f32>)> = (0..(rows / t) * heads)
             .into_par_iter()
             .map(|task| {
                 let (h, b) = (task % heads, task / heads);
                 wide(|| {
-                    let [q, k, v] = gather_head(qkv, t, c, d, b, h);
-                    let (mut o, mut l, mut s) = (vec![0f32; t * d], vec![0f32; t], vec![0f32; t]);
-                    for i in 0..t {
-                        let qi = &q[i * d..][..d];
-                        let s = &mut s[..=i];
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            *sj = scale * dot(qi, &k[j * d..][..d]);
-                        }
-                        let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-                        let sum: f32 = s.iter().sum();
-                        let oi = &mut o[i * d..][..d];
-                        for (j, &p) in s.iter().enumerate() {
-                            oi.iter_mut().zip(&v[j * d..][..d]).for_each(|(a, &vv)| *a += p * vv);
-                        }
+                    let [q, k, v] = gather_head(qkv, t, c, 3 * c, d, b, h);
+                    let mut p = vec![0f32; t * t];
+                    small_mm(t, d, t, &q, false, &k, true, &mut p);
+                    let mut l = vec![0f32; t];
+                    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                        let (live, masked) = row.split_at_mut(i + 1);
+                        live.iter_mut().for_each(|x| *x *= scale);
+                        let m = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        live.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+                        let sum: f32 = live.iter().sum();
                         let inv = 1.0 / sum;
-                        oi.iter_mut().for_each(|a| *a *= inv);
+                        live.iter_mut().for_each(|x| *x *= inv);
+                        masked.fill(0.0);
                         l[i] = m + sum.ln();
                     }
+                    let mut o = vec![0f32; t * d];
+                    small_mm(t, t, d, &p, false, &v, false, &mut o);
                     (o, l)
                 })
             })
@@ -345,44 +379,37 @@ impl TransformerOps for CpuDevice {
         check_len("attention", "dqkv", dqkv.len(), qkv.len())?;
         check_len("attention", "dsum", dsum.len(), lse.len())?;
         let scale = 1.0 / (d as f32).sqrt();
-        // One task per (sequence, head): the probabilities recomputed from the scores and the
-        // kept log-sum-exp, then dq, dk and dv accumulated over the causal pairs in a fixed
-        // order (query rows ascending, keys ascending).
+        // One task per (sequence, head): the probabilities P recomputed from the scores and the
+        // kept log-sum-exp, dP = dout v^T, dS = scale P (dP - rowsum(dout o)), then dq = dS k,
+        // dk = dS^T q and dv = P^T dout as small products, each in a fixed order.
         let res: Vec<(Vec<f32>, Vec<f32>)> = (0..(rows / t) * heads)
             .into_par_iter()
             .map(|task| {
                 let (h, b) = (task % heads, task / heads);
                 wide(|| {
-                    let [q, k, v] = gather_head(qkv, t, c, d, b, h);
+                    let [q, k, v] = gather_head(qkv, t, c, 3 * c, d, b, h);
+                    let [g, _, _] = gather_head(dout, t, c, c, d, b, h);
+                    let [o, _, _] = gather_head(out, t, c, c, d, b, h);
                     let lse = &lse[task * t..][..t];
-                    let mut dqkv = vec![0f32; 3 * t * d];
-                    let (dq, dkv) = dqkv.split_at_mut(t * d);
-                    let (dk, dv) = dkv.split_at_mut(t * d);
-                    let mut ds = vec![0f32; t];
-                    let mut sums = vec![0f32; t];
-                    for i in 0..t {
-                        let row = (b * t + i) * c + h * d;
-                        let (qi, gi) = (&q[i * d..][..d], &dout[row..][..d]);
-                        let di = dot(gi, &out[row..][..d]);
-                        sums[i] = di;
-                        let ds = &mut ds[..=i];
-                        for (j, x) in ds.iter_mut().enumerate() {
-                            *x = scale * dot(qi, &k[j * d..][..d]) - lse[i];
-                        }
-                        ds.iter_mut().for_each(|x| *x = fast_exp(*x));
-                        for (j, x) in ds.iter_mut().enumerate() {
-                            let p = *x;
-                            let vj = &v[j * d..][..d];
-                            dv[j * d..][..d].iter_mut().zip(gi).for_each(|(a, &g)| *a += p * g);
-                            *x = scale * p * (dot(gi, vj) - di);
-                        }
-                        let dqi = &mut dq[i * d..][..d];
-                        for (j, &x) in ds.iter().enumerate() {
-                            dqi.iter_mut().zip(&k[j * d..][..d]).for_each(|(a, &kk)| *a += x * kk);
-                            dk[j * d..][..d].iter_mut().zip(qi).for_each(|(a, &qq)| *a += x * qq);
+                    let sums: Vec<f32> = (0..t).map(|i| dot(&g[i * d..][..d], &o[i * d..][..d])).collect();
+                    let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+                    small_mm(t, d, t, &q, false, &k, true, &mut p);
+                    small_mm(t, d, t, &g, false, &v, true, &mut ds);
+                    for (i, (pr, dr)) in p.chunks_exact_mut(t).zip(ds.chunks_exact_mut(t)).enumerate() {
+                        let (live, masked) = pr.split_at_mut(i + 1);
+                        live.iter_mut().for_each(|x| *x = fast_exp(scale * *x - lse[i]));
+                        masked.fill(0.0);
+                        for (x, &pp) in dr.iter_mut().zip(pr.iter()) {
+                            *x = scale * pp * (*x - sums[i]);
                         }
                     }
-                    (dqkv, sums)
+                    let mut grads = vec![0f32; 3 * t * d];
+                    let (dq, dkv) = grads.split_at_mut(t * d);
+                    let (dk, dv) = dkv.split_at_mut(t * d);
+                    small_mm(t, t, d, &ds, false, &k, false, dq);
+                    small_mm(t, t, d, &ds, true, &q, false, dk);
+                    small_mm(t, t, d, &p, true, &g, false, dv);
+                    (grads, sums)
                 })
             })
             .collect();

@@ -388,7 +388,7 @@ struct Rendezvous {
 #[derive(Clone, Copy)]
 struct BufPtr(*mut f32);
 // SAFETY: the pointer is only dereferenced inside a collective, in the disjoint or
-// rendezvous-ordered ranges that `SharedComm::all_reduce_sum` gives each rank.
+// rendezvous-ordered ranges that `SharedComm::collective` gives each rank.
 unsafe impl Send for BufPtr {}
 
 /// Held while a rank is inside a phase (and forgotten when it leaves normally): if the phase
@@ -404,7 +404,7 @@ impl Drop for PhaseGuard<'_> {
         let mut s = self.rv.lock();
         Rendezvous::leave_phase(&mut s);
         if s.broken.is_none() {
-            s.broken = Some(format!("rank {} failed inside an all-reduce", self.rank));
+            s.broken = Some(format!("rank {} failed inside a collective", self.rank));
         }
         let _ = self.rv.fail(s, String::new());
     }
@@ -480,7 +480,7 @@ impl Rendezvous {
             let now = std::time::Instant::now();
             if now >= deadline {
                 let why = format!(
-                    "rank {rank} waited {:?} for the others in an all-reduce: a rank stopped or hung. If it was \
+                    "rank {rank} waited {:?} for the others in a collective: a rank stopped or hung. If it was \
                      only slow, allow more time: TESSERA_COMM_TIMEOUT={} (seconds)",
                     self.timeout,
                     (self.timeout.as_secs() * 4).max(600)
@@ -574,23 +574,31 @@ impl SharedComm {
         let c = chunks(len, n);
         if same_length && reduce {
             // Reduce: chunk `me`, in the ring's order, into this rank's own buffer. No other
-            // rank reads chunk `me` of any buffer, or writes anything, in this phase.
+            // rank reads chunk `me` of any buffer, or writes anything, in this phase. The
+            // ring's all-reduce sums chunk `me` starting from rank `me` itself; its
+            // reduce-scatter (which leaves chunk `me` on rank `me`) starts from rank `me + 1`
+            // and adds rank `me` last: the same order here, so both give the ring's bits.
+            let order: Vec<usize> =
+                if gather { (0..n).map(|j| (me + j) % n).collect() } else { (1..=n).map(|j| (me + j) % n).collect() };
             let mine = c[me].clone();
+            let mut acc = vec![0f32; SHARED_BLOCK.min(mine.len())];
             for start in (mine.start..mine.end).step_by(SHARED_BLOCK) {
                 let end = (start + SHARED_BLOCK).min(mine.end);
-                // SAFETY: [start, end) lies in this rank's buffer (len elements, and every
-                // buffer holds len); in this phase only this rank accesses chunk `me` of any
-                // buffer.
-                let acc = unsafe { std::slice::from_raw_parts_mut(base.add(start), end - start) };
-                for j in 1..n {
-                    let src = bufs[(me + j) % n].0 .0;
-                    // SAFETY: rank (me + j) % n's buffer holds len elements and stays alive and
-                    // unwritten in [start, end) until the last rendezvous.
-                    let src = unsafe { std::slice::from_raw_parts(src.add(start).cast_const(), end - start) };
-                    // acc = x_{me+j} + acc, as the ring's axpy adds the received partial sum
-                    // (an f32 addition is commutative, bit for bit).
-                    crate::backend::cpu::wide(|| acc.iter_mut().zip(src).for_each(|(a, x)| *a += x));
+                let acc = &mut acc[..end - start];
+                for (step, &r) in order.iter().enumerate() {
+                    // SAFETY: rank r's buffer holds len elements (as every buffer does) and is
+                    // alive; in this phase only this rank accesses chunk `me` of any buffer.
+                    let src = unsafe { std::slice::from_raw_parts(bufs[r].0 .0.add(start).cast_const(), end - start) };
+                    if step == 0 {
+                        acc.copy_from_slice(src);
+                    } else {
+                        // acc = x_r + acc, as the ring's axpy adds the received partial sum (an
+                        // f32 addition is commutative, bit for bit).
+                        crate::backend::cpu::wide(|| acc.iter_mut().zip(src).for_each(|(a, x)| *a += x));
+                    }
                 }
+                // SAFETY: [start, end) lies in this rank's buffer; only this rank touches it now.
+                unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), base.add(start), end - start) };
             }
         }
         std::mem::forget(guard);
@@ -832,6 +840,28 @@ mod tests {
                         LocalComm::group(&sims).into_iter().map(|c| Box::new(c) as Box<dyn Communicator<SimDevice>>);
                     reduce_scatter_then_all_gather(&sims, comms.collect(), len);
                 }
+            }
+        }
+        // Reduce-scatter alone: the shared-memory group's parts have the ring's bits.
+        for n in 2usize..=5 {
+            for len in [7usize, 1000, SHARED_BLOCK * 2 + 13] {
+                let cpus: Vec<CpuDevice> = (0..n).map(CpuDevice::new).collect();
+                let rs = |comms: Vec<Box<dyn Communicator<CpuDevice>>>| {
+                    on_threads(comms, |r, mut c| {
+                        let mut v = values(r, len);
+                        c.reduce_scatter_sum(&mut v).unwrap();
+                        v[chunks(len, n)[r].clone()].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    })
+                };
+                let ring = rs(LocalComm::group(&cpus)
+                    .into_iter()
+                    .map(|c| Box::new(c) as Box<dyn Communicator<CpuDevice>>)
+                    .collect());
+                let shared = rs(SharedComm::group(&cpus)
+                    .into_iter()
+                    .map(|c| Box::new(c) as Box<dyn Communicator<CpuDevice>>)
+                    .collect());
+                assert_eq!(ring, shared, "n={n} len={len}");
             }
         }
         // The shared-memory group refuses parts of different lengths on every rank.
