@@ -231,7 +231,7 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
-        let r = self.ring_reduce_scatter(buf).and_then(|_| self.wire.flush());
+        let r = self.ring_reduce_scatter(buf, 0).and_then(|_| self.wire.flush());
         // Drained either way: the caller reads its part (or frees the buffer) next.
         let s = self.dev.synchronize();
         r.and(s)
@@ -292,15 +292,17 @@ impl<B: Ops, W: Wire<B>> Communicator<B> for RingComm<B, W> {
 }
 
 impl<B: Ops, W: Wire<B>> RingComm<B, W> {
-    /// The ring's reduce-scatter on its own: after `n - 1` steps rank r holds the full sum of
-    /// chunk r (each chunk summed in ring order, starting from the rank after its owner).
-    fn ring_reduce_scatter(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+    /// The ring's reduce-scatter: after `n - 1` steps rank r holds the full sum of chunk
+    /// `(r + shift) mod n` (each chunk summed in ring order, starting from the rank after the
+    /// one that ends with it). Empty chunks (fewer elements than ranks) are neither sent nor
+    /// awaited, on both sides.
+    fn ring_reduce_scatter(&mut self, buf: &mut B::Buf<f32>, shift: usize) -> Result<()> {
         let n = self.size;
         let c = chunks(B::buf_len(buf), n);
         let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
         for step in 0..n.saturating_sub(1) {
-            let send = (self.rank + 2 * n - step - 1) % n;
-            let recv = (self.rank + 2 * n - step - 2) % n;
+            let send = (self.rank + shift + 2 * n - step - 1) % n;
+            let recv = (self.rank + shift + 2 * n - step - 2) % n;
             if !c[send].is_empty() {
                 self.post(&B::view_range(buf, c[send].clone()), next)?;
             }
@@ -340,35 +342,9 @@ impl<B: Ops, W: Wire<B>> RingComm<B, W> {
         if n == 1 {
             return Ok(());
         }
-        let c = chunks(B::buf_len(buf), n);
-        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
-        // Reduce-scatter: after n-1 steps rank r holds the full sum of chunk (r+1) mod n.
-        for step in 0..n - 1 {
-            let send = (self.rank + n - step) % n;
-            let recv = (self.rank + n - step - 1) % n;
-            // Empty chunks (fewer elements than ranks) are neither sent nor awaited, on both sides.
-            if !c[send].is_empty() {
-                self.post(&B::view_range(buf, c[send].clone()), next)?;
-            }
-            if !c[recv].is_empty() {
-                let got = self.take(prev)?;
-                let mut v = B::view_mut(buf);
-                self.dev.axpy(1.0, &B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
-            }
-        }
-        // All-gather: pass the summed chunks around the ring.
-        for step in 0..n - 1 {
-            let send = (self.rank + 1 + n - step) % n;
-            let recv = (self.rank + n - step) % n;
-            if !c[send].is_empty() {
-                self.post(&B::view_range(buf, c[send].clone()), next)?;
-            }
-            if !c[recv].is_empty() {
-                let got = self.take(prev)?;
-                let mut v = B::view_mut(buf);
-                self.dev.copy(&B::view(&got), &mut B::sub_mut(&mut v, c[recv].clone()))?;
-            }
-        }
+        // Reduce-scatter leaving rank r the sum of chunk (r + 1) mod n, then all-gather.
+        self.ring_reduce_scatter(buf, 1)?;
+        self.ring_all_gather(buf, 1)?;
         self.wire.flush()?;
         self.dev.synchronize()
     }
