@@ -13,19 +13,6 @@ use tessera::nn::{GptConfig, Network};
 use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
 use tessera::{AdamW, DeviceSpec, Devices, Ops};
 
-/// Mean cross-entropy over the fixed validation windows, in batches.
-fn val_loss<B: Ops>(dev: &B, net: &mut Network<B>, x: &[f32], y: &[i32], t: usize) -> tessera::Result<f64> {
-    let rows = x.len() / t;
-    let mut total = 0f64;
-    for start in (0..rows).step_by(64) {
-        let end = (start + 64).min(rows);
-        net.load_batch(dev, &x[start * t..end * t], &y[start * t..end * t])?;
-        net.forward(dev)?;
-        total += net.loss(dev)? as f64 * (end - start) as f64;
-    }
-    Ok(total / rows as f64)
-}
-
 fn run<B: Ops>(dev: &B, steps: u64) -> tessera::Result<()> {
     let text = TextCorpus::tiny_shakespeare()?;
     let gpt = GptConfig { vocab: text.vocab.len(), t: 64, c: 128, heads: 4, layers: 4 };
@@ -46,7 +33,7 @@ fn run<B: Ops>(dev: &B, steps: u64) -> tessera::Result<()> {
         let s = trainer.step(&x, &y)?;
         if (step + 1) % 250 == 0 || step + 1 == steps {
             let mut net = Network::with_params(dev, &model, &trainer.network().download_params(dev)?)?;
-            let v = val_loss(dev, &mut net, &vx, &vy, gpt.t)?;
+            let v = net.mean_loss(dev, &vx, &vy, 64)?;
             println!(
                 "step {:>5}: train loss {:.4}, validation loss {v:.4} ({:.1} s)",
                 step + 1,

@@ -242,18 +242,8 @@ fn run_local<B: LocalGroup>(
 /// The validation loss of `params` on `dev`: the mean cross-entropy over the whole validation
 /// text (windows side by side), in batches of 64 windows.
 fn val_loss<B: Ops>(dev: &B, job: &GptJob<'_>, params: &[f32]) -> tessera::Result<f64> {
-    let t = job.gpt.t;
     let mut net = Network::with_params(dev, &job.gpt.model::<B>()?, params)?;
-    let (x, y) = job.val;
-    let rows = x.len() / t;
-    let mut total = 0f64;
-    for start in (0..rows).step_by(64) {
-        let end = (start + 64).min(rows);
-        net.load_batch(dev, &x[start * t..end * t], &y[start * t..end * t])?;
-        net.forward(dev)?;
-        total += net.loss(dev)? as f64 * (end - start) as f64;
-    }
-    Ok(total / rows as f64)
+    net.mean_loss(dev, job.val.0, job.val.1, 64)
 }
 
 /// The training loop of a GPT run on any engine (every rank calls it; rank 0 reports and saves).

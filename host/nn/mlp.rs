@@ -220,6 +220,22 @@ impl<B: Ops> Network<B> {
         self.stage.loss(dev, 0)
     }
 
+    /// The mean loss over many samples (`x`, `labels` as [`Network::load_batch`] takes them),
+    /// forward only, `batch` samples at a time: each batch's mean weighed by its samples.
+    pub fn mean_loss(&mut self, dev: &B, x: &[f32], labels: &[i32], batch: usize) -> Result<f64> {
+        let (inputs, lps) = (self.info().inputs(), self.info().labels_per_sample());
+        let rows = x.len() / inputs.max(1);
+        let batch = batch.max(1);
+        let mut total = 0f64;
+        for start in (0..rows).step_by(batch) {
+            let end = (start + batch).min(rows);
+            self.load_batch(dev, &x[start * inputs..end * inputs], &labels[start * lps..end * lps])?;
+            self.forward(dev)?;
+            total += self.loss(dev)? as f64 * (end - start) as f64;
+        }
+        Ok(total / rows.max(1) as f64)
+    }
+
     /// Cross-entropy and its gradient, then backward through every layer: the gradients land
     /// in the gradient buffer (added to it when `accumulate`). Returns the mean loss.
     pub fn backward(&mut self, dev: &B, accumulate: bool) -> Result<f32> {
