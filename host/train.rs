@@ -8,7 +8,7 @@ use std::str::FromStr;
 use crate::data::{batch_indices, batches_per_epoch, epoch_order, Dataset};
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelInfo, Network};
-pub use crate::ops::optim::{apply_optimizer, apply_optimizer_masked, OptimizerConfig};
+pub use crate::ops::optim::{apply_optimizer, apply_optimizer_masked, apply_optimizer_part, OptimizerConfig};
 use crate::ops::Ops;
 
 /// How the learning rate moves with the step.

@@ -178,6 +178,47 @@ pub fn apply_optimizer_masked<B: OptimOps>(
     no_decay: &[std::ops::Range<usize>],
 ) -> Result<()> {
     let n = B::buf_len(params);
+    if let Some(s) = state.iter().find(|s| B::buf_len(s) != n) {
+        return Err(Error::Invalid(format!(
+            "optimizer state of {} values for {n} parameters: each state buffer holds one value per parameter",
+            B::buf_len(s)
+        )));
+    }
+    apply_optimizer_part(dev, opt, lr, t, grad_scale, params, grads, state, 0..n, 0, no_decay)
+}
+
+/// [`apply_optimizer_masked`] on the part `part` of `params` and `grads` only, with optimizer
+/// state that holds that part alone, from `state_at` on (ZeRO stage 1: a replica keeps the
+/// state of its shard). `no_decay` is in the coordinates of `params`, as for the whole update.
+/// Element for element the same arithmetic as the whole update.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_optimizer_part<B: OptimOps>(
+    dev: &B,
+    opt: &OptimizerConfig,
+    lr: f32,
+    t: u64,
+    grad_scale: f32,
+    params: &mut B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    state: &mut [B::Buf<f32>],
+    part: std::ops::Range<usize>,
+    state_at: usize,
+    no_decay: &[std::ops::Range<usize>],
+) -> Result<()> {
+    let n = B::buf_len(params);
+    if part.start > part.end || part.end > n || B::buf_len(grads) != n {
+        return Err(Error::Invalid(format!(
+            "optimizer update of {part:?} for {n} parameters and {} gradients",
+            B::buf_len(grads)
+        )));
+    }
+    if let Some(s) = state.iter().find(|s| B::buf_len(s) < state_at + part.len()) {
+        return Err(Error::Invalid(format!(
+            "optimizer state of {} values cannot hold {} from {state_at}",
+            B::buf_len(s),
+            part.len()
+        )));
+    }
     let decay = match *opt {
         OptimizerConfig::Sgd(o) => o.weight_decay,
         OptimizerConfig::AdamW(o) => o.weight_decay,
@@ -207,12 +248,18 @@ pub fn apply_optimizer_masked<B: OptimOps>(
         }
     }
     for (r, decayed) in runs {
+        // This run's overlap with the part, and where that sits in the state.
+        let r = r.start.max(part.start)..r.end.min(part.end);
+        if r.is_empty() {
+            continue;
+        }
+        let s = r.start - part.start + state_at..r.end - part.start + state_at;
         let mut w = B::view_range_mut(params, r.clone());
         let g = B::view_range(grads, r.clone());
         match (*opt, &mut *state) {
             (OptimizerConfig::Sgd(o), [mom]) => {
                 let o = Sgd { lr, weight_decay: if decayed { o.weight_decay } else { 0.0 }, ..o };
-                dev.sgd_step(&o, grad_scale, &mut w, &g, &mut B::view_range_mut(mom, r.clone()))?
+                dev.sgd_step(&o, grad_scale, &mut w, &g, &mut B::view_range_mut(mom, s))?
             }
             (OptimizerConfig::AdamW(o), [m, v]) => {
                 let o = AdamW { lr, weight_decay: if decayed { o.weight_decay } else { 0.0 }, ..o };
@@ -222,8 +269,8 @@ pub fn apply_optimizer_masked<B: OptimOps>(
                     grad_scale,
                     &mut w,
                     &g,
-                    &mut B::view_range_mut(m, r.clone()),
-                    &mut B::view_range_mut(v, r.clone()),
+                    &mut B::view_range_mut(m, s.clone()),
+                    &mut B::view_range_mut(v, s),
                 )?
             }
             (o, s) => {

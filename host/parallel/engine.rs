@@ -16,13 +16,13 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::nn::{Model, ModelInfo, Stage};
+use crate::nn::{Model, ModelInfo, Stage, StageLayout};
 use crate::ops::Ops;
-use crate::parallel::comm::{Communicator, LocalGroup};
+use crate::parallel::comm::{chunks, Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
 use crate::parallel::{split_rows, Plan};
-use crate::train::{apply_optimizer_masked, count_correct, Eval, Run, StepStats, TrainConfig};
+use crate::train::{apply_optimizer_masked, apply_optimizer_part, count_correct, Eval, Run, StepStats, TrainConfig};
 
 /// A shared parameter of which this stage holds a copy, as do other stages of its replica.
 #[derive(Debug, Clone)]
@@ -51,14 +51,98 @@ pub(crate) fn tied_params(info: &ModelInfo, plan: &Plan, s: usize) -> Vec<Tied> 
         .collect()
 }
 
-/// The stage's part of a flat model vector (parameters or one optimizer slot), uploaded.
-pub(crate) fn upload_part<B: Ops>(
+/// ZeRO stage 1 on one worker: the part of each gradient bucket (a layer's parameters) that
+/// this replica reduces, updates and keeps optimizer state for.
+///
+/// A bucket is split into the dp replicas' parts [`chunks`]`(len, dp)`, the communicators'
+/// reduce-scatter parts; a bucket that holds a parameter shared with another stage stays
+/// whole on every replica (all-reduced as without ZeRO), since the stages' copies of that
+/// parameter are summed after the reduction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shard {
+    /// This replica and the replicas.
+    pub(crate) replica: usize,
+    pub(crate) dp: usize,
+    /// Per bucket: the range of the stage's buffer this replica updates, and whether it is the
+    /// replica's part of a split bucket (else the whole bucket).
+    pub(crate) owned: Vec<(Range<usize>, bool)>,
+    /// Per bucket: where its owned range starts in the optimizer state.
+    pub(crate) state_at: Vec<usize>,
+    /// Floats of each optimizer state buffer.
+    pub(crate) state_len: usize,
+}
+
+impl Shard {
+    /// Replica `replica`'s shard of a stage of layout `layout` with shared parameters `tied`.
+    pub(crate) fn new(layout: &StageLayout, tied: &[Tied], dp: usize, replica: usize) -> Shard {
+        let (mut owned, mut state_at, mut at) = (Vec::new(), Vec::new(), 0);
+        for b in &layout.buckets {
+            let whole = tied.iter().any(|t| {
+                let r = &layout.local[t.slot];
+                r.start < b.end && b.start < r.end
+            });
+            let range = if whole {
+                b.clone()
+            } else {
+                let c = chunks(b.len(), dp)[replica].clone();
+                b.start + c.start..b.start + c.end
+            };
+            state_at.push(at);
+            at += range.len();
+            owned.push((range, !whole));
+        }
+        Shard { replica, dp, owned, state_at, state_len: at }
+    }
+
+    /// This shard's part of a whole stage vector (in state order).
+    pub(crate) fn gather(&self, stage_vec: &[f32]) -> Vec<f32> {
+        self.owned.iter().flat_map(|(r, _)| stage_vec[r.clone()].iter().copied()).collect()
+    }
+
+    /// Writes this shard's part `part` (in state order) into a whole stage vector.
+    pub(crate) fn scatter(&self, part: &[f32], stage_vec: &mut [f32]) {
+        for ((r, _), &at) in self.owned.iter().zip(&self.state_at) {
+            stage_vec[r.clone()].copy_from_slice(&part[at..at + r.len()]);
+        }
+    }
+}
+
+/// The shard of replica `r` of stage `s`, if the plan shards the optimizer state.
+pub(crate) fn shard_of(
+    info: &ModelInfo,
+    plan: &Plan,
+    tied: &[Tied],
+    reduce: bool,
+    r: usize,
+    s: usize,
+) -> Option<Shard> {
+    (plan.zero >= 1 && reduce).then(|| Shard::new(&info.stage_layout(plan.stages[s].clone()), tied, plan.mesh.dp, r))
+}
+
+/// The optimizer state buffers of a worker: zeros, or its part of the flat vectors `state`.
+pub(crate) fn upload_state<B: Ops>(
     dev: &B,
     info: &ModelInfo,
     layers: Range<usize>,
-    full: &[f32],
-) -> Result<B::Buf<f32>> {
-    dev.upload(&info.stage_layout(layers).gather(info, full))
+    shard: Option<&Shard>,
+    slots: usize,
+    state: Option<&[Vec<f32>]>,
+) -> Result<Vec<B::Buf<f32>>> {
+    let layout = info.stage_layout(layers);
+    let len = shard.map_or(layout.len, |s| s.state_len);
+    match state {
+        Some(v) => v
+            .iter()
+            .map(|x| {
+                let part = layout.gather(info, x);
+                dev.upload(&match shard {
+                    Some(s) => s.gather(&part),
+                    None => part,
+                })
+            })
+            .collect(),
+        None => (0..slots).map(|_| dev.alloc(len)).collect(),
+    }
 }
 
 pub(crate) struct Worker<B: Ops> {
@@ -70,7 +154,10 @@ pub(crate) struct Worker<B: Ops> {
     pub(crate) stage: Stage<B>,
     /// Shared parameters held by other stages too: their gradients are summed across stages.
     pub(crate) tied: Vec<Tied>,
+    /// The optimizer state: of the whole stage, or of `shard` alone.
     pub(crate) state: Vec<B::Buf<f32>>,
+    /// ZeRO stage 1: the part of the stage this replica updates.
+    pub(crate) shard: Option<Shard>,
     pub(crate) comm: Option<Box<dyn Communicator<B>>>,
     /// Whether the gradient buckets go through `comm` (dp > 1, or a one-rank group asked for
     /// to exercise a communicator).
@@ -437,11 +524,9 @@ impl<B: LocalGroup> Engine<B> {
             let layers = plan.stages[s].clone();
             let layout = info.stage_layout(layers.clone());
             let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
-            let st = match state {
-                Some(v) => v.iter().map(|x| upload_part(dev, &info, layers.clone(), x)).collect::<Result<Vec<_>>>()?,
-                None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
-            };
             let tied = tied_params(&info, &plan, s);
+            let shard = shard_of(&info, &plan, &tied, reduce, i / mesh.pp, s);
+            let st = upload_state(dev, &info, layers.clone(), shard.as_ref(), slots, state)?;
             workers.push(Worker {
                 index: i,
                 pp: mesh.pp,
@@ -449,6 +534,7 @@ impl<B: LocalGroup> Engine<B> {
                 stage,
                 tied,
                 state: st,
+                shard,
                 comm: None,
                 comm_in_use: reduce,
                 losses: None,
@@ -631,20 +717,35 @@ impl<B: LocalGroup> Engine<B> {
         Ok(out)
     }
 
-    /// Optimizer state as flat vectors (one per slot), from replica 0.
+    /// Optimizer state as flat vectors (one per slot): replica 0's, or with ZeRO every
+    /// replica's shard put together.
     pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
         let slots = self.cfg.optimizer.slots().len();
         let mut out = vec![vec![0f32; self.info.param_count()]; slots];
-        for w in &self.workers[..self.plan.mesh.pp] {
-            for (k, st) in w.state.iter().enumerate() {
-                w.stage.layout().scatter(&self.info, &w.dev.download(&B::view(st))?, &mut out[k]);
+        let pp = self.plan.mesh.pp;
+        for s in 0..pp {
+            let layout = self.workers[s].stage.layout();
+            for k in 0..slots {
+                let mut stage_vec = vec![0f32; layout.len];
+                for w in self.workers.iter().skip(s).step_by(pp) {
+                    let got = w.dev.download(&B::view(&w.state[k]))?;
+                    match &w.shard {
+                        Some(sh) => sh.scatter(&got, &mut stage_vec),
+                        None => stage_vec = got,
+                    }
+                    if w.shard.is_none() {
+                        break;
+                    }
+                }
+                layout.scatter(&self.info, &stage_vec, &mut out[k]);
             }
         }
         Ok(out)
     }
 
-    /// Whether every replica holds bit-identical parameters and optimizer state, and every copy
-    /// of a shared parameter (on several stages) the same bits as the others.
+    /// Whether every replica holds bit-identical parameters and optimizer state (with ZeRO,
+    /// where each replica keeps its own shard of the state: the parameters), and every copy of
+    /// a shared parameter (on several stages) the same bits as the others.
     pub fn replicas_identical(&self) -> Result<bool> {
         let pp = self.plan.mesh.pp;
         for w in &self.workers {
@@ -670,7 +771,7 @@ impl<B: LocalGroup> Engine<B> {
                 if p.iter().zip(&p0).any(|(a, b)| a.to_bits() != b.to_bits()) {
                     return Ok(false);
                 }
-                for (k, b) in w.state.iter().enumerate() {
+                for (k, b) in w.state.iter().enumerate().filter(|_| w.shard.is_none()) {
                     let v = w.dev.download(&B::view(b))?;
                     if v.iter().zip(&s0[k]).any(|(a, b)| a.to_bits() != b.to_bits()) {
                         return Ok(false);
@@ -758,6 +859,24 @@ impl<B: LocalGroup> Run for Engine<B> {
     }
 }
 
+/// A collective the bucket thread runs on a staged buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Coll {
+    /// A gradient bucket summed over the replicas.
+    AllReduce,
+    /// A gradient bucket summed over the replicas, each keeping its part (ZeRO 1).
+    ReduceScatter,
+    /// A parameter bucket put together from the replicas' updated parts (ZeRO 1).
+    AllGather,
+}
+
+/// The id of the ZeRO norm exchange among the bucket thread's jobs (buckets are layers).
+const NORM_JOB: usize = usize::MAX;
+
+/// A job of the bucket thread: the bucket (or [`NORM_JOB`]), the collective, the staged buffer
+/// and the event after which it holds the data.
+type Job<B> = (usize, Coll, <B as Backend>::Buf<f32>, <B as Backend>::Event);
+
 fn closed(what: &str) -> Error {
     Error::Parallel(format!("the {what} stopped (a device failed)"))
 }
@@ -784,7 +903,7 @@ pub(crate) fn run_worker<B: Ops>(
     let comm = w.comm.take();
     let buckets = w.stage.layout().buckets.clone();
     let bucket_range = |b: usize| buckets[b].clone();
-    let (jobs_tx, jobs_rx) = channel::<(usize, B::Buf<f32>, B::Event)>();
+    let (jobs_tx, jobs_rx) = channel::<Job<B>>();
     let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
     let t0 = ctx.t0;
     let now = move || t0.elapsed().as_secs_f64();
@@ -795,13 +914,24 @@ pub(crate) fn run_worker<B: Ops>(
     // are then given up.
     let comm_thread = comm.map(|mut c| {
         std::thread::spawn(move || -> (Result<()>, Box<dyn Communicator<B>>) {
-            for (b, mut buf, ready) in jobs_rx {
+            for (b, coll, mut buf, ready) in jobs_rx {
                 let start = now();
-                if let Err(e) = c.wait_event(&ready).and_then(|_| c.all_reduce_sum(&mut buf)) {
+                let done = c.wait_event(&ready).and_then(|_| match coll {
+                    Coll::AllReduce => c.all_reduce_sum(&mut buf),
+                    Coll::ReduceScatter => c.reduce_scatter_sum(&mut buf),
+                    Coll::AllGather => c.all_gather(&mut buf),
+                });
+                if let Err(e) = done {
                     return (Err(e), c);
                 }
-                let span =
-                    Span { kind: SpanKind::AllReduce, label: format!("all-reduce layer {b}"), start, end: now() };
+                let what = match coll {
+                    Coll::AllReduce => "all-reduce",
+                    Coll::ReduceScatter => "reduce-scatter",
+                    Coll::AllGather => "all-gather",
+                };
+                let label =
+                    if b == NORM_JOB { "all-reduce norm parts".to_string() } else { format!("{what} layer {b}") };
+                let span = Span { kind: SpanKind::AllReduce, label, start, end: now() };
                 if done_tx.send((b, buf, span)).is_err() {
                     break;
                 }
@@ -833,7 +963,7 @@ fn worker_actions<B: Ops>(
     s: usize,
     ctx: &StepCtx<'_>,
     links: &mut dyn PipeLinks<B>,
-    jobs_tx: &Sender<(usize, B::Buf<f32>, B::Event)>,
+    jobs_tx: &Sender<Job<B>>,
     done_rx: &Receiver<(usize, B::Buf<f32>, Span)>,
     bucket_range: &dyn Fn(usize) -> Range<usize>,
     now: &dyn Fn() -> f64,
@@ -847,6 +977,12 @@ fn worker_actions<B: Ops>(
         w.losses = Some(dev.alloc(crate::train::LOSS_SLOTS * mbs)?);
     }
     let mut pending_grad: BTreeMap<usize, B::Buf<f32>> = BTreeMap::new();
+    // With ZeRO, a split bucket is reduce-scattered; a whole one all-reduced.
+    let shard = w.shard.clone();
+    let coll_of = |b: usize| match &shard {
+        Some(sh) if sh.owned[b].1 => Coll::ReduceScatter,
+        _ => Coll::AllReduce,
+    };
     let mut dispatched = vec![false; w.stage.layout().buckets.len()];
     let last_bwd = ctx.actions.iter().rposition(|a| matches!(a, Action::Backward(_)));
     w.stage.start_step();
@@ -895,7 +1031,7 @@ fn worker_actions<B: Ops>(
                         if last_of_step && !bucket_range(i).is_empty() {
                             // This layer's gradients are final: reduce them while backward goes on.
                             let (staged, ready) = stage_copy(&dev, &B::view_range(grads, bucket_range(i)))?;
-                            jobs_tx.send((i, staged, ready)).map_err(|_| closed("all-reduce thread"))?;
+                            jobs_tx.send((i, coll_of(i), staged, ready)).map_err(|_| closed("all-reduce thread"))?;
                             dispatched[i] = true;
                         }
                         Ok(())
@@ -923,7 +1059,7 @@ fn worker_actions<B: Ops>(
                 Action::AllReduce(b) => {
                     if final_pass && !dispatched[b] && !bucket_range(b).is_empty() {
                         let (staged, ready) = stage_copy(&dev, &B::view_range(w.stage.grads(), bucket_range(b)))?;
-                        jobs_tx.send((b, staged, ready)).map_err(|_| closed("all-reduce thread"))?;
+                        jobs_tx.send((b, coll_of(b), staged, ready)).map_err(|_| closed("all-reduce thread"))?;
                         dispatched[b] = true;
                     }
                 }
@@ -937,15 +1073,24 @@ fn worker_actions<B: Ops>(
                     // waits on a peer reports first, naming the peer (and, under MPI, whether its
                     // process is stopped); this catches one that never returns (NCCL).
                     let limit = ctx.comm_timeout + ctx.comm_timeout / 2;
-                    for _ in 0..dispatched.iter().filter(|d| **d).count() {
-                        let (b, buf, span) = done_rx.recv_timeout(limit).map_err(|e| match e {
+                    let done = || {
+                        done_rx.recv_timeout(limit).map_err(|e| match e {
                             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Parallel(format!(
                                 "the gradient all-reduce did not finish within {limit:?}: a peer stopped or hung. If it was only slow, allow more time: TESSERA_COMM_TIMEOUT={} (seconds)", (limit.as_secs() * 4).max(600)
                             )),
                             std::sync::mpsc::RecvTimeoutError::Disconnected => closed("all-reduce thread"),
-                        })?;
+                        })
+                    };
+                    for _ in 0..dispatched.iter().filter(|d| **d).count() {
+                        let (b, buf, span) = done()?;
                         let mut gv = B::view_mut(w.stage.grads_mut());
-                        dev.copy(&B::view(&buf), &mut B::sub_mut(&mut gv, bucket_range(b)))?;
+                        // A reduce-scattered bucket: only this replica's part holds the sum.
+                        let part = match &shard {
+                            Some(sh) if sh.owned[b].1 => sh.owned[b].0.clone(),
+                            _ => bucket_range(b),
+                        };
+                        let at = part.start - bucket_range(b).start..part.end - bucket_range(b).start;
+                        dev.copy(&B::view_range(&buf, at), &mut B::sub_mut(&mut gv, part))?;
                         comm_spans.push(span);
                     }
                     let wait_end = now();
@@ -971,6 +1116,37 @@ fn worker_actions<B: Ops>(
                     }
                     let ostart = now();
                     let (grad_norm, scale) = match ctx.cfg.clip_norm {
+                        Some(max) if shard.is_some() => {
+                            let sh = shard.as_ref().unwrap();
+                            // The replicas' parts of the split buckets (each replica's own),
+                            // exchanged exactly: slot r of a zeroed vector, summed over replicas.
+                            let (mut mine, mut whole) = (0f64, 0f64);
+                            for (r, split) in sh.owned.iter().filter(|(r, _)| !r.is_empty()) {
+                                let v = dev.sum(&B::view_range(w.stage.grads(), r.clone()), true)? as f64;
+                                if *split {
+                                    mine += v;
+                                } else {
+                                    whole += v;
+                                }
+                            }
+                            for t in w.tied.iter().filter(|t| t.holders[0] != s) {
+                                let range = w.stage.layout().local[t.slot].clone();
+                                whole -= dev.sum(&B::view_range(w.stage.grads(), range), true)? as f64;
+                            }
+                            let mut slots = vec![0f32; sh.dp];
+                            slots[sh.replica] = mine as f32;
+                            let buf = dev.upload(&slots)?;
+                            jobs_tx
+                                .send((NORM_JOB, Coll::AllReduce, buf, dev.record_event()?))
+                                .map_err(|_| closed("all-reduce thread"))?;
+                            let (_, buf, span) = done()?;
+                            comm_spans.push(span);
+                            let parts = dev.download(&B::view(&buf))?;
+                            let local = whole + parts.iter().map(|&v| v as f64).sum::<f64>();
+                            let parts = links.norm_parts(s, local)?;
+                            let norm = parts.iter().map(|p| p.1).sum::<f64>().sqrt() as f32;
+                            (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })
+                        }
                         Some(max) => {
                             let mut local = dev.sum(&B::view(w.stage.grads()), true)? as f64;
                             // A shared parameter counts once: on the first stage holding it.
@@ -987,7 +1163,51 @@ fn worker_actions<B: Ops>(
                     let no_decay = w.stage.layout().no_decay.clone();
                     let (params, grads) = w.stage.params_and_grads();
                     let (opt, lr, t) = (&ctx.cfg.optimizer, ctx.lr, ctx.t);
-                    apply_optimizer_masked(&dev, opt, lr, t, scale, params, grads, &mut w.state, &no_decay)?;
+                    match &shard {
+                        None => {
+                            apply_optimizer_masked(&dev, opt, lr, t, scale, params, grads, &mut w.state, &no_decay)?
+                        }
+                        Some(sh) => {
+                            // Each replica updates its part; the split buckets' parameters are
+                            // then put together from every replica's part.
+                            for ((part, _), &at) in
+                                sh.owned.iter().zip(&sh.state_at).filter(|((r, _), _)| !r.is_empty())
+                            {
+                                let st = &mut w.state;
+                                apply_optimizer_part(
+                                    &dev,
+                                    opt,
+                                    lr,
+                                    t,
+                                    scale,
+                                    params,
+                                    grads,
+                                    st,
+                                    part.clone(),
+                                    at,
+                                    &no_decay,
+                                )?;
+                            }
+                            let mut gathers = 0;
+                            for (b, _) in sh
+                                .owned
+                                .iter()
+                                .enumerate()
+                                .filter(|(b, (_, split))| *split && !bucket_range(*b).is_empty())
+                            {
+                                let (staged, ready) = stage_copy(&dev, &B::view_range(params, bucket_range(b)))?;
+                                jobs_tx
+                                    .send((b, Coll::AllGather, staged, ready))
+                                    .map_err(|_| closed("all-reduce thread"))?;
+                                gathers += 1;
+                            }
+                            for _ in 0..gathers {
+                                let (b, buf, span) = done()?;
+                                dev.copy(&B::view(&buf), &mut B::view_range_mut(params, bucket_range(b)))?;
+                                comm_spans.push(span);
+                            }
+                        }
+                    }
                     let mut loss = 0f32;
                     if ctx.read_loss {
                         // The one wait of the step: the losses of the steps since the last read.

@@ -56,6 +56,10 @@ pub struct Plan {
     /// Pipeline passes per step whose gradients accumulate before the one all-reduce
     /// (gradient accumulation; 1: none).
     pub accumulate: usize,
+    /// ZeRO stage: 0 keeps the whole optimizer state on every replica; 1 shards it across the
+    /// dp replicas (gradients reduce-scattered, each replica updates its part of the
+    /// parameters, then they are all-gathered). Set with [`Plan::with_zero`].
+    pub zero: usize,
     /// How long any wait on another device or rank may last before the step fails with an
     /// error naming it ([`DEFAULT_COMM_TIMEOUT`] unless set with [`Plan::with_comm_timeout`];
     /// the command line reads `TESSERA_COMM_TIMEOUT`).
@@ -63,7 +67,7 @@ pub struct Plan {
 }
 
 /// The format tag of [`Plan::encode`].
-const PLAN_FORMAT: u64 = 0x7465_7373_706c_0001; // "tesspl", version 1
+const PLAN_FORMAT: u64 = 0x7465_7373_706c_0002; // "tesspl", version 2
 
 /// The default of [`Plan::comm_timeout`]: two minutes.
 pub const DEFAULT_COMM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -94,6 +98,7 @@ impl Plan {
             microbatches,
             schedule,
             accumulate: 1,
+            zero: 0,
             comm_timeout: DEFAULT_COMM_TIMEOUT,
         })
     }
@@ -125,7 +130,7 @@ impl Plan {
     }
 
     /// The plan as integers, to send between processes: a format tag, dp, pp, microbatches,
-    /// accumulation passes, the schedule (0 GPipe, 1 1F1B), the number of stages, then each
+    /// accumulation passes, the ZeRO stage, the schedule (0 GPipe, 1 1F1B), the number of stages, then each
     /// stage's end layer. The timeout is each process's own and is not encoded.
     pub fn encode(&self) -> Vec<u64> {
         let mut v = vec![
@@ -134,6 +139,7 @@ impl Plan {
             self.mesh.pp as u64,
             self.microbatches as u64,
             self.accumulate as u64,
+            self.zero as u64,
             match self.schedule {
                 ScheduleKind::GPipe => 0,
                 ScheduleKind::OneFOneB => 1,
@@ -149,7 +155,7 @@ impl Plan {
     /// stages that are not contiguous, non-empty and in order.
     pub fn decode(v: &[u64]) -> Result<Plan> {
         let bad = |why: String| Error::Parallel(format!("a plan received from another rank is not valid: {why}"));
-        if v.len() < 7 || v[0] != PLAN_FORMAT {
+        if v.len() < 8 || v[0] != PLAN_FORMAT {
             return Err(bad(format!("format {:?} (expected {PLAN_FORMAT}) in {} numbers", v.first(), v.len())));
         }
         let n = |x: u64| usize::try_from(x).map_err(|_| bad(format!("{x} does not fit this machine")));
@@ -159,18 +165,22 @@ impl Plan {
                 "dp {dp}, pp {pp}, microbatches {microbatches}, passes {accumulate}: none may be 0"
             )));
         }
-        let schedule = match v[5] {
+        let zero = n(v[5])?;
+        if zero > 1 {
+            return Err(bad(format!("ZeRO stage {zero} (0 or 1)")));
+        }
+        let schedule = match v[6] {
             0 => ScheduleKind::GPipe,
             1 => ScheduleKind::OneFOneB,
             s => return Err(bad(format!("unknown schedule code {s}"))),
         };
-        let stages = n(v[6])?;
-        if stages != pp || v.len() != 7 + stages {
+        let stages = n(v[7])?;
+        if stages != pp || v.len() != 8 + stages {
             return Err(bad(format!("{stages} stages for pp {pp} in {} numbers", v.len())));
         }
         let mut start = 0;
         let mut ranges = Vec::with_capacity(stages);
-        for &end in &v[7..] {
+        for &end in &v[8..] {
             let end = n(end)?;
             if end <= start {
                 return Err(bad(format!("stage ending at layer {end} after one ending at {start}")));
@@ -184,6 +194,7 @@ impl Plan {
             microbatches,
             schedule,
             accumulate,
+            zero,
             comm_timeout: DEFAULT_COMM_TIMEOUT,
         })
     }
@@ -194,6 +205,18 @@ impl Plan {
             return Err(Error::Invalid("the communication timeout must be positive".into()));
         }
         self.comm_timeout = timeout;
+        Ok(self)
+    }
+
+    /// Sets the ZeRO stage: 0 (the optimizer state whole on every replica) or 1 (sharded across
+    /// the dp replicas; with dp = 1 there is nothing to shard and it changes nothing).
+    pub fn with_zero(mut self, stage: usize) -> Result<Self> {
+        if stage > 1 {
+            return Err(Error::Invalid(format!(
+                "ZeRO stage {stage}: tessera has stage 0 (off) and stage 1 (optimizer state sharded across the dp replicas)"
+            )));
+        }
+        self.zero = stage;
         Ok(self)
     }
 
@@ -232,6 +255,7 @@ impl Plan {
     pub fn describe(&self) -> String {
         let acc =
             if self.accumulate > 1 { format!(", {} accumulation passes", self.accumulate) } else { String::new() };
+        let acc = if self.zero > 0 { format!("{acc}, zero {}", self.zero) } else { acc };
         format!(
             "dp={} x pp={}, {} microbatch{}, {}{acc}, stages {:?}",
             self.mesh.dp,

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::nn::ModelInfo;
 use crate::ops::gemm::Gemm;
 use crate::ops::Ops;
+use crate::parallel::engine::{tied_params, Shard};
 use crate::parallel::schedule::{bubble_fraction, Schedule, ScheduleKind};
 use crate::parallel::Plan;
 use crate::train::TrainConfig;
@@ -155,7 +156,14 @@ pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan,
     let mut fwd = Vec::with_capacity(pp);
     for (s, layers) in plan.stages.iter().enumerate() {
         let ls = &model.layers[layers.clone()];
-        let params = model.stage_layout(layers.clone()).len as u64;
+        let layout = model.stage_layout(layers.clone());
+        let params = layout.len as u64;
+        // ZeRO 1: replica 0's shard (the largest: the parts of uneven buckets come first).
+        let state = if plan.zero >= 1 && dp > 1 {
+            Shard::new(&layout, &tied_params(model, plan, s), dp, 0).state_len as u64
+        } else {
+            params
+        };
         // Per sample in flight: the stage's input, each layer's output and what it keeps.
         let per_row: u64 = ls[0].inputs as u64
             + ls.iter().map(|l| (l.outputs as u64).saturating_add(l.cost.saved_floats_per_sample as u64)).sum::<u64>();
@@ -165,7 +173,7 @@ pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan,
         memory.push(MemoryUse {
             weights: 4u64.saturating_mul(params),
             grads: 4u64.saturating_mul(params).saturating_mul(if dp > 1 { 2 } else { 1 }),
-            optimizer: 4u64.saturating_mul(params).saturating_mul(slots),
+            optimizer: 4u64.saturating_mul(state).saturating_mul(slots),
             // Saturating: an absurd batch or width reads as "does not fit", never an overflow.
             activations: 4u64.saturating_mul(rows).saturating_mul(
                 per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2)).saturating_add(scratch),
@@ -248,6 +256,11 @@ pub fn choose(
             }
             let plan = Plan::new(model, dp, pp, m, kind)?;
             candidates.push(estimate(model, cfg, batch, &plan, budget));
+            // ZeRO 1 moves the same bytes as the all-reduce: a candidate wherever there are
+            // replicas to shard the optimizer state across.
+            if dp > 1 && cfg.optimizer.slots().len() > 0 {
+                candidates.push(estimate(model, cfg, batch, &plan.with_zero(1)?, budget));
+            }
         }
     }
     if candidates.is_empty() {
@@ -269,7 +282,11 @@ pub fn choose(
     let need_one = replica.memory[0].total();
     let fits: Vec<&Estimate> =
         candidates.iter().filter(|e| e.memory.iter().all(|m| m.total() <= budget.memory)).collect();
-    let best = fits.iter().min_by(|a, b| a.step.total_cmp(&b.step).then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)));
+    // Ties go to fewer stages, then to the whole optimizer state (ZeRO's extra collectives cost
+    // latency the estimate does not see).
+    let best = fits.iter().min_by(|a, b| {
+        a.step.total_cmp(&b.step).then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)).then(a.plan.zero.cmp(&b.plan.zero))
+    });
     let opt = cfg.optimizer.name();
     let Some(best) = best else {
         let fullest = |e: &Estimate| e.memory.iter().map(|m| m.total()).max().unwrap_or(0);
@@ -302,6 +319,16 @@ pub fn choose(
         why.push_str(&format!(": pp={pp} is estimated fastest"));
     } else {
         why.push_str(": one stage fits");
+    }
+    if best.plan.zero >= 1 {
+        // Why the state is sharded: the same plan with it whole does not fit.
+        let whole = estimate(model, cfg, batch, &Plan { zero: 0, ..best.plan.clone() }, budget);
+        let full = whole.memory.iter().map(|m| m.total()).max().unwrap_or(0);
+        why.push_str(&format!(
+            "; zero 1 shards the optimizer state across the {dp} replicas ({} instead of {} on the fullest device)",
+            human_bytes(fullest),
+            human_bytes(full)
+        ));
     }
     why.push_str(&format!(
         "; dp={dp}, {} microbatch(es), {}: estimated step {:.2} ms (pipeline {:.2} ms, bubble {:.0}%, transfers {:.2} ms, all-reduce {:.2} ms)",

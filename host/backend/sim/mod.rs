@@ -425,6 +425,30 @@ pub struct SimBuf<T: Elem> {
     len: usize,
     /// The stream it was allocated on, in deferred mode (its free is that stream's operation).
     home: Option<Queue>,
+    /// The device whose memory it counts in ([`memory_in_use`]), once a device allocated it.
+    owner: Option<usize>,
+}
+
+/// Bytes in use and the peak since [`reset_peak_memory`], per simulated device index.
+static MEMORY: Mutex<BTreeMap<usize, (u64, u64)>> = Mutex::new(BTreeMap::new());
+
+/// Bytes of simulated memory that device `sim:index` holds now: the buffers it allocated (or
+/// that were uploaded or copied into new buffers on it) and that are still alive. What a GPU
+/// would hold, so that a plan's memory per device can be measured without one.
+pub fn memory_in_use(index: usize) -> u64 {
+    MEMORY.lock().unwrap_or_else(|e| e.into_inner()).get(&index).map_or(0, |m| m.0)
+}
+
+/// The most bytes device `sim:index` held at once since the last [`reset_peak_memory`].
+pub fn peak_memory(index: usize) -> u64 {
+    MEMORY.lock().unwrap_or_else(|e| e.into_inner()).get(&index).map_or(0, |m| m.1)
+}
+
+/// Starts the peaks of [`peak_memory`] again from the bytes in use now.
+pub fn reset_peak_memory() {
+    for m in MEMORY.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+        m.1 = m.0;
+    }
 }
 
 // SAFETY: SimBuf owns its allocation like a Vec<T> (T: Send + Sync).
@@ -447,7 +471,7 @@ impl<T: Elem> SimBuf<T> {
         // SAFETY: registers the live allocation with the runtime (removed when it is freed).
         unsafe { tsim_register_alloc(p as *const c_void, bytes) };
         ALLOCS.lock().unwrap_or_else(|e| e.into_inner()).insert(p as usize, bytes);
-        SimBuf { ptr, len, home: None }
+        SimBuf { ptr, len, home: None, owner: None }
     }
 
     /// Number of elements.
@@ -476,8 +500,27 @@ impl<T: Elem> SimBuf<T> {
     }
 }
 
+impl<T: Elem> SimBuf<T> {
+    /// Counts the buffer in device `index`'s memory.
+    fn owned_by(mut self, index: usize) -> Self {
+        let bytes = (self.len * std::mem::size_of::<T>()) as u64;
+        let mut m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(index).or_default();
+        e.0 += bytes;
+        e.1 = e.1.max(e.0);
+        self.owner = Some(index);
+        self
+    }
+}
+
 impl<T: Elem> Drop for SimBuf<T> {
     fn drop(&mut self) {
+        if let Some(i) = self.owner {
+            let bytes = (self.len * std::mem::size_of::<T>()) as u64;
+            if let Some(e) = MEMORY.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&i) {
+                e.0 = e.0.saturating_sub(bytes);
+            }
+        }
         let addr = self.ptr.as_ptr() as usize;
         let layout = Self::layout(self.len);
         let free = move || {
@@ -719,10 +762,10 @@ impl Backend for SimDevice {
     }
     fn alloc<T: Elem>(&self, len: usize) -> Result<SimBuf<T>> {
         bump(&counters::ALLOCS);
-        self.stream.adopt_new(SimBuf::zeroed(len), "allocation")
+        self.stream.adopt_new(SimBuf::zeroed(len).owned_by(self.index), "allocation")
     }
     fn upload<T: Elem>(&self, data: &[T]) -> Result<SimBuf<T>> {
-        self.stream.clone_htod(data).map_err(Error::driver("uploading"))
+        Ok(self.stream.clone_htod(data).map_err(Error::driver("uploading"))?.owned_by(self.index))
     }
     fn write<T: Elem>(&self, dst: &mut SimViewMut<'_, T>, data: &[T]) -> Result<()> {
         check_len("write", "destination", dst.len(), data.len())?;
@@ -781,7 +824,7 @@ impl Backend for SimDevice {
     fn duplicate<T: Elem>(&self, src: &SimView<'_, T>) -> Result<SimBuf<T>> {
         bump(&counters::ALLOCS);
         bump(&counters::D2D);
-        let mut b = SimBuf::zeroed(src.len());
+        let mut b = SimBuf::zeroed(src.len()).owned_by(self.index);
         b.home = self.stream.q.clone();
         let bytes = bytes_of::<T>(src.len());
         let (s, d) = (src.ptr as usize, b.ptr.as_ptr() as usize);

@@ -9,7 +9,9 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelInfo, Stage};
 use crate::ops::Ops;
-use crate::parallel::engine::{prepare_step, run_worker, tied_params, upload_part, PipeLinks, StepCtx, Worker};
+use crate::parallel::engine::{
+    prepare_step, run_worker, shard_of, tied_params, upload_state, PipeLinks, Shard, StepCtx, Worker,
+};
 use crate::parallel::schedule::Schedule;
 use crate::parallel::timeline::{Lane, Timeline};
 use crate::parallel::Plan;
@@ -216,11 +218,9 @@ impl<B: Ops> DistEngine<B> {
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
         let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
-        let st = match state {
-            Some(v) => v.iter().map(|x| upload_part(dev, &info, layers.clone(), x)).collect::<Result<Vec<_>>>()?,
-            None => (0..slots).map(|_| dev.alloc(layout.len)).collect::<Result<Vec<_>>>()?,
-        };
         let tied = tied_params(&info, &plan, s);
+        let shard = shard_of(&info, &plan, &tied, reduce, r, s);
+        let st = upload_state(dev, &info, layers.clone(), shard.as_ref(), slots, state)?;
         // Collective calls, in the same order on every rank.
         let pipe = Arc::new(world.dup());
         let ctrl = world.dup();
@@ -243,6 +243,7 @@ impl<B: Ops> DistEngine<B> {
             stage,
             tied,
             state: st,
+            shard,
             comm,
             comm_in_use: reduce,
             losses: None,
@@ -355,8 +356,12 @@ impl<B: Ops> DistEngine<B> {
         self.gather_stages(part, "parameters")
     }
 
-    /// Optimizer state as flat vectors (one per slot), from replica 0, on every rank.
+    /// Optimizer state as flat vectors (one per slot), from replica 0 (with ZeRO, every
+    /// replica's shard put together), on every rank.
     pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
+        if self.worker.shard.is_some() {
+            return self.sharded_state();
+        }
         let mut out = Vec::new();
         for k in 0..self.worker.state.len() {
             let part = if self.world.rank < self.plan.mesh.pp {
@@ -369,8 +374,38 @@ impl<B: Ops> DistEngine<B> {
         Ok(out)
     }
 
-    /// Whether every replica holds bit-identical parameters and optimizer state (compares a
-    /// hash of each rank's stage with replica 0's).
+    /// ZeRO: every rank's shard of each state slot, put together on every rank.
+    fn sharded_state(&self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        let mut stage_vecs: Vec<Vec<f32>> = Vec::new();
+        for k in 0..self.worker.state.len() {
+            let mine = self.worker.dev.download(&B::view(&self.worker.state[k]))?;
+            let mine: Vec<f64> = mine.iter().map(|&v| v as f64).collect();
+            let all = self.world.all_gather(&self.ctrl, &mine, "optimizer state shards");
+            stage_vecs.clear();
+            for s in 0..self.plan.mesh.pp {
+                stage_vecs.push(vec![0f32; self.info.stage_layout(self.plan.stages[s].clone()).len]);
+            }
+            for (q, part) in all.iter().enumerate() {
+                let (r, s) = self.stage_of(q);
+                let layout = self.info.stage_layout(self.plan.stages[s].clone());
+                let tied = tied_params(&self.info, &self.plan, s);
+                let sh = Shard::new(&layout, &tied, self.plan.mesh.dp, r);
+                let part: Vec<f32> = part.iter().map(|&v| v as f32).collect();
+                sh.scatter(&part, &mut stage_vecs[s]);
+            }
+            let mut full = vec![0f32; self.info.param_count()];
+            for (s, v) in stage_vecs.iter().enumerate() {
+                self.info.stage_layout(self.plan.stages[s].clone()).scatter(&self.info, v, &mut full);
+            }
+            out.push(full);
+        }
+        Ok(out)
+    }
+
+    /// Whether every replica holds bit-identical parameters and optimizer state (with ZeRO, the
+    /// parameters: each replica keeps its own shard of the state). Compares a hash of each
+    /// rank's stage with replica 0's.
     pub fn replicas_identical(&self) -> Result<bool> {
         let mut h: u64 = 0xcbf29ce484222325;
         let mut eat = |v: &[f32]| {
@@ -382,7 +417,7 @@ impl<B: Ops> DistEngine<B> {
             }
         };
         eat(&self.worker.dev.download(&B::view(self.worker.stage.params()))?);
-        for st in &self.worker.state {
+        for st in self.worker.state.iter().filter(|_| self.worker.shard.is_none()) {
             eat(&self.worker.dev.download(&B::view(st))?);
         }
         // Split in two exact halves for f64 transport.
