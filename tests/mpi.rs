@@ -114,11 +114,14 @@ fn ranks_across_processes_match_the_single_device_run() {
     if !mpirun_present() {
         return;
     }
-    let meshes: [(usize, &[&str]); 4] = [
+    let meshes: [(usize, &[&str]); 6] = [
         (2, &["--dp", "2"]),
         (2, &["--pp", "2", "--microbatches", "3"]),
         (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"]),
         (4, &["--pp", "4", "--microbatches", "4", "--schedule", "gpipe"]),
+        // ZeRO 1: reduce-scatter and all-gather over MPI.
+        (2, &["--dp", "2", "--zero", "1"]),
+        (4, &["--dp", "4", "--zero", "1"]),
     ];
     ranks_match_one_process("mpirun", &meshes, mpirun);
 }
@@ -238,10 +241,10 @@ fn a_checkpoint_from_four_ranks_resumes_on_one_process_and_on_another_plan() {
         return;
     }
     let want = reference("12", &tmp("ref12.safetensors"));
-    // 4 ranks (dp=2, pp=2) stop after 5 of 12 steps.
+    // 4 ranks (dp=2, pp=2, the optimizer state sharded: ZeRO 1) stop after 5 of 12 steps.
     let half = tmp("four-ranks-5.safetensors");
     let mut a = args(&["--steps", "12", "--stop-at", "5", "--save", half.to_str().unwrap()]);
-    a.extend_from_slice(&["--dp", "2", "--pp", "2", "--microbatches", "2"]);
+    a.extend_from_slice(&["--dp", "2", "--pp", "2", "--microbatches", "2", "--zero", "1"]);
     let (ok, _, err) = mpirun(4, &a);
     assert!(ok, "{err}");
     let c = Checkpoint::load(&half).unwrap();
@@ -252,7 +255,7 @@ fn a_checkpoint_from_four_ranks_resumes_on_one_process_and_on_another_plan() {
         tessera(&args(&["--resume", half.to_str().unwrap(), "--steps", "12", "--save", one.to_str().unwrap()]));
     assert!(ok, "{err}");
     let e1 = rel_err(&params(&one), &want);
-    // Resumed on 4 ranks as dp=4, pp=1.
+    // Resumed on 4 ranks as dp=4, pp=1 (the whole state on every rank).
     let four = tmp("resumed-dp4.safetensors");
     let mut a = args(&["--resume", half.to_str().unwrap(), "--steps", "12", "--save", four.to_str().unwrap()]);
     a.extend_from_slice(&["--dp", "4"]);
@@ -542,7 +545,8 @@ fn a_researchers_own_layer_trains_across_processes() {
     assert!(out.contains("own layer under mpi: ok"), "{out}{err}");
 }
 
-/// The GPT across processes: `tessera train --model gpt` under `mpirun -np 2` (dp 2) and
+/// The GPT across processes: `tessera train --model gpt` under `mpirun -np 2` (dp 2, with and
+/// without ZeRO 1; and dp 2 x pp 2 with it) and
 /// under `-np 4` the oracle grid's four-rank meshes (dp 2 x pp 2 and pp 4, each with 1 and 4
 /// microbatches, GPipe and 1F1B; the tied wte on the first and last rank's stages) ends 5 SGD
 /// steps with the single process's weights, within the oracle's 1e-5; rank 0 alone prints the
@@ -583,7 +587,8 @@ fn gpt_ranks_across_processes_match_the_single_device_run() {
     let (ok, _, err) = tessera(&a);
     assert!(ok, "{err}");
     let want = params(&reference);
-    let mut meshes: Vec<(usize, Vec<&str>)> = vec![(2, vec!["--dp", "2"])];
+    let mut meshes: Vec<(usize, Vec<&str>)> = vec![(2, vec!["--dp", "2"]), (2, vec!["--dp", "2", "--zero", "1"])];
+    meshes.push((4, vec!["--dp", "2", "--pp", "2", "--microbatches", "4", "--zero", "1"]));
     for (dp, pp) in [("2", "2"), ("1", "4")] {
         for m in ["1", "4"] {
             for s in ["gpipe", "1f1b"] {

@@ -520,3 +520,39 @@ fn zero_1_at_dp_4_holds_a_quarter_of_the_optimizer_state() {
     }
     assert_eq!(held[0][0] - held[1][0], predicted[0] - predicted[1], "the planner predicts replica 0's saving");
 }
+
+/// `--zero 1` on the command line: the same accuracy as one device, its reduce-scatters and
+/// all-gathers on the timeline, a checkpoint that resumes without it; and the settings it
+/// cannot honour refused.
+#[test]
+fn cli_zero_1_trains_like_one_device_and_resumes_without_it() {
+    let timeline = tmp("zero-timeline.svg");
+    let ckpt = tmp("zero.st");
+    let common = ["train", "--widths", "784,128,64,10", "--steps", "120", "--json"];
+    let mut one = common.to_vec();
+    one.extend(["--device", "cpu"]);
+    let (ok, out1, err) = tessera(&one);
+    assert!(ok, "{err}");
+    let mut mesh = common.to_vec();
+    mesh.extend(["--device", "cpu:4", "--dp", "2", "--pp", "2", "--zero", "1"]);
+    mesh.extend(["--timeline", timeline.to_str().unwrap(), "--save", ckpt.to_str().unwrap()]);
+    let (ok, out4, err) = tessera(&mesh);
+    assert!(ok, "{err}");
+    let a: serde_json::Value = serde_json::from_str(out1.trim()).unwrap();
+    let b: serde_json::Value = serde_json::from_str(out4.trim()).unwrap();
+    assert!(b["plan"].as_str().unwrap().contains("zero 1"), "{}", b["plan"]);
+    let (x, y) = (a["test_accuracy"].as_f64().unwrap(), b["test_accuracy"].as_f64().unwrap());
+    assert!(x > 0.85 && (x - y).abs() <= 0.005, "one device {x}, dp=2 x pp=2 zero 1 {y}");
+    let svg = std::fs::read_to_string(&timeline).unwrap();
+    assert!(svg.contains("reduce-scatter layer") && svg.contains("all-gather layer"), "the timeline shows ZeRO's collectives");
+    // Resumed on one device without ZeRO: the state the shards made is whole again.
+    let (ok, _, err) = tessera(&["train", "--resume", ckpt.to_str().unwrap(), "--steps", "130", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    for (args, want) in [
+        (&["train", "--device", "cpu:2", "--dp", "1", "--pp", "2", "--zero", "1"][..], "--zero 1 shards the optimizer state across data-parallel replicas"),
+        (&["train", "--device", "cpu:2", "--zero", "2"][..], "ZeRO stage 0"),
+    ] {
+        let (ok, _, err) = tessera(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}

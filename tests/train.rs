@@ -708,8 +708,8 @@ fn cli_trains_a_gpt_and_reports_the_validation_loss() {
 }
 
 /// The oracle grid on the GPT: every mesh of dp in {1, 2} x pp in {1, 2, 4} x microbatches in
-/// {1, 4} x {GPipe, 1F1B} (the tied wte on the first and last stage when split) takes 5 SGD
-/// steps to the weights of one device, within 1e-5 relative.
+/// {1, 4} x {GPipe, 1F1B} (the tied wte on the first and last stage when split), and at dp 2
+/// with ZeRO 1 too, takes 5 SGD steps to the weights of one device, within 1e-5 relative.
 #[test]
 fn gpt_oracle_grid_matches_one_device() {
     use tessera::nn::GptConfig;
@@ -733,11 +733,11 @@ fn gpt_oracle_grid_matches_one_device() {
     let info = model.info().unwrap();
     let cpus: Vec<CpuDevice> = (0..8).map(CpuDevice::new).collect();
     let mut runs = 0;
-    for dp in [1, 2] {
+    for (dp, zero) in [(1, 0), (2, 0), (2, 1)] {
         for pp in [1, 2, 4] {
             for m in [1, 4] {
                 for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
-                    let plan = Plan::new(&info, dp, pp, m, kind).unwrap();
+                    let plan = Plan::new(&info, dp, pp, m, kind).unwrap().with_zero(zero).unwrap();
                     let desc = plan.describe();
                     let mut e = Engine::new(&cpus[..dp * pp], &model, tc.clone(), plan).unwrap();
                     for (x, y) in &batches {
@@ -754,7 +754,7 @@ fn gpt_oracle_grid_matches_one_device() {
             }
         }
     }
-    assert_eq!(runs, 24);
+    assert_eq!(runs, 36);
 }
 
 /// A GPT's shape, parameter names and shapes, flat parameters, and one window (inputs, ids).

@@ -267,6 +267,17 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--zero`: 0 or 1.
+pub(crate) fn zero_stage(s: &str) -> Result<usize, String> {
+    match s {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        _ => Err(format!(
+            "`{s}`: tessera has ZeRO stage 0 (optimizer state whole on every replica) and 1 (sharded across the dp replicas)"
+        )),
+    }
+}
+
 /// How to spread a step over the devices.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct MeshArgs {
@@ -288,6 +299,11 @@ pub(crate) struct MeshArgs {
     /// Pipeline passes whose gradients accumulate before the all-reduce.
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub(crate) accumulate: usize,
+    /// ZeRO stage: 1 shards the optimizer state across the dp replicas (gradients
+    /// reduce-scattered, parameters all-gathered), 0 keeps it whole [default: 0, or the
+    /// planner's choice].
+    #[arg(long, value_parser = zero_stage)]
+    pub(crate) zero: Option<usize>,
     /// `auto`: with several devices and no --dp/--pp, the planner picks dp, pp and
     /// microbatches; `manual`: the flags (and their defaults) decide.
     #[arg(long, value_enum, default_value = "auto")]

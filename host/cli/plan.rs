@@ -78,6 +78,16 @@ pub(crate) fn make_plan<B: Ops>(
         plan.0 = plan.0.with_layers_per_stage(model, &counts.0)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
+    match m.zero {
+        Some(1) if plan.0.mesh.dp == 1 => {
+            return Err(Error::Invalid(format!(
+                "--zero 1 shards the optimizer state across data-parallel replicas, but the plan has one ({}): use --dp 2 or more, or leave --zero out",
+                plan.0.describe()
+            )))
+        }
+        Some(z) => plan.0 = plan.0.with_zero(z)?,
+        None => {}
+    }
     if manual {
         // The planner checked its own choice; a plan given by the flags (or one device) is
         // checked here, before anything is allocated.
