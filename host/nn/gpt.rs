@@ -277,6 +277,19 @@ const R2: usize = 9;
 const FCZ: usize = 10;
 const FCA: usize = 11;
 
+impl Block {
+    /// Width and heads on one rank of a tensor-parallel group of `tp` (its heads).
+    fn local(&self, tp: usize) -> Result<(usize, usize)> {
+        if self.heads % tp != 0 {
+            return Err(crate::error::Error::Invalid(format!(
+                "tp = {tp} does not divide block {}'s {} heads: attention splits by heads, so choose a tp that divides them",
+                self.index, self.heads
+            )));
+        }
+        Ok((self.c / tp, self.heads / tp))
+    }
+}
+
 impl<B: Ops> Layer<B> for Block {
     fn describe(&self) -> String {
         format!("block {}: {} heads x {}, context {}", self.index, self.heads, self.c / self.heads, self.t)
@@ -294,15 +307,17 @@ impl<B: Ops> Layer<B> for Block {
         vec![
             p("ln_1.weight", &[c]).no_decay(),
             p("ln_1.bias", &[c]).no_decay(),
-            p("attn.c_attn.weight", &[c, 3 * c]),
-            p("attn.c_attn.bias", &[3 * c]).no_decay(),
-            p("attn.c_proj.weight", &[c, c]),
+            // Under tensor parallelism: attention split by heads (q, k and v's columns of each
+            // rank's heads; the projection's rows), the MLP by its hidden columns then rows.
+            p("attn.c_attn.weight", &[c, 3 * c]).split(1, 3),
+            p("attn.c_attn.bias", &[3 * c]).no_decay().split(0, 3),
+            p("attn.c_proj.weight", &[c, c]).split(0, 1),
             p("attn.c_proj.bias", &[c]).no_decay(),
             p("ln_2.weight", &[c]).no_decay(),
             p("ln_2.bias", &[c]).no_decay(),
-            p("mlp.c_fc.weight", &[c, 4 * c]),
-            p("mlp.c_fc.bias", &[4 * c]).no_decay(),
-            p("mlp.c_proj.weight", &[4 * c, c]),
+            p("mlp.c_fc.weight", &[c, 4 * c]).split(1, 1),
+            p("mlp.c_fc.bias", &[4 * c]).no_decay().split(0, 1),
+            p("mlp.c_proj.weight", &[4 * c, c]).split(0, 1),
             p("mlp.c_proj.bias", &[c]).no_decay(),
         ]
     }
@@ -333,24 +348,41 @@ impl<B: Ops> Layer<B> for Block {
         saved: &mut Saved<B>,
     ) -> Result<()> {
         let (dev, c) = (cx.dev, self.c);
+        let (rank, tp) = cx.tp();
+        let (cl, hl) = self.local(tp)?;
         let n = cx.rows * self.t;
-        let lens = [n * c, n, n, 3 * n * c, n * c, n * self.heads, n * c, n * c, n, n, 4 * n * c, 4 * n * c];
+        let lens = [n * c, n, n, 3 * n * cl, n * cl, n * hl, n * c, n * c, n, n, 4 * n * cl, 4 * n * cl];
         let bufs: [&mut B::Buf<f32>; 12] = saved.keep_all(dev, &lens)?.try_into().ok().expect("12 buffers");
         let [h1, m1, r1, qkv, att, lse, x2, h2, m2, r2, fcz, fca] = bufs;
         let p = |i: usize| cx.param(i);
         let v = full::<B>;
         let vm = full_mut::<B>;
         dev.layernorm_forward(c, LAYERNORM_EPS, x, &p(0), &p(1), &mut vm(h1), &mut vm(m1), &mut vm(r1))?;
-        dev.gemm(&Gemm::new(n, 3 * c, c), &v(h1), &p(2), Some(&p(3)), &mut vm(qkv), None)?;
-        dev.attention_forward(self.t, c, self.heads, &v(qkv), &mut vm(att), &mut vm(lse))?;
-        // x2 = x + att W + b: the residual first, then the projection added by the GEMM's beta.
-        dev.copy(x, &mut vm(x2))?;
-        dev.gemm(&Gemm::new(n, c, c).beta(1.0), &v(att), &p(4), Some(&p(5)), &mut vm(x2), None)?;
+        dev.gemm(&Gemm::new(n, 3 * cl, c), &v(h1), &p(2), Some(&p(3)), &mut vm(qkv), None)?;
+        dev.attention_forward(self.t, cl, hl, &v(qkv), &mut vm(att), &mut vm(lse))?;
+        if tp == 1 {
+            // x2 = x + att W + b: the residual first, then the projection added by the GEMM's beta.
+            dev.copy(x, &mut vm(x2))?;
+            dev.gemm(&Gemm::new(n, c, c).beta(1.0), &v(att), &p(4), Some(&p(5)), &mut vm(x2), None)?;
+        } else {
+            // Each rank's heads give part of the projection: summed over the group (the bias
+            // once), then the residual.
+            let bias = (rank == 0).then(|| p(5));
+            dev.gemm(&Gemm::new(n, c, cl), &v(att), &p(4), bias.as_ref(), &mut vm(x2), None)?;
+            cx.tp_all_reduce(&mut vm(x2))?;
+            dev.axpy(1.0, x, &mut vm(x2))?;
+        }
         dev.layernorm_forward(c, LAYERNORM_EPS, &v(x2), &p(6), &p(7), &mut vm(h2), &mut vm(m2), &mut vm(r2))?;
-        let fc = Gemm::new(n, 4 * c, c).activation(Activation::GeluTanh);
+        let fc = Gemm::new(n, 4 * cl, c).activation(Activation::GeluTanh);
         dev.gemm(&fc, &v(h2), &p(8), Some(&p(9)), &mut vm(fcz), Some(&mut vm(fca)))?;
-        dev.copy(&v(x2), y)?;
-        dev.gemm(&Gemm::new(n, c, 4 * c).beta(1.0), &v(fca), &p(10), Some(&p(11)), y, None)
+        if tp == 1 {
+            dev.copy(&v(x2), y)?;
+            return dev.gemm(&Gemm::new(n, c, 4 * c).beta(1.0), &v(fca), &p(10), Some(&p(11)), y, None);
+        }
+        let bias = (rank == 0).then(|| p(11));
+        dev.gemm(&Gemm::new(n, c, 4 * cl), &v(fca), &p(10), bias.as_ref(), y, None)?;
+        cx.tp_all_reduce(y)?;
+        dev.axpy(1.0, &v(x2), y)
     }
 
     fn backward(
@@ -362,7 +394,8 @@ impl<B: Ops> Layer<B> for Block {
         saved: &Saved<B>,
         work: &mut Work<'_, B>,
     ) -> Result<()> {
-        let (dev, c, t, heads) = (cx.dev, self.c, self.t, self.heads);
+        let (dev, c, t) = (cx.dev, self.c, self.t);
+        let (cl, heads) = self.local(cx.tp().1)?;
         let n = cx.rows * t;
         let s = |i: usize| saved.get(i).map(|b| B::view(b));
         let p = |i: usize| cx.param(i);
@@ -384,30 +417,35 @@ impl<B: Ops> Layer<B> for Block {
             let w = head_mut::<B>;
             let r = head::<B>;
             // y = x2 + gelu(h2 Wfc + bfc) Wp2 + bp2
-            linear_grads(dev, work, (10, 11), n, 4 * c, c, &s(FCA)?, dy)?;
-            dev.gemm(&Gemm::new(n, 4 * c, c).trans_b(true), dy, &p(10), None, &mut w(df, 4 * n * c), None)?;
-            dev.act_backward(Activation::GeluTanh, &s(FCZ)?, &r(df, 4 * n * c), &mut w(dz, 4 * n * c))?;
-            linear_grads(dev, work, (8, 9), n, c, 4 * c, &s(H2)?, &r(dz, 4 * n * c))?;
-            dev.gemm(&Gemm::new(n, c, 4 * c).trans_b(true), &r(dz, 4 * n * c), &p(8), None, &mut w(dh, n * c), None)?;
+            // (Under tensor parallelism each rank holds its columns of the hidden layer: the
+            // gradient reaching ln_2 is summed over the group, and likewise at ln_1.)
+            linear_grads(dev, work, (10, 11), n, 4 * cl, c, &s(FCA)?, dy)?;
+            dev.gemm(&Gemm::new(n, 4 * cl, c).trans_b(true), dy, &p(10), None, &mut w(df, 4 * n * cl), None)?;
+            dev.act_backward(Activation::GeluTanh, &s(FCZ)?, &r(df, 4 * n * cl), &mut w(dz, 4 * n * cl))?;
+            linear_grads(dev, work, (8, 9), n, c, 4 * cl, &s(H2)?, &r(dz, 4 * n * cl))?;
+            dev.gemm(&Gemm::new(n, c, 4 * cl).trans_b(true), &r(dz, 4 * n * cl), &p(8), None, &mut w(dh, n * c), None)?;
+            cx.tp_all_reduce(&mut w(dh, n * c))?;
             // Through ln_2, plus the residual: dx2 = ln_2'(dh) + dy.
             ln_grads(dev, work, 6, c, &s(X2)?, &r(dh, n * c), &p(6), &s(M2)?, &s(R2)?, &mut w(dx2, n * c), dln)?;
             dev.axpy(1.0, dy, &mut w(dx2, n * c))?;
             // x2 = x + attn(h1 Wqkv + bqkv) Wp + bp
-            linear_grads(dev, work, (4, 5), n, c, c, &s(ATT)?, &r(dx2, n * c))?;
-            dev.gemm(&Gemm::new(n, c, c).trans_b(true), &r(dx2, n * c), &p(4), None, &mut w(da, n * c), None)?;
+            linear_grads(dev, work, (4, 5), n, cl, c, &s(ATT)?, &r(dx2, n * c))?;
+            dev.gemm(&Gemm::new(n, cl, c).trans_b(true), &r(dx2, n * c), &p(4), None, &mut w(da, n * cl), None)?;
             dev.attention_backward(
                 t,
-                c,
+                cl,
                 heads,
                 &s(QKV)?,
                 &s(ATT)?,
-                &r(da, n * c),
+                &r(da, n * cl),
                 &s(LSE)?,
-                &mut w(dqkv, 3 * n * c),
+                &mut w(dqkv, 3 * n * cl),
                 &mut w(dsum, n * heads),
             )?;
-            linear_grads(dev, work, (2, 3), n, c, 3 * c, &s(H1)?, &r(dqkv, 3 * n * c))?;
-            dev.gemm(&Gemm::new(n, c, 3 * c).trans_b(true), &r(dqkv, 3 * n * c), &p(2), None, &mut w(dh, n * c), None)?;
+            linear_grads(dev, work, (2, 3), n, c, 3 * cl, &s(H1)?, &r(dqkv, 3 * n * cl))?;
+            let dq = r(dqkv, 3 * n * cl);
+            dev.gemm(&Gemm::new(n, c, 3 * cl).trans_b(true), &dq, &p(2), None, &mut w(dh, n * c), None)?;
+            cx.tp_all_reduce(&mut w(dh, n * c))?;
             // Through ln_1 (into dx, or scratch when no input gradient is asked for), plus the
             // residual: dx = ln_1'(dh) + dx2.
             let (m1, r1) = (s(M1)?, s(R1)?);

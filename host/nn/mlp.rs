@@ -101,11 +101,20 @@ impl MlpConfig {
     /// The model: a [`Linear`] layer per pair of widths, each followed by the activation but
     /// the last (whose output is the logits). Its parameters are `layers.{i}.weight`
     /// (`in x out`) and `layers.{i}.bias`.
+    ///
+    /// Under tensor parallelism the layers pair up as Megatron-LM's MLP: layer 0 column-parallel
+    /// and layer 1 row-parallel, then 2 and 3, and so on (a last layer without a partner stays
+    /// whole), so that the hidden widths between the two of a pair are split: one all-reduce
+    /// forward and one backward per pair.
     pub fn model<B: Ops>(&self) -> Model<B> {
         let depth = self.depth();
         self.widths.windows(2).enumerate().fold(Model::new(&self.describe()), |m, (i, w)| {
             let act = if i + 1 == depth { Activation::None } else { self.act };
-            m.push(Linear::new(w[0], w[1], act))
+            m.push(match (i % 2, i + 1 < depth || i % 2 == 1) {
+                (0, true) => Linear::column(w[0], w[1], act),
+                (1, _) => Linear::row(w[0], w[1], act),
+                _ => Linear::new(w[0], w[1], act),
+            })
         })
     }
 

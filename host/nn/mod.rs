@@ -33,6 +33,20 @@
 //!
 //! The MLP ([`MlpConfig::model`]) is one such model, built of [`Linear`] layers;
 //! `examples/own_layer.rs` builds another from a layer of its own.
+//!
+//! # Tensor parallelism
+//!
+//! A layer may split its parameters across the `tp` ranks of a tensor-parallel group
+//! (Megatron-LM's way): it declares which dimension of a parameter is split
+//! ([`ParamSpec::split`]; the checkpoint keeps the whole parameter, and each rank holds its
+//! part), reads its rank and the group's size from [`Ctx::tp`], computes on its parts and sums
+//! partial results over the group with [`Ctx::tp_all_reduce`]. Every rank of a group runs the
+//! same layers on the same rows, so every rank must make the same all-reduces in the same
+//! order. A parameter that is not split is replicated: each rank holds it whole and must
+//! compute the same gradient for it (as after a conjugate all-reduce of Megatron's `f` and `g`).
+//! [`Linear::column`] and [`Linear::row`] are the two halves of a split MLP; the GPT's
+//! [`gpt::Block`] splits attention by heads and its MLP by columns then rows. A layer that
+//! splits nothing runs whole on every rank.
 
 pub mod decode;
 pub mod gpt;
@@ -45,11 +59,14 @@ use std::sync::Arc;
 
 pub use decode::GptDecoder;
 pub use gpt::GptConfig;
-pub use linear::Linear;
+pub use linear::{Linear, LinearSplit};
 pub use mlp::{MlpConfig, Network};
 pub use stage::{LayerDone, Stage};
 
-use crate::backend::{Backend, Elem};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::backend::{Backend, Elem, ViewLen};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -65,20 +82,49 @@ pub struct ParamSpec {
     /// Whether the optimizer's weight decay applies to it (true unless [`ParamSpec::no_decay`]:
     /// GPT-2 and its kin decay matrices, not biases and normalisation gains).
     pub decay: bool,
+    /// How it is split across a tensor-parallel group ([`ParamSpec::split`]); `None`: every
+    /// rank holds it whole.
+    pub split: Option<Split>,
+}
+
+/// How a parameter is split across the ranks of a tensor-parallel group: dimension `dim` of its
+/// shape is seen as `groups` equal groups, and each group is cut into `tp` equal contiguous
+/// parts, rank `k` holding part `k` of every group (in group order). `groups` is 1 for a plain
+/// column or row split, 3 for a fused `q | k | v` projection split by heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// The dimension cut.
+    pub dim: usize,
+    /// Groups along it, each cut on its own.
+    pub groups: usize,
+}
+
+/// Rank `rank`'s part of a parameter of shape `shape` split as `split` across `tp` ranks.
+fn split_geometry(shape: &[usize], split: Split, tp: usize) -> (usize, usize, usize, usize) {
+    let outer: usize = shape[..split.dim].iter().product();
+    let inner: usize = shape[split.dim + 1..].iter().product();
+    let group = shape[split.dim] / split.groups;
+    (outer, inner, group, group / tp)
 }
 
 impl ParamSpec {
     /// A parameter of this layer alone, named `layers.{i}.{name}` in the model.
     pub fn new(name: &str, shape: &[usize]) -> Self {
-        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: false, decay: true }
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: false, decay: true, split: None }
     }
     /// A parameter named `name` in the whole model, shared by every layer that declares it.
     pub fn shared(name: &str, shape: &[usize]) -> Self {
-        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: true, decay: true }
+        ParamSpec { name: name.to_string(), shape: shape.to_vec(), shared: true, decay: true, split: None }
     }
     /// The same parameter, left out of the optimizer's weight decay.
     pub fn no_decay(mut self) -> Self {
         self.decay = false;
+        self
+    }
+    /// The same parameter, split across a tensor-parallel group along dimension `dim` seen as
+    /// `groups` groups ([`Split`]).
+    pub fn split(mut self, dim: usize, groups: usize) -> Self {
+        self.split = Some(Split { dim, groups });
         self
     }
     /// Number of values.
@@ -112,12 +158,25 @@ pub struct Ctx<'a, B: Backend> {
     pub rows: usize,
     params: B::Ref<'a, f32>,
     ranges: &'a [Range<usize>],
+    tp: Option<&'a TpGroup<B>>,
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
-    /// Parameter `i` (in the order of [`Layer::params`]).
+    /// Parameter `i` (in the order of [`Layer::params`]): this rank's part of it when it is split.
     pub fn param(&self, i: usize) -> B::Ref<'_, f32> {
         B::sub(&self.params, self.ranges[i].clone())
+    }
+    /// This rank and the ranks of the tensor-parallel group (`(0, 1)` without one).
+    pub fn tp(&self) -> (usize, usize) {
+        self.tp.map_or((0, 1), |g| (g.rank(), g.size()))
+    }
+    /// Sums `v` over the tensor-parallel group, in place (nothing to do without one). Every rank
+    /// of the group must make the same calls in the same order.
+    pub fn tp_all_reduce(&self, v: &mut B::Mut<'_, f32>) -> Result<()> {
+        match self.tp {
+            Some(g) if g.size() > 1 => g.all_reduce(self.dev, v),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -263,6 +322,92 @@ pub struct ParamInfo {
     pub layers: Vec<usize>,
     /// Whether the optimizer's weight decay applies to it ([`ParamSpec::decay`]).
     pub decay: bool,
+    /// How it is split across a tensor-parallel group ([`ParamSpec::split`]).
+    pub split: Option<Split>,
+}
+
+impl ParamInfo {
+    /// Values one rank of a tensor-parallel group of `tp` holds.
+    pub fn local_len(&self, tp: usize) -> usize {
+        match self.split {
+            Some(_) => self.range.len() / tp.max(1),
+            None => self.range.len(),
+        }
+    }
+
+    /// Rank `rank`'s part of the whole parameter `whole` in a group of `tp` (`whole` itself
+    /// when it is not split).
+    pub fn shard(&self, whole: &[f32], tp: usize, rank: usize) -> Vec<f32> {
+        let Some(split) = self.split.filter(|_| tp > 1) else { return whole.to_vec() };
+        let (outer, inner, group, part) = split_geometry(&self.shape, split, tp);
+        let mut out = Vec::with_capacity(self.local_len(tp));
+        for o in 0..outer {
+            for g in 0..split.groups {
+                let row = o * group * split.groups + g * group + rank * part;
+                out.extend_from_slice(&whole[row * inner..(row + part) * inner]);
+            }
+        }
+        out
+    }
+
+    /// Writes rank `rank`'s part `part` back into the whole parameter `whole` ([`ParamInfo::shard`]'s inverse).
+    pub fn unshard(&self, part: &[f32], tp: usize, rank: usize, whole: &mut [f32]) {
+        let Some(split) = self.split.filter(|_| tp > 1) else { return whole.copy_from_slice(part) };
+        let (outer, inner, group, size) = split_geometry(&self.shape, split, tp);
+        let mut at = 0;
+        for o in 0..outer {
+            for g in 0..split.groups {
+                let row = o * group * split.groups + g * group + rank * size;
+                whole[row * inner..(row + size) * inner].copy_from_slice(&part[at..at + size * inner]);
+                at += size * inner;
+            }
+        }
+    }
+}
+
+/// A layer's view of its tensor-parallel group: the sum over the ranks, in place (the engine
+/// gives one made from its communicator).
+pub trait TpReduce<B: Backend>: Send {
+    /// Sums `buf` over the group's ranks, in place on every rank, the same bits on each.
+    fn all_reduce_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()>;
+}
+
+/// The tensor-parallel group of a stage: its rank, its size and the sum over it.
+pub struct TpGroup<B: Backend> {
+    rank: usize,
+    size: usize,
+    /// The reduction, and staging buffers by length (a view is summed through one).
+    inner: Mutex<(Box<dyn TpReduce<B>>, HashMap<usize, B::Buf<f32>>)>,
+}
+
+impl<B: Backend> TpGroup<B> {
+    /// Rank `rank` of a group of `size`, summing through `reduce`.
+    pub fn new(rank: usize, size: usize, reduce: Box<dyn TpReduce<B>>) -> Self {
+        TpGroup { rank, size, inner: Mutex::new((reduce, HashMap::new())) }
+    }
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Ranks in the group.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    /// Sums `v` over the group, in place.
+    pub fn all_reduce(&self, dev: &B, v: &mut B::Mut<'_, f32>) -> Result<()> {
+        let len = v.view_len();
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (reduce, staging) = &mut *guard;
+        if !staging.contains_key(&len) {
+            staging.insert(len, dev.alloc(len)?);
+        }
+        let buf = staging.get_mut(&len).unwrap();
+        dev.copy(&B::reborrow(v), &mut B::view_mut(buf))?;
+        reduce.all_reduce_sum(buf)?;
+        let r = dev.copy(&B::view(buf), v);
+        drop(guard);
+        r
+    }
 }
 
 /// One layer of a model, described without a device.
@@ -324,10 +469,36 @@ impl ModelInfo {
         self.params.iter().find(|p| p.name == name)
     }
 
+    /// An error unless every split parameter cuts evenly into `tp` parts, naming the first
+    /// that does not.
+    pub fn check_tp(&self, tp: usize) -> Result<()> {
+        for p in &self.params {
+            if let Some(s) = p.split {
+                let group = p.shape[s.dim] / s.groups;
+                if tp == 0 || group % tp != 0 {
+                    return Err(Error::Invalid(format!(
+                        "tp = {tp}: `{}` of shape {:?} has {group} {} along dimension {} to share among the tensor-parallel ranks, which {tp} does not divide: choose a tp that divides it",
+                        p.name,
+                        p.shape,
+                        if s.groups > 1 { "per group" } else { "values" },
+                        s.dim
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Where the parameters of layers `layers` sit in a stage's flat buffer: each parameter
     /// once, in order of first use, so that the parameters a layer uses first are contiguous
     /// (its bucket).
     pub fn stage_layout(&self, layers: Range<usize>) -> StageLayout {
+        self.stage_layout_tp(layers, 1, 0)
+    }
+
+    /// [`ModelInfo::stage_layout`] on rank `rank` of a tensor-parallel group of `tp`: each split
+    /// parameter holds the rank's part.
+    pub fn stage_layout_tp(&self, layers: Range<usize>, tp: usize, rank: usize) -> StageLayout {
         let mut params: Vec<usize> = Vec::new();
         let mut local = Vec::new();
         let mut buckets = Vec::new();
@@ -340,7 +511,7 @@ impl ModelInfo {
                 let at = match params.iter().position(|&q| q == p) {
                     Some(at) => at,
                     None => {
-                        let n = self.params[p].range.len();
+                        let n = self.params[p].local_len(tp);
                         params.push(p);
                         local.push(off..off + n);
                         off += n;
@@ -361,7 +532,7 @@ impl ModelInfo {
                 _ => no_decay.push(r),
             }
         }
-        StageLayout { layers, params, local, buckets, layer_params, no_decay, len: off }
+        StageLayout { layers, params, local, buckets, layer_params, no_decay, len: off, tp, tp_rank: rank }
     }
 }
 
@@ -383,6 +554,10 @@ pub struct StageLayout {
     pub no_decay: Vec<Range<usize>>,
     /// Floats in the stage's buffer.
     pub len: usize,
+    /// The tensor-parallel group's size, and the rank whose parts of split parameters it holds.
+    pub tp: usize,
+    /// See `tp`.
+    pub tp_rank: usize,
 }
 
 impl StageLayout {
@@ -390,14 +565,17 @@ impl StageLayout {
     pub fn gather(&self, info: &ModelInfo, full: &[f32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.len);
         for &p in &self.params {
-            out.extend_from_slice(&full[info.params[p].range.clone()]);
+            let info = &info.params[p];
+            out.extend_from_slice(&info.shard(&full[info.range.clone()], self.tp, self.tp_rank));
         }
         out
     }
-    /// Writes this stage's buffer `part` into the model's flat vector `full`.
+    /// Writes this stage's buffer `part` into the model's flat vector `full` (its rank's parts
+    /// of split parameters).
     pub fn scatter(&self, info: &ModelInfo, part: &[f32], full: &mut [f32]) {
         for (k, &p) in self.params.iter().enumerate() {
-            full[info.params[p].range.clone()].copy_from_slice(&part[self.local[k].clone()]);
+            let info = &info.params[p];
+            info.unshard(&part[self.local[k].clone()], self.tp, self.tp_rank, &mut full[info.range.clone()]);
         }
     }
 }
@@ -499,12 +677,21 @@ impl<B: Backend> Model<B> {
                     Some(_) => return Err(bad(format!("layer {i} declares parameter `{}` twice", spec.name))),
                     None => {
                         let n = spec.len();
+                        if let Some(s) = spec.split {
+                            if s.dim >= spec.shape.len() || s.groups == 0 || spec.shape[s.dim] % s.groups != 0 {
+                                return Err(bad(format!(
+                                    "parameter `{name}` of shape {:?} cannot be split along dimension {} in {} groups",
+                                    spec.shape, s.dim, s.groups
+                                )));
+                            }
+                        }
                         params.push(ParamInfo {
                             name,
                             shape: spec.shape,
                             range: off..off + n,
                             layers: vec![i],
                             decay: spec.decay,
+                            split: spec.split,
                         });
                         off = off.checked_add(n).ok_or_else(|| bad("more parameters than an address holds".into()))?;
                         mine.push(params.len() - 1);

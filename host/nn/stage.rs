@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, ViewLen};
 use crate::error::{Error, Result};
-use crate::nn::{Ctx, Layer, Model, ModelInfo, Saved, StageLayout, Work};
+use crate::nn::{Ctx, Layer, Model, ModelInfo, Saved, StageLayout, TpGroup, Work};
 use crate::ops::Ops;
 
 /// Called by [`Stage::backward`] with a local layer index and the gradient buffer as soon as
@@ -55,20 +55,36 @@ pub struct Stage<B: Ops> {
     /// The cross-entropy's scratch when its loss stays on the device: per-row losses (as many
     /// as the largest microbatch's labels) and the bad-label flag.
     xent_ws: Option<(B::Buf<f32>, B::Buf<i32>)>,
+    /// The tensor-parallel group its layers run in, if any.
+    tp: Option<TpGroup<B>>,
 }
 
 impl<B: Ops> Stage<B> {
     /// Layers `layers` of `model`, holding `params` (the stage's buffer, in the order of
     /// [`ModelInfo::stage_layout`]; [`StageLayout::gather`] makes it from the model's flat vector).
     pub fn new(dev: &B, model: &Model<B>, layers: Range<usize>, params: &[f32]) -> Result<Self> {
+        Self::with_tp(dev, model, layers, params, None)
+    }
+
+    /// [`Stage::new`] on one rank of a tensor-parallel group: `params` holds the rank's parts
+    /// of the split parameters ([`ModelInfo::stage_layout_tp`]), and its layers sum over `tp`.
+    pub fn with_tp(
+        dev: &B,
+        model: &Model<B>,
+        layers: Range<usize>,
+        params: &[f32],
+        tp: Option<TpGroup<B>>,
+    ) -> Result<Self> {
         let info = model.info()?;
+        let (rank, size) = tp.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        info.check_tp(size)?;
         if layers.is_empty() || layers.end > info.depth() {
             return Err(Error::Invalid(format!(
                 "stage layers {layers:?} are not inside the model's {} layers",
                 info.depth()
             )));
         }
-        let layout = info.stage_layout(layers.clone());
+        let layout = info.stage_layout_tp(layers.clone(), size, rank);
         if params.len() != layout.len {
             return Err(Error::shape(
                 "Stage::new",
@@ -92,7 +108,13 @@ impl<B: Ops> Stage<B> {
             dx_at: 0,
             scratch: Vec::new(),
             xent_ws: None,
+            tp,
         })
+    }
+
+    /// The tensor-parallel group its layers run in, if any.
+    pub fn tp_group(&self) -> Option<&TpGroup<B>> {
+        self.tp.as_ref()
     }
 
     /// The model it is part of.
@@ -232,18 +254,24 @@ impl<B: Ops> Stage<B> {
         dev.write(&mut B::view_mut(&mut acts.labels), labels)
     }
 
-    fn ctx<'a>(dev: &'a B, rows: usize, params: &'a B::Buf<f32>, ranges: &'a [Range<usize>]) -> Ctx<'a, B> {
-        Ctx { dev, rows, params: B::view(params), ranges }
+    fn ctx<'a>(
+        dev: &'a B,
+        rows: usize,
+        params: &'a B::Buf<f32>,
+        ranges: &'a [Range<usize>],
+        tp: Option<&'a TpGroup<B>>,
+    ) -> Ctx<'a, B> {
+        Ctx { dev, rows, params: B::view(params), ranges, tp }
     }
 
     /// Forward of microbatch `mb`, whose input is loaded.
     pub fn forward(&mut self, dev: &B, mb: usize) -> Result<()> {
-        let Stage { slots, layers, layout, ranges, params, .. } = self;
+        let Stage { slots, layers, layout, ranges, params, tp, .. } = self;
         let acts =
             slots.get_mut(&mb).ok_or_else(|| Error::Invalid(format!("forward of microbatch {mb} before its input")))?;
         let rows = acts.rows;
         for (i, layer) in layers.iter().enumerate() {
-            let cx = Self::ctx(dev, rows, params, &ranges[i]);
+            let cx = Self::ctx(dev, rows, params, &ranges[i], tp.as_ref());
             let (before, rest) = acts.outs.split_at_mut(i);
             let input = if i == 0 { B::view(&acts.x) } else { B::view(&before[i - 1]) };
             layer
@@ -351,7 +379,7 @@ impl<B: Ops> Stage<B> {
             };
             self.xent_ws = Some((dev.alloc(rows * lps)?, err));
         }
-        let Stage { slots, layers, layout, ranges, params, grads, live, g, scratch, dx_at, xent_ws, .. } = self;
+        let Stage { slots, layers, layout, ranges, params, grads, live, g, scratch, dx_at, xent_ws, tp, .. } = self;
         let acts = &slots[&mb];
         let out_w = layers.last().unwrap().outputs();
         let mut loss = None;
@@ -403,7 +431,7 @@ impl<B: Ops> Stage<B> {
         }
         for i in (0..layers.len()).rev() {
             let layer = &layers[i];
-            let cx = Self::ctx(dev, rows, params, &ranges[i]);
+            let cx = Self::ctx(dev, rows, params, &ranges[i], tp.as_ref());
             let input = if i == 0 { B::view(&acts.x) } else { B::view(&acts.outs[i - 1]) };
             let want_dx = i > 0 || !is_first;
             let to = match cur {

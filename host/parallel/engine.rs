@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::nn::{Model, ModelInfo, Stage, StageLayout};
+use crate::nn::{Model, ModelInfo, Stage, StageLayout, TpGroup, TpReduce};
 use crate::ops::Ops;
 use crate::parallel::comm::{chunks, Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
@@ -107,28 +107,31 @@ impl Shard {
     }
 }
 
-/// The shard of replica `r` of stage `s`, if the plan shards the optimizer state.
-pub(crate) fn shard_of(
-    info: &ModelInfo,
-    plan: &Plan,
-    tied: &[Tied],
-    reduce: bool,
-    r: usize,
-    s: usize,
-) -> Option<Shard> {
-    (plan.zero >= 1 && reduce).then(|| Shard::new(&info.stage_layout(plan.stages[s].clone()), tied, plan.mesh.dp, r))
+/// The shard of replica `r` of a stage laid out as `layout`, if the plan shards the optimizer
+/// state.
+pub(crate) fn shard_of(layout: &StageLayout, plan: &Plan, tied: &[Tied], reduce: bool, r: usize) -> Option<Shard> {
+    (plan.zero >= 1 && reduce).then(|| Shard::new(layout, tied, plan.mesh.dp, r))
 }
 
-/// The optimizer state buffers of a worker: zeros, or its part of the flat vectors `state`.
+/// A tensor-parallel group's sum through a communicator.
+pub(crate) struct TpComm<B: Backend>(pub(crate) Box<dyn Communicator<B>>);
+
+impl<B: Backend> TpReduce<B> for TpComm<B> {
+    fn all_reduce_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()> {
+        self.0.all_reduce_sum(buf)
+    }
+}
+
+/// The optimizer state buffers of a worker whose stage is laid out as `layout`: zeros, or its
+/// part of the flat vectors `state`.
 pub(crate) fn upload_state<B: Ops>(
     dev: &B,
     info: &ModelInfo,
-    layers: Range<usize>,
+    layout: &StageLayout,
     shard: Option<&Shard>,
     slots: usize,
     state: Option<&[Vec<f32>]>,
 ) -> Result<Vec<B::Buf<f32>>> {
-    let layout = info.stage_layout(layers);
     let len = shard.map_or(layout.len, |s| s.state_len);
     match state {
         Some(v) => v
@@ -150,6 +153,8 @@ pub(crate) struct Worker<B: Ops> {
     pub(crate) index: usize,
     /// Stages per replica.
     pub(crate) pp: usize,
+    /// Tensor-parallel devices per stage.
+    pub(crate) tp: usize,
     pub(crate) dev: B,
     pub(crate) stage: Stage<B>,
     /// Shared parameters held by other stages too: their gradients are summed across stages.
@@ -506,30 +511,43 @@ impl<B: LocalGroup> Engine<B> {
         let mesh = plan.mesh;
         if devices.len() != mesh.devices() {
             return Err(Error::Invalid(format!(
-                "the plan dp={} x pp={} needs {} devices, {} given (e.g. --device cpu:{})",
-                mesh.dp,
-                mesh.pp,
+                "the plan {} needs {} devices, {} given (e.g. --device cpu:{})",
+                plan.describe().split(',').next().unwrap_or_default(),
                 mesh.devices(),
                 devices.len(),
                 mesh.devices()
             )));
+        }
+        // The tensor-parallel groups: a stage's tp devices of one replica, summing on the
+        // devices' own queues (their layers wait for the sums).
+        let mut tp_groups: Vec<Option<TpGroup<B>>> = (0..devices.len()).map(|_| None).collect();
+        if mesh.tp > 1 {
+            for r in 0..mesh.dp {
+                for s in 0..mesh.pp {
+                    let devs: Vec<B> = (0..mesh.tp).map(|k| devices[mesh.index(r, s, k)].clone()).collect();
+                    for (k, c) in B::local_group(&devs, plan.comm_timeout).into_iter().enumerate() {
+                        tp_groups[mesh.index(r, s, k)] = Some(TpGroup::new(k, mesh.tp, Box::new(TpComm(c))));
+                    }
+                }
+            }
         }
         let reduce = mesh.dp > 1 || make.is_some();
         let buckets: Vec<usize> = plan.stages.iter().map(|r| if reduce { r.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
         let mut workers = Vec::with_capacity(devices.len());
-        for (i, dev) in devices.iter().enumerate() {
-            let s = i % mesh.pp;
+        for ((i, dev), tp_group) in devices.iter().enumerate().zip(tp_groups) {
+            let (r, s, k) = mesh.coords(i);
             let layers = plan.stages[s].clone();
-            let layout = info.stage_layout(layers.clone());
-            let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
+            let layout = info.stage_layout_tp(layers.clone(), mesh.tp, k);
+            let stage = Stage::with_tp(dev, model, layers.clone(), &layout.gather(&info, params), tp_group)?;
             let tied = tied_params(&info, &plan, s);
-            let shard = shard_of(&info, &plan, &tied, reduce, i / mesh.pp, s);
-            let st = upload_state(dev, &info, layers.clone(), shard.as_ref(), slots, state)?;
+            let shard = shard_of(&layout, &plan, &tied, reduce, r);
+            let st = upload_state(dev, &info, &layout, shard.as_ref(), slots, state)?;
             workers.push(Worker {
                 index: i,
                 pp: mesh.pp,
+                tp: mesh.tp,
                 dev: dev.clone(),
                 stage,
                 tied,
@@ -543,17 +561,23 @@ impl<B: LocalGroup> Engine<B> {
         if let Some(make) = make.as_mut() {
             for s in 0..mesh.pp {
                 for r in 0..mesh.dp {
-                    let i = mesh.device(r, s);
-                    workers[i].comm = Some(make(s, r, &devices[i])?);
+                    for k in 0..mesh.tp {
+                        let i = mesh.index(r, s, k);
+                        workers[i].comm = Some(make(s, r, &devices[i])?);
+                    }
                 }
             }
         } else if mesh.dp > 1 {
+            // A data-parallel group per stage and tensor-parallel rank: the replicas' devices
+            // holding the same parts.
             for s in 0..mesh.pp {
-                // Each communicator gets its own queue, so its additions overlap backward.
-                let devs: Vec<B> =
-                    (0..mesh.dp).map(|r| devices[mesh.device(r, s)].with_own_queue()).collect::<Result<_>>()?;
-                for (r, c) in B::local_group(&devs, plan.comm_timeout).into_iter().enumerate() {
-                    workers[mesh.device(r, s)].comm = Some(c);
+                for k in 0..mesh.tp {
+                    // Each communicator gets its own queue, so its additions overlap backward.
+                    let devs: Vec<B> =
+                        (0..mesh.dp).map(|r| devices[mesh.index(r, s, k)].with_own_queue()).collect::<Result<_>>()?;
+                    for (r, c) in B::local_group(&devs, plan.comm_timeout).into_iter().enumerate() {
+                        workers[mesh.index(r, s, k)].comm = Some(c);
+                    }
                 }
             }
         }
@@ -601,7 +625,8 @@ impl<B: LocalGroup> Engine<B> {
     /// where its streams meet the host (clipping's norm, shared parameters, an all-reduce
     /// through the host). A reading step's loss is the mean of the steps since the last read.
     pub fn step_reading(&mut self, x: &[f32], y: &[i32], read: bool) -> Result<StepStats> {
-        let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
+        let mesh = self.plan.mesh;
+        let (dp, pp, tp) = (mesh.dp, mesh.pp, mesh.tp);
         let mut prep = prepare_step(&self.info, &self.cfg, &self.plan, self.step, x, y)?;
         prep.loss_slot = self.unread;
         prep.read_loss = read || self.unread + 1 >= crate::train::LOSS_SLOTS;
@@ -609,10 +634,11 @@ impl<B: LocalGroup> Engine<B> {
         let lr = prep.lr;
         let t0 = Instant::now();
 
-        // Channels: activations forward and gradients backward along each replica's pipeline,
-        // and the norm exchange among a replica's stages.
-        let mut links: Vec<Links<B>> = Vec::with_capacity(dp * pp);
-        for _r in 0..dp {
+        // Channels: activations forward and gradients backward along each pipeline (a replica's
+        // stages on one tensor-parallel rank), and the norm exchange among its stages.
+        let mut chains: Vec<Vec<Links<B>>> = Vec::with_capacity(dp * tp);
+        for _chain in 0..dp * tp {
+            let mut links = Vec::with_capacity(pp);
             let mut norm_tx: Vec<Sender<Side>> = Vec::new();
             let mut norm_rx: Vec<Receiver<Side>> = Vec::new();
             for _ in 0..pp {
@@ -646,6 +672,14 @@ impl<B: LocalGroup> Engine<B> {
                     stash: Vec::new(),
                 });
             }
+            chains.push(links);
+        }
+        // In mesh order: device (r, s, k) takes stage s of chain (r, k).
+        let mut chains: Vec<std::vec::IntoIter<Links<B>>> = chains.into_iter().map(|c| c.into_iter()).collect();
+        let mut links: Vec<Links<B>> = Vec::with_capacity(dp * pp * tp);
+        for i in 0..mesh.devices() {
+            let (r, _, k) = mesh.coords(i);
+            links.push(chains[r * tp + k].next().expect("a link per stage"));
         }
 
         let (info, cfg, plan, schedule) = (&self.info, &self.cfg, &self.plan, &self.schedule);
@@ -662,8 +696,9 @@ impl<B: LocalGroup> Engine<B> {
                     .zip(links)
                     .enumerate()
                     .map(|(i, (w, mut l))| {
-                        let ctx = make_ctx(i / pp, i % pp);
-                        sc.spawn(move || run_worker(w, i % pp, &ctx, &mut l))
+                        let (r, s, _) = mesh.coords(i);
+                        let ctx = make_ctx(r, s);
+                        sc.spawn(move || run_worker(w, s, &ctx, &mut l))
                     })
                     .collect();
                 handles
@@ -679,11 +714,16 @@ impl<B: LocalGroup> Engine<B> {
         for (i, res) in results.into_iter().enumerate() {
             match res {
                 Ok(out) => {
-                    loss += out.loss;
+                    let (r, s, k) = mesh.coords(i);
+                    // A stage's tensor-parallel ranks compute the same loss: counted once.
+                    if k == 0 {
+                        loss += out.loss;
+                    }
                     if grad_norm.is_none() {
                         grad_norm = out.grad_norm;
                     }
-                    let name = format!("{} (replica {}, stage {})", self.workers[i].dev.name(), i / pp, i % pp);
+                    let rank = if tp > 1 { format!(", tp rank {k}") } else { String::new() };
+                    let name = format!("{} (replica {r}, stage {s}{rank})", self.workers[i].dev.name());
                     lanes.push(Lane { name, spans: out.spans, comm: out.comm_spans });
                 }
                 Err(e) => {
@@ -708,10 +748,12 @@ impl<B: LocalGroup> Engine<B> {
         Ok(StepStats { loss: loss / steps as f32, loss_steps: steps as u64, lr, grad_norm })
     }
 
-    /// Flat parameters (the order of [`ModelInfo::params`]), from replica 0.
+    /// Flat parameters (the order of [`ModelInfo::params`]), from replica 0 (split parameters
+    /// put together from its tensor-parallel ranks' parts).
     pub fn params(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.info.param_count()];
-        for w in &self.workers[..self.plan.mesh.pp] {
+        let m = self.plan.mesh;
+        for w in &self.workers[..m.pp * m.tp] {
             w.stage.layout().scatter(&self.info, &w.dev.download(&B::view(w.stage.params()))?, &mut out);
         }
         Ok(out)
@@ -722,12 +764,12 @@ impl<B: LocalGroup> Engine<B> {
     pub fn optimizer_state(&self) -> Result<Vec<Vec<f32>>> {
         let slots = self.cfg.optimizer.slots().len();
         let mut out = vec![vec![0f32; self.info.param_count()]; slots];
-        let pp = self.plan.mesh.pp;
-        for s in 0..pp {
-            let layout = self.workers[s].stage.layout();
+        let m = self.plan.mesh;
+        for i in 0..m.pp * m.tp {
+            let layout = self.workers[i].stage.layout();
             for k in 0..slots {
                 let mut stage_vec = vec![0f32; layout.len];
-                for w in self.workers.iter().skip(s).step_by(pp) {
+                for w in self.workers.iter().skip(i).step_by(m.pp * m.tp) {
                     let got = w.dev.download(&B::view(&w.state[k]))?;
                     match &w.shard {
                         Some(sh) => sh.scatter(&got, &mut stage_vec),
@@ -750,7 +792,7 @@ impl<B: LocalGroup> Engine<B> {
         let pp = self.plan.mesh.pp;
         for w in &self.workers {
             for t in &w.tied {
-                let first = &self.workers[w.stage_index_base() + t.holders[0]];
+                let first = &self.workers[w.holder_index(t.holders[0])];
                 let slot_of = |x: &Worker<B>| x.stage.layout().params.iter().position(|&p| p == t.param).unwrap();
                 let mine = w.stage.layout().local[t.slot].clone();
                 let theirs = first.stage.layout().local[slot_of(first)].clone();
@@ -761,12 +803,13 @@ impl<B: LocalGroup> Engine<B> {
                 }
             }
         }
-        for s in 0..pp {
+        let per_replica = pp * self.plan.mesh.tp;
+        for s in 0..per_replica {
             let w0 = &self.workers[s];
             let p0 = w0.dev.download(&B::view(w0.stage.params()))?;
             let s0: Vec<Vec<f32>> = w0.state.iter().map(|b| w0.dev.download(&B::view(b))).collect::<Result<_>>()?;
             for r in 1..self.plan.mesh.dp {
-                let w = &self.workers[r * pp + s];
+                let w = &self.workers[r * per_replica + s];
                 let p = w.dev.download(&B::view(w.stage.params()))?;
                 if p.iter().zip(&p0).any(|(a, b)| a.to_bits() != b.to_bits()) {
                     return Ok(false);
@@ -784,7 +827,7 @@ impl<B: LocalGroup> Engine<B> {
 
     /// Loss and accuracy over `data` in batches of `batch`, through replica 0's pipeline.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
-        let pp = self.plan.mesh.pp;
+        let (pp, tp) = (self.plan.mesh.pp, self.plan.mesh.tp);
         let classes = self.info.classes;
         const MB: usize = usize::MAX - 1;
         let mut loss = 0f64;
@@ -794,27 +837,44 @@ impl<B: LocalGroup> Engine<B> {
             let (x, y) = data.gather(chunk);
             let rows = chunk.len();
             for s in 0..pp {
-                let (before, rest) = self.workers.split_at_mut(s);
-                let w = &mut rest[0];
-                if s == 0 {
-                    w.stage.load(&w.dev, MB, &x, &y)?;
-                } else {
-                    let prev = &before[s - 1];
-                    let out = prev.stage.output(MB)?;
-                    prev.dev.synchronize()?;
-                    let input = w.stage.input_mut(&w.dev, MB, rows)?;
-                    w.dev.copy(&B::view(out), &mut B::view_mut(input))?;
-                    if s + 1 == pp {
-                        w.stage.load_labels(&w.dev, MB, &y)?;
+                // Replica 0's stage s on each tensor-parallel rank k is device s * tp + k.
+                for k in 0..tp {
+                    let i = s * tp + k;
+                    let (before, rest) = self.workers.split_at_mut(i);
+                    let w = &mut rest[0];
+                    if s == 0 {
+                        w.stage.load(&w.dev, MB, &x, &y)?;
+                    } else {
+                        let prev = &before[i - tp];
+                        let out = prev.stage.output(MB)?;
+                        prev.dev.synchronize()?;
+                        let input = w.stage.input_mut(&w.dev, MB, rows)?;
+                        w.dev.copy(&B::view(out), &mut B::view_mut(input))?;
+                        if s + 1 == pp {
+                            w.stage.load_labels(&w.dev, MB, &y)?;
+                        }
                     }
                 }
-                w.stage.forward(&w.dev, MB)?;
+                let ws = &mut self.workers[s * tp..(s + 1) * tp];
+                if tp == 1 {
+                    ws[0].stage.forward(&ws[0].dev, MB)?;
+                } else {
+                    // The ranks' forwards meet in their group's sums: one thread each.
+                    std::thread::scope(|sc| {
+                        let hs: Vec<_> = ws.iter_mut().map(|w| sc.spawn(move || w.stage.forward(&w.dev, MB))).collect();
+                        hs.into_iter()
+                            .map(|h| {
+                                h.join().unwrap_or_else(|_| Err(Error::Parallel("a device thread panicked".into())))
+                            })
+                            .collect::<Result<Vec<()>>>()
+                    })?;
+                }
             }
-            let last = &self.workers[pp - 1];
+            let last = &self.workers[(pp - 1) * tp];
             loss += last.stage.loss(&last.dev, MB)? as f64 * rows as f64;
             let logits = last.dev.download(&B::view(last.stage.output(MB)?))?;
             correct += count_correct(&logits, &y, classes);
-            for w in &mut self.workers[..pp] {
+            for w in &mut self.workers[..pp * tp] {
                 w.stage.release(MB);
             }
         }
@@ -823,9 +883,10 @@ impl<B: LocalGroup> Engine<B> {
 }
 
 impl<B: Ops> Worker<B> {
-    /// The mesh index of stage 0 of its replica.
-    fn stage_index_base(&self) -> usize {
-        self.index - self.index % self.pp
+    /// The mesh index of stage `s` of its replica, on its tensor-parallel rank.
+    fn holder_index(&self, s: usize) -> usize {
+        let (r, k) = (self.index / (self.pp * self.tp), self.index % self.tp);
+        (r * self.pp + s) * self.tp + k
     }
 }
 
@@ -1116,33 +1177,63 @@ fn worker_actions<B: Ops>(
                     }
                     let ostart = now();
                     let (grad_norm, scale) = match ctx.cfg.clip_norm {
-                        Some(max) if shard.is_some() => {
-                            let sh = shard.as_ref().unwrap();
-                            // The replicas' parts of the split buckets (each replica's own),
-                            // exchanged exactly: slot r of a zeroed vector, summed over replicas.
+                        Some(max) if shard.is_some() || w.tp > 1 => {
+                            // Each gradient counted once: a part of a ZeRO-split bucket by the
+                            // replica that owns it, a part of a tensor-split parameter by its
+                            // rank; the rest, the same on every replica and rank, by each
+                            // replica alike and on tensor-parallel rank 0 alone.
+                            let layout = w.stage.layout().clone();
+                            let k = w.index % w.tp;
                             let (mut mine, mut whole) = (0f64, 0f64);
-                            for (r, split) in sh.owned.iter().filter(|(r, _)| !r.is_empty()) {
-                                let v = dev.sum(&B::view_range(w.stage.grads(), r.clone()), true)? as f64;
-                                if *split {
-                                    mine += v;
-                                } else {
-                                    whole += v;
+                            for (j, &p) in layout.params.iter().enumerate() {
+                                if w.tied.iter().any(|t| t.slot == j && t.holders[0] != s) {
+                                    continue;
+                                }
+                                let tp_split = w.tp > 1 && w.stage.info().params[p].split.is_some();
+                                if !tp_split && k != 0 {
+                                    continue;
+                                }
+                                let r = layout.local[j].clone();
+                                let parts: Vec<(Range<usize>, bool)> = match &shard {
+                                    None => vec![(r, false)],
+                                    Some(sh) => sh
+                                        .owned
+                                        .iter()
+                                        .map(|(o, split)| (r.start.max(o.start)..r.end.min(o.end), *split))
+                                        .filter(|(x, _)| !x.is_empty())
+                                        .collect(),
+                                };
+                                for (x, split) in parts {
+                                    let v = dev.sum(&B::view_range(w.stage.grads(), x), true)? as f64;
+                                    if split {
+                                        mine += v;
+                                    } else {
+                                        whole += v;
+                                    }
                                 }
                             }
-                            for t in w.tied.iter().filter(|t| t.holders[0] != s) {
-                                let range = w.stage.layout().local[t.slot].clone();
-                                whole -= dev.sum(&B::view_range(w.stage.grads(), range), true)? as f64;
+                            let mut local = whole;
+                            if let Some(sh) = &shard {
+                                // The replicas' parts, exchanged exactly: slot r of a zeroed
+                                // vector, summed over the replicas.
+                                let mut slots = vec![0f32; sh.dp];
+                                slots[sh.replica] = mine as f32;
+                                let buf = dev.upload(&slots)?;
+                                jobs_tx
+                                    .send((NORM_JOB, Coll::AllReduce, buf, dev.record_event()?))
+                                    .map_err(|_| closed("all-reduce thread"))?;
+                                let (_, buf, span) = done()?;
+                                comm_spans.push(span);
+                                local += dev.download(&B::view(&buf))?.iter().map(|&v| v as f64).sum::<f64>();
                             }
-                            let mut slots = vec![0f32; sh.dp];
-                            slots[sh.replica] = mine as f32;
-                            let buf = dev.upload(&slots)?;
-                            jobs_tx
-                                .send((NORM_JOB, Coll::AllReduce, buf, dev.record_event()?))
-                                .map_err(|_| closed("all-reduce thread"))?;
-                            let (_, buf, span) = done()?;
-                            comm_spans.push(span);
-                            let parts = dev.download(&B::view(&buf))?;
-                            let local = whole + parts.iter().map(|&v| v as f64).sum::<f64>();
+                            if let Some(g) = w.stage.tp_group().filter(|g| g.size() > 1) {
+                                // And the tensor-parallel ranks' parts, the same way.
+                                let mut slots = vec![0f32; g.size()];
+                                slots[g.rank()] = local as f32;
+                                let mut buf = dev.upload(&slots)?;
+                                g.all_reduce(&dev, &mut B::view_mut(&mut buf))?;
+                                local = dev.download(&B::view(&buf))?.iter().map(|&v| v as f64).sum::<f64>();
+                            }
                             let parts = links.norm_parts(s, local)?;
                             let norm = parts.iter().map(|p| p.1).sum::<f64>().sqrt() as f32;
                             (Some(norm), if norm > max { max / (norm + 1e-6) } else { 1.0 })

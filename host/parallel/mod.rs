@@ -21,24 +21,36 @@ use crate::error::{Error, Result};
 use crate::nn::ModelInfo;
 pub use schedule::ScheduleKind;
 
-/// The shape of the device grid: `dp` replicas of a `pp`-stage pipeline. Device `r * pp + s`
-/// of the list runs stage `s` of replica `r`.
+/// The shape of the device grid: `dp` replicas of a `pp`-stage pipeline, each stage spread
+/// over `tp` devices (tensor parallelism). Device `(r * pp + s) * tp + k` of the list runs
+/// tensor-parallel rank `k` of stage `s` of replica `r`: tp is innermost, so that a stage's
+/// devices are neighbours (on a machine with several GPUs, the ones with the fastest links).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mesh {
     /// Data-parallel replicas.
     pub dp: usize,
     /// Pipeline stages per replica.
     pub pp: usize,
+    /// Tensor-parallel devices per stage.
+    pub tp: usize,
 }
 
 impl Mesh {
     /// Devices the mesh needs.
     pub fn devices(&self) -> usize {
-        self.dp * self.pp
+        self.dp * self.pp * self.tp
     }
-    /// The device index of stage `s` of replica `r`.
+    /// The device index of tensor-parallel rank 0 of stage `s` of replica `r`.
     pub fn device(&self, r: usize, s: usize) -> usize {
-        r * self.pp + s
+        self.index(r, s, 0)
+    }
+    /// The device index of tensor-parallel rank `k` of stage `s` of replica `r`.
+    pub fn index(&self, r: usize, s: usize, k: usize) -> usize {
+        (r * self.pp + s) * self.tp + k
+    }
+    /// `(replica, stage, tensor-parallel rank)` of device `i`.
+    pub fn coords(&self, i: usize) -> (usize, usize, usize) {
+        (i / (self.pp * self.tp), (i / self.tp) % self.pp, i % self.tp)
     }
 }
 
@@ -93,7 +105,7 @@ impl Plan {
             )));
         }
         Ok(Plan {
-            mesh: Mesh { dp, pp },
+            mesh: Mesh { dp, pp, tp: 1 },
             stages: balance(model, pp),
             microbatches,
             schedule,
@@ -129,7 +141,7 @@ impl Plan {
         Ok(self)
     }
 
-    /// The plan as integers, to send between processes: a format tag, dp, pp, microbatches,
+    /// The plan as integers, to send between processes: a format tag, dp, pp, tp, microbatches,
     /// accumulation passes, the ZeRO stage, the schedule (0 GPipe, 1 1F1B), the number of stages, then each
     /// stage's end layer. The timeout is each process's own and is not encoded.
     pub fn encode(&self) -> Vec<u64> {
@@ -137,6 +149,7 @@ impl Plan {
             PLAN_FORMAT,
             self.mesh.dp as u64,
             self.mesh.pp as u64,
+            self.mesh.tp as u64,
             self.microbatches as u64,
             self.accumulate as u64,
             self.zero as u64,
@@ -155,32 +168,32 @@ impl Plan {
     /// stages that are not contiguous, non-empty and in order.
     pub fn decode(v: &[u64]) -> Result<Plan> {
         let bad = |why: String| Error::Parallel(format!("a plan received from another rank is not valid: {why}"));
-        if v.len() < 8 || v[0] != PLAN_FORMAT {
+        if v.len() < 9 || v[0] != PLAN_FORMAT {
             return Err(bad(format!("format {:?} (expected {PLAN_FORMAT}) in {} numbers", v.first(), v.len())));
         }
         let n = |x: u64| usize::try_from(x).map_err(|_| bad(format!("{x} does not fit this machine")));
-        let (dp, pp, microbatches, accumulate) = (n(v[1])?, n(v[2])?, n(v[3])?, n(v[4])?);
-        if dp == 0 || pp == 0 || microbatches == 0 || accumulate == 0 {
+        let (dp, pp, tp, microbatches, accumulate) = (n(v[1])?, n(v[2])?, n(v[3])?, n(v[4])?, n(v[5])?);
+        if dp == 0 || pp == 0 || tp == 0 || microbatches == 0 || accumulate == 0 {
             return Err(bad(format!(
-                "dp {dp}, pp {pp}, microbatches {microbatches}, passes {accumulate}: none may be 0"
+                "dp {dp}, pp {pp}, tp {tp}, microbatches {microbatches}, passes {accumulate}: none may be 0"
             )));
         }
-        let zero = n(v[5])?;
+        let zero = n(v[6])?;
         if zero > 1 {
             return Err(bad(format!("ZeRO stage {zero} (0 or 1)")));
         }
-        let schedule = match v[6] {
+        let schedule = match v[7] {
             0 => ScheduleKind::GPipe,
             1 => ScheduleKind::OneFOneB,
             s => return Err(bad(format!("unknown schedule code {s}"))),
         };
-        let stages = n(v[7])?;
-        if stages != pp || v.len() != 8 + stages {
+        let stages = n(v[8])?;
+        if stages != pp || v.len() != 9 + stages {
             return Err(bad(format!("{stages} stages for pp {pp} in {} numbers", v.len())));
         }
         let mut start = 0;
         let mut ranges = Vec::with_capacity(stages);
-        for &end in &v[8..] {
+        for &end in &v[9..] {
             let end = n(end)?;
             if end <= start {
                 return Err(bad(format!("stage ending at layer {end} after one ending at {start}")));
@@ -189,7 +202,7 @@ impl Plan {
             start = end;
         }
         Ok(Plan {
-            mesh: Mesh { dp, pp },
+            mesh: Mesh { dp, pp, tp },
             stages: ranges,
             microbatches,
             schedule,
@@ -205,6 +218,16 @@ impl Plan {
             return Err(Error::Invalid("the communication timeout must be positive".into()));
         }
         self.comm_timeout = timeout;
+        Ok(self)
+    }
+
+    /// Sets the tensor-parallel devices per stage (every split parameter of the model must
+    /// cut evenly into `tp` parts: checked against the model by [`Plan::validate`]).
+    pub fn with_tp(mut self, tp: usize) -> Result<Self> {
+        if tp == 0 {
+            return Err(Error::Invalid("tp must be at least 1".into()));
+        }
+        self.mesh.tp = tp;
         Ok(self)
     }
 
@@ -240,6 +263,7 @@ impl Plan {
             }
             next = r.end;
         }
+        model.check_tp(self.mesh.tp)?;
         if next != model.depth() || self.stages.len() != self.mesh.pp {
             return Err(Error::Invalid(format!(
                 "the stages cover layers 0..{next} in {} stages; the model has {} layers and the mesh {} stages",
@@ -256,8 +280,9 @@ impl Plan {
         let acc =
             if self.accumulate > 1 { format!(", {} accumulation passes", self.accumulate) } else { String::new() };
         let acc = if self.zero > 0 { format!("{acc}, zero {}", self.zero) } else { acc };
+        let tp = if self.mesh.tp > 1 { format!(" x tp={}", self.mesh.tp) } else { String::new() };
         format!(
-            "dp={} x pp={}, {} microbatch{}, {}{acc}, stages {:?}",
+            "dp={} x pp={}{tp}, {} microbatch{}, {}{acc}, stages {:?}",
             self.mesh.dp,
             self.mesh.pp,
             self.microbatches,

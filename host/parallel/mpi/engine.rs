@@ -189,6 +189,12 @@ impl<B: Ops> DistEngine<B> {
         let info = model.info()?;
         plan.validate(&info)?;
         let mesh = plan.mesh;
+        if mesh.tp > 1 {
+            return Err(Error::Invalid(format!(
+                "--tp {} across processes: tensor parallelism runs within one process for now (--device cpu:N, sim:N or cuda:KxN); under mpirun use --dp and --pp",
+                mesh.tp
+            )));
+        }
         if mesh.devices() != world.size {
             return Err(Error::Invalid(format!(
                 "--dp {} x --pp {} needs {} ranks, but the job has {} (mpirun -np {})",
@@ -219,8 +225,8 @@ impl<B: Ops> DistEngine<B> {
         schedule.check()?;
         let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
         let tied = tied_params(&info, &plan, s);
-        let shard = shard_of(&info, &plan, &tied, reduce, r, s);
-        let st = upload_state(dev, &info, layers.clone(), shard.as_ref(), slots, state)?;
+        let shard = shard_of(&layout, &plan, &tied, reduce, r);
+        let st = upload_state(dev, &info, &layout, shard.as_ref(), slots, state)?;
         // Collective calls, in the same order on every rank.
         let pipe = Arc::new(world.dup());
         let ctrl = world.dup();
@@ -239,6 +245,7 @@ impl<B: Ops> DistEngine<B> {
         let worker = Worker {
             index: world.rank,
             pp: mesh.pp,
+            tp: 1,
             dev: dev.clone(),
             stage,
             tied,
