@@ -43,7 +43,12 @@ impl<B: Ops> Layer<B> for Residual {
     }
     fn cost(&self) -> LayerCost {
         let n = self.width;
-        LayerCost { flops_per_sample: 6.0 * (n * n) as f64, saved_floats_per_sample: n, scratch_floats_per_sample: n }
+        LayerCost {
+            flops_per_sample: 6.0 * (n * n) as f64,
+            saved_floats_per_sample: n,
+            scratch_floats_per_sample: n,
+            ..LayerCost::default()
+        }
     }
     fn forward(
         &self,

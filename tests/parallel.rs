@@ -627,3 +627,18 @@ fn tensor_parallel_ranks_hold_their_parts() {
     assert_eq!(held[0], 16 * n);
     assert!(held[1] * 10 < held[0] * 3, "tp=4 holds {} of one device's {} bytes", held[1], held[0]);
 }
+
+/// `tessera plan` with --tp shows each stage's ranks and the sums inside its layers; without
+/// flags, on a layer too big for one device, the planner splits it and says why.
+#[test]
+fn cli_plan_shows_tensor_parallel_ranks_and_explains_a_tp_choice() {
+    let (ok, out, err) =
+        tessera(&["plan", "--device", "cpu:8", "--dp", "2", "--pp", "2", "--tp", "2", "--gflops", "50"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("replica 1: [cpu:4 cpu:5] -> [cpu:6 cpu:7]"), "{out}");
+    assert!(out.contains("tensor-parallel sums inside the layers") && out.contains("stage 0: layer 0"), "{out}");
+    let big = ["plan", "--device", "cpu:4", "--widths", "784,8192,8192,10", "--batch", "64", "--memory", "700MiB"];
+    let (ok, out, err) = tessera(&[&big[..], &["--gflops", "50"]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("x tp=") && out.contains("no plan of whole layers fits"), "{out}");
+}

@@ -1045,3 +1045,41 @@ fn gpt_tensor_parallel_grid_matches_one_device() {
     let err = Engine::new(&cpus[..3], &model, sgd_config(0.2, 11), plan).err().unwrap().to_string();
     assert!(err.contains("tp = 3"), "{err}");
 }
+
+/// The mesh on the command line: `--device cpu:8 --dp 2 --pp 2 --tp 2 --zero 1` trains
+/// the GPT to one device's losses; meshes the model cannot split are refused in plain words.
+#[test]
+fn cli_gpt_on_a_dp_pp_tp_zero_mesh_trains_like_one_device() {
+    let base = ["train", "--model", "gpt", "--steps", "6", "--json", "--val-windows", "20", "--eval-every", "3"];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let (ok, out, err) = tessera(&a);
+        assert!(ok, "{extra:?}: {err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let one = run(&["--device", "cpu"]);
+    let mesh = run(&["--device", "cpu:8", "--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1"]);
+    assert_eq!(mesh["plan"], "dp=2 x pp=2 x tp=2, 4 microbatches, 1f1b, zero 1, stages [0..3, 3..6]");
+    for key in ["final_train_loss", "val_loss"] {
+        let (a, b) = (one[key].as_f64().unwrap(), mesh[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{key}: one device {a}, mesh {b}");
+    }
+    let curve = |v: &serde_json::Value| -> Vec<f64> {
+        v["val_losses"].as_array().unwrap().iter().map(|p| p["val_loss"].as_f64().unwrap()).collect()
+    };
+    let (a, b) = (curve(&one), curve(&mesh));
+    assert_eq!(a.len(), 2);
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * x), "{a:?} against {b:?}");
+    for (args, want) in [
+        (&["--device", "cpu:8", "--tp", "8"][..], "does not divide block 0's 4 heads"),
+        (&["--device", "cpu:3", "--tp", "3"][..], "which 3 does not divide"),
+        (&["--device", "cpu:4", "--dp", "1", "--tp", "2"][..], "--dp 1 x --pp 1 x --tp 2 needs 2 devices"),
+        (&["--device", "cpu:4", "--tp", "0"][..], "at least 1"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(args);
+        let (ok, _, err) = tessera(&a);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}

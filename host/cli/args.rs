@@ -287,6 +287,11 @@ pub(crate) struct MeshArgs {
     /// Pipeline stages per replica [default: 1].
     #[arg(long, value_parser = at_least_one)]
     pub(crate) pp: Option<usize>,
+    /// Tensor-parallel devices per stage: each layer's matrices split over them (the MLP's
+    /// hidden layers in column/row pairs; the GPT's attention by heads, its MLP by columns)
+    /// [default: 1].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) tp: Option<usize>,
     /// Microbatches per replica per step [default: 1, or pp x 2 when pp > 1].
     #[arg(long, value_parser = at_least_one)]
     pub(crate) microbatches: Option<usize>,

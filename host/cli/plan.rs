@@ -44,24 +44,29 @@ pub(crate) fn make_plan<B: Ops>(
         )));
     }
     let kind = m.schedule;
-    let manual = m.dp.is_some() || m.pp.is_some() || m.microbatches.is_some() || m.plan == PlanMode::Manual || n == 1;
+    let manual = m.dp.is_some()
+        || m.pp.is_some()
+        || m.tp.is_some()
+        || m.microbatches.is_some()
+        || m.plan == PlanMode::Manual
+        || n == 1;
     let mut plan = if manual {
-        let pp = m.pp.unwrap_or(1);
-        if pp == 0 || (m.dp.is_none() && n % pp != 0) {
-            return Err(Error::Invalid(format!("--pp {pp} does not divide the {n} devices opened")));
+        let (pp, tp) = (m.pp.unwrap_or(1), m.tp.unwrap_or(1));
+        if m.dp.is_none() && n % (pp * tp) != 0 {
+            let what = if tp > 1 { format!("--pp {pp} x --tp {tp}") } else { format!("--pp {pp}") };
+            return Err(Error::Invalid(format!("{what} does not divide the {n} devices opened")));
         }
-        let dp = m.dp.unwrap_or(n / pp);
-        if dp * pp != n {
+        let dp = m.dp.unwrap_or(n / (pp * tp));
+        if dp * pp * tp != n {
+            let tps = if tp > 1 { format!(" x --tp {tp}") } else { String::new() };
+            let need = dp * pp * tp;
             return Err(Error::Invalid(format!(
-                "--dp {dp} x --pp {pp} needs {} devices, but --device opened {n}: use --device cpu:{} (or cuda:0x{})",
-                dp * pp,
-                dp * pp,
-                dp * pp
+                "--dp {dp} x --pp {pp}{tps} needs {need} devices, but --device opened {n}: use --device cpu:{need} (or cuda:0x{need})"
             )));
         }
         let micro = m.microbatches.unwrap_or(if pp > 1 { 2 * pp } else { 1 });
         (
-            Plan::new(model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?,
+            Plan::new(model, dp, pp, micro, kind.unwrap_or(ScheduleKind::OneFOneB))?.with_tp(tp)?,
             "given by the flags".to_string(),
             None,
         )
@@ -139,14 +144,33 @@ pub(crate) fn print_plan<B: Ops>(
     let mesh = plan.mesh;
     outln!("model: {} ({} parameters), {}, batch {}", model.name, model.param_count(), cfg.optimizer.name(), a.batch);
     outln!("plan: {} ({why})", plan.describe());
-    outln!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
+    if mesh.tp > 1 {
+        outln!(
+            "mesh: {} replica(s) x {} stage(s) x {} tensor-parallel rank(s) over {} device(s) (a stage's ranks in brackets):",
+            mesh.dp,
+            mesh.pp,
+            mesh.tp,
+            mesh.devices()
+        );
+    } else {
+        outln!("mesh: {} replica(s) x {} stage(s) over {} device(s):", mesh.dp, mesh.pp, mesh.devices());
+    }
     for r in 0..mesh.dp {
-        let names: Vec<String> = (0..mesh.pp).map(|s| devs[mesh.device(r, s)].name()).collect();
+        let names: Vec<String> = (0..mesh.pp)
+            .map(|s| {
+                let ranks: Vec<String> = (0..mesh.tp).map(|k| devs[mesh.index(r, s, k)].name()).collect();
+                if mesh.tp > 1 {
+                    format!("[{}]", ranks.join(" "))
+                } else {
+                    ranks.join("")
+                }
+            })
+            .collect();
         outln!("  replica {r}: {}", names.join(" -> "));
     }
     outln!("stages:");
     for (s, layers) in plan.stages.iter().enumerate() {
-        let params = model.stage_layout(layers.clone()).len;
+        let params = model.stage_layout_tp(layers.clone(), mesh.tp, 0).len;
         let shapes: Vec<String> = model.layers[layers.clone()].iter().map(|l| l.kind.clone()).collect();
         let m = &est.memory[s];
         outln!(
@@ -175,6 +199,30 @@ pub(crate) fn print_plan<B: Ops>(
         budget.flops / 1e9,
         budget.link / 1e9
     );
+    if mesh.tp > 1 {
+        let rows = a.batch.div_ceil(mesh.dp).div_ceil(plan.microbatches * plan.accumulate).max(1);
+        outln!(
+            "tensor-parallel sums inside the layers (every rank of a stage makes the same ones, in layer order, in each F and B of a microbatch of {rows} samples; {:.2} ms a step on the busiest stage):",
+            est.tp_comm * 1e3
+        );
+        for (s, layers) in plan.stages.iter().enumerate() {
+            let sums: Vec<String> = model.layers[layers.clone()]
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.cost.tp_all_reduce_floats_per_sample > 0)
+                .map(|(i, l)| {
+                    format!(
+                        "layer {} {}",
+                        layers.start + i,
+                        human_bytes((4 * rows * l.cost.tp_all_reduce_floats_per_sample) as u64)
+                    )
+                })
+                .collect();
+            let list =
+                if sums.is_empty() { "none (its layers are whole on every rank)".to_string() } else { sums.join(", ") };
+            outln!("  stage {s}: {list}");
+        }
+    }
     if let Some(path) = &a.svg {
         let names: Vec<String> = (0..mesh.pp).map(|s| format!("stage {s} ({})", devs[s].name())).collect();
         let t = Timeline::from_schedule(&schedule, &vec![1.0; mesh.pp], &vec![2.0; mesh.pp], &names);

@@ -337,7 +337,13 @@ impl<B: Ops> Layer<B> for Block {
             flops_per_sample: 6.0 * 12.0 * c * c * t + 7.0 * t * t * c,
             saved_floats_per_sample: self.t * (13 * self.c + 4 + self.heads),
             scratch_floats_per_sample: self.t * (14 * self.c + self.heads),
+            // Split: the attention's and the MLP's outputs summed forward, the gradients
+            // reaching ln_2 and ln_1 summed backward.
+            tp_all_reduce_floats_per_sample: 4 * self.t * self.c,
         }
+    }
+    fn check_tp(&self, tp: usize) -> Result<()> {
+        self.local(tp).map(|_| ())
     }
 
     fn forward(
@@ -503,6 +509,7 @@ impl<B: Ops> Layer<B> for Head {
             flops_per_sample: 6.0 * (self.t * self.c * self.vocab) as f64,
             saved_floats_per_sample: self.t * (self.c + 2),
             scratch_floats_per_sample: self.t * self.c + 2 * self.c,
+            ..LayerCost::default()
         }
     }
     fn forward(

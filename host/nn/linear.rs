@@ -102,6 +102,13 @@ impl<B: Ops> Layer<B> for Linear {
             flops_per_sample: 6.0 * (self.inputs * self.outputs) as f64,
             saved_floats_per_sample: with_act * self.outputs,
             scratch_floats_per_sample: with_act * self.outputs,
+            // Split: a row-parallel layer sums its output forward, a column-parallel one its
+            // input gradient backward.
+            tp_all_reduce_floats_per_sample: match self.split {
+                LinearSplit::Whole => 0,
+                LinearSplit::Column => self.inputs,
+                LinearSplit::Row => self.outputs,
+            },
         }
     }
 

@@ -147,6 +147,9 @@ pub struct LayerCost {
     pub saved_floats_per_sample: usize,
     /// Floats of scratch per sample its backward uses (shared by the microbatches).
     pub scratch_floats_per_sample: usize,
+    /// Floats per sample it sums over its tensor-parallel group in a forward and backward
+    /// together ([`Ctx::tp_all_reduce`]), when split (0 for a layer that splits nothing).
+    pub tp_all_reduce_floats_per_sample: usize,
 }
 
 /// What a layer's forward and backward read: the device, the microbatch's rows and the
@@ -286,6 +289,13 @@ pub trait Layer<B: Backend>: Send + Sync + 'static {
     fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]);
     /// Its cost per sample.
     fn cost(&self) -> LayerCost;
+    /// An error unless the layer can split across a tensor-parallel group of `tp` (beyond its
+    /// split parameters cutting evenly, which the engine checks): e.g. attention needs `tp` to
+    /// divide its heads. Checked when a stage is made, before anything runs.
+    fn check_tp(&self, tp: usize) -> Result<()> {
+        let _ = tp;
+        Ok(())
+    }
     /// `y = f(x)` for `cx.rows` rows (`x`: `rows x inputs`, `y`: `rows x outputs`, whose old
     /// contents are undefined), keeping in `saved` what backward needs.
     fn forward(

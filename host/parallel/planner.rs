@@ -76,6 +76,9 @@ pub struct Estimate {
     pub transfer: f64,
     /// Gradient all-reduce, seconds (an upper bound: buckets overlap backward).
     pub all_reduce: f64,
+    /// Tensor-parallel all-reduces inside the layers on the busiest stage, seconds (part of
+    /// `pipeline`: the layers wait for them).
+    pub tp_comm: f64,
     /// The step, seconds.
     pub step: f64,
     /// GPipe's bubble `(p - 1) / (m + p - 1)` for this plan.
@@ -145,7 +148,10 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 /// Estimates memory and step time of `plan` for `model` trained as `cfg` says at global batch
 /// `batch`.
 pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan, budget: &Budget) -> Estimate {
-    let (dp, pp) = (plan.mesh.dp, plan.mesh.pp);
+    let (dp, pp, tp) = (plan.mesh.dp, plan.mesh.pp, plan.mesh.tp);
+    // A ring all-reduce sends 2 (n - 1) / n of the buffer from each rank.
+    let ring = |n: usize| if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 0.0 };
+    let mut tp_comm: f64 = 0.0;
     let mbs = plan.microbatches * plan.accumulate;
     let rows = batch.div_ceil(dp).div_ceil(mbs).max(1) as u64;
     let slots = cfg.optimizer.slots().len() as u64;
@@ -156,7 +162,7 @@ pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan,
     let mut fwd = Vec::with_capacity(pp);
     for (s, layers) in plan.stages.iter().enumerate() {
         let ls = &model.layers[layers.clone()];
-        let layout = model.stage_layout(layers.clone());
+        let layout = model.stage_layout_tp(layers.clone(), tp, 0);
         let params = layout.len as u64;
         // ZeRO 1: replica 0's shard (the largest: the parts of uneven buckets come first).
         let state = if plan.zero >= 1 && dp > 1 {
@@ -179,11 +185,18 @@ pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan,
                 per_row.saturating_mul(peak[s] as u64).saturating_add(widest.saturating_mul(2)).saturating_add(scratch),
             ),
         });
-        // Forward is a third of forward and backward.
-        let flops: f64 = ls.iter().map(|l| rows as f64 * l.cost.flops_per_sample / 3.0).sum();
-        fwd.push(flops / budget.flops + budget.overhead);
+        // Forward is a third of forward and backward; a layer that splits its parameters
+        // splits its work across the tensor-parallel ranks, and waits for its sums.
+        let split = |l: &crate::nn::LayerInfo| l.params.iter().any(|&p| model.params[p].split.is_some());
+        let share = |l: &crate::nn::LayerInfo| if split(l) { tp as f64 } else { 1.0 };
+        let flops: f64 = ls.iter().map(|l| rows as f64 * l.cost.flops_per_sample / 3.0 / share(l)).sum();
+        let sums: f64 = ls.iter().map(|l| rows as f64 * l.cost.tp_all_reduce_floats_per_sample as f64).sum();
+        let sum_time = if tp > 1 { 4.0 * sums * ring(tp) / budget.link } else { 0.0 };
+        tp_comm = tp_comm.max(sum_time * mbs as f64);
+        fwd.push((flops / budget.flops + budget.overhead, sum_time / 2.0));
     }
-    let bwd: Vec<f64> = fwd.iter().map(|f| 2.0 * (f - budget.overhead) + budget.overhead).collect();
+    let bwd: Vec<f64> = fwd.iter().map(|(f, c)| 2.0 * (f - budget.overhead) + budget.overhead + c).collect();
+    let fwd: Vec<f64> = fwd.iter().map(|(f, c)| f + c).collect();
     let pipeline = match &sched {
         Some(s) => s.simulate(&fwd, &bwd).1 * plan.accumulate as f64,
         None => f64::INFINITY,
@@ -191,13 +204,14 @@ pub fn estimate(model: &ModelInfo, cfg: &TrainConfig, batch: usize, plan: &Plan,
     let boundary = plan.stages.iter().skip(1).map(|r| model.layers[r.start].inputs).max().unwrap_or(0) as f64;
     let transfer = if pp > 1 { (mbs as f64) * 2.0 * rows as f64 * boundary * 4.0 / budget.link } else { 0.0 };
     let biggest = memory.iter().map(|m| m.weights).max().unwrap_or(0) as f64;
-    let all_reduce = if dp > 1 { 2.0 * (dp - 1) as f64 / dp as f64 * biggest / budget.link } else { 0.0 };
+    let all_reduce = ring(dp) * biggest / budget.link;
     Estimate {
         plan: plan.clone(),
         memory,
         pipeline,
         transfer,
         all_reduce,
+        tp_comm,
         step: pipeline + transfer + all_reduce,
         bubble: bubble_fraction(pp, plan.microbatches),
     }
@@ -248,18 +262,23 @@ pub fn choose(
         return Err(Error::Invalid("no devices to plan for".into()));
     }
     let mut candidates = Vec::new();
-    for pp in (1..=devices.min(model.depth())).filter(|p| devices % p == 0) {
-        let dp = devices / pp;
-        for m in [1usize, 2, 4, 8, 16, 32] {
-            if dp * m > batch || (pp == 1 && m > 1) {
-                continue;
-            }
-            let plan = Plan::new(model, dp, pp, m, kind)?;
-            candidates.push(estimate(model, cfg, batch, &plan, budget));
-            // ZeRO 1 moves the same bytes as the all-reduce: a candidate wherever there are
-            // replicas to shard the optimizer state across.
-            if dp > 1 && cfg.optimizer.slots().len() > 0 {
-                candidates.push(estimate(model, cfg, batch, &plan.with_zero(1)?, budget));
+    // Tensor parallelism where the model's split parameters cut evenly.
+    let tps: Vec<usize> = (1..=devices).filter(|t| devices % t == 0 && model.check_tp(*t).is_ok()).collect();
+    for &tp in &tps {
+        let rest = devices / tp;
+        for pp in (1..=rest.min(model.depth())).filter(|p| rest % p == 0) {
+            let dp = rest / pp;
+            for m in [1usize, 2, 4, 8, 16, 32] {
+                if dp * m > batch || (pp == 1 && m > 1) {
+                    continue;
+                }
+                let plan = Plan::new(model, dp, pp, m, kind)?.with_tp(tp)?;
+                candidates.push(estimate(model, cfg, batch, &plan, budget));
+                // ZeRO 1 moves the same bytes as the all-reduce: a candidate wherever there are
+                // replicas to shard the optimizer state across.
+                if dp > 1 && !cfg.optimizer.slots().is_empty() {
+                    candidates.push(estimate(model, cfg, batch, &plan.with_zero(1)?, budget));
+                }
             }
         }
     }
@@ -280,12 +299,21 @@ pub fn choose(
     }
     let replica = estimate(model, cfg, batch, &Plan::new(model, 1, 1, 1, kind)?, budget);
     let need_one = replica.memory[0].total();
-    let fits: Vec<&Estimate> =
+    let mut fits: Vec<&Estimate> =
         candidates.iter().filter(|e| e.memory.iter().all(|m| m.total() <= budget.memory)).collect();
-    // Ties go to fewer stages, then to the whole optimizer state (ZeRO's extra collectives cost
-    // latency the estimate does not see).
+    // Tensor parallelism is for what does not fit otherwise: its sums inside every layer wait
+    // on the slowest rank, a cost the estimate does not see.
+    if fits.iter().any(|e| e.plan.mesh.tp == 1) {
+        fits.retain(|e| e.plan.mesh.tp == 1);
+    }
+    // Ties go to fewer stages, fewer tensor-parallel ranks, then to the whole optimizer state
+    // (ZeRO's extra collectives cost latency the estimate does not see).
     let best = fits.iter().min_by(|a, b| {
-        a.step.total_cmp(&b.step).then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp)).then(a.plan.zero.cmp(&b.plan.zero))
+        a.step
+            .total_cmp(&b.step)
+            .then(a.plan.mesh.pp.cmp(&b.plan.mesh.pp))
+            .then(a.plan.mesh.tp.cmp(&b.plan.mesh.tp))
+            .then(a.plan.zero.cmp(&b.plan.zero))
     });
     let opt = cfg.optimizer.name();
     let Some(best) = best else {
@@ -320,6 +348,34 @@ pub fn choose(
     } else {
         why.push_str(": one stage fits");
     }
+    let tp = best.plan.mesh.tp;
+    if tp > 1 {
+        let whole_candidates = candidates.iter().any(|e| e.plan.mesh.tp == 1);
+        // The largest layer, whole: its weights, gradients and optimizer state.
+        let per_param = 4 * (2 + cfg.optimizer.slots().len() as u64);
+        let (big, bytes) = model
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, per_param * l.params.iter().map(|&p| model.params[p].range.len() as u64).sum::<u64>()))
+            .max_by_key(|x| x.1)
+            .unwrap_or((0, 0));
+        let reason = if whole_candidates {
+            format!(
+                "no plan of whole layers fits (layer {big}, {}, alone needs {} for its weights, gradients and optimizer state)",
+                model.layers[big].kind,
+                human_bytes(bytes)
+            )
+        } else {
+            format!(
+                "no plan of whole layers splits batch {batch} over {devices} devices (every replica needs a sample; a stage's tensor-parallel ranks share theirs)"
+            )
+        };
+        why.push_str(&format!(
+            "; tp={tp} splits each layer's matrices over {tp} devices: {reason}; the sums inside the layers cost {:.2} ms a step",
+            best.tp_comm * 1e3
+        ));
+    }
     if best.plan.zero >= 1 {
         // Why the state is sharded: the same plan with it whole does not fit.
         let whole = estimate(model, cfg, batch, &Plan { zero: 0, ..best.plan.clone() }, budget);
@@ -331,14 +387,15 @@ pub fn choose(
         ));
     }
     why.push_str(&format!(
-        "; dp={dp}, {} microbatch(es), {}: estimated step {:.2} ms (pipeline {:.2} ms, bubble {:.0}%, transfers {:.2} ms, all-reduce {:.2} ms)",
+        "; dp={dp}, {} microbatch(es), {}: estimated step {:.2} ms (pipeline {:.2} ms, bubble {:.0}%, transfers {:.2} ms, all-reduce {:.2} ms{})",
         best.plan.microbatches,
         best.plan.schedule,
         best.step * 1e3,
         best.pipeline * 1e3,
         100.0 * best.bubble,
         best.transfer * 1e3,
-        best.all_reduce * 1e3
+        best.all_reduce * 1e3,
+        if tp > 1 { format!(", tensor-parallel sums {:.2} ms", best.tp_comm * 1e3) } else { String::new() }
     ));
     Ok((best.plan.clone(), (*best).clone(), why))
 }
@@ -400,12 +457,19 @@ mod tests {
     /// More devices than the batch can feed, a batch of 0: an error that says why, never a panic.
     #[test]
     fn impossible_splits_are_explained() {
-        let (m, c) = cfg(vec![784, 512, 512, 10]);
+        // Hidden widths of 511 = 7 x 73: no tensor-parallel split of 2, 4 or 1000.
+        let (m, c) = cfg(vec![784, 511, 511, 10]);
         let budget = Budget { memory: 8 << 30, flops: 1e11, link: 1e10, overhead: 50e-6 };
         for (batch, devices) in [(128, 1000), (1, 4), (3, 1000)] {
             let e = choose(&m, &c, batch, devices, &budget, None).unwrap_err().to_string();
             assert!(e.contains("no plan splits batch") && e.contains("--batch"), "{e}");
         }
+        // Where the widths split, the ranks of a tensor-parallel stage share their samples: one
+        // sample on 4 devices.
+        let (m4, c4) = cfg(vec![784, 512, 512, 10]);
+        let (plan, _, why) = choose(&m4, &c4, 1, 4, &budget, None).unwrap();
+        assert_eq!(plan.mesh.tp, 4, "{why}");
+        assert!(why.contains("no plan of whole layers splits batch 1 over 4 devices"), "{why}");
         let e = choose(&m, &c, 0, 2, &budget, None).unwrap_err().to_string();
         assert!(e.contains("at least one sample"), "{e}");
         // One device that cannot hold the model: the bytes against the device's.
@@ -413,6 +477,24 @@ mod tests {
         let e = check_fits(&bm, &big, 128, &Plan::single(&bm), 23 << 30).unwrap_err().to_string();
         assert!(e.contains("does not fit") && e.contains("the device has 23.0 GiB"), "{e}");
         assert!(check_fits(&m, &c, 128, &Plan::single(&m), 1 << 30).is_ok());
+    }
+
+    /// A layer too big for one device: no pipeline cut helps, tensor parallelism splits it, and
+    /// the planner says so; the estimate counts the split parameters and the sums.
+    #[test]
+    fn a_layer_too_big_for_one_device_is_split_by_tensor_parallelism() {
+        let (m, c) = cfg(vec![784, 8192, 8192, 10]);
+        let budget = Budget { memory: 700 << 20, flops: 1e12, link: 1e10, overhead: 50e-6 };
+        let (plan, est, why) = choose(&m, &c, 64, 4, &budget, None).unwrap();
+        assert!(plan.mesh.tp > 1, "{why}");
+        assert!(why.contains("no plan of whole layers fits") && why.contains("layer 1"), "{why}");
+        assert!(est.memory.iter().all(|x| x.total() <= budget.memory));
+        assert!(est.tp_comm > 0.0);
+        // Split parameters by tp; the row-parallel layer's bias and the unpaired last layer whole.
+        let one = estimate(&m, &c, 64, &Plan::single(&m), &budget);
+        let two = estimate(&m, &c, 64, &Plan::single(&m).with_tp(2).unwrap(), &budget);
+        let whole = 8192 + 8192 * 10 + 10;
+        assert_eq!(two.memory[0].weights, (one.memory[0].weights - 4 * whole) / 2 + 4 * whole);
     }
 
     #[test]
