@@ -1083,3 +1083,55 @@ fn cli_gpt_on_a_dp_pp_tp_zero_mesh_trains_like_one_device() {
         assert!(!ok && err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// The bytes each group moves in a step, as the engine counts them (what a ring sends for each
+/// collective it issues), are the textbook volumes: for tp, two all-reduces of batch x context
+/// x width per block forward and two backward; for ZeRO 1, a reduce-scatter plus an all-gather,
+/// the same as the all-reduce it replaces; between stages, each microbatch's activation and
+/// its gradient. And `--profile` prints them.
+#[test]
+fn bytes_moved_by_each_group_are_the_textbook_volumes() {
+    use tessera::nn::GptConfig;
+    use tessera::parallel::engine::Engine;
+    use tessera::parallel::timeline::Traffic;
+    use tessera::parallel::{Plan, ScheduleKind};
+    let (text, _, _) = gpt_batch(1, 4);
+    let (b, t, c, blocks) = (4usize, 8usize, 16usize, 2usize);
+    let cfg = GptConfig { vocab: text.vocab.len(), t, c, heads: 4, layers: blocks };
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let (x, y) = text.train_batch(3, 0, b, t).unwrap();
+    let cpus: Vec<CpuDevice> = (0..8).map(CpuDevice::new).collect();
+    let sent = |dp: usize, pp: usize, tp: usize, zero: usize| -> Traffic {
+        let plan = Plan::new(&info, dp, pp, 2, ScheduleKind::OneFOneB).unwrap().with_tp(tp).unwrap().with_zero(zero);
+        let mut e = Engine::new(&cpus[..dp * pp * tp], &model, sgd_config(0.1, 1), plan.unwrap()).unwrap();
+        e.step(&x, &y).unwrap();
+        e.timeline().unwrap().lanes.iter().fold(Traffic::default(), |a, l| a.add(&l.sent))
+    };
+    // tp = 2: per block 4 sums of b x t x c floats; each rank sends 2 (2 - 1) / 2 of each.
+    let tp = sent(1, 1, 2, 0);
+    let sums = (blocks * 4 * b * t * c * 4) as f64;
+    assert_eq!(tp.tp, 2.0 * Traffic::ring(1, 2, true) * sums, "{tp:?}");
+    assert_eq!((tp.dp, tp.pp), (0.0, 0.0));
+    // dp = 2: every gradient all-reduced once, 2 (2 - 1) / 2 of it sent by each replica; with
+    // ZeRO 1 a reduce-scatter and an all-gather of each layer instead, the same bytes.
+    let params = (info.param_count() * 4) as f64;
+    let plain = sent(2, 1, 1, 0);
+    assert_eq!(plain.dp, 2.0 * Traffic::ring(1, 2, true) * params, "{plain:?}");
+    let zero = sent(2, 1, 1, 1);
+    assert_eq!(zero.dp, plain.dp, "ZeRO 1 moves what the all-reduce moved");
+    assert_eq!(zero.collectives, 2 * plain.collectives, "a reduce-scatter and an all-gather per layer");
+    // pp = 2: each of the 2 microbatches' boundary activation forward and its gradient back.
+    let pp = sent(1, 2, 1, 0);
+    assert_eq!(pp.pp, (2 * b * t * c * 4) as f64, "{pp:?}");
+    // The command line prints them.
+    let (ok, _, err) = tessera(&[
+        "train", "--model", "gpt", "--device", "cpu:2", "--tp", "2", "--steps", "2", "--width", "32", "--heads", "2",
+        "--layers", "2", "--context", "16", "--profile", "--val-windows", "4",
+    ]);
+    assert!(ok, "{err}");
+    // 2 blocks x 4 sums of 12 x 16 x 32 floats on each of 2 ranks, plus the clipping norm's
+    // exchange (a float per rank, summed over the pair).
+    let want = (2 * 4 * 12 * 16 * 32 * 4) as f64 * Traffic::ring(1, 2, true) * 2.0 + 2.0 * Traffic::ring(8, 2, true);
+    assert!(err.contains(&format!("tensor-parallel {want:.0}")), "expected {want:.0} bytes: {err}");
+}

@@ -19,7 +19,7 @@ use super::args::{SchedName, TrainArgs};
 use super::interrupt;
 use super::plan::make_plan;
 use super::train::{
-    batch_from_flags, check_output, optimizer_from_flags, profile_report, refuse_conflicts, run_conflicts,
+    batch_from_flags, check_output, optimizer_from_flags, profile_report, refuse_conflicts, run_conflicts, traffic_of,
     write_timeline, OptDefaults, Pipelined,
 };
 use super::World;
@@ -282,6 +282,7 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
     let simulated = trainer.devices().iter().all(|d| d.starts_with("sim:") || d.contains(":sim:"));
     let mut counted = tessera::backend::sim::counts();
     let mut per_step: Vec<tessera::backend::sim::SimCounts> = Vec::new();
+    let mut sent: Vec<tessera::parallel::timeline::Traffic> = Vec::new();
     let t0 = Instant::now();
     let mut evals: Vec<(u64, f64)> = Vec::new();
     let mut last_loss = f32::NAN;
@@ -326,6 +327,7 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
         if a.profile {
             let now = tessera::backend::sim::counts();
             per_step.push(now - counted);
+            sent.push(traffic_of(&trainer));
             counted = now;
         }
         pb.set_position(done);
@@ -376,7 +378,7 @@ fn run_gpt<T: Pipelined, B: Ops>(mut trainer: T, dev: &B, job: &GptJob<'_>) -> t
     if !root {
         return Ok(());
     }
-    let profile = if a.profile { profile_report(simulated, &per_step, start, a.json) } else { None };
+    let profile = if a.profile { profile_report(simulated, &per_step, &sent, start, a.json) } else { None };
     let (_, val) = *evals.last().expect("the last step evaluates");
     let run_steps = stop - start;
     let rate = run_steps as f64 / secs.max(1e-9);

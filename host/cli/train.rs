@@ -11,7 +11,7 @@ use tessera::data::{batches_per_epoch, Dataset};
 use tessera::nn::MlpConfig;
 use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
-use tessera::parallel::timeline::Timeline;
+use tessera::parallel::timeline::{Timeline, Traffic};
 use tessera::parallel::Plan;
 use tessera::train::{fit_reading, Cursor, LrSchedule, OptimizerConfig, Run, TrainConfig};
 #[cfg(feature = "mpi")]
@@ -635,11 +635,13 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     let simulated = trainer.devices().iter().all(|d| d.starts_with("sim:") || d.contains(":sim:"));
     let mut counted = tessera::backend::sim::counts();
     let mut per_step: Vec<tessera::backend::sim::SimCounts> = Vec::new();
+    let mut sent: Vec<Traffic> = Vec::new();
     let fitted = fit_reading(&mut trainer, train_set, batch, stop, &mut cursor, a.loss_every, |t, stats, rows| {
         if a.profile {
             let now = tessera::backend::sim::counts();
             per_step.push(now - counted);
             counted = now;
+            sent.push(traffic_of(t));
         }
         samples += rows;
         pb.set_position(t.steps_done());
@@ -708,7 +710,7 @@ pub(crate) fn run_training<T: Pipelined>(mut trainer: T, mut cursor: Cursor, job
     if !root {
         return Ok(());
     }
-    let profile = if a.profile { profile_report(simulated, &per_step, start_step, a.json) } else { None };
+    let profile = if a.profile { profile_report(simulated, &per_step, &sent, start_step, a.json) } else { None };
     if !eval.loss.is_finite() {
         errln!(
             "warning: the test loss is {}: the run diverged (the training loss was {last_loss:e}); lower the learning \
@@ -789,18 +791,43 @@ pub(crate) fn write_timeline<T: Pipelined>(trainer: &T, path: &std::path::Path, 
 /// `--profile`: each step's host work on simulated devices (launches, syncs, allocations,
 /// copies), printed unless `json`, and as JSON for `--json`; `None` (with a note) when the
 /// devices are not simulated.
+/// The bytes the devices of this process sent in the last step, by group.
+pub(crate) fn traffic_of<T: Pipelined>(t: &T) -> Traffic {
+    t.timeline().map_or(Traffic::default(), |tl| tl.lanes.iter().fold(Traffic::default(), |acc, l| acc.add(&l.sent)))
+}
+
 pub(crate) fn profile_report(
     simulated: bool,
     per_step: &[tessera::backend::sim::SimCounts],
+    sent: &[Traffic],
     start_step: u64,
     json: bool,
 ) -> Option<serde_json::Value> {
+    // Bytes by group, counted on any device.
+    if !json {
+        for (i, t) in sent.iter().enumerate() {
+            errln!(
+                "profile: step {}: bytes sent by this process's devices: data-parallel {:.0}, tensor-parallel {:.0}, pipeline {:.0} ({} collectives)",
+                start_step + i as u64 + 1,
+                t.dp,
+                t.tp,
+                t.pp,
+                t.collectives
+            );
+        }
+    }
+    let traffic: Vec<serde_json::Value> = sent
+        .iter()
+        .map(
+            |t| serde_json::json!({"dp_bytes": t.dp, "tp_bytes": t.tp, "pp_bytes": t.pp, "collectives": t.collectives}),
+        )
+        .collect();
     if !simulated {
         errln!(
             "profile: host work is counted on simulated devices, which run the GPU's code path: run with --device \
              sim (or sim:N)"
         );
-        return None;
+        return (!traffic.is_empty()).then(|| serde_json::Value::Array(traffic));
     }
     if !json {
         for (i, c) in per_step.iter().enumerate() {
@@ -820,15 +847,20 @@ pub(crate) fn profile_report(
     Some(
         per_step
             .iter()
-            .map(|c| {
-                serde_json::json!({
+            .enumerate()
+            .map(|(i, c)| {
+                let mut j = serde_json::json!({
                     "launches": c.launches,
                     "host_syncs": c.host_syncs,
                     "allocations": c.allocations,
                     "host_to_device": c.host_to_device,
                     "device_to_host": c.device_to_host,
                     "device_to_device": c.device_to_device,
-                })
+                });
+                if let (Some(t), Some(o)) = (traffic.get(i), j.as_object_mut()) {
+                    o.extend(t.as_object().cloned().unwrap_or_default());
+                }
+                j
             })
             .collect(),
     )

@@ -388,12 +388,14 @@ pub struct TpGroup<B: Backend> {
     size: usize,
     /// The reduction, and staging buffers by length (a view is summed through one).
     inner: Mutex<(Box<dyn TpReduce<B>>, HashMap<usize, B::Buf<f32>>)>,
+    /// The sums since the last [`TpGroup::take_log`]: start, end, floats.
+    log: Mutex<Vec<(std::time::Instant, std::time::Instant, usize)>>,
 }
 
 impl<B: Backend> TpGroup<B> {
     /// Rank `rank` of a group of `size`, summing through `reduce`.
     pub fn new(rank: usize, size: usize, reduce: Box<dyn TpReduce<B>>) -> Self {
-        TpGroup { rank, size, inner: Mutex::new((reduce, HashMap::new())) }
+        TpGroup { rank, size, inner: Mutex::new((reduce, HashMap::new())), log: Mutex::new(Vec::new()) }
     }
     /// This rank.
     pub fn rank(&self) -> usize {
@@ -403,9 +405,14 @@ impl<B: Backend> TpGroup<B> {
     pub fn size(&self) -> usize {
         self.size
     }
+    /// The sums made since the last call (start, end, floats summed), oldest first.
+    pub fn take_log(&self) -> Vec<(std::time::Instant, std::time::Instant, usize)> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()))
+    }
     /// Sums `v` over the group, in place.
     pub fn all_reduce(&self, dev: &B, v: &mut B::Mut<'_, f32>) -> Result<()> {
         let len = v.view_len();
+        let start = std::time::Instant::now();
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (reduce, staging) = &mut *guard;
         if !staging.contains_key(&len) {
@@ -416,6 +423,7 @@ impl<B: Backend> TpGroup<B> {
         reduce.all_reduce_sum(buf)?;
         let r = dev.copy(&B::view(buf), v);
         drop(guard);
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).push((start, std::time::Instant::now(), len));
         r
     }
 }

@@ -13,14 +13,14 @@ use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ViewLen};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelInfo, Stage, StageLayout, TpGroup, TpReduce};
 use crate::ops::Ops;
 use crate::parallel::comm::{chunks, Communicator, LocalGroup};
 use crate::parallel::schedule::{Action, Schedule};
-use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline};
+use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline, Traffic};
 use crate::parallel::{split_rows, Plan};
 use crate::train::{apply_optimizer_masked, apply_optimizer_part, count_correct, Eval, Run, StepStats, TrainConfig};
 
@@ -333,6 +333,8 @@ pub(crate) struct WorkerOut {
     pub(crate) grad_norm: Option<f32>,
     pub(crate) spans: Vec<Span>,
     pub(crate) comm_spans: Vec<Span>,
+    /// What the worker sent during the step.
+    pub(crate) sent: Traffic,
 }
 
 /// What a step needs before any worker runs: the rows of each replica's microbatches, and
@@ -724,7 +726,7 @@ impl<B: LocalGroup> Engine<B> {
                     }
                     let rank = if tp > 1 { format!(", tp rank {k}") } else { String::new() };
                     let name = format!("{} (replica {r}, stage {s}{rank})", self.workers[i].dev.name());
-                    lanes.push(Lane { name, spans: out.spans, comm: out.comm_spans });
+                    lanes.push(Lane { name, spans: out.spans, comm: out.comm_spans, sent: out.sent });
                 }
                 Err(e) => {
                     // The first failure is the cause; the others are its echo (closed channels).
@@ -965,7 +967,7 @@ pub(crate) fn run_worker<B: Ops>(
     let buckets = w.stage.layout().buckets.clone();
     let bucket_range = |b: usize| buckets[b].clone();
     let (jobs_tx, jobs_rx) = channel::<Job<B>>();
-    let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span)>();
+    let (done_tx, done_rx) = channel::<(usize, B::Buf<f32>, Span, f64)>();
     let t0 = ctx.t0;
     let now = move || t0.elapsed().as_secs_f64();
 
@@ -993,7 +995,8 @@ pub(crate) fn run_worker<B: Ops>(
                 let label =
                     if b == NORM_JOB { "all-reduce norm parts".to_string() } else { format!("{what} layer {b}") };
                 let span = Span { kind: SpanKind::AllReduce, label, start, end: now() };
-                if done_tx.send((b, buf, span)).is_err() {
+                let bytes = Traffic::ring(4 * B::buf_len(&buf), c.size(), coll == Coll::AllReduce);
+                if done_tx.send((b, buf, span, bytes)).is_err() {
                     break;
                 }
             }
@@ -1025,7 +1028,7 @@ fn worker_actions<B: Ops>(
     ctx: &StepCtx<'_>,
     links: &mut dyn PipeLinks<B>,
     jobs_tx: &Sender<Job<B>>,
-    done_rx: &Receiver<(usize, B::Buf<f32>, Span)>,
+    done_rx: &Receiver<(usize, B::Buf<f32>, Span, f64)>,
     bucket_range: &dyn Fn(usize) -> Range<usize>,
     now: &dyn Fn() -> f64,
 ) -> Result<WorkerOut> {
@@ -1033,6 +1036,7 @@ fn worker_actions<B: Ops>(
     let pp = ctx.pp;
     let is_last = s + 1 == pp;
     let mut spans = Vec::new();
+    let mut sent = Traffic::default();
     let mbs = ctx.passes * ctx.m;
     if is_last && w.losses.is_none() {
         w.losses = Some(dev.alloc(crate::train::LOSS_SLOTS * mbs)?);
@@ -1064,7 +1068,9 @@ fn worker_actions<B: Ops>(
                 }
                 Action::SendAct(mb) => {
                     let id = pass * ctx.m + mb;
-                    links.send_act(&dev, id, &B::view(w.stage.output(id)?))?;
+                    let out = B::view(w.stage.output(id)?);
+                    sent.pp += 4.0 * out.view_len() as f64;
+                    links.send_act(&dev, id, &out)?;
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("send act {id}"), start, end: now() });
                 }
                 Action::RecvAct(mb) => {
@@ -1114,7 +1120,9 @@ fn worker_actions<B: Ops>(
                 Action::SendGrad(mb) => {
                     let id = pass * ctx.m + mb;
                     let rows = ctx.rows[id].len();
-                    links.send_grad(&dev, id, &w.stage.input_grad(rows))?;
+                    let g = w.stage.input_grad(rows);
+                    sent.pp += 4.0 * g.view_len() as f64;
+                    links.send_grad(&dev, id, &g)?;
                     spans.push(Span { kind: SpanKind::Transfer, label: format!("send grad {id}"), start, end: now() });
                 }
                 Action::AllReduce(b) => {
@@ -1141,6 +1149,12 @@ fn worker_actions<B: Ops>(
                             )),
                             std::sync::mpsc::RecvTimeoutError::Disconnected => closed("all-reduce thread"),
                         })
+                    };
+                    let mut done = || {
+                        let (b, buf, span, bytes) = done()?;
+                        sent.dp += bytes;
+                        sent.collectives += 1;
+                        Ok::<_, Error>((b, buf, span))
                     };
                     for _ in 0..dispatched.iter().filter(|d| **d).count() {
                         let (b, buf, span) = done()?;
@@ -1317,7 +1331,17 @@ fn worker_actions<B: Ops>(
                         start: ostart,
                         end: now(),
                     });
-                    return Ok(WorkerOut { loss, grad_norm, spans, comm_spans });
+                    // The sums inside the layers, on the timeline and in the traffic.
+                    if let Some(g) = w.stage.tp_group() {
+                        for (a, b, floats) in g.take_log() {
+                            let at = |t: Instant| t.saturating_duration_since(ctx.t0).as_secs_f64();
+                            let label = format!("tp all-reduce {floats} floats");
+                            comm_spans.push(Span { kind: SpanKind::AllReduce, label, start: at(a), end: at(b) });
+                            sent.tp += Traffic::ring(4 * floats, g.size(), true);
+                            sent.collectives += 1;
+                        }
+                    }
+                    return Ok(WorkerOut { loss, grad_norm, spans, comm_spans, sent });
                 }
             }
         }

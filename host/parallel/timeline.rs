@@ -60,11 +60,49 @@ pub struct Span {
     pub end: f64,
 }
 
+/// Bytes one device sent during a step, by group: for each collective it took part in, what a
+/// ring sends from each rank (an all-reduce of `n` bytes over `g` ranks `2 (g - 1) / g * n`, a
+/// reduce-scatter or all-gather `(g - 1) / g * n`), and between pipeline stages the activations
+/// and gradients it handed on.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// In its data-parallel group: gradient all-reduces, or ZeRO's reduce-scatters and
+    /// all-gathers, and the norm's exchange.
+    pub dp: f64,
+    /// In its tensor-parallel group: the sums inside the layers (and the norm's exchange).
+    pub tp: f64,
+    /// To the neighbouring pipeline stages.
+    pub pp: f64,
+    /// Collectives (dp and tp) it took part in.
+    pub collectives: usize,
+}
+
+impl Traffic {
+    /// Bytes a rank of a ring of `g` sends for a collective over `bytes` (`2 (g - 1) / g` of
+    /// them for an all-reduce, `(g - 1) / g` for a reduce-scatter or an all-gather).
+    pub fn ring(bytes: usize, g: usize, all_reduce: bool) -> f64 {
+        let g = g.max(1) as f64;
+        let f = if all_reduce { 2.0 } else { 1.0 };
+        f * (g - 1.0) / g * bytes as f64
+    }
+    /// The sum of two devices' (or two steps') traffic.
+    pub fn add(&self, o: &Traffic) -> Traffic {
+        Traffic {
+            dp: self.dp + o.dp,
+            tp: self.tp + o.tp,
+            pp: self.pp + o.pp,
+            collectives: self.collectives + o.collectives,
+        }
+    }
+}
+
 /// One device's spans.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lane {
     /// The device (and its place in the mesh).
     pub name: String,
+    /// What it sent during the step.
+    pub sent: Traffic,
     /// Compute and transfer spans, from the device's own thread.
     pub spans: Vec<Span>,
     /// All-reduce spans, from its communication thread (they overlap the others).
@@ -89,6 +127,7 @@ impl Timeline {
             .enumerate()
             .map(|(s, sp)| Lane {
                 name: names.get(s).cloned().unwrap_or_else(|| format!("stage {s}")),
+                sent: Traffic::default(),
                 spans: sp
                     .into_iter()
                     .map(|(a, b, act)| {

@@ -321,7 +321,7 @@ impl<B: Ops> DistEngine<B> {
         self.step += 1;
         let name = format!("{} (replica {r}, stage {s})", self.device_names()[0]);
         self.timeline = Some(Timeline {
-            lanes: vec![Lane { name, spans: out.spans, comm: out.comm_spans }],
+            lanes: vec![Lane { name, spans: out.spans, comm: out.comm_spans, sent: out.sent }],
             total: t0.elapsed().as_secs_f64(),
         });
         Ok(StepStats { loss, loss_steps: 1, lr: prep.lr, grad_norm: out.grad_norm })
