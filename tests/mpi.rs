@@ -114,7 +114,7 @@ fn ranks_across_processes_match_the_single_device_run() {
     if !mpirun_present() {
         return;
     }
-    let meshes: [(usize, &[&str]); 6] = [
+    let meshes: [(usize, &[&str]); 8] = [
         (2, &["--dp", "2"]),
         (2, &["--pp", "2", "--microbatches", "3"]),
         (4, &["--dp", "2", "--pp", "2", "--microbatches", "4"]),
@@ -122,6 +122,9 @@ fn ranks_across_processes_match_the_single_device_run() {
         // ZeRO 1: reduce-scatter and all-gather over MPI.
         (2, &["--dp", "2", "--zero", "1"]),
         (4, &["--dp", "4", "--zero", "1"]),
+        // Tensor parallelism across processes: MPI sub-communicators per tp and dp group.
+        (4, &["--dp", "2", "--tp", "2", "--zero", "1"]),
+        (4, &["--pp", "2", "--tp", "2", "--microbatches", "2"]),
     ];
     ranks_match_one_process("mpirun", &meshes, mpirun);
 }
@@ -589,6 +592,10 @@ fn gpt_ranks_across_processes_match_the_single_device_run() {
     let want = params(&reference);
     let mut meshes: Vec<(usize, Vec<&str>)> = vec![(2, vec!["--dp", "2"]), (2, vec!["--dp", "2", "--zero", "1"])];
     meshes.push((4, vec!["--dp", "2", "--pp", "2", "--microbatches", "4", "--zero", "1"]));
+    meshes.push((4, vec!["--dp", "2", "--tp", "2", "--zero", "1"]));
+    meshes.push((4, vec!["--pp", "2", "--tp", "2", "--microbatches", "2"]));
+    // The whole mesh: dp 2 x pp 2 x tp 2 with ZeRO 1 on 8 ranks.
+    meshes.push((8, vec!["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1", "--microbatches", "2"]));
     for (dp, pp) in [("2", "2"), ("1", "4")] {
         for m in ["1", "4"] {
             for s in ["gpipe", "1f1b"] {

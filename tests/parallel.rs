@@ -454,15 +454,18 @@ fn zero_1_matches_one_device() {
     }
 }
 
-/// A run saved with ZeRO 1 resumes without it, and the reverse: the checkpoint holds the whole
-/// state, whatever the sharding was.
+/// A run saved with ZeRO 1 (and tensor parallelism) resumes without it, and the reverse: the
+/// checkpoint holds the whole state, whatever the sharding was.
 #[test]
 fn zero_1_checkpoints_move_to_and_from_plans_without_it() {
     let cfg = config(OptimizerConfig::AdamW(AdamW { lr: 1e-2, ..AdamW::default() }));
     let want = reference(&cfg, 5);
     let zero = Plan::new(&info(), 2, 2, 2, ScheduleKind::GPipe).unwrap().with_zero(1).unwrap();
     let plain = Plan::new(&info(), 1, 3, 3, ScheduleKind::OneFOneB).unwrap();
-    for (first, second) in [(zero.clone(), plain.clone()), (plain, zero)] {
+    // And with tensor parallelism: tp 2 and ZeRO 1 to one device, and back.
+    let tp = Plan::new(&info(), 2, 1, 2, ScheduleKind::OneFOneB).unwrap().with_tp(2).unwrap().with_zero(1).unwrap();
+    let one = Plan::single(&info());
+    for (first, second) in [(zero.clone(), plain.clone()), (plain, zero), (tp.clone(), one.clone()), (one, tp)] {
         let what = format!("{} then {}", first.describe(), second.describe());
         let devs: Vec<CpuDevice> = (0..first.mesh.devices()).map(CpuDevice::new).collect();
         let mut a = Engine::new(&devs, &mlp().model(), cfg.clone(), first).unwrap();

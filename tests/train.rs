@@ -1126,8 +1126,26 @@ fn bytes_moved_by_each_group_are_the_textbook_volumes() {
     assert_eq!(pp.pp, (2 * b * t * c * 4) as f64, "{pp:?}");
     // The command line prints them.
     let (ok, _, err) = tessera(&[
-        "train", "--model", "gpt", "--device", "cpu:2", "--tp", "2", "--steps", "2", "--width", "32", "--heads", "2",
-        "--layers", "2", "--context", "16", "--profile", "--val-windows", "4",
+        "train",
+        "--model",
+        "gpt",
+        "--device",
+        "cpu:2",
+        "--tp",
+        "2",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--heads",
+        "2",
+        "--layers",
+        "2",
+        "--context",
+        "16",
+        "--profile",
+        "--val-windows",
+        "4",
     ]);
     assert!(ok, "{err}");
     // 2 blocks x 4 sums of 12 x 16 x 32 floats on each of 2 ranks, plus the clipping norm's

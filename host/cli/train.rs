@@ -504,18 +504,20 @@ pub(crate) fn train_mpi<J: RankJob>(
         tessera::CudaDevice::new(k)
     };
     let explicit_gpu = a.device.explicit;
-    let pp = a.mesh.pp.unwrap_or(1);
+    // A stage's tensor-parallel ranks count as one: pp x tp ranks per replica.
+    let (pp, tp) = (a.mesh.pp.unwrap_or(1), a.mesh.tp.unwrap_or(1));
+    let tps = if tp > 1 { format!(" x --tp {tp}") } else { String::new() };
     match a.mesh.dp {
-        Some(dp) if dp * pp != w.size() => {
+        Some(dp) if dp * pp * tp != w.size() => {
             return Err(Error::Invalid(format!(
-                "--dp {dp} x --pp {pp} needs {} ranks, but the job has {} (use mpirun -np {})",
-                dp * pp,
+                "--dp {dp} x --pp {pp}{tps} needs {} ranks, but the job has {} (use mpirun -np {})",
+                dp * pp * tp,
                 w.size(),
-                dp * pp
+                dp * pp * tp
             )))
         }
-        None if pp == 0 || w.size() % pp != 0 => {
-            return Err(Error::Invalid(format!("--pp {pp} does not divide the job's {} ranks", w.size())))
+        None if w.size() % (pp * tp) != 0 => {
+            return Err(Error::Invalid(format!("--pp {pp}{tps} does not divide the job's {} ranks", w.size())))
         }
         _ => {}
     }

@@ -7,10 +7,10 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::nn::{Model, ModelInfo, Stage};
+use crate::nn::{Model, ModelInfo, Stage, TpGroup};
 use crate::ops::Ops;
 use crate::parallel::engine::{
-    prepare_step, run_worker, shard_of, tied_params, upload_state, PipeLinks, Shard, StepCtx, Worker,
+    prepare_step, run_worker, shard_of, tied_params, upload_state, PipeLinks, Shard, StepCtx, TpComm, Worker,
 };
 use crate::parallel::schedule::Schedule;
 use crate::parallel::timeline::{Lane, Timeline};
@@ -57,6 +57,9 @@ pub struct MpiLinks {
     pub(crate) pipe: Arc<Shared>,
     pub(crate) rank: usize,
     pub(crate) pp: usize,
+    /// Ranks per stage: the stride between a rank and the same tensor-parallel rank of the
+    /// next stage.
+    pub(crate) tp: usize,
     pub(crate) out: Outbox,
 }
 
@@ -77,32 +80,36 @@ pub(crate) fn tag(kind: i32, id: usize) -> i32 {
 impl<B: Backend> PipeLinks<B> for MpiLinks {
     fn send_act(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
         let host = dev.download(v)?;
-        self.out.send(&self.pipe, self.rank + 1, self.rank + 1, tag(TAG_ACT, id), host, "an activation");
+        let to = self.rank + self.tp;
+        self.out.send(&self.pipe, to, to, tag(TAG_ACT, id), host, "an activation");
         Ok(())
     }
     fn recv_act(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
         self.out.progress();
-        let v = self.world.recv::<f32>(&self.pipe, self.rank - 1, self.rank - 1, tag(TAG_ACT, id), "an activation");
+        let from = self.rank - self.tp;
+        let v = self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_ACT, id), "an activation");
         dev.upload(&v)
     }
     fn send_grad(&mut self, dev: &B, id: usize, v: &B::Ref<'_, f32>) -> Result<()> {
         let host = dev.download(v)?;
-        self.out.send(&self.pipe, self.rank - 1, self.rank - 1, tag(TAG_GRAD, id), host, "a gradient");
+        let to = self.rank - self.tp;
+        self.out.send(&self.pipe, to, to, tag(TAG_GRAD, id), host, "a gradient");
         Ok(())
     }
     fn recv_grad(&mut self, dev: &B, id: usize) -> Result<B::Buf<f32>> {
         self.out.progress();
-        let v = self.world.recv::<f32>(&self.pipe, self.rank + 1, self.rank + 1, tag(TAG_GRAD, id), "a gradient");
+        let from = self.rank + self.tp;
+        let v = self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_GRAD, id), "a gradient");
         dev.upload(&v)
     }
     fn norm_parts(&mut self, stage: usize, local: f64) -> Result<Vec<(usize, f64)>> {
-        let first = self.rank - stage;
+        let at = |s: usize| self.rank - stage * self.tp + s * self.tp;
         for s in (0..self.pp).filter(|&s| s != stage) {
-            self.out.send(&self.pipe, first + s, first + s, TAG_NORM, vec![local], "a gradient-norm part");
+            self.out.send(&self.pipe, at(s), at(s), TAG_NORM, vec![local], "a gradient-norm part");
         }
         let mut parts = vec![(stage, local)];
         for s in (0..self.pp).filter(|&s| s != stage) {
-            let v = self.world.recv::<f64>(&self.pipe, first + s, first + s, TAG_NORM, "a gradient-norm part");
+            let v = self.world.recv::<f64>(&self.pipe, at(s), at(s), TAG_NORM, "a gradient-norm part");
             parts.push((s, v[0]));
         }
         parts.sort_by_key(|p| p.0);
@@ -115,14 +122,14 @@ impl<B: Backend> PipeLinks<B> for MpiLinks {
         holders: &[usize],
         local: Vec<f32>,
     ) -> Result<Vec<(usize, Vec<f32>)>> {
-        let first = self.rank - stage;
+        let at = |s: usize| self.rank - stage * self.tp + s * self.tp;
         for &q in holders.iter().filter(|&&q| q != stage) {
-            let to = first + q;
+            let to = at(q);
             self.out.send(&self.pipe, to, to, tag(TAG_TIE, param), local.clone(), "a shared parameter's gradient");
         }
         let mut parts = vec![(stage, local)];
         for &q in holders.iter().filter(|&&q| q != stage) {
-            let from = first + q;
+            let from = at(q);
             let v =
                 self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_TIE, param), "a shared parameter's gradient");
             parts.push((q, v));
@@ -189,17 +196,12 @@ impl<B: Ops> DistEngine<B> {
         let info = model.info()?;
         plan.validate(&info)?;
         let mesh = plan.mesh;
-        if mesh.tp > 1 {
-            return Err(Error::Invalid(format!(
-                "--tp {} across processes: tensor parallelism runs within one process for now (--device cpu:N, sim:N or cuda:KxN); under mpirun use --dp and --pp",
-                mesh.tp
-            )));
-        }
         if mesh.devices() != world.size {
             return Err(Error::Invalid(format!(
-                "--dp {} x --pp {} needs {} ranks, but the job has {} (mpirun -np {})",
+                "--dp {} x --pp {} x --tp {} needs {} ranks, but the job has {} (mpirun -np {})",
                 mesh.dp,
                 mesh.pp,
+                mesh.tp,
                 mesh.devices(),
                 world.size,
                 mesh.devices()
@@ -216,14 +218,31 @@ impl<B: Ops> DistEngine<B> {
                 return Err(Error::shape("DistEngine", format!("optimizer state must be {slots} vectors of {n}")));
             }
         }
-        let (r, s) = (world.rank / mesh.pp, world.rank % mesh.pp);
+        let (r, s, k) = mesh.coords(world.rank);
         let layers = plan.stages[s].clone();
-        let layout = info.stage_layout(layers.clone());
+        let layout = info.stage_layout_tp(layers.clone(), mesh.tp, k);
         let reduce = mesh.dp > 1 || matches!(all_reduce, AllReduce::Custom { force: true, .. });
         let buckets: Vec<usize> = plan.stages.iter().map(|l| if reduce { l.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
         schedule.check()?;
-        let stage = Stage::new(dev, model, layers.clone(), &layout.gather(&info, params))?;
+        // Collective calls, in the same order on every rank: the data-parallel group of this
+        // stage and tensor-parallel rank, then (tp > 1) the tensor-parallel group of this
+        // replica's stage.
+        let dp_comm = world.split(s * mesh.tp + k, r);
+        let tp_group = if mesh.tp > 1 {
+            let group = StageGroup {
+                world: world.clone(),
+                comm: world.split(world.size + r * mesh.pp + s, k),
+                rank: k,
+                size: mesh.tp,
+                world_ranks: (0..mesh.tp).map(|q| mesh.index(r, s, q)).collect(),
+            };
+            let ring: Box<dyn crate::parallel::comm::Communicator<B>> = Box::new(group.ring_in_line(dev));
+            Some(TpGroup::new(k, mesh.tp, Box::new(TpComm(ring))))
+        } else {
+            None
+        };
+        let stage = Stage::with_tp(dev, model, layers.clone(), &layout.gather(&info, params), tp_group)?;
         let tied = tied_params(&info, &plan, s);
         let shard = shard_of(&layout, &plan, &tied, reduce, r);
         let st = upload_state(dev, &info, &layout, shard.as_ref(), slots, state)?;
@@ -232,10 +251,10 @@ impl<B: Ops> DistEngine<B> {
         let ctrl = world.dup();
         let group = StageGroup {
             world: world.clone(),
-            comm: world.split(s, r),
+            comm: dp_comm,
             rank: r,
             size: mesh.dp,
-            world_ranks: (0..mesh.dp).map(|q| mesh.device(q, s)).collect(),
+            world_ranks: (0..mesh.dp).map(|q| mesh.index(q, s, k)).collect(),
         };
         let comm: Option<Box<dyn crate::parallel::comm::Communicator<B>>> = match all_reduce {
             _ if !reduce => None,
@@ -245,7 +264,7 @@ impl<B: Ops> DistEngine<B> {
         let worker = Worker {
             index: world.rank,
             pp: mesh.pp,
-            tp: 1,
+            tp: mesh.tp,
             dev: dev.clone(),
             stage,
             tied,
@@ -287,8 +306,10 @@ impl<B: Ops> DistEngine<B> {
         vec![format!("rank{}:{}", self.world.rank, self.worker.dev.name())]
     }
 
+    /// `(replica, stage)` of world rank `rank`.
     pub(crate) fn stage_of(&self, rank: usize) -> (usize, usize) {
-        (rank / self.plan.mesh.pp, rank % self.plan.mesh.pp)
+        let (r, s, _) = self.plan.mesh.coords(rank);
+        (r, s)
     }
 
     /// One optimizer step on the whole batch (every rank passes the same batch; each uses its
@@ -303,6 +324,7 @@ impl<B: Ops> DistEngine<B> {
             pipe: self.pipe.clone(),
             rank: self.world.rank,
             pp: self.plan.mesh.pp,
+            tp: self.plan.mesh.tp,
             out: Outbox::new(&self.world),
         };
         let out = match run_worker(&mut self.worker, s, &ctx, &mut links) {
@@ -315,11 +337,15 @@ impl<B: Ops> DistEngine<B> {
             }
         };
         links.out.flush();
-        // The loss is the sum of the last stages' parts; every rank learns it.
-        let all = self.world.all_gather(&self.ctrl, &[out.loss as f64], "the step's loss");
+        // The loss is the sum of the last stages' parts (a stage's tensor-parallel ranks compute
+        // the same: rank 0's counts); every rank learns it.
+        let k = self.plan.mesh.coords(self.world.rank).2;
+        let mine = if k == 0 { out.loss as f64 } else { 0.0 };
+        let all = self.world.all_gather(&self.ctrl, &[mine], "the step's loss");
         let loss = all.iter().map(|v| v[0]).sum::<f64>() as f32;
         self.step += 1;
-        let name = format!("{} (replica {r}, stage {s})", self.device_names()[0]);
+        let rank = if self.plan.mesh.tp > 1 { format!(", tp rank {k}") } else { String::new() };
+        let name = format!("{} (replica {r}, stage {s}{rank})", self.device_names()[0]);
         self.timeline = Some(Timeline {
             lanes: vec![Lane { name, spans: out.spans, comm: out.comm_spans, sent: out.sent }],
             total: t0.elapsed().as_secs_f64(),
@@ -331,15 +357,20 @@ impl<B: Ops> DistEngine<B> {
     /// every rank.
     pub(crate) fn gather_stages(&self, part: Option<Vec<f32>>, what: &'static str) -> Result<Vec<f32>> {
         const TAG: i32 = 11;
-        let pp = self.plan.mesh.pp;
+        let m = self.plan.mesh;
+        // Replica 0's ranks: every stage on every tensor-parallel rank.
+        let pp = m.pp * m.tp;
         let me = self.world.rank;
+        let layout = |q: usize| {
+            let (_, s, k) = m.coords(q);
+            self.info.stage_layout_tp(self.plan.stages[s].clone(), m.tp, k)
+        };
         if me == 0 {
             let mut full = vec![0f32; self.info.param_count()];
-            let first = self.info.stage_layout(self.plan.stages[0].clone());
-            first.scatter(&self.info, &part.unwrap_or_default(), &mut full);
+            layout(0).scatter(&self.info, &part.unwrap_or_default(), &mut full);
             for s in 1..pp {
                 let v = self.world.recv::<f32>(&self.ctrl, s, s, TAG, what);
-                self.info.stage_layout(self.plan.stages[s].clone()).scatter(&self.info, &v, &mut full);
+                layout(s).scatter(&self.info, &v, &mut full);
             }
             for q in 1..self.world.size {
                 self.world.send(&self.ctrl, q, q, TAG + 1, full.clone(), what);
@@ -355,7 +386,7 @@ impl<B: Ops> DistEngine<B> {
 
     /// Flat parameters (the model's layout), from replica 0, on every rank.
     pub fn params(&self) -> Result<Vec<f32>> {
-        let part = if self.world.rank < self.plan.mesh.pp {
+        let part = if self.world.rank < self.plan.mesh.pp * self.plan.mesh.tp {
             Some(self.worker.dev.download(&B::view(self.worker.stage.params()))?)
         } else {
             None
@@ -371,7 +402,7 @@ impl<B: Ops> DistEngine<B> {
         }
         let mut out = Vec::new();
         for k in 0..self.worker.state.len() {
-            let part = if self.world.rank < self.plan.mesh.pp {
+            let part = if self.world.rank < self.plan.mesh.pp * self.plan.mesh.tp {
                 Some(self.worker.dev.download(&B::view(&self.worker.state[k]))?)
             } else {
                 None
@@ -389,21 +420,23 @@ impl<B: Ops> DistEngine<B> {
             let mine = self.worker.dev.download(&B::view(&self.worker.state[k]))?;
             let mine: Vec<f64> = mine.iter().map(|&v| v as f64).collect();
             let all = self.world.all_gather(&self.ctrl, &mine, "optimizer state shards");
+            // One whole vector per (stage, tensor-parallel rank), from the replicas' shards.
+            let m = self.plan.mesh;
+            let layout = |s: usize, k: usize| self.info.stage_layout_tp(self.plan.stages[s].clone(), m.tp, k);
             stage_vecs.clear();
-            for s in 0..self.plan.mesh.pp {
-                stage_vecs.push(vec![0f32; self.info.stage_layout(self.plan.stages[s].clone()).len]);
+            for q in 0..m.pp * m.tp {
+                stage_vecs.push(vec![0f32; layout(q / m.tp, q % m.tp).len]);
             }
             for (q, part) in all.iter().enumerate() {
-                let (r, s) = self.stage_of(q);
-                let layout = self.info.stage_layout(self.plan.stages[s].clone());
+                let (r, s, k) = m.coords(q);
                 let tied = tied_params(&self.info, &self.plan, s);
-                let sh = Shard::new(&layout, &tied, self.plan.mesh.dp, r);
+                let sh = Shard::new(&layout(s, k), &tied, m.dp, r);
                 let part: Vec<f32> = part.iter().map(|&v| v as f32).collect();
-                sh.scatter(&part, &mut stage_vecs[s]);
+                sh.scatter(&part, &mut stage_vecs[s * m.tp + k]);
             }
             let mut full = vec![0f32; self.info.param_count()];
-            for (s, v) in stage_vecs.iter().enumerate() {
-                self.info.stage_layout(self.plan.stages[s].clone()).scatter(&self.info, v, &mut full);
+            for (q, v) in stage_vecs.iter().enumerate() {
+                layout(q / m.tp, q % m.tp).scatter(&self.info, v, &mut full);
             }
             out.push(full);
         }
@@ -429,15 +462,16 @@ impl<B: Ops> DistEngine<B> {
         }
         // Split in two exact halves for f64 transport.
         let all = self.world.all_gather(&self.ctrl, &[(h >> 32) as f64, (h & 0xffff_ffff) as f64], "a state hash");
-        let pp = self.plan.mesh.pp;
-        Ok((0..self.world.size).all(|q| all[q] == all[q % pp]))
+        let per_replica = self.plan.mesh.pp * self.plan.mesh.tp;
+        Ok((0..self.world.size).all(|q| all[q] == all[q % per_replica]))
     }
 
     /// Loss and accuracy over `data` in batches of `batch`: replica `r` takes batches `r`,
     /// `r + dp`, ... through its pipeline; every rank gets the totals.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
         const MB: usize = usize::MAX - 1;
-        let (dp, pp) = (self.plan.mesh.dp, self.plan.mesh.pp);
+        let m = self.plan.mesh;
+        let (dp, pp, tp) = (m.dp, m.pp, m.tp);
         let (r, s) = self.stage_of(self.world.rank);
         let classes = self.info.classes;
         let mut loss = 0f64;
@@ -451,7 +485,7 @@ impl<B: Ops> DistEngine<B> {
             if s == 0 {
                 st.load(&dev, MB, &x, &y)?;
             } else {
-                let from = self.world.rank - 1;
+                let from = self.world.rank - tp;
                 let v = self.world.recv::<f32>(&self.pipe, from, from, tag(TAG_EVAL, c), "an evaluation activation");
                 let input = st.input_mut(&dev, MB, rows)?;
                 dev.write(&mut B::view_mut(input), &v)?;
@@ -462,7 +496,7 @@ impl<B: Ops> DistEngine<B> {
             st.forward(&dev, MB)?;
             if s + 1 < pp {
                 let out = dev.download(&B::view(st.output(MB)?))?;
-                let to = self.world.rank + 1;
+                let to = self.world.rank + tp;
                 self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), out, "an evaluation activation");
             } else {
                 loss += st.loss(&dev, MB)? as f64 * rows as f64;
@@ -473,7 +507,8 @@ impl<B: Ops> DistEngine<B> {
         }
         // Each replica's last stage has its share of the sums; everyone learns the totals.
         let all = self.world.all_gather(&self.ctrl, &[loss, correct as f64], "the evaluation");
-        let last: Vec<&Vec<f64>> = (0..dp).map(|q| &all[q * pp + pp - 1]).collect();
+        // (A last stage's tensor-parallel ranks compute the same: rank 0's counts.)
+        let last: Vec<&Vec<f64>> = (0..dp).map(|q| &all[m.index(q, pp - 1, 0)]).collect();
         let loss: f64 = last.iter().map(|v| v[0]).sum();
         let correct = last.iter().map(|v| v[1] as usize).sum();
         Ok(Eval { loss: (loss / data.len().max(1) as f64) as f32, correct, total: data.len() })

@@ -67,6 +67,19 @@ impl StageGroup {
         }
     }
 
+    /// The MPI ring over this group, on `dev`'s own queue (a tensor-parallel group's sums wait
+    /// for the layer that wrote them, and the layer for the sums).
+    pub(crate) fn ring_in_line<B: Ops>(self, dev: &B) -> MpiComm<B> {
+        let (rank, size) = (self.rank, self.size);
+        let wire = MpiWire {
+            out: Outbox::new(&self.world),
+            world: self.world,
+            comm: self.comm,
+            world_ranks: self.world_ranks,
+        };
+        MpiComm::new(rank, size, dev.clone(), wire)
+    }
+
     /// The MPI ring over this group.
     pub fn ring<B: Ops>(self, dev: &B) -> Result<MpiComm<B>> {
         let (rank, size) = (self.rank, self.size);
