@@ -645,3 +645,30 @@ fn cli_plan_shows_tensor_parallel_ranks_and_explains_a_tp_choice() {
     assert!(ok, "{err}");
     assert!(out.contains("x tp=") && out.contains("no plan of whole layers fits"), "{out}");
 }
+
+/// Tensor parallelism on simulated GPUs, work deferred and shuffled (a sum read before its
+/// layer wrote it, or a missing wait between the ranks' queues, is an error): the grid's
+/// corners match the CPU reference.
+#[test]
+fn tensor_parallel_on_simulated_devices_matches_the_cpu_reference() {
+    use tessera::StreamOrder;
+    let cfg = config(sgd());
+    let want = reference(&cfg, 5);
+    for order in [StreamOrder::Immediate, StreamOrder::Deferred { shuffle: Some(3) }] {
+        let sims = tessera::SimDevice::group(8, order);
+        for (dp, pp, tp, zero) in [(1, 1, 4, 0), (2, 2, 2, 1)] {
+            let plan = Plan::new(&info(), dp, pp, 2, ScheduleKind::OneFOneB)
+                .unwrap()
+                .with_tp(tp)
+                .unwrap()
+                .with_zero(zero)
+                .unwrap();
+            let desc = plan.describe();
+            let mut e = Engine::new(&sims[..dp * pp * tp], &mlp().model(), cfg.clone(), plan).unwrap();
+            tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+            let err = rel_err(&e.params().unwrap(), &want);
+            assert!(err <= 1e-5, "sim ({order}) {desc}: relative error {err:.3e}");
+            assert!(e.replicas_identical().unwrap(), "sim ({order}) {desc}");
+        }
+    }
+}

@@ -606,10 +606,20 @@ fn gpt_runs_in_the_simulator_as_on_the_cpu() {
     let mut a = Trainer::new(&cpu, &cfg.model().unwrap(), tc.clone()).unwrap();
     let la: Vec<f32> = batches.iter().map(|(x, y)| a.step(x, y).unwrap().loss).collect();
     let sim = tessera::SimDevice::group(1, tessera::StreamOrder::Deferred { shuffle: Some(2) }).remove(0);
-    let mut b = Trainer::new(&sim, &cfg.model().unwrap(), tc).unwrap();
+    let mut b = Trainer::new(&sim, &cfg.model().unwrap(), tc.clone()).unwrap();
     let lb: Vec<f32> = batches.iter().map(|(x, y)| b.step(x, y).unwrap().loss).collect();
     for (x, y) in la.iter().zip(&lb) {
         assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim {lb:?}");
+    }
+    // Split over two simulated GPUs by heads (tp 2): the attention kernels on one head each.
+    use tessera::parallel::{engine::Engine, Plan, ScheduleKind};
+    let model = cfg.model().unwrap();
+    let plan = Plan::new(&model.info().unwrap(), 1, 1, 1, ScheduleKind::GPipe).unwrap().with_tp(2).unwrap();
+    let sims = tessera::SimDevice::group(2, tessera::StreamOrder::Deferred { shuffle: Some(5) });
+    let mut c = Engine::new(&sims, &model, tc, plan).unwrap();
+    let lc: Vec<f32> = batches.iter().map(|(x, y)| c.step(x, y).unwrap().loss).collect();
+    for (x, y) in la.iter().zip(&lc) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "cpu {la:?} vs sim tp 2 {lc:?}");
     }
 }
 
