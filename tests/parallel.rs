@@ -644,6 +644,19 @@ fn cli_plan_shows_tensor_parallel_ranks_and_explains_a_tp_choice() {
     let (ok, out, err) = tessera(&[&big[..], &["--gflops", "50"]].concat());
     assert!(ok, "{err}");
     assert!(out.contains("x tp=") && out.contains("no plan of whole layers fits"), "{out}");
+    // The GPT: its blocks sum inside, its embedding and head do not.
+    let gpt = ["plan", "--model", "gpt", "--device", "cpu:4", "--tp", "2", "--zero", "1", "--batch", "12"];
+    let (ok, out, err) = tessera(&[&gpt[..], &["--gflops", "50"]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("dp=2 x pp=1 x tp=2") && out.contains("stage 0: layer 1 ") && !out.contains("layer 0 "),
+        "{out}"
+    );
+    let (ok, _, err) =
+        tessera(&["plan", "--model", "gpt", "--heads", "2", "--width", "64", "--device", "cpu:4", "--tp", "4"]);
+    assert!(!ok && err.contains("tp = 4 does not divide the 2 parts of layer 1 (block 0"), "{err}");
+    let (ok, _, err) = tessera(&["plan", "--heads", "2"]);
+    assert!(!ok && err.contains("--heads shapes a GPT: add --model gpt"), "{err}");
 }
 
 /// Tensor parallelism on simulated GPUs, work deferred and shuffled (a sum read before its

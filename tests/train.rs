@@ -1082,8 +1082,8 @@ fn cli_gpt_on_a_dp_pp_tp_zero_mesh_trains_like_one_device() {
     assert_eq!(a.len(), 2);
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * x), "{a:?} against {b:?}");
     for (args, want) in [
-        (&["--device", "cpu:8", "--tp", "8"][..], "does not divide block 0's 4 heads"),
-        (&["--device", "cpu:3", "--tp", "3"][..], "which 3 does not divide"),
+        (&["--device", "cpu:8", "--tp", "8"][..], "does not divide the 4 parts of layer 1 (block 0"),
+        (&["--device", "cpu:3", "--tp", "3"][..], "tp = 3 does not divide"),
         (&["--device", "cpu:4", "--dp", "1", "--tp", "2"][..], "--dp 1 x --pp 1 x --tp 2 needs 2 devices"),
         (&["--device", "cpu:4", "--tp", "0"][..], "at least 1"),
     ] {

@@ -325,9 +325,28 @@ pub(crate) struct PlanArgs {
     /// Devices: cpu:N, cuda:KxN, sim:N, ...
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceArg,
-    /// Layer widths from inputs to classes.
+    /// Layer widths from inputs to classes (the MLP).
     #[arg(long, default_value = "784,512,512,10")]
     pub(crate) widths: Counts,
+    /// The model: mlp (shaped by --widths) or gpt (shaped by --layers, --heads, --width,
+    /// --context, --vocab).
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub(crate) model: ModelName,
+    /// GPT: transformer blocks [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) layers: Option<usize>,
+    /// GPT: attention heads [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) heads: Option<usize>,
+    /// GPT: width (channels) [default: 128].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) width: Option<usize>,
+    /// GPT: context (tokens per window) [default: 64].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) context: Option<usize>,
+    /// GPT: vocabulary [default: 65, tiny Shakespeare's characters].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) vocab: Option<usize>,
     /// Optimizer (its state is part of the memory).
     #[arg(long, value_enum, default_value = "adamw")]
     pub(crate) optimizer: OptName,

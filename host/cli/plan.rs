@@ -1,6 +1,6 @@
 //! `tessera plan`, and the plan of a training run: from the flags, or from the planner.
 
-use tessera::nn::{MlpConfig, ModelInfo};
+use tessera::nn::{GptConfig, MlpConfig, ModelInfo};
 use tessera::parallel::planner::{self, human_bytes, Budget};
 use tessera::parallel::schedule::Schedule;
 use tessera::parallel::timeline::Timeline;
@@ -8,7 +8,7 @@ use tessera::parallel::{Plan, ScheduleKind};
 use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig};
 use tessera::{Activation, AdamW, DeviceSpec, Devices, Error, Ops, Sgd};
 
-use super::args::{MeshArgs, OptName, PlanArgs, PlanMode};
+use super::args::{MeshArgs, ModelName, OptName, PlanArgs, PlanMode};
 use super::comm_timeout;
 
 /// The memory one of `n` logical devices may use: the machine's (CPU) or the GPU's memory,
@@ -83,6 +83,7 @@ pub(crate) fn make_plan<B: Ops>(
         plan.0 = plan.0.with_layers_per_stage(model, &counts.0)?;
     }
     plan.0 = plan.0.with_accumulate(m.accumulate)?.with_comm_timeout(comm_timeout()?)?;
+    plan.0.validate(model)?;
     match m.zero {
         Some(1) if plan.0.mesh.dp == 1 => {
             return Err(Error::Invalid(format!(
@@ -106,7 +107,34 @@ pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
     if let Some(p) = &a.svg {
         super::train::check_output("--svg", p)?;
     }
-    let model = MlpConfig::new(a.widths.0.clone(), Activation::Relu)?.info();
+    let gpt_flag = [
+        ("--layers", a.layers),
+        ("--heads", a.heads),
+        ("--width", a.width),
+        ("--context", a.context),
+        ("--vocab", a.vocab),
+    ]
+    .into_iter()
+    .find(|(_, v)| v.is_some());
+    let model = match a.model {
+        ModelName::Mlp => {
+            if let Some((flag, _)) = gpt_flag {
+                return Err(Error::Invalid(format!("{flag} shapes a GPT: add --model gpt")));
+            }
+            MlpConfig::new(a.widths.0.clone(), Activation::Relu)?.info()
+        }
+        ModelName::Gpt => {
+            let gpt = GptConfig {
+                vocab: a.vocab.unwrap_or(65),
+                t: a.context.unwrap_or(64),
+                c: a.width.unwrap_or(128),
+                heads: a.heads.unwrap_or(4),
+                layers: a.layers.unwrap_or(4),
+            };
+            gpt.validate()?;
+            gpt.model::<tessera::CpuDevice>()?.info()?
+        }
+    };
     let optimizer = match a.optimizer {
         OptName::Adamw => OptimizerConfig::AdamW(AdamW::default()),
         OptName::Sgd => OptimizerConfig::Sgd(Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 }),

@@ -342,8 +342,9 @@ impl<B: Ops> Layer<B> for Block {
             tp_all_reduce_floats_per_sample: 4 * self.t * self.c,
         }
     }
-    fn check_tp(&self, tp: usize) -> Result<()> {
-        self.local(tp).map(|_| ())
+    fn tp_parts(&self) -> Option<usize> {
+        // Attention splits by heads.
+        Some(self.heads)
     }
 
     fn forward(

@@ -289,12 +289,11 @@ pub trait Layer<B: Backend>: Send + Sync + 'static {
     fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]);
     /// Its cost per sample.
     fn cost(&self) -> LayerCost;
-    /// An error unless the layer can split across a tensor-parallel group of `tp` (beyond its
-    /// split parameters cutting evenly, which the engine checks): e.g. attention needs `tp` to
-    /// divide its heads. Checked when a stage is made, before anything runs.
-    fn check_tp(&self, tp: usize) -> Result<()> {
-        let _ = tp;
-        Ok(())
+    /// The parts its work splits into across a tensor-parallel group, beyond its split
+    /// parameters cutting evenly: `tp` must divide it (attention's heads; `None`, the default:
+    /// no constraint). Checked with the model ([`ModelInfo::check_tp`]) before anything runs.
+    fn tp_parts(&self) -> Option<usize> {
+        None
     }
     /// `y = f(x)` for `cx.rows` rows (`x`: `rows x inputs`, `y`: `rows x outputs`, whose old
     /// contents are undefined), keeping in `saved` what backward needs.
@@ -441,6 +440,8 @@ pub struct LayerInfo {
     pub params: Vec<usize>,
     /// Its cost per sample.
     pub cost: LayerCost,
+    /// [`Layer::tp_parts`].
+    pub tp_parts: Option<usize>,
 }
 
 /// A model described without a device: what the planner, checkpoints and messages need.
@@ -490,6 +491,14 @@ impl ModelInfo {
     /// An error unless every split parameter cuts evenly into `tp` parts, naming the first
     /// that does not.
     pub fn check_tp(&self, tp: usize) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            if let Some(parts) = l.tp_parts.filter(|p| tp == 0 || p % tp != 0) {
+                return Err(Error::Invalid(format!(
+                    "tp = {tp} does not divide the {parts} parts of layer {i} ({}): choose a tp that divides them",
+                    l.kind
+                )));
+            }
+        }
         for p in &self.params {
             if let Some(s) = p.split {
                 let group = p.shape[s.dim] / s.groups;
@@ -722,6 +731,7 @@ impl<B: Backend> Model<B> {
                 outputs: l.outputs(),
                 params: mine,
                 cost: l.cost(),
+                tp_parts: l.tp_parts(),
             });
         }
         let outputs = layers.last().unwrap().outputs;

@@ -78,9 +78,6 @@ impl<B: Ops> Stage<B> {
         let info = model.info()?;
         let (rank, size) = tp.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
         info.check_tp(size)?;
-        for (i, l) in model.layers()[layers.clone()].iter().enumerate() {
-            l.check_tp(size).map_err(|e| in_layer(layers.start + i, l.as_ref(), e))?;
-        }
         if layers.is_empty() || layers.end > info.depth() {
             return Err(Error::Invalid(format!(
                 "stage layers {layers:?} are not inside the model's {} layers",

@@ -394,11 +394,13 @@ mod tests {
         let m = mlp(vec![8, 7, 6, 5, 4]);
         let p = Plan::new(&m, 2, 3, 4, ScheduleKind::GPipe).unwrap().with_accumulate(2).unwrap();
         assert_eq!(Plan::decode(&p.encode()).unwrap(), p);
+        let t = p.clone().with_tp(2).unwrap().with_zero(1).unwrap();
+        assert_eq!(Plan::decode(&t.encode()).unwrap(), t);
         let q = Plan::new(&m, 1, 1, 1, ScheduleKind::OneFOneB).unwrap();
         assert_eq!(Plan::decode(&q.encode()).unwrap(), q);
         let good = p.encode();
         let mut cases: Vec<(Vec<u64>, &str)> = vec![
-            (good[..6].to_vec(), "format"),
+            (good[..7].to_vec(), "format"),
             (vec![1; good.len()], "format"),
             (good[..good.len() - 1].to_vec(), "stages for pp"),
         ];
@@ -406,10 +408,13 @@ mod tests {
         zero[1] = 0;
         cases.push((zero, "none may be 0"));
         let mut sched = good.clone();
-        sched[5] = 9;
+        sched[7] = 9;
         cases.push((sched, "unknown schedule"));
+        let mut zero_stage = good.clone();
+        zero_stage[6] = 2;
+        cases.push((zero_stage, "ZeRO stage 2"));
         let mut order = good.clone();
-        order[8] = order[7];
+        order[10] = order[9];
         cases.push((order, "after one ending"));
         for (v, says) in cases {
             let e = Plan::decode(&v).unwrap_err().to_string();
