@@ -213,8 +213,18 @@ pub(crate) fn print_plan<B: Ops>(
     }
     let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
     let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
-    let stats = schedule.check()?;
-    outln!("schedule: {} (checked: sound; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
+    let sums: Vec<bool> = plan
+        .stages
+        .iter()
+        .map(|r| mesh.tp > 1 && model.layers[r.clone()].iter().any(|l| l.cost.tp_all_reduce_floats_per_sample > 0))
+        .collect();
+    let stats = schedule.check_tp(mesh.tp, &sums)?;
+    let ranks = if mesh.tp > 1 {
+        format!(" on each of {} tensor-parallel ranks, their sums met in the same order", mesh.tp)
+    } else {
+        String::new()
+    };
+    outln!("schedule: {} (checked: sound{ranks}; activations in flight per stage {:?}), time by stage (F forward, B backward = 2 units):", plan.schedule, stats.peak_in_flight);
     out!("{}", schedule.chart());
     outln!(
         "estimate: step {:.2} ms = pipeline {:.2} ms + transfers {:.2} ms + all-reduce {:.2} ms; bubble (p-1)/(m+p-1) = {:.1}%; device budget {} at {:.1} GFLOP/s, links {:.1} GB/s",

@@ -361,6 +361,138 @@ impl Schedule {
         Ok(ScheduleStats { peak_in_flight: peak })
     }
 
+    /// Proves that the schedule stays sound when each stage is spread over `tp` tensor-parallel
+    /// ranks that all run it, and whose forwards and backwards on the stages marked in `sums`
+    /// sum over the stage's ranks inside: see [`Schedule::check_ranks`].
+    pub fn check_tp(&self, tp: usize, sums: &[bool]) -> Result<ScheduleStats> {
+        Self::check_ranks(&vec![self.clone(); tp.max(1)], sums)
+    }
+
+    /// Proves sound a mesh of tensor-parallel ranks, rank `k` running `ranks[k]` (one schedule
+    /// each, of the same stages and microbatches): each rank's schedule is sound alone
+    /// ([`Schedule::check`]); rank `k` of a stage hands activations and gradients to rank `k`
+    /// of its neighbours; and a forward or backward of a stage marked in `sums` is a collective
+    /// of the stage's ranks (the sums inside its layers), which completes only when every rank
+    /// of the stage has reached it. Every rank must issue the same collectives in the same
+    /// order, and no cycle of waits may run through the pipeline and the tensor-parallel groups:
+    /// otherwise an error names the stage, the ranks and what each waits for.
+    pub fn check_ranks(ranks: &[Schedule], sums: &[bool]) -> Result<ScheduleStats> {
+        let Some(first) = ranks.first() else {
+            return Err(Error::Invalid("no tensor-parallel ranks to check".into()));
+        };
+        let p = first.stages();
+        let mut stats = first.check()?;
+        for (k, r) in ranks.iter().enumerate().skip(1) {
+            if r.stages() != p || r.microbatches != first.microbatches {
+                return Err(Error::Invalid(format!(
+                    "tensor-parallel rank {k}'s schedule has {} stages and {} microbatches, rank 0's {p} and {}",
+                    r.stages(),
+                    r.microbatches,
+                    first.microbatches
+                )));
+            }
+            let st = r.check()?;
+            for (a, b) in stats.peak_in_flight.iter_mut().zip(st.peak_in_flight) {
+                *a = (*a).max(b);
+            }
+        }
+        if sums.len() != p {
+            return Err(Error::Invalid(format!("{} stages marked for sums, the schedule has {p}", sums.len())));
+        }
+        let tp = ranks.len();
+        let collective = |a: Action, s: usize| sums[s] && matches!(a, Action::Forward(_) | Action::Backward(_));
+        let bad = |stage: usize, i: usize, action: Action, reason: String| Error::Schedule {
+            stage,
+            index: i,
+            action: action.to_string(),
+            reason,
+        };
+        // Each rank's chain of stages with buffered sends and blocking receives (each alone is
+        // sound: only the waits between them are left to check), the stages' collectives as
+        // barriers of their ranks.
+        let mut pc = vec![vec![0usize; p]; tp];
+        let mut act_q: Vec<Vec<VecDeque<usize>>> = vec![vec![VecDeque::new(); p]; tp];
+        let mut grad_q: Vec<Vec<VecDeque<usize>>> = vec![vec![VecDeque::new(); p]; tp];
+        let at = |pc: &Vec<Vec<usize>>, k: usize, s: usize| ranks[k].actions[s].get(pc[k][s]).copied();
+        loop {
+            let mut progress = false;
+            for k in 0..tp {
+                for s in 0..p {
+                    while let Some(a) = at(&pc, k, s) {
+                        let ready = match a {
+                            Action::RecvAct(mb) => act_q[k][s].front() == Some(&mb),
+                            Action::RecvGrad(mb) => grad_q[k][s].front() == Some(&mb),
+                            _ => true,
+                        };
+                        if !ready || collective(a, s) {
+                            break;
+                        }
+                        match a {
+                            Action::RecvAct(_) => {
+                                act_q[k][s].pop_front();
+                            }
+                            Action::RecvGrad(_) => {
+                                grad_q[k][s].pop_front();
+                            }
+                            Action::SendAct(mb) => act_q[k][s + 1].push_back(mb),
+                            Action::SendGrad(mb) => grad_q[k][s - 1].push_back(mb),
+                            _ => {}
+                        }
+                        pc[k][s] += 1;
+                        progress = true;
+                    }
+                }
+            }
+            // A stage's collective completes when all its ranks stand at it; ranks standing at
+            // different collectives disagree.
+            for s in 0..p {
+                let here: Vec<Option<Action>> = (0..tp).map(|k| at(&pc, k, s)).collect();
+                if here.iter().all(|a| a.is_some_and(|a| collective(a, s))) {
+                    let a0 = here[0].unwrap();
+                    if let Some(k) = (1..tp).find(|&k| here[k] != Some(a0)) {
+                        return Err(bad(
+                            s,
+                            pc[k][s],
+                            here[k].unwrap(),
+                            format!(
+                                "tensor-parallel rank {k} makes this action's sums while rank 0 makes {a0}'s: every rank of a stage must issue the same collectives in the same order"
+                            ),
+                        ));
+                    }
+                    for row in pc.iter_mut() {
+                        row[s] += 1;
+                    }
+                    progress = true;
+                }
+            }
+            if (0..tp).all(|k| (0..p).all(|s| at(&pc, k, s).is_none())) {
+                return Ok(stats);
+            }
+            if !progress {
+                let blocked: Vec<String> = (0..tp)
+                    .flat_map(|k| (0..p).map(move |s| (k, s)))
+                    .filter_map(|(k, s)| {
+                        at(&pc, k, s).map(|a| {
+                            let why = if collective(a, s) { "its sums" } else { "a message" };
+                            format!("stage {s} rank {k} at {a} ({why})")
+                        })
+                    })
+                    .collect();
+                let (k, s) =
+                    (0..tp).flat_map(|k| (0..p).map(move |s| (k, s))).find(|&(k, s)| at(&pc, k, s).is_some()).unwrap();
+                return Err(bad(
+                    s,
+                    pc[k][s],
+                    at(&pc, k, s).unwrap(),
+                    format!(
+                        "waits forever: a cycle of waits through the pipeline and the tensor-parallel groups ({})",
+                        blocked.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+
     /// Simulated timing with a forward taking `fwd[s]` and a backward `bwd[s]` time units on
     /// stage `s` (transfers free): per stage, the spans `(start, end, action)` of its
     /// forwards and backwards, and the makespan. The schedule must be sound.
@@ -509,6 +641,24 @@ mod tests {
         s.actions[1].swap(a, b);
         let e = s.check().unwrap_err().to_string();
         assert!(e.contains("stage 1") && e.contains("sent microbatch 0's activation first"), "{e}");
+    }
+
+    /// Tensor-parallel ranks: the same schedule on every rank is sound; a rank whose stage
+    /// issues its sums in another order is caught.
+    #[test]
+    fn tensor_parallel_ranks_are_checked() {
+        for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+            let s = Schedule::build(kind, 3, 4, &[1; 3]).unwrap();
+            assert!(s.check_tp(4, &[true, false, true]).is_ok());
+        }
+        // Rank 1 runs 1F1B where rank 0 runs GPipe: each is sound alone, but on stage 1 rank 0
+        // makes forward 1's sums while rank 1 makes backward 0's.
+        let gpipe = Schedule::build(ScheduleKind::GPipe, 2, 2, &[0; 2]).unwrap();
+        let ofob = Schedule::build(ScheduleKind::OneFOneB, 2, 2, &[0; 2]).unwrap();
+        let e = Schedule::check_ranks(&[gpipe.clone(), ofob.clone()], &[false, true]).unwrap_err().to_string();
+        assert!(e.contains("same collectives in the same order") && e.contains("stage 1"), "{e}");
+        // Without sums there is nothing to meet at: each rank's pipeline runs on its own.
+        assert!(Schedule::check_ranks(&[gpipe, ofob], &[false, false]).is_ok());
     }
 
     #[test]
