@@ -95,6 +95,15 @@ job() { # job LABEL ARGS...: a training run whose JSON result goes to the summar
 }
 job "default on cuda" --device cuda
 job "cuda:0x4 dp2 pp2" --device cuda:0x4 --dp 2 --pp 2 --microbatches 4 --steps 200
+# Tensor parallelism and ZeRO 1 on logical devices of the card (a stream each).
+job "cuda:0x4 dp2 tp2 zero1" --device cuda:0x4 --dp 2 --tp 2 --zero 1 --steps 200
+echo; echo "== $bin/tessera train --model gpt --device cuda:0x8 --dp 2 --pp 2 --tp 2 --zero 1 --steps 200 --json"
+if out="$("$bin/tessera" train --model gpt --device cuda:0x8 --dp 2 --pp 2 --tp 2 --zero 1 --steps 200 --val-windows 200 --json)"; then
+  echo "$out"
+  note "train gpt on cuda:0x8 dp2 pp2 tp2 zero1: $(tail -n 1 <<<"$out" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("validation loss %.4f after %d steps" % (j["val_loss"], j["steps"]))' 2>/dev/null || tail -c 200 <<<"$out")"
+else
+  echo "!! FAILED: train --model gpt on cuda:0x8 dp2 pp2 tp2 zero1"; status=1; note "FAILED train gpt on the cuda mesh"
+fi
 # The GPT job on the card (nanoGPT's CPU configuration, 2,000 steps), then text from it.
 echo; echo "== $bin/tessera train --model gpt --device cuda --save target/gpt.st --json"
 if out="$("$bin/tessera" train --model gpt --device cuda --save target/gpt.st --json)"; then

@@ -109,6 +109,11 @@ fn gradient_accumulation_equals_more_microbatches() {
     let cfg = config(sgd());
     let want = reference(&cfg, 5);
     let plan = Plan::new(&info(), 2, 2, 2, ScheduleKind::OneFOneB).unwrap().with_accumulate(3).unwrap();
+    let (got, e) = run(&cfg, plan.clone(), 5);
+    assert!(rel_err(&got, &want) <= 1e-5);
+    assert!(e.replicas_identical().unwrap());
+    // And with the state sharded and the layers split: the reduce-scatter after the last pass.
+    let plan = plan.with_zero(1).unwrap().with_tp(2).unwrap();
     let (got, e) = run(&cfg, plan, 5);
     assert!(rel_err(&got, &want) <= 1e-5);
     assert!(e.replicas_identical().unwrap());
