@@ -345,6 +345,8 @@ pub fn choose(
         why.push_str(&format!(": pp={pp} to fit ({} on the fullest stage)", human_bytes(fullest)));
     } else if pp > 1 {
         why.push_str(&format!(": pp={pp} is estimated fastest"));
+    } else if best.plan.mesh.tp > 1 {
+        why.push_str(": one stage");
     } else {
         why.push_str(": one stage fits");
     }
