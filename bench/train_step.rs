@@ -12,10 +12,10 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera::data::{Dataset, TextCorpus};
 use tessera::nn::{GptConfig, MlpConfig};
-use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
 use tessera::parallel::comm::LocalGroup;
 use tessera::parallel::engine::Engine;
 use tessera::parallel::{Plan, ScheduleKind};
+use tessera::train::{LrSchedule, OptimizerConfig, TrainConfig, Trainer};
 use tessera::{Activation, AdamW, Backend, CpuDevice, Ops};
 
 fn config() -> TrainConfig {
