@@ -829,7 +829,7 @@ pub(crate) fn profile_report(
             "profile: host work is counted on simulated devices, which run the GPU's code path: run with --device \
              sim (or sim:N)"
         );
-        return (!traffic.is_empty()).then(|| serde_json::Value::Array(traffic));
+        return (!traffic.is_empty()).then_some(serde_json::Value::Array(traffic));
     }
     if !json {
         for (i, c) in per_step.iter().enumerate() {

@@ -381,12 +381,15 @@ pub trait TpReduce<B: Backend>: Send {
     fn all_reduce_sum(&mut self, buf: &mut B::Buf<f32>) -> Result<()>;
 }
 
+/// A group's reduction and its staging buffers by length.
+type TpInner<B> = (Box<dyn TpReduce<B>>, HashMap<usize, <B as Backend>::Buf<f32>>);
+
 /// The tensor-parallel group of a stage: its rank, its size and the sum over it.
 pub struct TpGroup<B: Backend> {
     rank: usize,
     size: usize,
     /// The reduction, and staging buffers by length (a view is summed through one).
-    inner: Mutex<(Box<dyn TpReduce<B>>, HashMap<usize, B::Buf<f32>>)>,
+    inner: Mutex<TpInner<B>>,
     /// The sums since the last [`TpGroup::take_log`]: start, end, floats.
     log: Mutex<Vec<(std::time::Instant, std::time::Instant, usize)>>,
 }
@@ -414,10 +417,10 @@ impl<B: Backend> TpGroup<B> {
         let start = std::time::Instant::now();
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (reduce, staging) = &mut *guard;
-        if !staging.contains_key(&len) {
-            staging.insert(len, dev.alloc(len)?);
-        }
-        let buf = staging.get_mut(&len).unwrap();
+        let buf = match staging.entry(len) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(dev.alloc(len)?),
+        };
         dev.copy(&B::reborrow(v), &mut B::view_mut(buf))?;
         reduce.all_reduce_sum(buf)?;
         let r = dev.copy(&B::view(buf), v);

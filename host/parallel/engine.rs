@@ -778,7 +778,7 @@ impl<B: LocalGroup> Engine<B> {
         let m = self.plan.mesh;
         for i in 0..m.pp * m.tp {
             let layout = self.workers[i].stage.layout();
-            for k in 0..slots {
+            for (k, full) in out.iter_mut().enumerate() {
                 let mut stage_vec = vec![0f32; layout.len];
                 for w in self.workers.iter().skip(i).step_by(m.pp * m.tp) {
                     let got = w.dev.download(&B::view(&w.state[k]))?;
@@ -790,7 +790,7 @@ impl<B: LocalGroup> Engine<B> {
                         break;
                     }
                 }
-                layout.scatter(&self.info, &stage_vec, &mut out[k]);
+                layout.scatter(&self.info, &stage_vec, full);
             }
         }
         Ok(out)
