@@ -1,7 +1,7 @@
 //! No module imports from one above it. The layers, bottom to top: the base (errors, the
 //! random generator, data) -> kernels -> backend (with tensors and device specs) -> ops -> nn
 //! (and the f64 reference and the test harness) -> train (and checkpoints) -> parallel -> the
-//! command line. Inside `parallel`: schedules and timelines -> communicators -> the planner ->
+//! command line. Inside `parallel`: schedules and timelines -> communicators -> shards -> the planner ->
 //! the engine -> MPI. Every `crate::...` path in the library's code (comments aside) is checked
 //! against this order.
 
@@ -20,6 +20,7 @@ fn layer(path: &[&str]) -> Option<f64> {
         ["train" | "checkpoint", ..] => 5.0,
         ["parallel", "schedule" | "timeline", ..] => 6.0,
         ["parallel", "comm" | "nccl", ..] => 6.1,
+        ["parallel", "shard", ..] => 6.15,
         ["parallel", "planner", ..] => 6.2,
         ["parallel", "engine", ..] => 6.3,
         ["parallel", "mpi", ..] => 6.4,

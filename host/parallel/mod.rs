@@ -13,6 +13,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod planner;
 pub mod schedule;
+pub(crate) mod shard;
 pub mod timeline;
 
 use std::ops::Range;

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::nn::ModelInfo;
 use crate::ops::gemm::Gemm;
 use crate::ops::Ops;
-use crate::parallel::engine::{tied_params, Shard};
 use crate::parallel::schedule::{bubble_fraction, Schedule, ScheduleKind};
+use crate::parallel::shard::{tied_params, Shard};
 use crate::parallel::Plan;
 use crate::train::TrainConfig;
 
