@@ -332,11 +332,14 @@ fn the_test_set_is_checked_before_training() {
 
 #[test]
 fn impossible_plans_are_explained_not_panics() {
+    // Hidden widths of 511 = 7 x 73: no tensor-parallel split of 2, 4 or 1000 devices helps
+    // either (where one does, the planner uses it: see tests/parallel.rs).
+    const W: [&str; 2] = ["--widths", "784,511,511,10"];
     for args in [
-        &["train", "--device", "cpu:1000", "--steps", "1"][..],
-        &["train", "--device", "cpu:4", "--batch", "1", "--steps", "1"],
-        &["plan", "--device", "cpu:1000"],
-        &["plan", "--device", "cpu:4", "--batch", "1"],
+        &["train", "--device", "cpu:1000", "--steps", "1", W[0], W[1]][..],
+        &["train", "--device", "cpu:4", "--batch", "1", "--steps", "1", W[0], W[1]],
+        &["plan", "--device", "cpu:1000", W[0], W[1]],
+        &["plan", "--device", "cpu:4", "--batch", "1", W[0], W[1]],
     ] {
         let (ok, _, err) = tessera(args);
         assert!(!ok, "{args:?}");

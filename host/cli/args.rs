@@ -168,18 +168,8 @@ pub(crate) struct TrainArgs {
     /// Shakespeare, nanoGPT's CPU configuration by default).
     #[arg(long, value_enum, default_value = "mlp")]
     pub(crate) model: ModelName,
-    /// GPT: transformer blocks [default: 4].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) layers: Option<usize>,
-    /// GPT: attention heads [default: 4].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) heads: Option<usize>,
-    /// GPT: width (channels) [default: 128].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) width: Option<usize>,
-    /// GPT: context (characters per window) [default: 64].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) context: Option<usize>,
+    #[command(flatten)]
+    pub(crate) shape: GptShape,
     /// GPT: the validation loss every N steps (and at the end) [default: 250].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) eval_every: Option<u64>,
@@ -267,6 +257,44 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A GPT's shape flags (`train --model gpt` and `plan --model gpt`).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct GptShape {
+    /// GPT: transformer blocks [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) layers: Option<usize>,
+    /// GPT: attention heads [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) heads: Option<usize>,
+    /// GPT: width (channels) [default: 128].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) width: Option<usize>,
+    /// GPT: context (characters per window) [default: 64].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) context: Option<usize>,
+}
+
+impl GptShape {
+    /// The GPT of these flags over `vocab` tokens, nanoGPT's CPU configuration where they are
+    /// silent.
+    pub(crate) fn config(&self, vocab: usize) -> tessera::nn::GptConfig {
+        tessera::nn::GptConfig {
+            vocab,
+            t: self.context.unwrap_or(64),
+            c: self.width.unwrap_or(128),
+            heads: self.heads.unwrap_or(4),
+            layers: self.layers.unwrap_or(4),
+        }
+    }
+    /// The first of the flags given, if any.
+    pub(crate) fn first_given(&self) -> Option<&'static str> {
+        [("--layers", self.layers), ("--heads", self.heads), ("--width", self.width), ("--context", self.context)]
+            .into_iter()
+            .find(|(_, v)| v.is_some())
+            .map(|(f, _)| f)
+    }
+}
+
 /// `--zero`: 0 or 1.
 pub(crate) fn zero_stage(s: &str) -> Result<usize, String> {
     match s {
@@ -332,18 +360,8 @@ pub(crate) struct PlanArgs {
     /// --context, --vocab).
     #[arg(long, value_enum, default_value = "mlp")]
     pub(crate) model: ModelName,
-    /// GPT: transformer blocks [default: 4].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) layers: Option<usize>,
-    /// GPT: attention heads [default: 4].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) heads: Option<usize>,
-    /// GPT: width (channels) [default: 128].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) width: Option<usize>,
-    /// GPT: context (tokens per window) [default: 64].
-    #[arg(long, value_parser = at_least_one)]
-    pub(crate) context: Option<usize>,
+    #[command(flatten)]
+    pub(crate) shape: GptShape,
     /// GPT: vocabulary [default: 65, tiny Shakespeare's characters].
     #[arg(long, value_parser = at_least_one)]
     pub(crate) vocab: Option<usize>,

@@ -73,10 +73,10 @@ fn gpt_config(
         })?;
         let mut conflicts = Vec::new();
         for (flag, given, was) in [
-            ("--layers", a.layers, gpt.layers),
-            ("--heads", a.heads, gpt.heads),
-            ("--width", a.width, gpt.c),
-            ("--context", a.context, gpt.t),
+            ("--layers", a.shape.layers, gpt.layers),
+            ("--heads", a.shape.heads, gpt.heads),
+            ("--width", a.shape.width, gpt.c),
+            ("--context", a.shape.context, gpt.t),
         ] {
             if given.is_some_and(|g| g != was) {
                 conflicts.push(format!("{flag} (checkpoint: {was})"));
@@ -106,13 +106,7 @@ fn gpt_config(
         }
         return Ok((gpt, c.config.clone(), c.batch, steps));
     }
-    let gpt = GptConfig {
-        vocab,
-        t: a.context.unwrap_or(64),
-        c: a.width.unwrap_or(128),
-        heads: a.heads.unwrap_or(4),
-        layers: a.layers.unwrap_or(4),
-    };
+    let gpt = a.shape.config(vocab);
     gpt.validate()?;
     let steps = a.steps.unwrap_or(2000);
     let optimizer =

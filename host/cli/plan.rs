@@ -1,6 +1,6 @@
 //! `tessera plan`, and the plan of a training run: from the flags, or from the planner.
 
-use tessera::nn::{GptConfig, MlpConfig, ModelInfo};
+use tessera::nn::{MlpConfig, ModelInfo};
 use tessera::parallel::planner::{self, human_bytes, Budget};
 use tessera::parallel::schedule::Schedule;
 use tessera::parallel::timeline::Timeline;
@@ -107,30 +107,16 @@ pub(crate) fn plan(a: PlanArgs) -> tessera::Result<()> {
     if let Some(p) = &a.svg {
         super::train::check_output("--svg", p)?;
     }
-    let gpt_flag = [
-        ("--layers", a.layers),
-        ("--heads", a.heads),
-        ("--width", a.width),
-        ("--context", a.context),
-        ("--vocab", a.vocab),
-    ]
-    .into_iter()
-    .find(|(_, v)| v.is_some());
+    let gpt_flag = a.shape.first_given().or(a.vocab.map(|_| "--vocab"));
     let model = match a.model {
         ModelName::Mlp => {
-            if let Some((flag, _)) = gpt_flag {
+            if let Some(flag) = gpt_flag {
                 return Err(Error::Invalid(format!("{flag} shapes a GPT: add --model gpt")));
             }
             MlpConfig::new(a.widths.0.clone(), Activation::Relu)?.info()
         }
         ModelName::Gpt => {
-            let gpt = GptConfig {
-                vocab: a.vocab.unwrap_or(65),
-                t: a.context.unwrap_or(64),
-                c: a.width.unwrap_or(128),
-                heads: a.heads.unwrap_or(4),
-                layers: a.layers.unwrap_or(4),
-            };
+            let gpt = a.shape.config(a.vocab.unwrap_or(65));
             gpt.validate()?;
             gpt.model::<tessera::CpuDevice>()?.info()?
         }

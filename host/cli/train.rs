@@ -196,10 +196,7 @@ pub(crate) fn train(a: TrainArgs, world: World) -> tessera::Result<()> {
         return super::gpt::train_gpt(&a, world);
     }
     for (flag, given) in [
-        ("--layers", a.layers.is_some()),
-        ("--heads", a.heads.is_some()),
-        ("--width", a.width.is_some()),
-        ("--context", a.context.is_some()),
+        (a.shape.first_given().unwrap_or_default(), a.shape.first_given().is_some()),
         ("--eval-every", a.eval_every.is_some()),
         ("--val-windows", a.val_windows.is_some()),
     ] {

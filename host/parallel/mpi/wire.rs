@@ -82,14 +82,7 @@ impl StageGroup {
 
     /// The MPI ring over this group.
     pub fn ring<B: Ops>(self, dev: &B) -> Result<MpiComm<B>> {
-        let (rank, size) = (self.rank, self.size);
-        let wire = MpiWire {
-            out: Outbox::new(&self.world),
-            world: self.world,
-            comm: self.comm,
-            world_ranks: self.world_ranks,
-        };
-        Ok(MpiComm::new(rank, size, dev.with_own_queue()?, wire))
+        Ok(self.ring_in_line(&dev.with_own_queue()?))
     }
 }
 
