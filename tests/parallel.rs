@@ -394,6 +394,24 @@ fn a_researchers_own_layer_passes_the_oracle_grid() {
                 }
             }
         }
+        // Its layers split nothing: under tensor parallelism they run whole on every rank,
+        // and ZeRO shards their state (the shared matrix's buckets stay whole).
+        for (dp, pp, tp, zero) in [(1, 1, 2, 0), (2, 2, 2, 1), (2, 3, 1, 1)] {
+            let plan = Plan::new(&info, dp, pp, 2, ScheduleKind::OneFOneB)
+                .unwrap()
+                .with_tp(tp)
+                .unwrap()
+                .with_zero(zero)
+                .unwrap();
+            let desc = plan.describe();
+            let devs: Vec<CpuDevice> = (0..dp * pp * tp).map(CpuDevice::new).collect();
+            let mut e = Engine::new(&devs, &model, cfg.clone(), plan).unwrap();
+            tessera::train::fit(&mut e, &data(), 26, 5, &mut Cursor::default(), |_, _, _| Ok(())).unwrap();
+            let err = rel_err(&e.params().unwrap(), &want);
+            worst = worst.max(err);
+            assert!(err <= tol, "{desc}: relative error {err:.3e}");
+            assert!(e.replicas_identical().unwrap(), "{desc}: replicas or shared copies diverged");
+        }
         eprintln!("own layer, {}: worst relative error over the grid {worst:.3e}", cfg.optimizer.name());
     }
 }
