@@ -3,18 +3,24 @@
 // Layout: row-major, contiguous f32. A batch of B sequences of T positions is rows = B*T rows
 // of c channels (row r is position r % T of sequence r / T).
 //
-// embed_fwd(rows, t, c, vocab, ids, wte, wpe, out)
-//   out[r, :] = wte[ids[r], :] + wpe[r % t, :]. ids are token ids held as f32 whole numbers
-//   (exact below 2^24); an id that is not a whole number in 0..vocab gives a NaN row (the host
-//   checks ids where they come from; the CPU refuses them). wte is vocab x c, wpe at least t x c.
-//   Launch: block (TESSERA_EMBED_THREADS,1,1), any grid (grid-stride over rows; threads over c).
-// embed_bwd_wte(rows, c, vocab, ids, dout, keep, dwte)
-//   dwte[v, :] = keep * dwte[v, :] + sum over r with ids[r] == v of dout[r, :], r in increasing
-//   order: each block owns its rows of the table and scans the ids, so no two blocks write one
-//   element and the sum's order does not depend on timing (no atomics: same bits every run).
-//   keep == 0: dwte is not read. Launch: block (TESSERA_EMBED_THREADS,1,1), grid (any, ceil(c /
-//   TESSERA_EMBED_THREADS), 1): blockIdx.x grid-strides over the vocabulary, blockIdx.y picks
-//   TESSERA_EMBED_THREADS channels.
+// embed_fwd(rows, t, c, vocab, first, count, pos, ids, wte, wpe, out)
+//   out[r, :] = wte[ids[r] - first, :] + pos * wpe[r % t, :], the token's row taken as 0 when
+//   ids[r] is outside first..first+count (wte holds those count rows of a vocab x c table: the
+//   whole table with first = 0, count = vocab; one rank's part of a vocabulary-parallel one
+//   otherwise, pos = 1 on one rank and 0 on the others, the parts then summed). ids are token
+//   ids held as f32 whole numbers (exact below 2^24); an id that is not a whole number in
+//   0..vocab gives a NaN row (the host checks ids where they come from; the CPU refuses them).
+//   wpe holds at least t x c. With first = 0, count = vocab and pos = 1 the bits are those of
+//   wte[id] + wpe[p]. Launch: block (TESSERA_EMBED_THREADS,1,1), any grid (grid-stride over rows;
+//   threads over c).
+// embed_bwd_wte(rows, c, first, count, ids, dout, keep, dwte)
+//   dwte[v, :] = keep * dwte[v, :] + sum over r with ids[r] == first + v of dout[r, :], r in
+//   increasing order, for the count rows v of the table part: each block owns its rows of the
+//   table and scans the ids, so no two blocks write one element and the sum's order does not
+//   depend on timing (no atomics: same bits every run). keep == 0: dwte is not read. Launch:
+//   block (TESSERA_EMBED_THREADS,1,1), grid (any, ceil(c / TESSERA_EMBED_THREADS), 1):
+//   blockIdx.x grid-strides over the part's rows, blockIdx.y picks TESSERA_EMBED_THREADS
+//   channels.
 // embed_bwd_wpe(rows, t, c, dout, keep, dwpe)
 //   dwpe[p, :] = keep * dwpe[p, :] + sum over b of dout[b*t + p, :], b in increasing order
 //   (rows a multiple of t). Launch: as embed_bwd_wte, blockIdx.x grid-striding over positions.
@@ -128,22 +134,24 @@ __device__ __forceinline__ void row_stats(const float* xr, int c, float eps, int
 
 }  // namespace
 
-extern "C" __global__ __launch_bounds__(256) void embed_fwd(int rows, int t, int c, int vocab, const float* ids, const float* wte, const float* wpe, float* out) {
+extern "C" __global__ __launch_bounds__(256) void embed_fwd(int rows, int t, int c, int vocab, int first, int count, float pos, const float* ids, const float* wte, const float* wpe, float* out) {
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
     const float f = ids[r];
     const bool ok = f >= 0.0f && f < (float)vocab && f == floorf(f);
-    const long long w = ok ? (long long)f * c : 0;
+    const bool mine = ok && f >= (float)first && f < (float)first + (float)count;
+    const long long w = mine ? ((long long)f - first) * c : 0;
     const long long p = (long long)(r % t) * c;
     const long long o = (long long)r * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) out[o + j] = ok ? wte[w + j] + wpe[p + j] : __int_as_float(0x7fc00000);
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+      out[o + j] = ok ? (mine ? wte[w + j] : 0.0f) + pos * wpe[p + j] : __int_as_float(0x7fc00000);
   }
 }
 
-extern "C" __global__ __launch_bounds__(256) void embed_bwd_wte(int rows, int c, int vocab, const float* ids, const float* dout, float keep, float* dwte) {
+extern "C" __global__ __launch_bounds__(256) void embed_bwd_wte(int rows, int c, int first, int count, const float* ids, const float* dout, float keep, float* dwte) {
   const int j = blockIdx.y * blockDim.x + threadIdx.x;
-  for (int v = blockIdx.x; v < vocab; v += gridDim.x) {
+  for (int v = blockIdx.x; v < count; v += gridDim.x) {
     if (j >= c) continue;
-    const float fv = (float)v;
+    const float fv = (float)(first + v);
     float acc = 0.0f;
     for (int r = 0; r < rows; ++r)
       if (ids[r] == fv) acc += dout[(long long)r * c + j];

@@ -196,6 +196,46 @@ fn embedding<B: Ops>(d: &B) {
             assert_close(&format!("{name} dwpe keep {keep:?}"), &gp, &wp, 1e-5, 1e-5);
             assert!(run() == (gw, gp), "{name}: a second backward gave other bits");
         }
+        // Vocabulary-parallel parts (uneven: chunks of the vocabulary over 3 ranks), positions
+        // on the first: the parts' outputs sum to the whole embedding, bit for bit, and each
+        // part's table gradient is its rows of the whole one.
+        let whole = down(d, &out);
+        let (mut gw_whole, mut gp_whole) = (poisoned(d, vocab * c), poisoned(d, tmax * c));
+        d.embed_backward(
+            t,
+            c,
+            &B::view(&ib),
+            &B::view(&dob),
+            (0.0, 0.0),
+            &mut B::view_mut(&mut gw_whole),
+            &mut B::view_mut(&mut gp_whole),
+        )
+        .unwrap();
+        let (gw_whole, gp_whole) = (down(d, &gw_whole), down(d, &gp_whole));
+        let mut sum = vec![0f32; rows * c];
+        for (k, part_rows) in tessera::parallel::comm::chunks(vocab, 3).into_iter().enumerate() {
+            let part = tessera::ops::transformer::VocabPart { first: part_rows.start, vocab, positions: k == 0 };
+            let wb = up(d, &wte[part_rows.start * c..part_rows.end * c]);
+            let mut o = poisoned(d, rows * c);
+            d.embed_forward_part(t, c, part, &B::view(&ib), &B::view(&wb), &B::view(&wpeb), &mut B::view_mut(&mut o))
+                .unwrap();
+            sum.iter_mut().zip(down(d, &o)).for_each(|(s, v)| *s += v);
+            let (mut gw, mut gp) = (poisoned(d, part_rows.len() * c), poisoned(d, tmax * c));
+            d.embed_backward_part(
+                t,
+                c,
+                part,
+                &B::view(&ib),
+                &B::view(&dob),
+                (0.0, 0.0),
+                &mut B::view_mut(&mut gw),
+                &mut B::view_mut(&mut gp),
+            )
+            .unwrap();
+            assert!(down(d, &gw) == gw_whole[part_rows.start * c..part_rows.end * c], "{name}: part {k}'s dwte");
+            assert!(down(d, &gp)[..t * c] == gp_whole[..t * c], "{name}: part {k}'s dwpe");
+        }
+        assert!(sum == whole, "{name}: the parts sum to the whole embedding");
     }
     // Bad ids: out of range, negative, not whole.
     let (t, c, vocab) = (2, 4, 5);

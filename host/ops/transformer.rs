@@ -15,7 +15,7 @@ use crate::backend::cpu::math::fast_exp;
 use crate::backend::cpu::{lane_sum, wide, CpuDevice};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::sim::{SimDevice, SimView, SimViewMut};
-use crate::backend::{check_len, Backend};
+use crate::backend::{check_len, Backend, ViewLen};
 use crate::error::{Error, Result};
 use crate::kernels::consts;
 use crate::ops::{as_i32, as_u32};
@@ -25,6 +25,19 @@ const LN_BLOCK_ROWS: usize = 64;
 
 /// The LayerNorm epsilon of PyTorch and GPT-2.
 pub const LAYERNORM_EPS: f32 = 1e-5;
+
+/// Which rows of a `vocab x c` token table a part holds (a vocabulary-parallel rank's: rows
+/// `first..first + rows of the part`), and whether it adds the positions (one rank of a group
+/// does, so that the parts sum to the whole embedding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VocabPart {
+    /// The first token of the part.
+    pub first: usize,
+    /// Tokens of the whole table (ids must lie in `0..vocab`).
+    pub vocab: usize,
+    /// Whether this part adds the position embedding.
+    pub positions: bool,
+}
 
 /// Embedding and LayerNorm.
 pub trait TransformerOps: Backend {
@@ -41,6 +54,24 @@ pub trait TransformerOps: Backend {
         wte: &Self::Ref<'_, f32>,
         wpe: &Self::Ref<'_, f32>,
         out: &mut Self::Mut<'_, f32>,
+    ) -> Result<()> {
+        let part = VocabPart { first: 0, vocab: wte.view_len() / c.max(1), positions: true };
+        self.embed_forward_part(t, c, part, ids, wte, wpe, out)
+    }
+    /// [`TransformerOps::embed_forward`] with a part of the token table (`wte` holds rows
+    /// `part.first..` of a `part.vocab x c` table): a token outside the part takes a zero row,
+    /// and the positions are added only if `part.positions`. The parts of a table, summed, give
+    /// the whole embedding (the first with positions): a vocabulary-parallel embedding.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_forward_part(
+        &self,
+        t: usize,
+        c: usize,
+        part: VocabPart,
+        ids: &Self::Ref<'_, f32>,
+        wte: &Self::Ref<'_, f32>,
+        wpe: &Self::Ref<'_, f32>,
+        out: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
     /// The tables' gradients from `dout` (`rows x c`): `dwte = keep.0 * dwte + ` the sum of the
     /// rows of each token, `dwpe[p] = keep.1 * dwpe[p] + ` the sum over sequences of position
@@ -51,6 +82,24 @@ pub trait TransformerOps: Backend {
         &self,
         t: usize,
         c: usize,
+        ids: &Self::Ref<'_, f32>,
+        dout: &Self::Ref<'_, f32>,
+        keep: (f32, f32),
+        dwte: &mut Self::Mut<'_, f32>,
+        dwpe: &mut Self::Mut<'_, f32>,
+    ) -> Result<()> {
+        let part = VocabPart { first: 0, vocab: dwte.view_len() / c.max(1), positions: true };
+        self.embed_backward_part(t, c, part, ids, dout, keep, dwte, dwpe)
+    }
+    /// [`TransformerOps::embed_backward`] for a part of the token table: `dwte` holds the
+    /// gradient of rows `part.first..` only (each summing its token's rows); `dwpe` as there
+    /// (whole, whatever the part).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_backward_part(
+        &self,
+        t: usize,
+        c: usize,
+        part: VocabPart,
         ids: &Self::Ref<'_, f32>,
         dout: &Self::Ref<'_, f32>,
         keep: (f32, f32),
@@ -118,6 +167,34 @@ pub trait TransformerOps: Backend {
         dgamma: &mut Self::Mut<'_, f32>,
         dbeta: &mut Self::Mut<'_, f32>,
     ) -> Result<()>;
+}
+
+/// [`check_embed`] for a part of the table: the part inside the whole `part.vocab` rows.
+/// Returns `(rows, rows of the part)`.
+fn check_embed_part(
+    t: usize,
+    c: usize,
+    part: VocabPart,
+    ids: usize,
+    wte: usize,
+    wpe: usize,
+    out: usize,
+) -> Result<(usize, usize)> {
+    // A part may hold no rows (a rank of a group larger than the vocabulary).
+    let (rows, count) = match wte {
+        0 => (check_embed(t, c, ids, c, wpe, out)?.0, 0),
+        _ => check_embed(t, c, ids, wte, wpe, out)?,
+    };
+    if part.first + count > part.vocab {
+        return Err(Error::shape(
+            "embedding",
+            format!(
+                "a part of {count} token rows from token {} does not fit a vocabulary of {}",
+                part.first, part.vocab
+            ),
+        ));
+    }
+    Ok((rows, count))
 }
 
 /// Rows of an embedding, checked: `ids` a whole number of sequences of `t`, the tables holding
@@ -259,40 +336,51 @@ fn small_mm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
 }
 
 impl TransformerOps for CpuDevice {
-    fn embed_forward(
+    fn embed_forward_part(
         &self,
         t: usize,
         c: usize,
+        part: VocabPart,
         ids: &&[f32],
         wte: &&[f32],
         wpe: &&[f32],
         out: &mut &mut [f32],
     ) -> Result<()> {
-        let (rows, vocab) = check_embed(t, c, ids.len(), wte.len(), wpe.len(), out.len())?;
-        let toks = (0..rows).map(|r| token(ids, r, vocab)).collect::<Result<Vec<_>>>()?;
+        let (rows, count) = check_embed_part(t, c, part, ids.len(), wte.len(), wpe.len(), out.len())?;
+        let toks = (0..rows).map(|r| token(ids, r, part.vocab)).collect::<Result<Vec<_>>>()?;
+        let pos = if part.positions { 1.0f32 } else { 0.0 };
         out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-            let (w, p) = (&wte[toks[r] * c..][..c], &wpe[(r % t) * c..][..c]);
-            o.iter_mut().zip(w.iter().zip(p)).for_each(|(o, (a, b))| *o = a + b);
+            let p = &wpe[(r % t) * c..][..c];
+            match toks[r].checked_sub(part.first).filter(|&v| v < count) {
+                Some(v) => {
+                    let w = &wte[v * c..][..c];
+                    o.iter_mut().zip(w.iter().zip(p)).for_each(|(o, (a, b))| *o = a + pos * b);
+                }
+                None => o.iter_mut().zip(p).for_each(|(o, b)| *o = 0.0 + pos * b),
+            }
         });
         Ok(())
     }
 
-    fn embed_backward(
+    fn embed_backward_part(
         &self,
         t: usize,
         c: usize,
+        part: VocabPart,
         ids: &&[f32],
         dout: &&[f32],
         keep: (f32, f32),
         dwte: &mut &mut [f32],
         dwpe: &mut &mut [f32],
     ) -> Result<()> {
-        let (rows, vocab) = check_embed(t, c, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
+        let (rows, count) = check_embed_part(t, c, part, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
         // Each token's rows in increasing order (a stable bucketing), then each table row sums its
         // own: the order of the GPU kernel.
-        let mut by_token: Vec<Vec<usize>> = vec![Vec::new(); vocab];
+        let mut by_token: Vec<Vec<usize>> = vec![Vec::new(); count];
         for r in 0..rows {
-            by_token[token(ids, r, vocab)?].push(r);
+            if let Some(v) = token(ids, r, part.vocab)?.checked_sub(part.first).filter(|&v| v < count) {
+                by_token[v].push(r);
+            }
         }
         dwte.par_chunks_mut(c).zip(by_token.par_iter()).for_each(|(w, rs)| {
             let mut acc = vec![0f32; c];
@@ -553,52 +641,69 @@ pub(crate) fn layernorm_launch(rows: usize, sms: usize) -> LaunchConfig {
 macro_rules! gpu_impl {
     ($dev:ident, $view:ident, $view_mut:ident) => {
         impl TransformerOps for $dev {
-            fn embed_forward(
+            fn embed_forward_part(
                 &self,
                 t: usize,
                 c: usize,
+                part: VocabPart,
                 ids: &$view<'_, f32>,
                 wte: &$view<'_, f32>,
                 wpe: &$view<'_, f32>,
                 out: &mut $view_mut<'_, f32>,
             ) -> Result<()> {
-                let (rows, vocab) = check_embed(t, c, ids.len(), wte.len(), wpe.len(), out.len())?;
+                let (rows, count) = check_embed_part(t, c, part, ids.len(), wte.len(), wpe.len(), out.len())?;
                 let (r, t32, c32, v) = (
                     as_i32("embedding", "rows", rows)?,
                     as_i32("embedding", "t", t)?,
                     as_i32("embedding", "c", c)?,
-                    as_i32("embedding", "vocab", vocab)?,
+                    as_i32("embedding", "vocab", part.vocab)?,
                 );
+                let (first, n) = (as_i32("embedding", "first", part.first)?, as_i32("embedding", "count", count)?);
+                let pos = if part.positions { 1.0f32 } else { 0.0 };
                 let mut cfg = embed_launch(rows, c, self.sms())?;
                 cfg.grid_dim.1 = 1;
-                // SAFETY: ids hold rows, out rows*c, wte vocab*c and wpe at least t*c elements
-                // (checked); the kernel reads wte only at ids it has range-checked.
-                unsafe { self.kernels().transformer.embed_fwd(self.stream(), cfg, r, t32, c32, v, ids, wte, wpe, out) }
-                    .map_err(Error::driver("launching embed_fwd"))
+                // SAFETY: ids hold rows, out rows*c, wte count*c and wpe at least t*c elements
+                // (checked); the kernel reads wte only at ids it has range-checked into the part.
+                unsafe {
+                    self.kernels().transformer.embed_fwd(
+                        self.stream(),
+                        cfg,
+                        r,
+                        t32,
+                        c32,
+                        v,
+                        first,
+                        n,
+                        pos,
+                        ids,
+                        wte,
+                        wpe,
+                        out,
+                    )
+                }
+                .map_err(Error::driver("launching embed_fwd"))
             }
 
-            fn embed_backward(
+            fn embed_backward_part(
                 &self,
                 t: usize,
                 c: usize,
+                part: VocabPart,
                 ids: &$view<'_, f32>,
                 dout: &$view<'_, f32>,
                 keep: (f32, f32),
                 dwte: &mut $view_mut<'_, f32>,
                 dwpe: &mut $view_mut<'_, f32>,
             ) -> Result<()> {
-                let (rows, vocab) = check_embed(t, c, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
-                let (r, t32, c32, v) = (
-                    as_i32("embedding", "rows", rows)?,
-                    as_i32("embedding", "t", t)?,
-                    as_i32("embedding", "c", c)?,
-                    as_i32("embedding", "vocab", vocab)?,
-                );
+                let (rows, count) = check_embed_part(t, c, part, ids.len(), dwte.len(), dwpe.len(), dout.len())?;
+                let (r, t32, c32) =
+                    (as_i32("embedding", "rows", rows)?, as_i32("embedding", "t", t)?, as_i32("embedding", "c", c)?);
+                let (first, n) = (as_i32("embedding", "first", part.first)?, as_i32("embedding", "count", count)?);
                 let k = &self.kernels().transformer;
-                let cfg = embed_launch(vocab, c, self.sms())?;
-                // SAFETY: ids hold rows, dout rows*c, dwte vocab*c (checked); block (x, y) owns the
-                // table rows x, x + gridDim.x, ... for channels of its y block, guarded by c.
-                unsafe { k.embed_bwd_wte(self.stream(), cfg, r, c32, v, ids, dout, keep.0, dwte) }
+                let cfg = embed_launch(count, c, self.sms())?;
+                // SAFETY: ids hold rows, dout rows*c, dwte count*c (checked); block (x, y) owns the
+                // part's rows x, x + gridDim.x, ... for channels of its y block, guarded by c.
+                unsafe { k.embed_bwd_wte(self.stream(), cfg, r, c32, first, n, ids, dout, keep.0, dwte) }
                     .map_err(Error::driver("launching embed_bwd_wte"))?;
                 let cfg = embed_launch(t, c, self.sms())?;
                 // SAFETY: dout holds rows*c with rows a multiple of t, dwpe at least t*c (checked).
