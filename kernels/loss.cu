@@ -11,6 +11,21 @@
 // pass, the backward only).
 // (The MSE kernels, mse_partial and mse_bwd, live in reduce.cu next to partial_sum.)
 //
+// Vocabulary-parallel cross-entropy (the classes split over the ranks of a group; logits holds
+// this rank's columns first..first+cols of each row of a rows x vocab matrix):
+//   xent_part_stats(rows, cols, first, vocab, slots, slot, logits, labels, stats)
+//     stats is rows x (slots + 1): the rank writes stats[r, slot] = log sum_c exp(logits[r, c])
+//     over its columns (-inf with no columns), zero in the other slots < slots, and
+//     stats[r, slots] = logits[r, labels[r] - first] when the label is its, else 0. Summed over
+//     the ranks (one all-reduce of rows x (slots + 1) floats) stats hold every rank's
+//     log-sum-exp and the label's logit; the logits never leave their rank. A label outside
+//     0..vocab: NaN in the slot.
+//   xent_part_bwd(rows, cols, first, slots, logits, labels, stats, scale, row_loss, dlogits)
+//     From the summed stats: lse = the log-sum-exp of the slots (their max first), row_loss[r] =
+//     lse - stats[r, slots], dlogits[r, c] = scale * (exp(logits[r, c] - lse) - (first + c ==
+//     labels[r])) for the rank's columns (dlogits may equal logits).
+//   Launch: as xent (one warp per row).
+//
 // Layout: logits and dlogits are rows x cols row-major f32 (ld = cols); labels has rows int32
 // entries; row_loss has rows entries. dlogits may equal logits: each lane reads and writes only its own
 // columns (c == lane mod 32), and a row's max, sum and logits[r, label] reach every lane through
@@ -94,6 +109,57 @@ __device__ __forceinline__ void xent_row(int rows, int cols, const float* logits
 }
 
 }  // namespace
+
+extern "C" __global__ __launch_bounds__(256) void xent_part_stats(int rows, int cols, int first, int vocab, int slots, int slot, const float* logits, const int* labels, float* stats) {
+  const int row = blockIdx.x * (TESSERA_XENT_THREADS / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warp
+  const float* x = logits + (long long)row * cols;
+  const int label = labels[row];
+  float m = -INFINITY, s = 0.0f, z = 0.0f;
+  for (int c = lane; c < cols; c += 32) {
+    const float v = x[c];
+    if (first + c == label) z = v;
+    if (v > m) {
+      s = s * expf(m - v) + 1.0f;
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
+  }
+  const float mx = tessera_warp_max(m);
+  s = tessera_warp_sum(m == -INFINITY ? 0.0f : s * expf(m - mx));
+  z = tessera_warp_sum(z);
+  if (lane == 0) {
+    float* st = stats + (long long)row * (slots + 1);
+    for (int k = 0; k < slots; ++k) st[k] = 0.0f;
+    const bool bad = label < 0 || label >= vocab;
+    st[slot] = bad ? __int_as_float(0x7fc00000) : (mx == -INFINITY ? -INFINITY : mx + logf(s));
+    st[slots] = z;
+  }
+}
+
+extern "C" __global__ __launch_bounds__(256) void xent_part_bwd(int rows, int cols, int first, int slots, const float* logits, const int* labels, const float* stats, float scale, float* row_loss, float* dlogits) {
+  const int row = blockIdx.x * (TESSERA_XENT_THREADS / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warp
+  const float* st = stats + (long long)row * (slots + 1);
+  float mx = -INFINITY;
+  bool nan = false;
+  for (int k = 0; k < slots; ++k) {
+    nan = nan || st[k] != st[k];
+    mx = st[k] > mx ? st[k] : mx;
+  }
+  float s = 0.0f;
+  for (int k = 0; k < slots; ++k)
+    if (st[k] != -INFINITY) s += expf(st[k] - mx);
+  const float lse = nan ? __int_as_float(0x7fc00000) : mx + logf(s);
+  const int label = labels[row];
+  if (lane == 0) row_loss[row] = lse - st[slots];
+  const long long base = (long long)row * cols;
+  for (int c = lane; c < cols; c += 32)
+    dlogits[base + c] = scale * (expf(logits[base + c] - lse) - (first + c == label ? 1.0f : 0.0f));
+}
 
 extern "C" __global__ __launch_bounds__(256) void xent_fwd(int rows, int cols, const float* logits, const int* labels, float* row_loss, int* err) {
   xent_row<false>(rows, cols, logits, labels, 0.0f, row_loss, nullptr, err);

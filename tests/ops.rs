@@ -772,6 +772,69 @@ fn cross_entropy<B: Ops>(d: &B) {
     assert!(got.is_finite() && (got as f64 - want).abs() < 1e-4, "large logits: {got} vs {want}");
 }
 
+/// The vocabulary-parallel cross-entropy: the classes split unevenly over 1 to 4 ranks (a rank
+/// may hold none), each rank's stats summed (the group's all-reduce, here on the host), then
+/// each rank's part of the gradient: the loss and every column of the gradient are the whole
+/// cross-entropy's, against the f64 reference.
+fn vocab_parallel_cross_entropy<B: Ops>(d: &B) {
+    for (i, &(rows, cols)) in [(1, 1), (3, 10), (17, 33), (5, 65), (64, 7)].iter().enumerate() {
+        let logits = inputs(i as u64 + 41, rows * cols, 4.0);
+        let labels = labels_for(i as u64 + 3, rows, cols);
+        let (row_loss, grad) = r::xent(rows, cols, &logits, &labels, 0.5 / rows as f64);
+        let want = 0.5 * row_loss.iter().sum::<f64>() / rows as f64;
+        let yb = d.upload(&labels).unwrap();
+        for tp in 1..=4 {
+            let parts = tessera::parallel::comm::chunks(cols, tp);
+            let local = |k: usize| -> Vec<f32> {
+                let p = &parts[k];
+                (0..rows).flat_map(|r| logits[r * cols + p.start..r * cols + p.end].to_vec()).collect()
+            };
+            let mut stats = vec![0f32; rows * (tp + 1)];
+            for (k, part) in parts.iter().enumerate() {
+                let lb = up(d, &local(k));
+                let mut sb = poisoned(d, rows * (tp + 1));
+                d.xent_part_stats(
+                    rows,
+                    part.len(),
+                    part.start,
+                    cols,
+                    (k, tp),
+                    &B::view(&lb),
+                    &B::view(&yb),
+                    &mut B::view_mut(&mut sb),
+                )
+                .unwrap();
+                stats.iter_mut().zip(down(d, &sb)).for_each(|(s, v)| *s += v);
+            }
+            let sb = up(d, &stats);
+            let name = format!("{} vocabulary-parallel xent {rows}x{cols} over {tp}", d.name());
+            for k in 0..tp {
+                let (lb, n) = (up(d, &local(k)), parts[k].len());
+                let (mut dl, mut rl, mut loss) = (poisoned(d, rows * n), poisoned(d, rows), poisoned(d, 1));
+                d.xent_part_backward(
+                    rows,
+                    n,
+                    parts[k].start,
+                    tp,
+                    &B::view(&lb),
+                    &B::view(&yb),
+                    &B::view(&sb),
+                    0.5 / rows as f32,
+                    &mut B::view_mut(&mut dl),
+                    &mut B::view_mut(&mut rl),
+                    &mut B::view_mut(&mut loss),
+                )
+                .unwrap();
+                let got = down(d, &loss)[0] as f64;
+                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{name}: loss {got} vs {want}");
+                let want_g: Vec<f64> =
+                    (0..rows).flat_map(|r| grad[r * cols + parts[k].start..r * cols + parts[k].end].to_vec()).collect();
+                assert_close(&format!("{name}, rank {k}'s gradient"), &down(d, &dl), &want_g, 1e-6, 1e-4);
+            }
+        }
+    }
+}
+
 fn cross_entropy_rejects_bad_labels<B: Ops>(d: &B) {
     let lb = up(d, &inputs(1, 4 * 3, 1.0));
     for bad in [3, -1, 1_000_000] {
@@ -945,6 +1008,7 @@ on_every_backend!(
     cross_entropy,
     cross_entropy_confident_rows,
     cross_entropy_rejects_bad_labels,
+    vocab_parallel_cross_entropy,
     mean_squared_error,
     optimizers,
     embedding,

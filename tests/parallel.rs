@@ -667,12 +667,12 @@ fn cli_plan_shows_tensor_parallel_ranks_and_explains_a_tp_choice() {
     let (ok, out, err) = tessera(&[&big[..], &["--gflops", "50"]].concat());
     assert!(ok, "{err}");
     assert!(out.contains("x tp=") && out.contains("no plan of whole layers fits"), "{out}");
-    // The GPT: its blocks sum inside, its embedding and head do not.
+    // The GPT: its blocks sum inside, and so do its vocabulary-parallel embedding and head.
     let gpt = ["plan", "--model", "gpt", "--device", "cpu:4", "--tp", "2", "--zero", "1", "--batch", "12"];
     let (ok, out, err) = tessera(&[&gpt[..], &["--gflops", "50"]].concat());
     assert!(ok, "{err}");
     assert!(
-        out.contains("dp=2 x pp=1 x tp=2") && out.contains("stage 0: layer 1 ") && !out.contains("layer 0 "),
+        out.contains("dp=2 x pp=1 x tp=2") && out.contains("stage 0: layer 0 ") && out.contains("layer 5 "),
         "{out}"
     );
     let (ok, _, err) =

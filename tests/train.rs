@@ -993,7 +993,8 @@ fn cli_gpt_checkpoints_resume_and_sample() {
 }
 
 /// Tensor parallelism on the GPT (attention split by heads, the MLP by columns then rows, the
-/// embedding and head whole on every rank): the grid dp in {1, 2} x pp in {1, 2} x tp in {1, 2,
+/// embedding, the tied head and the cross-entropy split by vocabulary: tiny Shakespeare's 65
+/// characters unevenly, 33 + 32 and 17 + 16 + 16 + 16): the grid dp in {1, 2} x pp in {1, 2} x tp in {1, 2,
 /// 4} x zero in {0, 1} takes 5 SGD steps to one device's weights within 1e-5, and 5 AdamW
 /// steps with clipping on a few of its meshes within 1e-4.
 #[test]
@@ -1003,11 +1004,15 @@ fn gpt_tensor_parallel_grid_matches_one_device() {
     use tessera::parallel::{Plan, ScheduleKind};
     let (text, _, _) = gpt_batch(1, 4);
     let cfg = GptConfig { vocab: text.vocab.len(), t: 8, c: 16, heads: 4, layers: 2 };
+    assert_eq!(cfg.vocab, 65, "a vocabulary no tp divides");
     let batches: Vec<(Vec<f32>, Vec<i32>)> = (0..5).map(|s| text.train_batch(2, s, 8, 8).unwrap()).collect();
     let cpu = CpuDevice::new(0);
     let model = cfg.model::<CpuDevice>().unwrap();
     let info = model.info().unwrap();
     let cpus: Vec<CpuDevice> = (0..16).map(CpuDevice::new).collect();
+    // Each rank holds its rows of the token table: 33 and 32 at tp 2.
+    let wte = info.param("wte").unwrap();
+    assert_eq!((wte.local_len(2, 0), wte.local_len(2, 1)), (33 * 16, 32 * 16));
     // AdamW with weight decay on the matrices, a warm-up and clipping that bites.
     let adamw = TrainConfig {
         optimizer: OptimizerConfig::AdamW(tessera::AdamW { lr: 1e-2, weight_decay: 0.1, ..Default::default() }),
@@ -1096,7 +1101,8 @@ fn cli_gpt_on_a_dp_pp_tp_zero_mesh_trains_like_one_device() {
 
 /// The bytes each group moves in a step, as the engine counts them (what a ring sends for each
 /// collective it issues), are the textbook volumes: for tp, two all-reduces of batch x context
-/// x width per block forward and two backward; for ZeRO 1, a reduce-scatter plus an all-gather,
+/// x width per block forward and two backward (and one each for the vocabulary-parallel
+/// embedding and head, and the cross-entropy's row statistics: the logits never move); for ZeRO 1, a reduce-scatter plus an all-gather,
 /// the same as the all-reduce it replaces; between stages, each microbatch's activation and
 /// its gradient. And `--profile` prints them.
 #[test]
@@ -1118,9 +1124,11 @@ fn bytes_moved_by_each_group_are_the_textbook_volumes() {
         e.step(&x, &y).unwrap();
         e.timeline().unwrap().lanes.iter().fold(Traffic::default(), |a, l| a.add(&l.sent))
     };
-    // tp = 2: per block 4 sums of b x t x c floats; each rank sends 2 (2 - 1) / 2 of each.
+    // tp = 2: per block 4 sums of b x t x c floats, and the vocabulary-parallel embedding's
+    // output and head's input gradient (b x t x c each), and the cross-entropy's row statistics
+    // (b x t x (tp + 1)); each rank sends 2 (2 - 1) / 2 of each.
     let tp = sent(1, 1, 2, 0);
-    let sums = (blocks * 4 * b * t * c * 4) as f64;
+    let sums = ((blocks * 4 + 2) * b * t * c * 4 + b * t * 3 * 4) as f64;
     assert_eq!(tp.tp, 2.0 * Traffic::ring(1, 2, true) * sums, "{tp:?}");
     assert_eq!((tp.dp, tp.pp), (0.0, 0.0));
     // dp = 2: every gradient all-reduced once, 2 (2 - 1) / 2 of it sent by each replica; with
@@ -1158,8 +1166,45 @@ fn bytes_moved_by_each_group_are_the_textbook_volumes() {
         "4",
     ]);
     assert!(ok, "{err}");
-    // 2 blocks x 4 sums of 12 x 16 x 32 floats on each of 2 ranks, plus the clipping norm's
+    // 2 blocks x 4 sums of 12 x 16 x 32 floats, the embedding's and the head's (as many), the
+    // cross-entropy's statistics (12 x 16 x 3) on each of 2 ranks, plus the clipping norm's
     // exchange (a float per rank, summed over the pair).
-    let want = (2 * 4 * 12 * 16 * 32 * 4) as f64 * Traffic::ring(1, 2, true) * 2.0 + 2.0 * Traffic::ring(8, 2, true);
+    let per_rank = ((2 * 4 + 2) * 12 * 16 * 32 * 4 + 12 * 16 * 3 * 4) as f64;
+    let want = per_rank * Traffic::ring(1, 2, true) * 2.0 + 2.0 * Traffic::ring(8, 2, true);
     assert!(err.contains(&format!("tensor-parallel {want:.0}")), "expected {want:.0} bytes: {err}");
+}
+
+/// Evaluation through a vocabulary-parallel head: a GPT of context 1 (one label per sample, so
+/// a `Dataset` holds it) evaluated on 2 and 4 tensor-parallel ranks gives one device's loss and
+/// the same count of correct rows (each rank offers its classes' best, the group agrees).
+#[test]
+fn a_vocabulary_parallel_head_evaluates_like_one_device() {
+    use tessera::nn::GptConfig;
+    use tessera::parallel::engine::Engine;
+    use tessera::parallel::{Plan, ScheduleKind};
+    let (text, _, _) = gpt_batch(1, 4);
+    let cfg = GptConfig { vocab: text.vocab.len(), t: 1, c: 16, heads: 4, layers: 1 };
+    let (x, y) = text.train_batch(5, 0, 200, 1).unwrap();
+    let data = Dataset { x, y, dim: 1, classes: cfg.vocab };
+    let model = cfg.model::<CpuDevice>().unwrap();
+    let info = model.info().unwrap();
+    let cpus: Vec<CpuDevice> = (0..4).map(CpuDevice::new).collect();
+    let tc = sgd_config(0.5, 2);
+    let mut results = Vec::new();
+    for tp in [1, 2, 4] {
+        let plan = Plan::new(&info, 1, 1, 1, ScheduleKind::GPipe).unwrap().with_tp(tp).unwrap();
+        let mut e = Engine::new(&cpus[..tp], &model, tc.clone(), plan).unwrap();
+        for s in 0..20 {
+            let (bx, by) = text.train_batch(6, s, 32, 1).unwrap();
+            e.step(&bx, &by).unwrap();
+        }
+        let ev = e.evaluate(&data, 64).unwrap();
+        results.push((ev.loss, ev.correct));
+    }
+    let (l1, c1) = results[0];
+    assert!(c1 > 10, "it learned something: {c1} of 200");
+    for &(l, c) in &results[1..] {
+        assert!((l - l1).abs() <= 1e-4 * l1, "loss {l} vs one device {l1}");
+        assert_eq!(c, c1, "correct rows");
+    }
 }

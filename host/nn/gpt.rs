@@ -9,10 +9,10 @@
 //! is one parameter shared by the embedding and the head.
 
 use crate::error::{Error, Result};
-use crate::nn::{Ctx, Layer, LayerCost, Model, ParamSpec, Saved, Work};
+use crate::nn::{part_of, Ctx, Layer, LayerCost, Model, ParamSpec, Saved, Work};
 use crate::ops::activation::Activation;
 use crate::ops::gemm::Gemm;
-use crate::ops::transformer::LAYERNORM_EPS;
+use crate::ops::transformer::{VocabPart, LAYERNORM_EPS};
 use crate::ops::Ops;
 use crate::rng::Rng;
 
@@ -187,6 +187,14 @@ pub struct TokenEmbedding {
     pub c: usize,
 }
 
+impl TokenEmbedding {
+    /// Rank `rank`'s part of the token table in a group of `tp`.
+    fn part(&self, tp: usize, rank: usize) -> VocabPart {
+        let (first, _) = part_of(self.vocab, tp, rank);
+        VocabPart { first, vocab: self.vocab, positions: rank == 0 }
+    }
+}
+
 impl<B: Ops> Layer<B> for TokenEmbedding {
     fn describe(&self) -> String {
         format!("embedding {} tokens + {} positions x {}", self.vocab, self.t, self.c)
@@ -198,16 +206,33 @@ impl<B: Ops> Layer<B> for TokenEmbedding {
         self.t * self.c
     }
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::shared("wte", &[self.vocab, self.c]), ParamSpec::shared("wpe", &[self.t, self.c])]
+        // Under tensor parallelism the token table splits by rows (vocabulary-parallel; 65
+        // tokens over 2 ranks: 33 and 32).
+        vec![
+            ParamSpec::shared("wte", &[self.vocab, self.c]).split_uneven(0),
+            ParamSpec::shared("wpe", &[self.t, self.c]),
+        ]
     }
     fn init(&self, _i: usize, rng: &mut Rng, values: &mut [f32]) {
         normal(rng, values, 0.02);
     }
     fn cost(&self) -> LayerCost {
-        LayerCost { flops_per_sample: 3.0 * (self.t * self.c) as f64, ..LayerCost::default() }
+        LayerCost {
+            flops_per_sample: 3.0 * (self.t * self.c) as f64,
+            tp_all_reduce_floats_per_sample: self.t * self.c,
+            ..LayerCost::default()
+        }
     }
     fn forward(&self, cx: &Ctx<'_, B>, x: &B::Ref<'_, f32>, y: &mut B::Mut<'_, f32>, _: &mut Saved<B>) -> Result<()> {
-        cx.dev.embed_forward(self.t, self.c, x, &cx.param(0), &cx.param(1), y)
+        let (rank, tp) = cx.tp();
+        if tp == 1 {
+            return cx.dev.embed_forward(self.t, self.c, x, &cx.param(0), &cx.param(1), y);
+        }
+        // Each rank embeds the tokens of its rows of the table (rank 0 adds the positions), and
+        // the parts are summed.
+        let part = self.part(tp, rank);
+        cx.dev.embed_forward_part(self.t, self.c, part, x, &cx.param(0), &cx.param(1), y)?;
+        cx.tp_all_reduce(y)
     }
     fn backward(
         &self,
@@ -229,10 +254,13 @@ impl<B: Ops> Layer<B> for TokenEmbedding {
         let mut dpe = work.take_scratch(dev, n)?;
         let r = (|| {
             {
+                let (rank, tp) = cx.tp();
                 let (mut dwte, keep) = work.grad(0);
-                dev.embed_backward(
+                // (Under tensor parallelism, this rank's rows of the table.)
+                dev.embed_backward_part(
                     self.t,
                     self.c,
+                    self.part(tp, rank),
                     x,
                     dy,
                     (keep, 0.0),
@@ -481,6 +509,14 @@ pub struct Head {
     pub c: usize,
 }
 
+impl Head {
+    /// The classes (rows of the tied table) this rank computes.
+    fn local_vocab<B: Ops>(&self, cx: &Ctx<'_, B>) -> usize {
+        let (rank, tp) = cx.tp();
+        part_of(self.vocab, tp, rank).1
+    }
+}
+
 impl<B: Ops> Layer<B> for Head {
     fn describe(&self) -> String {
         format!("head: ln_f, {} x {} tied to wte", self.c, self.vocab)
@@ -495,8 +531,15 @@ impl<B: Ops> Layer<B> for Head {
         vec![
             ParamSpec::shared("ln_f.weight", &[self.c]).no_decay(),
             ParamSpec::shared("ln_f.bias", &[self.c]).no_decay(),
-            ParamSpec::shared("wte", &[self.vocab, self.c]),
+            ParamSpec::shared("wte", &[self.vocab, self.c]).split_uneven(0),
         ]
+    }
+    fn class_part(&self, tp: usize, rank: usize) -> Option<std::ops::Range<usize>> {
+        // Vocabulary-parallel: each rank's logits are those of its rows of the tied table.
+        (tp > 1).then(|| {
+            let (first, n) = part_of(self.vocab, tp, rank);
+            first..first + n
+        })
     }
     fn init(&self, i: usize, rng: &mut Rng, values: &mut [f32]) {
         match i {
@@ -510,7 +553,8 @@ impl<B: Ops> Layer<B> for Head {
             flops_per_sample: 6.0 * (self.t * self.c * self.vocab) as f64,
             saved_floats_per_sample: self.t * (self.c + 2),
             scratch_floats_per_sample: self.t * self.c + 2 * self.c,
-            ..LayerCost::default()
+            // Split: the gradient reaching ln_f is summed over the classes' ranks.
+            tp_all_reduce_floats_per_sample: self.t * self.c,
         }
     }
     fn forward(
@@ -534,8 +578,14 @@ impl<B: Ops> Layer<B> for Head {
             &mut B::view_mut(m),
             &mut B::view_mut(r),
         )?;
-        // logits = h wte^T (wte is vocab x c).
-        dev.gemm(&Gemm::new(n, self.vocab, c).trans_b(true), &B::view(h), &cx.param(2), None, y, None)
+        // logits = h wte^T (wte is vocab x c; under tensor parallelism this rank's rows of it,
+        // giving its classes' logits at the front of the output).
+        let v = self.local_vocab(cx);
+        if v == 0 {
+            return Ok(());
+        }
+        let y = &mut B::sub_mut(y, 0..n * v);
+        dev.gemm(&Gemm::new(n, v, c).trans_b(true), &B::view(h), &cx.param(2), None, y, None)
     }
     fn backward(
         &self,
@@ -546,12 +596,17 @@ impl<B: Ops> Layer<B> for Head {
         saved: &Saved<B>,
         work: &mut Work<'_, B>,
     ) -> Result<()> {
-        let (dev, c, v) = (cx.dev, self.c, self.vocab);
+        let (dev, c) = (cx.dev, self.c);
+        let v = self.local_vocab(cx);
         let n = cx.rows * self.t;
+        let dy = &B::sub(dy, 0..n * v);
         {
-            // dwte (vocab x c) += dy^T h
+            // dwte (vocab x c) += dy^T h (this rank's rows under tensor parallelism)
             let (mut g, beta) = work.grad(2);
-            dev.gemm(&Gemm::new(v, c, n).trans_a(true).beta(beta), dy, &B::view(saved.get(0)?), None, &mut g, None)?;
+            if v > 0 {
+                let h = B::view(saved.get(0)?);
+                dev.gemm(&Gemm::new(v, c, n).trans_a(true).beta(beta), dy, &h, None, &mut g, None)?;
+            }
         }
         let mut dh = work.take_scratch(dev, n * c)?;
         let mut dln = match work.take_scratch(dev, 2 * c) {
@@ -562,7 +617,16 @@ impl<B: Ops> Layer<B> for Head {
             }
         };
         let result = (|| -> Result<()> {
-            dev.gemm(&Gemm::new(n, c, v), dy, &cx.param(2), None, &mut B::view_range_mut(&mut dh, 0..n * c), None)?;
+            {
+                let mut dhv = B::view_range_mut(&mut dh, 0..n * c);
+                if v > 0 {
+                    dev.gemm(&Gemm::new(n, c, v), dy, &cx.param(2), None, &mut dhv, None)?;
+                } else {
+                    dev.write(&mut dhv, &vec![0.0; n * c])?;
+                }
+                // Each rank's classes give part of the gradient reaching ln_f: summed over the group.
+                cx.tp_all_reduce(&mut dhv)?;
+            }
             let (m, rs) = (B::view(saved.get(1)?), B::view(saved.get(2)?));
             let dhv = B::view_range(&dh, 0..n * c);
             match dx {

@@ -45,8 +45,10 @@
 //! order. A parameter that is not split is replicated: each rank holds it whole and must
 //! compute the same gradient for it (as after a conjugate all-reduce of Megatron's `f` and `g`).
 //! [`Linear::column`] and [`Linear::row`] are the two halves of a split MLP; the GPT's
-//! [`gpt::Block`] splits attention by heads and its MLP by columns then rows. A layer that
-//! splits nothing runs whole on every rank.
+//! [`gpt::Block`] splits attention by heads and its MLP by columns then rows, and its
+//! embedding and tied head split the vocabulary ([`ParamSpec::split_uneven`],
+//! [`Layer::class_part`]: the stage's cross-entropy then runs split too). A layer that splits
+//! nothing runs whole on every rank.
 
 pub mod decode;
 pub mod gpt;
@@ -97,14 +99,25 @@ pub struct Split {
     pub dim: usize,
     /// Groups along it, each cut on its own.
     pub groups: usize,
+    /// Whether the parts may differ by one (`tp` need not divide the dimension: rank `k`
+    /// holds `part_of(n, tp, k)`, as a vocabulary of 65 tokens over 2 ranks: 33 and 32).
+    pub uneven: bool,
 }
 
-/// Rank `rank`'s part of a parameter of shape `shape` split as `split` across `tp` ranks.
-fn split_geometry(shape: &[usize], split: Split, tp: usize) -> (usize, usize, usize, usize) {
+/// `(start, len)` of rank `rank`'s part of `n` over `tp` ranks: the first `n % tp` ranks hold one
+/// more (the parts of `parallel::comm::chunks`).
+pub fn part_of(n: usize, tp: usize, rank: usize) -> (usize, usize) {
+    let tp = tp.max(1);
+    let (q, r) = (n / tp, n % tp);
+    (rank * q + rank.min(r), q + usize::from(rank < r))
+}
+
+/// The geometry of a split parameter of shape `shape`: values before the split dimension
+/// (`outer`), after it (`inner`), and along it per group.
+fn split_geometry(shape: &[usize], split: Split) -> (usize, usize, usize) {
     let outer: usize = shape[..split.dim].iter().product();
     let inner: usize = shape[split.dim + 1..].iter().product();
-    let group = shape[split.dim] / split.groups;
-    (outer, inner, group, group / tp)
+    (outer, inner, shape[split.dim] / split.groups)
 }
 
 impl ParamSpec {
@@ -124,7 +137,13 @@ impl ParamSpec {
     /// The same parameter, split across a tensor-parallel group along dimension `dim` seen as
     /// `groups` groups ([`Split`]).
     pub fn split(mut self, dim: usize, groups: usize) -> Self {
-        self.split = Some(Split { dim, groups });
+        self.split = Some(Split { dim, groups, uneven: false });
+        self
+    }
+    /// The same parameter, split along dimension `dim` in parts that may differ by one (a
+    /// vocabulary-parallel token table: any `tp` splits it).
+    pub fn split_uneven(mut self, dim: usize) -> Self {
+        self.split = Some(Split { dim, groups: 1, uneven: true });
         self
     }
     /// Number of values.
@@ -295,6 +314,15 @@ pub trait Layer<B: Backend>: Send + Sync + 'static {
     fn tp_parts(&self) -> Option<usize> {
         None
     }
+    /// When its output is the logits and it splits them by class across a tensor-parallel
+    /// group of `tp` (a vocabulary-parallel head): the classes rank `rank` holds. Its output
+    /// then holds that rank's `rows x classes` logits at the front, and the stage's
+    /// cross-entropy runs split the same way (the whole logits never exist on one device).
+    /// `None` (the default): the output is whole.
+    fn class_part(&self, tp: usize, rank: usize) -> Option<Range<usize>> {
+        let _ = (tp, rank);
+        None
+    }
     /// `y = f(x)` for `cx.rows` rows (`x`: `rows x inputs`, `y`: `rows x outputs`, whose old
     /// contents are undefined), keeping in `saved` what backward needs.
     fn forward(
@@ -336,10 +364,13 @@ pub struct ParamInfo {
 }
 
 impl ParamInfo {
-    /// Values one rank of a tensor-parallel group of `tp` holds.
-    pub fn local_len(&self, tp: usize) -> usize {
-        match self.split {
-            Some(_) => self.range.len() / tp.max(1),
+    /// Values rank `rank` of a tensor-parallel group of `tp` holds.
+    pub fn local_len(&self, tp: usize, rank: usize) -> usize {
+        match self.split.filter(|_| tp > 1) {
+            Some(split) => {
+                let (outer, inner, group) = split_geometry(&self.shape, split);
+                outer * split.groups * part_of(group, tp, rank).1 * inner
+            }
             None => self.range.len(),
         }
     }
@@ -348,12 +379,13 @@ impl ParamInfo {
     /// when it is not split).
     pub fn shard(&self, whole: &[f32], tp: usize, rank: usize) -> Vec<f32> {
         let Some(split) = self.split.filter(|_| tp > 1) else { return whole.to_vec() };
-        let (outer, inner, group, part) = split_geometry(&self.shape, split, tp);
-        let mut out = Vec::with_capacity(self.local_len(tp));
+        let (outer, inner, group) = split_geometry(&self.shape, split);
+        let (start, size) = part_of(group, tp, rank);
+        let mut out = Vec::with_capacity(self.local_len(tp, rank));
         for o in 0..outer {
             for g in 0..split.groups {
-                let row = o * group * split.groups + g * group + rank * part;
-                out.extend_from_slice(&whole[row * inner..(row + part) * inner]);
+                let row = o * group * split.groups + g * group + start;
+                out.extend_from_slice(&whole[row * inner..(row + size) * inner]);
             }
         }
         out
@@ -362,11 +394,12 @@ impl ParamInfo {
     /// Writes rank `rank`'s part `part` back into the whole parameter `whole` ([`ParamInfo::shard`]'s inverse).
     pub fn unshard(&self, part: &[f32], tp: usize, rank: usize, whole: &mut [f32]) {
         let Some(split) = self.split.filter(|_| tp > 1) else { return whole.copy_from_slice(part) };
-        let (outer, inner, group, size) = split_geometry(&self.shape, split, tp);
+        let (outer, inner, group) = split_geometry(&self.shape, split);
+        let (start, size) = part_of(group, tp, rank);
         let mut at = 0;
         for o in 0..outer {
             for g in 0..split.groups {
-                let row = o * group * split.groups + g * group + rank * size;
+                let row = o * group * split.groups + g * group + start;
                 whole[row * inner..(row + size) * inner].copy_from_slice(&part[at..at + size * inner]);
                 at += size * inner;
             }
@@ -503,7 +536,7 @@ impl ModelInfo {
             }
         }
         for p in &self.params {
-            if let Some(s) = p.split {
+            if let Some(s) = p.split.filter(|s| !s.uneven) {
                 let group = p.shape[s.dim] / s.groups;
                 if tp == 0 || group % tp != 0 {
                     return Err(Error::Invalid(format!(
@@ -541,7 +574,7 @@ impl ModelInfo {
                 let at = match params.iter().position(|&q| q == p) {
                     Some(at) => at,
                     None => {
-                        let n = self.params[p].local_len(tp);
+                        let n = self.params[p].local_len(tp, rank);
                         params.push(p);
                         local.push(off..off + n);
                         off += n;

@@ -289,12 +289,121 @@ impl<B: Ops> Stage<B> {
         Ok(acts.outs.last().unwrap())
     }
 
-    /// Mean cross-entropy of microbatch `mb`'s logits (last stage).
+    /// Mean cross-entropy of microbatch `mb`'s logits (last stage). With a vocabulary-parallel
+    /// head every rank of the stage's tensor-parallel group must call it (they sum their parts).
     pub fn loss(&self, dev: &B, mb: usize) -> Result<f32> {
         let acts =
             self.slots.get(&mb).ok_or_else(|| Error::Invalid(format!("no forward of microbatch {mb} in flight")))?;
         let lps = self.info.labels_per_sample();
-        dev.xent(acts.rows * lps, self.info.classes, &B::view(acts.outs.last().unwrap()), &B::view(&acts.labels))
+        let n = acts.rows * lps;
+        let logits = B::view(acts.outs.last().unwrap());
+        let labels = B::view(&acts.labels);
+        match (self.class_part(), self.tp.as_ref()) {
+            (Some(part), Some(group)) => {
+                let cols = part.len();
+                let stats = Self::class_stats(dev, group, n, &part, self.info.classes, &logits, &labels)?;
+                let (mut dl, mut rl, mut l) = (dev.alloc::<f32>(n * cols)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(1)?);
+                let lv = B::sub(&logits, 0..n * cols);
+                dev.xent_part_backward(
+                    n,
+                    cols,
+                    part.start,
+                    group.size(),
+                    &lv,
+                    &labels,
+                    &B::view(&stats),
+                    1.0 / n.max(1) as f32,
+                    &mut B::view_mut(&mut dl),
+                    &mut B::view_mut(&mut rl),
+                    &mut B::view_mut(&mut l),
+                )?;
+                let got = dev.download(&B::view(&l))?;
+                Ok(got[0])
+            }
+            _ => dev.xent(n, self.info.classes, &logits, &labels),
+        }
+    }
+
+    /// Rows of microbatch `mb` (last stage) whose largest logit is their label's (`labels`, as
+    /// loaded). With a vocabulary-parallel head every rank of the group must call it: each
+    /// offers its part's best class and the group agrees on the best (ties to the lowest class).
+    pub fn correct(&self, dev: &B, mb: usize, labels: &[i32]) -> Result<usize> {
+        let acts =
+            self.slots.get(&mb).ok_or_else(|| Error::Invalid(format!("no forward of microbatch {mb} in flight")))?;
+        let logits = dev.download(&B::view(acts.outs.last().unwrap()))?;
+        let (part, slots, me) = match (self.class_part(), self.tp.as_ref()) {
+            (Some(p), Some(g)) => (p, g.size(), g.rank()),
+            _ => (0..self.info.classes, 1, 0),
+        };
+        let cols = part.len();
+        let n = labels.len();
+        // Per row and rank: (best logit, its class), this rank's slot filled.
+        let mut best = vec![0f32; n * slots * 2];
+        for r in 0..n {
+            let row = &logits[r * cols..(r + 1) * cols];
+            let (mut v, mut at) = (f32::NEG_INFINITY, part.start);
+            for (j, &x) in row.iter().enumerate() {
+                if x > v {
+                    (v, at) = (x, part.start + j);
+                }
+            }
+            best[(r * slots + me) * 2] = v;
+            best[(r * slots + me) * 2 + 1] = at as f32;
+        }
+        if let Some(g) = self.tp.as_ref().filter(|_| slots > 1) {
+            let mut buf = dev.upload(&best)?;
+            g.all_reduce(dev, &mut B::view_mut(&mut buf))?;
+            best = dev.download(&B::view(&buf))?;
+        }
+        Ok((0..n)
+            .filter(|&r| {
+                let mut pick = (f32::NEG_INFINITY, usize::MAX);
+                for k in 0..slots {
+                    let (v, at) = (best[(r * slots + k) * 2], best[(r * slots + k) * 2 + 1] as usize);
+                    if v > pick.0 || (v == pick.0 && at < pick.1) {
+                        pick = (v, at);
+                    }
+                }
+                pick.1 as i64 == labels[r] as i64
+            })
+            .count())
+    }
+
+    /// The classes of a vocabulary-parallel head on this rank (last stage, tp > 1).
+    fn class_part(&self) -> Option<Range<usize>> {
+        let g = self.tp.as_ref().filter(|g| g.size() > 1)?;
+        if !self.is_last() {
+            return None;
+        }
+        self.layers.last()?.class_part(g.size(), g.rank())
+    }
+
+    /// The summed per-row statistics of a vocabulary-parallel cross-entropy over `group`.
+    #[allow(clippy::too_many_arguments)]
+    fn class_stats(
+        dev: &B,
+        group: &TpGroup<B>,
+        n: usize,
+        part: &Range<usize>,
+        classes: usize,
+        logits: &B::Ref<'_, f32>,
+        labels: &B::Ref<'_, i32>,
+    ) -> Result<B::Buf<f32>> {
+        let slots = group.size();
+        let mut stats = dev.alloc::<f32>(n * (slots + 1))?;
+        let lv = B::sub(logits, 0..n * part.len());
+        dev.xent_part_stats(
+            n,
+            part.len(),
+            part.start,
+            classes,
+            (group.rank(), slots),
+            &lv,
+            labels,
+            &mut B::view_mut(&mut stats),
+        )?;
+        group.all_reduce(dev, &mut B::view_mut(&mut stats))?;
+        Ok(stats)
     }
 
     fn grad_buffers(&mut self, dev: &B, rows: usize) -> Result<()> {
@@ -372,6 +481,7 @@ impl<B: Ops> Stage<B> {
         let (is_first, is_last) = (self.is_first(), self.is_last());
         let lps = self.info.labels_per_sample();
         let classes = self.info.classes;
+        let class_part = self.class_part();
         if is_last && loss_to.is_some() && self.xent_ws.as_ref().is_none_or(|(r, _)| B::buf_len(r) < rows * lps) {
             let err = match self.xent_ws.take() {
                 Some((_, err)) => err,
@@ -388,8 +498,35 @@ impl<B: Ops> Stage<B> {
         if is_last {
             let logits = B::view(acts.outs.last().unwrap());
             let mut dy = B::view_range_mut(&mut g[0], 0..rows * out_w);
-            match loss_to {
-                None => {
+            let labels = B::view(&acts.labels);
+            match (class_part, loss_to) {
+                (Some(part), loss_to) => {
+                    // Vocabulary-parallel: each rank's classes, the rows' statistics summed
+                    // over the group, each rank its columns of the gradient.
+                    let group = tp.as_ref().expect("a split head runs in a group");
+                    let (n, cols) = (rows * lps, part.len());
+                    let stats = Self::class_stats(dev, group, n, &part, classes, &logits, &labels)?;
+                    let mut rl = dev.alloc::<f32>(n)?;
+                    let lv = B::sub(&logits, 0..n * cols);
+                    let mut dl = B::sub_mut(&mut dy, 0..n * cols);
+                    let (sv, slots) = (B::view(&stats), group.size());
+                    let mut rlv = B::view_mut(&mut rl);
+                    match loss_to {
+                        Some(out) => dev.xent_part_backward(
+                            n, cols, part.start, slots, &lv, &labels, &sv, loss_scale, &mut dl, &mut rlv, out,
+                        )?,
+                        None => {
+                            let mut l = dev.alloc::<f32>(1)?;
+                            let mut lv1 = B::view_mut(&mut l);
+                            dev.xent_part_backward(
+                                n, cols, part.start, slots, &lv, &labels, &sv, loss_scale, &mut dl, &mut rlv, &mut lv1,
+                            )?;
+                            drop(lv1);
+                            loss = Some(dev.download(&B::view(&l))?[0]);
+                        }
+                    }
+                }
+                (None, None) => {
                     loss = Some(dev.xent_backward_scaled(
                         rows * lps,
                         classes,
@@ -399,7 +536,7 @@ impl<B: Ops> Stage<B> {
                         &mut dy,
                     )?)
                 }
-                Some(out) => {
+                (None, Some(out)) => {
                     let (row_loss, err) = xent_ws.as_mut().expect("allocated above");
                     dev.xent_backward_to(
                         rows * lps,

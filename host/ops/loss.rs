@@ -72,6 +72,65 @@ pub trait LossOps: Backend {
         target: &Self::Ref<'_, f32>,
         dpred: &mut Self::Mut<'_, f32>,
     ) -> Result<f32>;
+    /// One rank's part of a vocabulary-parallel softmax cross-entropy: `logits` holds columns
+    /// `first..first + cols` of each of `rows` rows of a `rows x vocab` matrix, `labels` the
+    /// rows' classes in `0..vocab`. Writes `stats` (`rows x (slots + 1)`): this rank's log-sum-exp
+    /// in slot `slot` (zeros in the others, up to `slots`), and in the last column the label's
+    /// logit where the label is this rank's, else 0. Summed over the group's `slots` ranks, they
+    /// give [`LossOps::xent_part_backward`] what it needs.
+    #[allow(clippy::too_many_arguments)]
+    fn xent_part_stats(
+        &self,
+        rows: usize,
+        cols: usize,
+        first: usize,
+        vocab: usize,
+        slot: (usize, usize),
+        logits: &Self::Ref<'_, f32>,
+        labels: &Self::Ref<'_, i32>,
+        stats: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// From the group's summed `stats` ([`LossOps::xent_part_stats`]): `row_loss[r] =
+    /// logsumexp(row) - logit[label]`, this rank's columns of `dlogits = scale * (softmax -
+    /// onehot)`, and `loss[0] = scale * sum of row_loss` (left on the device).
+    #[allow(clippy::too_many_arguments)]
+    fn xent_part_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        first: usize,
+        slots: usize,
+        logits: &Self::Ref<'_, f32>,
+        labels: &Self::Ref<'_, i32>,
+        stats: &Self::Ref<'_, f32>,
+        scale: f32,
+        dlogits: &mut Self::Mut<'_, f32>,
+        row_loss: &mut Self::Mut<'_, f32>,
+        loss: &mut Self::Mut<'_, f32>,
+    ) -> Result<()>;
+}
+
+/// Shapes of a vocabulary-parallel part, checked.
+#[allow(clippy::too_many_arguments)]
+fn check_xent_part(
+    rows: usize,
+    cols: usize,
+    first: usize,
+    vocab: usize,
+    slots: usize,
+    logits: usize,
+    labels: usize,
+    stats: usize,
+) -> Result<()> {
+    if first + cols > vocab || slots == 0 {
+        return Err(Error::shape(
+            "cross-entropy",
+            format!("a part of {cols} classes from {first} in {vocab}, over {slots} ranks"),
+        ));
+    }
+    check_len("cross-entropy", &format!("logits ({rows}x{cols})"), logits, rows * cols)?;
+    check_len("cross-entropy", "labels (one per row)", labels, rows)?;
+    check_len("cross-entropy", &format!("stats ({rows}x{})", slots + 1), stats, rows * (slots + 1))
 }
 
 fn check_xent(rows: usize, cols: usize, logits: usize, labels: usize) -> Result<()> {
@@ -133,6 +192,85 @@ fn first_bad_label(labels: &[i32], cols: usize) -> Option<(usize, i32)> {
 }
 
 impl LossOps for CpuDevice {
+    fn xent_part_stats(
+        &self,
+        rows: usize,
+        cols: usize,
+        first: usize,
+        vocab: usize,
+        slot: (usize, usize),
+        logits: &&[f32],
+        labels: &&[i32],
+        stats: &mut &mut [f32],
+    ) -> Result<()> {
+        let (k, slots) = slot;
+        check_xent_part(rows, cols, first, vocab, slots, logits.len(), labels.len(), stats.len())?;
+        if k >= slots {
+            return Err(Error::shape("cross-entropy", format!("slot {k} of {slots}")));
+        }
+        stats.par_chunks_mut(slots + 1).enumerate().for_each(|(r, st)| {
+            let x = &logits[r * cols..(r + 1) * cols];
+            let label = labels[r];
+            let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            let s: f64 = if mx == f32::NEG_INFINITY { 0.0 } else { x.iter().map(|&v| ((v - mx) as f64).exp()).sum() };
+            st.fill(0.0);
+            st[k] = if label < 0 || label as usize >= vocab {
+                f32::NAN
+            } else if mx == f32::NEG_INFINITY {
+                f32::NEG_INFINITY
+            } else {
+                mx + (s.ln() as f32)
+            };
+            let l = label as i64 - first as i64;
+            st[slots] = if l >= 0 && (l as usize) < cols { x[l as usize] } else { 0.0 };
+        });
+        Ok(())
+    }
+
+    fn xent_part_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        first: usize,
+        slots: usize,
+        logits: &&[f32],
+        labels: &&[i32],
+        stats: &&[f32],
+        scale: f32,
+        dlogits: &mut &mut [f32],
+        row_loss: &mut &mut [f32],
+        loss: &mut &mut [f32],
+    ) -> Result<()> {
+        check_xent_part(rows, cols, first, first + cols, slots, logits.len(), labels.len(), stats.len())?;
+        check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+        check_len("cross-entropy", "row_loss", row_loss.len(), rows)?;
+        check_len("cross-entropy", "loss", loss.len(), 1)?;
+        let lse: Vec<f32> = stats
+            .chunks(slots + 1)
+            .map(|st| {
+                let part = &st[..slots];
+                if part.iter().any(|v| v.is_nan()) {
+                    return f32::NAN;
+                }
+                let mx = part.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let s: f64 = part.iter().filter(|v| **v != f32::NEG_INFINITY).map(|&v| ((v - mx) as f64).exp()).sum();
+                mx + s.ln() as f32
+            })
+            .collect();
+        for (r, l) in row_loss.iter_mut().enumerate() {
+            *l = lse[r] - stats[r * (slots + 1) + slots];
+        }
+        // (A rank without classes has no columns to write.)
+        dlogits.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, d)| {
+            let x = &logits[r * cols..(r + 1) * cols];
+            let label = labels[r] as i64 - first as i64;
+            for (c, (d, &v)) in d.iter_mut().zip(x).enumerate() {
+                *d = scale * ((v - lse[r]).exp() - if c as i64 == label { 1.0 } else { 0.0 });
+            }
+        });
+        loss[0] = scale * row_loss.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        Ok(())
+    }
     fn xent(&self, rows: usize, cols: usize, logits: &&[f32], labels: &&[i32]) -> Result<f32> {
         check_xent(rows, cols, logits.len(), labels.len())?;
         if let Some((row, label)) = first_bad_label(labels, cols) {
@@ -268,6 +406,94 @@ macro_rules! gpu_impl {
         }
 
         impl LossOps for $dev {
+            fn xent_part_stats(
+                &self,
+                rows: usize,
+                cols: usize,
+                first: usize,
+                vocab: usize,
+                slot: (usize, usize),
+                logits: &$view<'_, f32>,
+                labels: &$view<'_, i32>,
+                stats: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                let (k, slots) = slot;
+                check_xent_part(rows, cols, first, vocab, slots, logits.len(), labels.len(), stats.len())?;
+                if k >= slots {
+                    return Err(Error::shape("cross-entropy", format!("slot {k} of {slots}")));
+                }
+                if rows == 0 {
+                    return Ok(());
+                }
+                let what = "cross-entropy";
+                let (r, c, f, v) = (
+                    as_i32(what, "rows", rows)?,
+                    as_i32(what, "cols", cols)?,
+                    as_i32(what, "first", first)?,
+                    as_i32(what, "vocab", vocab)?,
+                );
+                let (s32, k32) = (as_i32(what, "slots", slots)?, as_i32(what, "slot", k)?);
+                let cfg = xent_launch(rows)?;
+                // SAFETY: logits hold rows*cols, labels rows, stats rows*(slots+1) (checked); one
+                // warp per row, lane 0 writing the row's stats.
+                unsafe {
+                    self.kernels().loss.xent_part_stats(self.stream(), cfg, r, c, f, v, s32, k32, logits, labels, stats)
+                }
+                .map_err(Error::driver("launching xent_part_stats"))
+            }
+
+            fn xent_part_backward(
+                &self,
+                rows: usize,
+                cols: usize,
+                first: usize,
+                slots: usize,
+                logits: &$view<'_, f32>,
+                labels: &$view<'_, i32>,
+                stats: &$view<'_, f32>,
+                scale: f32,
+                dlogits: &mut $view_mut<'_, f32>,
+                row_loss: &mut $view_mut<'_, f32>,
+                loss: &mut $view_mut<'_, f32>,
+            ) -> Result<()> {
+                check_xent_part(rows, cols, first, first + cols, slots, logits.len(), labels.len(), stats.len())?;
+                check_len("cross-entropy", "dlogits", dlogits.len(), rows * cols)?;
+                check_len("cross-entropy", "row_loss", row_loss.len(), rows)?;
+                check_len("cross-entropy", "loss", loss.len(), 1)?;
+                let what = "cross-entropy";
+                let (r, c, f, s32) = (
+                    as_i32(what, "rows", rows)?,
+                    as_i32(what, "cols", cols)?,
+                    as_i32(what, "first", first)?,
+                    as_i32(what, "slots", slots)?,
+                );
+                if rows > 0 {
+                    let cfg = xent_launch(rows)?;
+                    // SAFETY: logits and dlogits hold rows*cols, labels and row_loss rows, stats
+                    // rows*(slots+1) (checked); one warp per row.
+                    unsafe {
+                        self.kernels().loss.xent_part_bwd(
+                            self.stream(),
+                            cfg,
+                            r,
+                            c,
+                            f,
+                            s32,
+                            logits,
+                            labels,
+                            stats,
+                            scale,
+                            row_loss,
+                            dlogits,
+                        )
+                    }
+                    .map_err(Error::driver("launching xent_part_bwd"))?;
+                }
+                let cfg = crate::ops::reduce::final_sum_launch();
+                // SAFETY: row_loss holds rows elements, loss one (checked); final_sum runs as one block.
+                unsafe { self.kernels().reduce.final_sum(self.stream(), cfg, r, &row_loss.as_view(), scale, loss) }
+                    .map_err(Error::driver("launching final_sum"))
+            }
             fn xent(&self, rows: usize, cols: usize, logits: &$view<'_, f32>, labels: &$view<'_, i32>) -> Result<f32> {
                 self.xent_launch(rows, cols, logits, labels, 1.0 / rows.max(1) as f32, None)
             }

@@ -23,7 +23,7 @@ use crate::parallel::schedule::{Action, Schedule};
 pub(crate) use crate::parallel::shard::{shard_of, tied_params, Shard, Tied};
 use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline, Traffic};
 use crate::parallel::{split_rows, Plan};
-use crate::train::{apply_optimizer_masked, apply_optimizer_part, count_correct, Eval, Run, StepStats, TrainConfig};
+use crate::train::{apply_optimizer_masked, apply_optimizer_part, Eval, Run, StepStats, TrainConfig};
 
 /// Per stage of `plan`: whether its layers sum over their tensor-parallel group inside forward
 /// and backward (the collectives the schedule checker sees when tp > 1).
@@ -751,7 +751,6 @@ impl<B: LocalGroup> Engine<B> {
     /// Loss and accuracy over `data` in batches of `batch`, through replica 0's pipeline.
     pub fn evaluate(&mut self, data: &Dataset, batch: usize) -> Result<Eval> {
         let (pp, tp) = (self.plan.mesh.pp, self.plan.mesh.tp);
-        let classes = self.info.classes;
         const MB: usize = usize::MAX - 1;
         let mut loss = 0f64;
         let mut correct = 0;
@@ -793,10 +792,23 @@ impl<B: LocalGroup> Engine<B> {
                     })?;
                 }
             }
-            let last = &self.workers[(pp - 1) * tp];
-            loss += last.stage.loss(&last.dev, MB)? as f64 * rows as f64;
-            let logits = last.dev.download(&B::view(last.stage.output(MB)?))?;
-            correct += count_correct(&logits, &y, classes);
+            // The last stage's ranks together (a vocabulary-parallel head sums over them).
+            let ws = &mut self.workers[(pp - 1) * tp..pp * tp];
+            let eval = |w: &Worker<B>| -> Result<(f32, usize)> {
+                Ok((w.stage.loss(&w.dev, MB)?, w.stage.correct(&w.dev, MB, &y)?))
+            };
+            let (l, c) = if tp == 1 {
+                eval(&ws[0])?
+            } else {
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = ws.iter_mut().map(|w| sc.spawn(move || eval(w))).collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(Error::Parallel("a device thread panicked".into()))))
+                        .collect::<Result<Vec<_>>>()
+                })?[0]
+            };
+            loss += l as f64 * rows as f64;
+            correct += c;
             for w in &mut self.workers[..pp * tp] {
                 w.stage.release(MB);
             }

@@ -15,7 +15,7 @@ use crate::parallel::engine::{
 use crate::parallel::schedule::Schedule;
 use crate::parallel::timeline::{Lane, Timeline};
 use crate::parallel::Plan;
-use crate::train::{count_correct, Eval, Run, StepStats, TrainConfig};
+use crate::train::{Eval, Run, StepStats, TrainConfig};
 
 use super::wire::{MakeComm, StageGroup};
 use super::world::{MpiWorld, Outbox, Shared};
@@ -473,7 +473,6 @@ impl<B: Ops> DistEngine<B> {
         let m = self.plan.mesh;
         let (dp, pp, tp) = (m.dp, m.pp, m.tp);
         let (r, s) = self.stage_of(self.world.rank);
-        let classes = self.info.classes;
         let mut loss = 0f64;
         let mut correct = 0usize;
         let dev = self.worker.dev.clone();
@@ -500,8 +499,7 @@ impl<B: Ops> DistEngine<B> {
                 self.world.send(&self.pipe, to, to, tag(TAG_EVAL, c), out, "an evaluation activation");
             } else {
                 loss += st.loss(&dev, MB)? as f64 * rows as f64;
-                let logits = dev.download(&B::view(st.output(MB)?))?;
-                correct += count_correct(&logits, &y, classes);
+                correct += st.correct(&dev, MB, &y)?;
             }
             st.release(MB);
         }
