@@ -89,6 +89,8 @@ pub(crate) fn rust_type(ty: &str, name: &str) -> Option<&'static str> {
         ("float*", true) => "Option<&mut CudaViewMut<'_, f32>>",
         ("const int*", false) => "&CudaView<'_, i32>",
         ("int*", false) => "&mut CudaViewMut<'_, i32>",
+        ("const unsigned short*", false) => "&CudaView<'_, u16>",
+        ("unsigned short*", false) => "&mut CudaViewMut<'_, u16>",
         ("const float* const*", false) => "&CudaView<'_, u64>",
         _ => return None,
     })

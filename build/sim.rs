@@ -133,6 +133,8 @@ pub(crate) fn sim_rust_type(ty: &str, name: &str) -> &'static str {
         ("float*", true) => "Option<&mut SimViewMut<'_, f32>>",
         ("const int*", false) => "&SimView<'_, i32>",
         ("int*", false) => "&mut SimViewMut<'_, i32>",
+        ("const unsigned short*", false) => "&SimView<'_, u16>",
+        ("unsigned short*", false) => "&mut SimViewMut<'_, u16>",
         ("const float* const*", false) => "&SimView<'_, u64>",
         _ => unreachable!("checked by parse_kernels"),
     }

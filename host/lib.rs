@@ -101,6 +101,7 @@ pub use backend::{Backend, Elem, ViewLen};
 pub use device::{DeviceSpec, Devices};
 pub use error::{Error, Result};
 pub use ops::activation::{Activation, ActivationOps};
+pub use ops::convert::{ConvertOps, Half};
 pub use ops::gemm::{Gemm, GemmKernel, GemmOps};
 pub use ops::loss::LossOps;
 pub use ops::optim::{AdamW, OptimOps, Optimizer, OptimizerConfig, Sgd};

@@ -9,6 +9,7 @@ pub use crate::device::{DeviceSpec, Devices};
 pub use crate::error::{Error, Result};
 pub use crate::nn::{Ctx, Layer, LayerCost, Linear, MlpConfig, Model, ModelInfo, Network, ParamSpec, Saved, Work};
 pub use crate::ops::activation::{Activation, ActivationOps};
+pub use crate::ops::convert::{ConvertOps, Half};
 pub use crate::ops::gemm::{Gemm, GemmKernel, GemmOps};
 pub use crate::ops::loss::LossOps;
 pub use crate::ops::optim::{AdamW, OptimOps, Optimizer, Sgd};

@@ -772,6 +772,73 @@ fn cross_entropy<B: Ops>(d: &B) {
     assert!(got.is_finite() && (got as f64 - want).abs() < 1e-4, "large logits: {got} vs {want}");
 }
 
+/// f32 to bf16 and f16 and back, on every class of value (zeros, normals, ties to even in both
+/// directions, the largest finite values and overflow, f16's subnormals and underflow,
+/// infinities, NaNs with payloads) and on a seeded spread: the device's bits are the `half`
+/// crate's, and back to f32 is exact.
+fn half_conversions<B: Ops>(d: &B) {
+    use tessera::Half;
+    let mut xs: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1.0 + f32::EPSILON,
+        f32::from_bits(0x3f80_8000), // a bf16 tie: 1 + 2^-8, rounds to even (down)
+        f32::from_bits(0x3f81_8000), // a bf16 tie rounding up
+        f32::from_bits(0x3f80_1000), // an f16 tie
+        f32::from_bits(0x3f80_3000), // an f16 tie rounding up
+        65504.0,                     // f16's largest
+        65520.0,                     // rounds to f16 infinity
+        1e5,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        6.1e-5,  // near f16's smallest normal
+        5.96e-8, // f16's smallest subnormal
+        2.98e-8, // half of it: a tie to zero
+        3.0e-8,  // just above: rounds up
+        1e-10,   // underflows in f16
+        1e-40,   // an f32 subnormal
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7f80_0001), // a signalling NaN
+        f32::from_bits(0xffc1_2345), // a negative NaN with a payload
+    ];
+    xs.extend(inputs(9001, 4000, 70000.0));
+    xs.extend(inputs(9002, 1000, 1e-3));
+    xs.extend(inputs(9003, 1000, 1e-6));
+    let xb = up(d, &xs);
+    for fmt in [Half::Bf16, Half::F16] {
+        let mut hb = d.alloc::<u16>(xs.len()).unwrap();
+        d.f32_to_half(fmt, &B::view(&xb), &mut B::view_mut(&mut hb)).unwrap();
+        let got = d.download(&B::view(&hb)).unwrap();
+        let want: Vec<u16> = xs
+            .iter()
+            .map(|&x| match fmt {
+                Half::Bf16 => half::bf16::from_f32(x).to_bits(),
+                Half::F16 => half::f16::from_f32(x).to_bits(),
+            })
+            .collect();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{} {fmt:?} of {:e} ({:#010x}): {g:#06x} vs {w:#06x}", d.name(), xs[i], xs[i].to_bits());
+        }
+        let mut back = poisoned(d, xs.len());
+        d.half_to_f32(fmt, &B::view(&hb), &mut B::view_mut(&mut back)).unwrap();
+        let back = down(d, &back);
+        for (i, (&b, &h)) in back.iter().zip(&want).enumerate() {
+            let w = match fmt {
+                Half::Bf16 => half::bf16::from_bits(h).to_f32(),
+                Half::F16 => half::f16::from_bits(h).to_f32(),
+            };
+            assert!(b.to_bits() == w.to_bits(), "{} {fmt:?} back [{i}]: {b:e} vs {w:e}", d.name());
+        }
+        let mut short = d.alloc::<u16>(3).unwrap();
+        assert!(d.f32_to_half(fmt, &B::view(&xb), &mut B::view_mut(&mut short)).is_err());
+    }
+}
+
 /// The vocabulary-parallel cross-entropy: the classes split unevenly over 1 to 4 ranks (a rank
 /// may hold none), each rank's stats summed (the group's all-reduce, here on the host), then
 /// each rank's part of the gradient: the loss and every column of the gradient are the whole
@@ -1009,6 +1076,7 @@ on_every_backend!(
     cross_entropy_confident_rows,
     cross_entropy_rejects_bad_labels,
     vocab_parallel_cross_entropy,
+    half_conversions,
     mean_squared_error,
     optimizers,
     embedding,

@@ -19,6 +19,8 @@ impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for i32 {}
 impl Elem for u32 {}
+/// A 16-bit float's bits (bf16 or f16).
+impl Elem for u16 {}
 impl Elem for u64 {}
 
 /// The length, in elements, of a device view.

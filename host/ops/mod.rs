@@ -2,6 +2,7 @@
 //! side next to each other, over the kernels of `kernels/<family>.cu`.
 
 pub mod activation;
+pub mod convert;
 pub mod gemm;
 pub mod loss;
 pub mod optim;
@@ -18,6 +19,7 @@ use crate::kernels::consts;
 pub trait Ops:
     gemm::GemmOps
     + activation::ActivationOps
+    + convert::ConvertOps
     + reduce::ReduceOps
     + loss::LossOps
     + optim::OptimOps
@@ -27,6 +29,7 @@ pub trait Ops:
 impl<
         B: gemm::GemmOps
             + activation::ActivationOps
+            + convert::ConvertOps
             + reduce::ReduceOps
             + loss::LossOps
             + optim::OptimOps

@@ -14,7 +14,7 @@
 //       a pointer table argument); a write must not go to a `const` parameter; the address must
 //       be aligned to the access size. Else: an out-of-bounds report naming the kernel, the
 //       block, the thread, the parameter and the index.
-//     - global memory, races: a word two blocks of the launch touch, one writing (blocks are
+//     - global memory, races: a 2-byte granule two blocks of the launch touch, one writing (blocks are
 //       never ordered), or two threads of a block between barriers; atomics excepted.
 //     - shared memory: inside a __shared__ variable (variables are separated by red zones), or
 //       inside the launch's dynamic shared memory; and no data race: a read or write of a word
@@ -188,9 +188,12 @@ struct Range {
   size_t region;  // the private copy (index into State::gregions) the range lies in
 };
 
-// Per-word shadow of global memory (of the arguments' private copies) for races between
-// threads of a launch: blocks are never ordered with each other (only atomics may share a word
-// between blocks); threads of one block are ordered by __syncthreads.
+// Per-granule shadow of global memory (of the arguments' private copies) for races between
+// threads of a launch: blocks are never ordered with each other (only atomics may share a
+// granule between blocks); threads of one block are ordered by __syncthreads. A granule is 2
+// bytes, the smallest element a kernel stores (bf16 and f16): two threads writing the halves of
+// one 4-byte word do not race.
+constexpr size_t kGGrain = 2;
 struct GShadow {
   uint32_t wblock = 0;  // writer's block + 1 (0: not written in this launch)
   uint32_t wthread = 0, wepoch = 0;
@@ -381,9 +384,9 @@ void global_race(const Range& r, uintptr_t a, size_t size, bool write, bool atom
   if (r.region >= s.gregions.size()) return;
   GRegion* g = &s.gregions[r.region];
   const uint32_t me = (uint32_t)linear_of(s.cur), blk = block_linear() + 1, ep = s.epoch;
-  for (uintptr_t w = (a - g->lo) / 4; w < (a - g->lo + size + 3) / 4 && w < g->sh.size(); ++w) {
+  for (uintptr_t w = (a - g->lo) / kGGrain; w < (a - g->lo + size + kGGrain - 1) / kGGrain && w < g->sh.size(); ++w) {
     GShadow& sh = g->sh[w];
-    const uintptr_t at = g->lo + w * 4;
+    const uintptr_t at = g->lo + w * kGGrain;
     // Another thread's write is ordered before this access only if it is in this block, an
     // earlier barrier interval (or both accesses are atomics).
     if (sh.wblock != 0 && !(sh.wblock == blk && sh.wthread == me) && !(atomic && sh.watomic) &&
@@ -968,7 +971,7 @@ bool make_copies(const tsim_arg* args, int nargs, Copies& c, std::vector<tsim_ar
     const uintptr_t base = ((uintptr_t)r.mem + kRedZoneGlobal + 255) / 256 * 256;
     r.copy = base + (r.lo % 256);
     std::memcpy((void*)r.copy, (const void*)r.lo, bytes);
-    s.gregions.push_back(GRegion{r.copy, r.copy + bytes, std::vector<GShadow>((bytes + 3) / 4 + 1)});
+    s.gregions.push_back(GRegion{r.copy, r.copy + bytes, std::vector<GShadow>((bytes + kGGrain - 1) / kGGrain + 1)});
   }
   targs.assign(args, args + nargs);
   for (int i = 0; i < nargs; ++i) {

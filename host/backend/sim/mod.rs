@@ -650,6 +650,7 @@ impl Eq for SimDevice {}
 
 static KERNELS: SimAllKernels = SimAllKernels {
     activation: SimActivationKernels,
+    convert: SimConvertKernels,
     gemm: SimGemmKernels,
     loss: SimLossKernels,
     optim: SimOptimKernels,
