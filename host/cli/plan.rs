@@ -199,12 +199,7 @@ pub(crate) fn print_plan<B: Ops>(
     }
     let buckets: Vec<usize> = plan.stages.iter().map(|r| if mesh.dp > 1 { r.len() } else { 0 }).collect();
     let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
-    let sums: Vec<bool> = plan
-        .stages
-        .iter()
-        .map(|r| mesh.tp > 1 && model.layers[r.clone()].iter().any(|l| l.cost.tp_all_reduce_floats_per_sample > 0))
-        .collect();
-    let stats = schedule.check_tp(mesh.tp, &sums)?;
+    let stats = schedule.check_tp(mesh.tp, &plan.stage_sums(model))?;
     let ranks = if mesh.tp > 1 {
         format!(" on each of {} tensor-parallel ranks, their sums met in the same order", mesh.tp)
     } else {

@@ -330,13 +330,14 @@ impl<B: Ops> Stage<B> {
     pub fn correct(&self, dev: &B, mb: usize, labels: &[i32]) -> Result<usize> {
         let acts =
             self.slots.get(&mb).ok_or_else(|| Error::Invalid(format!("no forward of microbatch {mb} in flight")))?;
-        let logits = dev.download(&B::view(acts.outs.last().unwrap()))?;
         let (part, slots, me) = match (self.class_part(), self.tp.as_ref()) {
             (Some(p), Some(g)) => (p, g.size(), g.rank()),
             _ => (0..self.info.classes, 1, 0),
         };
         let cols = part.len();
         let n = labels.len();
+        // The rank's logits only (a split head leaves the rest of the output unwritten).
+        let logits = dev.download(&B::view_range(acts.outs.last().unwrap(), 0..n * cols))?;
         // Per row and rank: (best logit, its class), this rank's slot filled.
         let mut best = vec![0f32; n * slots * 2];
         for r in 0..n {

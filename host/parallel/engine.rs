@@ -25,15 +25,6 @@ use crate::parallel::timeline::{Lane, Span, SpanKind, Timeline, Traffic};
 use crate::parallel::{split_rows, Plan};
 use crate::train::{apply_optimizer_masked, apply_optimizer_part, Eval, Run, StepStats, TrainConfig};
 
-/// Per stage of `plan`: whether its layers sum over their tensor-parallel group inside forward
-/// and backward (the collectives the schedule checker sees when tp > 1).
-pub(crate) fn stage_sums(info: &ModelInfo, plan: &Plan) -> Vec<bool> {
-    plan.stages
-        .iter()
-        .map(|r| plan.mesh.tp > 1 && info.layers[r.clone()].iter().any(|l| l.cost.tp_all_reduce_floats_per_sample > 0))
-        .collect()
-}
-
 /// A tensor-parallel group's sum through a communicator.
 pub(crate) struct TpComm<B: Backend>(pub(crate) Box<dyn Communicator<B>>);
 
@@ -457,7 +448,7 @@ impl<B: LocalGroup> Engine<B> {
         let reduce = mesh.dp > 1 || make.is_some();
         let buckets: Vec<usize> = plan.stages.iter().map(|r| if reduce { r.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
-        schedule.check_tp(mesh.tp, &stage_sums(&info, &plan))?;
+        schedule.check_tp(mesh.tp, &plan.stage_sums(&info))?;
         let mut workers = Vec::with_capacity(devices.len());
         for ((i, dev), tp_group) in devices.iter().enumerate().zip(tp_groups) {
             let (r, s, k) = mesh.coords(i);

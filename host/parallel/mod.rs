@@ -253,6 +253,18 @@ impl Plan {
         Ok(self)
     }
 
+    /// Per stage: whether its layers sum over their tensor-parallel group inside forward and
+    /// backward (with tp > 1; the collectives [`Schedule::check_tp`](schedule::Schedule::check_tp)
+    /// sees).
+    pub fn stage_sums(&self, model: &ModelInfo) -> Vec<bool> {
+        self.stages
+            .iter()
+            .map(|r| {
+                self.mesh.tp > 1 && model.layers[r.clone()].iter().any(|l| l.cost.tp_all_reduce_floats_per_sample > 0)
+            })
+            .collect()
+    }
+
     /// Checks the plan against a model.
     pub fn validate(&self, model: &ModelInfo) -> Result<()> {
         let mut next = 0;

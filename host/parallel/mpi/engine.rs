@@ -224,7 +224,7 @@ impl<B: Ops> DistEngine<B> {
         let reduce = mesh.dp > 1 || matches!(all_reduce, AllReduce::Custom { force: true, .. });
         let buckets: Vec<usize> = plan.stages.iter().map(|l| if reduce { l.len() } else { 0 }).collect();
         let schedule = Schedule::build(plan.schedule, mesh.pp, plan.microbatches, &buckets)?;
-        schedule.check_tp(mesh.tp, &crate::parallel::engine::stage_sums(&info, &plan))?;
+        schedule.check_tp(mesh.tp, &plan.stage_sums(&info))?;
         // Collective calls, in the same order on every rank: the data-parallel group of this
         // stage and tensor-parallel rank, then (tp > 1) the tensor-parallel group of this
         // replica's stage.
